@@ -1,0 +1,23 @@
+"""``tagger demo-data``: the generated Kaggle-layout dataset and catalog behind ``make tag``."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+
+
+@click.command("demo-data")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("data/demo"), show_default=True)
+@click.option("--n-train", type=click.IntRange(min=18), default=1200, show_default=True, help="Labelled products in styles.csv.")
+@click.option("--n-catalog", type=click.IntRange(min=1), default=200, show_default=True, help="Held-back products in catalog.csv.")
+@click.option("--n-bad", type=click.IntRange(min=0), default=2, show_default=True, help="Deliberately bad catalog rows (missing, corrupt).")
+@click.option("--seed", type=int, default=0, show_default=True)
+def demo_data(out: Path, n_train: int, n_catalog: int, n_bad: int, seed: int) -> None:
+    """Draw the demo products: styles.csv + images/ for retrain, catalog.csv (+ truth) for tag."""
+    from tagger.demo import make_demo_dataset
+
+    started = time.time()
+    demo = make_demo_dataset(out, n_train=n_train, n_catalog=n_catalog, n_bad=n_bad, seed=seed)
+    click.echo(f"demo dataset in {demo.root} ({n_train} labelled, {n_catalog} + {n_bad} catalog rows) in {time.time() - started:.1f}s", err=True)

@@ -1,0 +1,143 @@
+"""``tagger tag``: the nightly job. Options -> TagConfig -> TagRunner; exit codes are the contract."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from tagger.config import DEVICES, PROGRESS_MODES, START_METHODS, TagConfig, default_workers, parse_shard, today_utc
+from tagger.images import DEFAULT_MAX_IMAGE_PIXELS
+
+from .options import parse_storage_options, storage_option
+
+log = logging.getLogger("tagger.tag")
+
+
+def _shard(ctx: click.Context, param: click.Parameter, value: str | None):
+    if value is None:
+        return None
+    try:
+        return parse_shard(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def _run_date(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    from datetime import datetime
+
+    try:
+        datetime.strptime(value, "%Y-%m-%d")
+    except ValueError:
+        raise click.BadParameter(f"expected YYYY-MM-DD, got {value!r}") from None
+    return value
+
+
+def common_output_options(function):
+    function = click.option("--out", required=True, envvar="TAGGER_OUT", help="Output root, local folder or s3://bucket/prefix.")(function)
+    function = click.option("--run-date", default=today_utc, show_default="today, UTC", callback=_run_date,
+                            help="The partition to write: run_date=YYYY-MM-DD.")(function)
+    return storage_option(function)
+
+
+@click.command("tag")
+@click.option("--catalog", required=True, envvar="TAGGER_CATALOG",
+              help="Manifest (CSV, Parquet or JSONL, optionally .gz), local path or s3:// URL.")
+@click.option("--model", required=True, envvar="TAGGER_MODEL", help="Model bundle folder (model.json + model.safetensors), local or s3://.")
+@common_output_options
+@click.option("--id-column", default="product_id", show_default=True, help="Manifest column with the product id.")
+@click.option("--image-column", default="image", show_default=True,
+              help="Manifest column with the image: a path relative to the manifest, an absolute path or an s3:// URL.")
+@click.option("--catalog-format", type=click.Choice(["csv", "parquet", "jsonl"]), default=None, help="Override the format guessed from the name.")
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True, help="auto uses CUDA when a GPU is visible, and says so.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), default=default_workers, show_default="min(8, CPUs)",
+              help="Image reading/decoding processes; 0 decodes in the main process.")
+@click.option("--worker-start-method", type=click.Choice(START_METHODS), default="auto", show_default=True,
+              help="auto: fork for local data, forkserver when S3 is involved (s3fs is not fork-safe).")
+@click.option("--max-error-rate", type=click.FloatRange(0.0, 1.0), default=0.05, show_default=True,
+              help="Fail (exit 3, no _SUCCESS) when a larger share of the rows end as errors.")
+@click.option("--shard-size", type=click.IntRange(min=1), default=10_000, show_default=True,
+              help="Rows per committed shard: the unit of resume after a crash.")
+@click.option("--shard", "fanout", callback=_shard, metavar="I/N", default=None,
+              help="Run only shards I, I+N, I+2N... of the plan (fan-out over tasks or machines); needs a --plan-only run first.")
+@click.option("--plan-only", is_flag=True, help="Start a new run for the date (replacing its partition) and stop: the first step of a fan-out.")
+@click.option("--run-id", default=None, help="Run identifier stored in every row (default: date + random suffix).")
+@click.option("--max-image-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_IMAGE_PIXELS, show_default=True,
+              help="Decompression-bomb guard: larger images become error rows (too_large).")
+@click.option("--draft-decode/--no-draft-decode", default=True, show_default=True,
+              help="Decode JPEGs at reduced scale (libjpeg DCT scaling) before resizing.")
+@click.option("--progress", type=click.Choice(PROGRESS_MODES), default="auto", show_default=True,
+              help="auto: a bar on an interactive terminal, periodic log lines otherwise.")
+def tag(**options) -> None:
+    """Tag every product of a catalog manifest and write the date's Parquet partitions.
+
+    Exit codes: 0 success; 2 invalid input (manifest, model, options), checked before any model work;
+    3 too many error rows; 4 storage unavailable; 1 any other failure; 143 stopped by SIGTERM/SIGINT.
+    """
+    options["storage_options"] = parse_storage_options(options["storage_options"])
+    try:
+        config = TagConfig(**options)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    sys.exit(execute(config))
+
+
+@click.command("finalize")
+@common_output_options
+@click.option("--max-error-rate", type=click.FloatRange(0.0, 1.0), default=0.05, show_default=True)
+def finalize(out: str, run_date: str, storage_options: tuple[str, ...], max_error_rate: float) -> None:
+    """Commit a fanned-out run date once every shard is done: run summary, then _SUCCESS."""
+    config = TagConfig(catalog="", model="", out=out, run_date=run_date, max_error_rate=max_error_rate,
+                       storage_options=parse_storage_options(storage_options))
+    sys.exit(execute(config, finalize_only=True))
+
+
+def execute(config: TagConfig, *, finalize_only: bool = False) -> int:
+    """Run and turn every outcome into an exit code and one line on stderr."""
+    import time
+
+    from tagger.bundle import BundleError
+    from tagger.manifest import ManifestError
+    from tagger.reader import StorageUnavailable
+    from tagger.runner import (
+        EXIT_CRASH,
+        EXIT_INTERRUPTED,
+        EXIT_INVALID_INPUT,
+        EXIT_STORAGE,
+        Interrupted,
+        PlanMismatch,
+        StopFlag,
+        TagRunner,
+    )
+
+    stop = StopFlag()
+    stop.install()
+    runner = TagRunner(config, stop)
+    try:
+        if finalize_only:
+            plan = runner.partition.read_plan()
+            if plan is None:
+                raise PlanMismatch(f"{runner.partition.state}: no plan; nothing to finalize")
+            result = runner.finalize(plan, time.time())
+        else:
+            result = runner.run()
+    except (ManifestError, BundleError, PlanMismatch) as exc:
+        return _fail(EXIT_INVALID_INPUT, f"invalid input: {exc}")
+    except Interrupted as exc:
+        return _fail(EXIT_INTERRUPTED, f"interrupted: {exc}; committed shards are kept, the same command resumes, no _SUCCESS written")
+    except StorageUnavailable as exc:
+        return _fail(EXIT_STORAGE, f"storage unavailable: {exc}")
+    except FileNotFoundError as exc:
+        return _fail(EXIT_CRASH, f"failed: {exc}")
+    except Exception as exc:
+        log.exception("the run failed")
+        return _fail(EXIT_CRASH, f"failed: {type(exc).__name__}: {exc}")
+    click.echo(result.summary_line, err=True)
+    return result.exit_code
+
+
+def _fail(code: int, message: str) -> int:
+    click.echo(f"tagger tag: {message}", err=True)
+    return code

@@ -1,0 +1,205 @@
+"""The model bundle: everything the tag job needs to run a trained model, and nothing executable.
+
+A bundle is a folder (local or ``s3://``) with two files:
+
+- ``model.safetensors``: the weights (safetensors: tensors only, no pickle, nothing runs on load);
+- ``model.json``: backbone name, input size, mean/std, attributes with their label vocabularies and
+  review thresholds, training facts, and ``model_version``, a hash of everything that determines the
+  predictions (weights + the prediction-relevant fields of ``model.json``).
+
+:func:`load_bundle` validates all of it and refuses a bundle that does not add up, saying why.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import torch
+
+from . import storage
+from .model import DataConfig, TaggerNet
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+META_FILE = "model.json"
+
+
+class BundleError(ValueError):
+    """A model bundle that cannot be used, with the reason and what to do."""
+
+
+@dataclass(frozen=True)
+class AttributeSpec:
+    name: str
+    labels: tuple[str, ...]
+    # Under this top-label score a tag should go to human review (calibrated on validation data).
+    threshold: float = 0.0
+
+
+@dataclass(frozen=True)
+class ModelBundle:
+    path: str
+    backbone: str
+    data_config: DataConfig
+    attributes: tuple[AttributeSpec, ...]
+    model_version: str
+    training: Mapping[str, Any] = field(default_factory=dict)
+    weights: bytes = field(default=b"", repr=False)
+
+    @property
+    def input_size(self) -> int:
+        return self.data_config.input_size
+
+    @property
+    def attribute_names(self) -> list[str]:
+        return [a.name for a in self.attributes]
+
+    def label_counts(self) -> dict[str, int]:
+        return {a.name: len(a.labels) for a in self.attributes}
+
+    def build_net(self) -> TaggerNet:
+        """The network with the bundle's weights, in eval mode, on the CPU."""
+        from safetensors.torch import load as load_safetensors
+
+        from .model import create_backbone
+
+        net = TaggerNet(create_backbone(self.backbone), self.label_counts(), self.data_config)
+        state = load_safetensors(self.weights)
+        try:
+            net.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise BundleError(f"{self.path}: weights do not fit backbone {self.backbone!r} and its heads: {exc}") from None
+        return net.eval()
+
+
+def _prediction_spec(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields of model.json that change what the model predicts (not training facts)."""
+    return {k: meta[k] for k in ("format_version", "backbone", "input_size", "mean", "std", "attributes")}
+
+
+def compute_model_version(weights: bytes, meta: Mapping[str, Any]) -> str:
+    digest = hashlib.sha256(weights)
+    digest.update(json.dumps(_prediction_spec(meta), sort_keys=True).encode())
+    return digest.hexdigest()[:16]
+
+
+def save_bundle(
+    net: TaggerNet,
+    out: str,
+    *,
+    backbone: str,
+    labels: Mapping[str, Sequence[str]],
+    thresholds: Mapping[str, float] | None = None,
+    training: Mapping[str, Any] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> ModelBundle:
+    from safetensors.torch import save as save_safetensors
+
+    state = {k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
+    weights = save_safetensors(state)
+    thresholds = thresholds or {}
+    config = net.data_config
+    meta: dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "backbone": backbone,
+        "input_size": config.input_size,
+        "mean": list(config.mean),
+        "std": list(config.std),
+        "attributes": [
+            {"name": name, "labels": list(values), "threshold": float(thresholds.get(name, 0.0))}
+            for name, values in labels.items()
+        ],
+        "training": {"created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), **(training or {})},
+    }
+    meta["model_version"] = compute_model_version(weights, meta)
+    # Weights first, model.json last: a folder with a model.json is a finished bundle.
+    storage.write_bytes(storage.join(out, WEIGHTS_FILE), weights, storage_options)
+    storage.write_bytes(storage.join(out, META_FILE), json.dumps(meta, indent=2).encode(), storage_options)
+    return _from_meta(out, meta, weights)
+
+
+def load_bundle(path: str, storage_options: Mapping[str, Any] | None = None) -> ModelBundle:
+    meta_url, weights_url = storage.join(path, META_FILE), storage.join(path, WEIGHTS_FILE)
+    try:
+        raw = storage.read_bytes(meta_url, storage_options)
+    except FileNotFoundError:
+        raise BundleError(
+            f"{path}: not a model bundle (no {META_FILE}). Train one with `tagger retrain`, or run "
+            "`make tag` once to build the demo bundle at models/demo."
+        ) from None
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{meta_url}: invalid JSON ({exc})") from None
+    try:
+        weights = storage.read_bytes(weights_url, storage_options)
+    except FileNotFoundError:
+        raise BundleError(f"{path}: {WEIGHTS_FILE} is missing; the bundle is incomplete, retrain or copy it again") from None
+    _validate(meta, meta_url)
+    expected = compute_model_version(weights, meta)
+    if meta["model_version"] != expected:
+        raise BundleError(
+            f"{path}: model_version {meta['model_version']} does not match its content ({expected}); the weights "
+            "or model.json were changed after the bundle was written. Re-export the bundle."
+        )
+    return _from_meta(path, meta, weights)
+
+
+def _validate(meta: Any, where: str) -> None:
+    if not isinstance(meta, dict):
+        raise BundleError(f"{where}: expected a JSON object")
+    missing = [k for k in ("format_version", "backbone", "input_size", "mean", "std", "attributes", "model_version") if k not in meta]
+    if missing:
+        raise BundleError(f"{where}: missing field(s) {', '.join(missing)}")
+    if meta["format_version"] != FORMAT_VERSION:
+        raise BundleError(f"{where}: format_version {meta['format_version']} is not supported (this build reads {FORMAT_VERSION})")
+    if not isinstance(meta["input_size"], int) or not 16 <= meta["input_size"] <= 2048:
+        raise BundleError(f"{where}: input_size must be an integer in [16, 2048], got {meta['input_size']!r}")
+    for key in ("mean", "std"):
+        values = meta[key]
+        if not (isinstance(values, list) and len(values) == 3 and all(isinstance(v, (int, float)) for v in values)):
+            raise BundleError(f"{where}: {key} must be 3 numbers, got {values!r}")
+    if any(v <= 0 for v in meta["std"]):
+        raise BundleError(f"{where}: std must be positive, got {meta['std']!r}")
+    attributes = meta["attributes"]
+    if not isinstance(attributes, list) or not attributes:
+        raise BundleError(f"{where}: attributes must be a non-empty list")
+    seen: set[str] = set()
+    for spec in attributes:
+        name = spec.get("name") if isinstance(spec, dict) else None
+        if not isinstance(name, str) or not name or name in seen:
+            raise BundleError(f"{where}: attribute names must be unique non-empty strings, got {name!r}")
+        seen.add(name)
+        labels = spec.get("labels")
+        if not isinstance(labels, list) or len(labels) < 1 or not all(isinstance(v, str) and v for v in labels):
+            raise BundleError(f"{where}: attribute {name!r} needs a list of non-empty label strings")
+        if len(set(labels)) != len(labels):
+            raise BundleError(f"{where}: attribute {name!r} has duplicate labels")
+        threshold = spec.get("threshold", 0.0)
+        if not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
+            raise BundleError(f"{where}: attribute {name!r} threshold must be in [0, 1], got {threshold!r}")
+
+
+def _from_meta(path: str, meta: Mapping[str, Any], weights: bytes) -> ModelBundle:
+    return ModelBundle(
+        path=path,
+        backbone=meta["backbone"],
+        data_config=DataConfig(int(meta["input_size"]), tuple(meta["mean"]), tuple(meta["std"])),
+        attributes=tuple(
+            AttributeSpec(a["name"], tuple(a["labels"]), float(a.get("threshold", 0.0))) for a in meta["attributes"]
+        ),
+        model_version=meta["model_version"],
+        training=meta.get("training", {}),
+        weights=weights,
+    )
+
+
+def state_dict_from_checkpoint(path: str) -> dict[str, torch.Tensor]:
+    """Tensors from a Lightning/torch checkpoint, loaded with ``weights_only=True`` (no pickle code runs)."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    return checkpoint.get("state_dict", checkpoint)

@@ -1,0 +1,95 @@
+"""The tag job's configuration: one typed, validated object; every default lives here."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from . import storage
+from .images import DEFAULT_MAX_IMAGE_PIXELS
+
+DEVICES = ("auto", "cpu", "cuda")
+PROGRESS_MODES = ("auto", "bar", "log", "none")
+START_METHODS = ("auto", "fork", "forkserver", "spawn")
+
+
+def default_workers() -> int:
+    return max(1, min(8, (os.cpu_count() or 2)))
+
+
+def today_utc() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%d")
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``i/N`` -> (i, N) with 0 <= i < N."""
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if not match:
+        raise ValueError(f"expected I/N such as 0/4, got {text!r}")
+    index, count = int(match.group(1)), int(match.group(2))
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(f"shard index must be in [0, {count}) for {count} shard(s), got {text!r}")
+    return index, count
+
+
+@dataclass(frozen=True)
+class TagConfig:
+    catalog: str
+    model: str
+    out: str
+    run_date: str = field(default_factory=today_utc)
+    id_column: str = "product_id"
+    image_column: str = "image"
+    catalog_format: str | None = None
+    device: str = "auto"
+    batch_size: int = 64
+    workers: int = field(default_factory=default_workers)
+    worker_start_method: str = "auto"
+    # Seconds a batch may take to arrive from the workers before the run is declared stuck.
+    worker_timeout: float = 600.0
+    max_error_rate: float = 0.05
+    shard_size: int = 10_000
+    fanout: tuple[int, int] | None = None  # --shard I/N
+    plan_only: bool = False
+    since: str | None = None
+    run_id: str | None = None
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    draft_decode: bool = True
+    progress: str = "auto"
+    log_every: float = 30.0
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", self.run_date):
+            problems.append(f"run_date must be YYYY-MM-DD, got {self.run_date!r}")
+        else:
+            try:
+                datetime.strptime(self.run_date, "%Y-%m-%d")
+            except ValueError:
+                problems.append(f"run_date {self.run_date!r} is not a calendar date")
+        if self.device not in DEVICES and not re.fullmatch(r"cuda:\d+", self.device):
+            problems.append(f"device must be one of {', '.join(DEVICES)} or cuda:N, got {self.device!r}")
+        if self.batch_size < 1:
+            problems.append("batch_size must be >= 1")
+        if self.workers < 0:
+            problems.append("workers must be >= 0")
+        if self.worker_start_method not in START_METHODS:
+            problems.append(f"worker_start_method must be one of {', '.join(START_METHODS)}")
+        if not 0.0 <= self.max_error_rate <= 1.0:
+            problems.append("max_error_rate must be in [0, 1]")
+        if self.shard_size < 1:
+            problems.append("shard_size must be >= 1")
+        if self.progress not in PROGRESS_MODES:
+            problems.append(f"progress must be one of {', '.join(PROGRESS_MODES)}")
+        if self.max_image_pixels < 1:
+            problems.append("max_image_pixels must be >= 1")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def public_dict(self) -> dict[str, Any]:
+        """The arguments as the run summary records them: secrets masked."""
+        return storage.redact(asdict(self))

@@ -1,0 +1,545 @@
+"""The tag job as one straight line.
+
+manifest -> plan (shards not yet done) -> DataLoader of decoded images or per-row errors -> batched
+model -> label decoding -> per-shard Parquet parts + done marker -> run summary -> ``_SUCCESS``.
+
+Every manifest row ends in exactly one row of ``tags`` or ``errors``: rows are keyed by their manifest
+position from the reader to the writer, and a shard is committed only once all of its rows are written.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import signal
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from . import storage, writers
+from .bundle import ModelBundle, load_bundle
+from .config import TagConfig
+from .manifest import Manifest, read_manifest
+from .partition import Partition
+from .reader import TRANSIENT, Batch, ImageRows, StorageUnavailable, collate, write_rows_file
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_CRASH = 1
+EXIT_INVALID_INPUT = 2
+EXIT_TOO_MANY_ERRORS = 3
+EXIT_STORAGE = 4
+EXIT_INTERRUPTED = 143  # 128 + SIGTERM, what schedulers expect from a terminated task
+
+PLAN_FORMAT = 1
+
+
+class Interrupted(Exception):
+    pass
+
+
+@dataclass
+class RunResult:
+    exit_code: int
+    summary: dict[str, Any]
+    summary_line: str
+
+
+@dataclass
+class ShardOutput:
+    """The open parts of one shard while its rows stream through."""
+
+    index: int
+    tags: writers.PartWriter
+    errors: writers.PartWriter
+    remaining: int  # rows still to come from the DataLoader
+    started: float = field(default_factory=time.time)
+    error_types: Counter = field(default_factory=Counter)
+    tagged: int = 0
+    reused: int = 0
+
+
+class ShardCursor:
+    """Walks the pending shards in order: the shard being filled, committed the moment it is full.
+
+    A shard whose rows were all settled by the manifest check (nothing to read) commits on the spot.
+    """
+
+    def __init__(self, pending: list[int], open_shard, commit_shard):
+        self._pending = iter(pending)
+        self._open, self._commit = open_shard, commit_shard
+        self.current: ShardOutput | None = None
+
+    def advance(self) -> None:
+        self.current = None
+        for shard in self._pending:
+            output = self._open(shard)
+            if output.remaining:
+                self.current = output
+                return
+            self._commit(output)
+
+    def consumed(self, rows: int) -> None:
+        assert self.current is not None
+        self.current.remaining -= rows
+        if self.current.remaining == 0:
+            self._commit(self.current)
+            self.advance()
+
+    def abort(self) -> None:
+        if self.current is not None:
+            self.current.tags.abort()
+            self.current.errors.abort()
+            self.current = None
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT: finish the batch in hand, keep committed shards, exit non-zero."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.signal_name = ""
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        self.signal_name = signal.Signals(signum).name
+        self.event.set()
+
+    def check(self) -> None:
+        if self.event.is_set():
+            raise Interrupted(f"stopped by {self.signal_name or 'request'}")
+
+
+def plan_key(config: TagConfig, manifest: Manifest, bundle: ModelBundle) -> dict[str, Any]:
+    """What a run's output depends on: a partition planned under another key is not resumed."""
+    return {
+        "format": PLAN_FORMAT,
+        "manifest": manifest.fingerprint,
+        "model_version": bundle.model_version,
+        "shard_size": config.shard_size,
+        "since": config.since,
+        "max_image_pixels": config.max_image_pixels,
+    }
+
+
+class TagRunner:
+    def __init__(self, config: TagConfig, stop: StopFlag | None = None):
+        self.config = config
+        self.stop = stop or StopFlag()
+        self.options = config.storage_options
+        self.partition = Partition(config.out, config.run_date, self.options)
+        self.timings: dict[str, float] = {}
+        self.counts: Counter = Counter()
+
+    # -- the line --------------------------------------------------------------------------------
+    def run(self) -> RunResult:
+        started = time.time()
+        config = self.config
+        t = time.time()
+        manifest = read_manifest(
+            config.catalog,
+            id_column=config.id_column,
+            image_column=config.image_column,
+            fmt=config.catalog_format,
+            storage_options=self.options,
+        )
+        self.timings["manifest_s"] = time.time() - t
+        log.info("manifest %s: %d rows", config.catalog, manifest.num_rows)
+        t = time.time()
+        bundle = load_bundle(config.model, self.options)
+        self.timings["model_load_s"] = time.time() - t
+
+        plan = self._plan(manifest, bundle)
+        if config.plan_only:
+            return self._result(EXIT_OK, {"status": "planned", **self._plan_facts(plan)}, started)
+        num_shards = plan["num_shards"]
+        mine = range(num_shards) if config.fanout is None else range(config.fanout[0], num_shards, config.fanout[1])
+        done = self.partition.done_shards()
+        pending = [s for s in mine if s not in done]
+        log.info(
+            "run %s, date %s: %d shard(s) of %d row(s), %d already done, %d to do",
+            plan["run_id"], config.run_date, len(mine), config.shard_size, len(mine) - len(pending), len(pending),
+        )
+        t = time.time()
+        if pending:
+            self._tag_shards(manifest, bundle, plan, pending)
+        self.timings["tagging_s"] = time.time() - t
+
+        if self.partition.done_shards() >= set(range(num_shards)):
+            return self.finalize(plan, started)
+        status = {"status": "shards_done", "message": f"shard(s) {config.fanout} done; other shards still running"}
+        return self._result(EXIT_OK, {**status, **self._plan_facts(plan)}, started)
+
+    # -- planning --------------------------------------------------------------------------------
+    def _plan(self, manifest: Manifest, bundle: ModelBundle) -> dict[str, Any]:
+        config = self.config
+        key = plan_key(config, manifest, bundle)
+        existing = self.partition.read_plan()
+        complete = self.partition.is_complete()
+        if config.fanout is not None and not config.plan_only:
+            if existing is None or existing["key"] != key or complete:
+                raise PlanMismatch(
+                    f"{self.partition.state}: no open plan for this manifest and model; before the --shard I/N "
+                    "tasks, run the same command once with --plan-only (and without --shard)"
+                )
+            return existing
+        if existing is not None and existing["key"] == key and not complete and not config.plan_only:
+            log.info("resuming run %s: the partition has an unfinished plan for this manifest and model", existing["run_id"])
+            return existing
+        if existing is not None or complete or storage.exists(self.partition.tags, self.options):
+            log.info("replacing partition run_date=%s under %s", config.run_date, config.out)
+        self.partition.wipe()
+        plan = {
+            "key": key,
+            "run_id": config.run_id or f"{config.run_date}-{uuid.uuid4().hex[:8]}",
+            "rows": manifest.num_rows,
+            "num_shards": max(1, -(-manifest.num_rows // config.shard_size)),
+            "shard_size": config.shard_size,
+            "catalog": config.catalog,
+            "model": config.model,
+            "model_version": bundle.model_version,
+            "attributes": bundle.attribute_names,
+            "created_at": _now_iso(),
+        }
+        self.partition.write_plan(plan)
+        return plan
+
+    @staticmethod
+    def _plan_facts(plan: dict[str, Any]) -> dict[str, Any]:
+        return {k: plan[k] for k in ("run_id", "rows", "num_shards", "model_version")}
+
+    # -- tagging ---------------------------------------------------------------------------------
+    def _tag_shards(self, manifest: Manifest, bundle: ModelBundle, plan: dict[str, Any], pending: list[int]) -> None:
+        import torch
+
+        from .inference import Predictor, resolve_device
+
+        config = self.config
+        table = manifest.table
+        shard_of_row = table.column("row").to_numpy() // config.shard_size
+        in_pending = np.isin(shard_of_row, np.asarray(pending, dtype=np.int64))
+        readable = pc.and_(pa.array(in_pending), pc.equal(table.column("status"), "")).to_numpy(zero_copy_only=False)
+        to_read = table.filter(pa.array(readable)).select(["row", "location"])
+        per_shard_reads = Counter(shard_of_row[readable].tolist())
+
+        device = resolve_device(config.device)
+        predictor = Predictor(bundle, device)
+        self.device = str(device)
+        schema = writers.tags_schema(bundle.attribute_names)
+        context = self._start_method(manifest)
+
+        with tempfile.TemporaryDirectory(prefix="tagger-") as scratch:
+            rows_file = f"{scratch}/rows.arrow"
+            write_rows_file(rows_file, to_read)
+            dataset = ImageRows(
+                rows_file,
+                bundle.input_size,
+                storage_options=self.options,
+                max_pixels=config.max_image_pixels,
+                draft=config.draft_decode,
+            )
+            workers = config.workers if len(dataset) > 0 else 0
+            loader = torch.utils.data.DataLoader(
+                dataset,
+                batch_size=config.batch_size,
+                shuffle=False,
+                num_workers=workers,
+                collate_fn=collate,
+                pin_memory=device.type == "cuda",
+                multiprocessing_context=context if workers else None,
+                timeout=config.worker_timeout if workers else 0,
+                prefetch_factor=4 if workers else None,
+                persistent_workers=False,
+            )
+            cursor = ShardCursor(pending, lambda s: self._open_shard(s, manifest, schema, plan, per_shard_reads.get(s, 0)),
+                                 lambda out: self._commit_shard(out, plan))
+            progress = self._progress(len(dataset))
+            try:
+                cursor.advance()
+                for batch in self._batches(loader):
+                    self.stop.check()
+                    self._check_transient(batch)
+                    predictions = predictor(batch.images) if batch.images is not None else None
+                    labels = predictor.labels(predictions) if predictions is not None else None
+                    tagged_at = datetime.now(timezone.utc)
+                    # Batches arrive in row order and may straddle a shard boundary.
+                    for shard in np.unique(np.concatenate([batch.rows, batch.error_rows]) // config.shard_size):
+                        output = cursor.current
+                        if output is None or output.index != shard:
+                            raise RuntimeError(f"rows of shard {shard} arrived while shard {output and output.index} was open")
+                        good = batch.rows // config.shard_size == shard
+                        bad = batch.error_rows // config.shard_size == shard
+                        self._write_tags(output, manifest, batch, good, predictions, labels, bundle, plan, tagged_at)
+                        self._write_errors(output, manifest, batch, bad, plan)
+                        cursor.consumed(int(good.sum() + bad.sum()))
+                    self.counts["images"] += batch.size
+                    progress.update(batch.size)
+                self.stop.check()
+                if cursor.current is not None:
+                    raise RuntimeError(f"shard {cursor.current.index} still expects {cursor.current.remaining} row(s) after the last batch")
+            except BaseException:
+                cursor.abort()
+                raise
+            finally:
+                progress.close()
+
+    def _batches(self, loader: Any):
+        """The loader's batches; a worker that died is reported as such, and a stop request wins."""
+        iterator = iter(loader)
+        while True:
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            except RuntimeError as exc:
+                self.stop.check()  # workers receive the scheduler's SIGTERM too
+                text = str(exc)
+                if "DataLoader worker" in text or "timed out" in text:
+                    raise WorkerFailure(
+                        f"an image-reading worker failed: {text}. A decoder crash or the out-of-memory killer is the "
+                        "usual cause; committed shards are kept and the same command resumes after the last one."
+                    ) from exc
+                raise
+            yield batch
+
+    def _check_transient(self, batch: Batch) -> None:
+        for row, error_type, message in zip(batch.error_rows, batch.error_types, batch.error_messages):
+            if error_type == TRANSIENT:
+                raise StorageUnavailable(
+                    f"row {int(row) + 1}: {message}. Storage looks unavailable; committed shards are kept, nothing "
+                    "was written for this shard, and running the same command again resumes."
+                )
+
+    def _open_shard(self, shard: int, manifest: Manifest, schema: pa.Schema, plan: dict[str, Any], reads: int) -> ShardOutput:
+        name = writers.part_name(shard)
+        output = ShardOutput(
+            index=shard,
+            tags=writers.PartWriter(storage.join(self.partition.tags, name), schema, self.options),
+            errors=writers.PartWriter(storage.join(self.partition.errors, name), writers.ERRORS_SCHEMA, self.options),
+            remaining=reads,
+        )
+        # Rows already judged by the manifest check (empty id or image, repeated id) go out first.
+        start, stop = shard * self.config.shard_size, (shard + 1) * self.config.shard_size
+        rows = manifest.table.slice(start, stop - start)
+        rejected = rows.filter(pc.not_equal(rows.column("status"), ""))
+        if rejected.num_rows:
+            output.errors.write(
+                pa.table(
+                    {
+                        "product_id": rejected.column("product_id"),
+                        "image": rejected.column("image"),
+                        "error_type": rejected.column("status"),
+                        "message": rejected.column("message"),
+                        "run_id": pa.array([plan["run_id"]] * rejected.num_rows, pa.string()),
+                    }
+                )
+            )
+            output.error_types.update(rejected.column("status").to_pylist())
+        return output
+
+    def _write_tags(self, output, manifest, batch, mask, predictions, labels, bundle, plan, tagged_at) -> None:
+        if predictions is None or not mask.any():
+            return
+        rows = batch.rows[mask]
+        source = manifest.table.take(pa.array(rows))
+        columns: dict[str, Any] = {"product_id": source.column("product_id"), "image": source.column("image")}
+        for name in bundle.attribute_names:
+            columns[name] = pa.array(labels[name][mask], pa.string())
+            columns[f"{name}_score"] = pa.array(predictions.scores[name][mask], pa.float32())
+        n = len(rows)
+        columns["image_version"] = pa.array([v for v, keep in zip(batch.versions, mask) if keep], pa.string())
+        columns["model_version"] = pa.array([bundle.model_version] * n, pa.string())
+        columns["run_id"] = pa.array([plan["run_id"]] * n, pa.string())
+        columns["tagged_at"] = pa.array([tagged_at] * n, pa.timestamp("us", tz="UTC"))
+        output.tags.write(pa.table(columns))
+        output.tagged += n
+
+    def _write_errors(self, output, manifest, batch, mask, plan) -> None:
+        if not mask.any():
+            return
+        rows = batch.error_rows[mask]
+        source = manifest.table.take(pa.array(rows))
+        types = [t for t, keep in zip(batch.error_types, mask) if keep]
+        output.errors.write(
+            pa.table(
+                {
+                    "product_id": source.column("product_id"),
+                    "image": source.column("image"),
+                    "error_type": pa.array(types, pa.string()),
+                    "message": pa.array([m for m, keep in zip(batch.error_messages, mask) if keep], pa.string()),
+                    "run_id": pa.array([plan["run_id"]] * len(rows), pa.string()),
+                }
+            )
+        )
+        output.error_types.update(types)
+
+    def _commit_shard(self, output: ShardOutput, plan: dict[str, Any]) -> None:
+        output.tags.commit()
+        output.errors.commit()
+        errors = sum(output.error_types.values())
+        self.partition.mark_shard_done(
+            output.index,
+            {
+                "shard": output.index,
+                "run_id": plan["run_id"],
+                "rows": output.tagged + output.reused + errors,
+                "tagged": output.tagged,
+                "reused": output.reused,
+                "errors": errors,
+                "error_types": dict(output.error_types),
+                "parts": {"tags": {writers.part_name(output.index): output.tags.rows},
+                          "errors": {writers.part_name(output.index): output.errors.rows}},
+                "seconds": round(time.time() - output.started, 3),
+                "finished_at": _now_iso(),
+            },
+        )
+        self.counts["shards"] += 1
+
+    # -- finishing -------------------------------------------------------------------------------
+    def finalize(self, plan: dict[str, Any], started: float) -> RunResult:
+        """Summary from every shard's stats, the error-rate gate, then ``_SUCCESS``, last."""
+        stats = self.partition.read_shard_stats(range(plan["num_shards"]))
+        rows = sum(s["rows"] for s in stats)
+        errors = sum(s["errors"] for s in stats)
+        error_types: Counter = Counter()
+        for s in stats:
+            error_types.update(s["error_types"])
+        if rows != plan["rows"]:
+            raise RuntimeError(f"shards account for {rows} rows but the manifest has {plan['rows']}; not committing")
+        error_rate = errors / rows if rows else 0.0
+        summary: dict[str, Any] = {
+            **self._plan_facts(plan),
+            "tagged": sum(s["tagged"] for s in stats),
+            "reused": sum(s["reused"] for s in stats),
+            "errors": errors,
+            "error_types": dict(sorted(error_types.items())),
+            "error_rate": round(error_rate, 6),
+        }
+        if error_rate > self.config.max_error_rate:
+            summary["status"] = "failed"
+            summary["message"] = (
+                f"{errors} of {rows} rows ({error_rate:.1%}) are errors, over --max-error-rate "
+                f"{self.config.max_error_rate:.1%}; see the errors table, no _SUCCESS written"
+            )
+            return self._result(EXIT_TOO_MANY_ERRORS, summary, started)
+        summary["status"] = "succeeded"
+        result = self._result(EXIT_OK, summary, started)
+        parts = {"tags": {}, "errors": {}}
+        for s in stats:
+            for table in parts:
+                parts[table].update(s["parts"][table])
+        self.partition.commit(
+            parts["tags"], parts["errors"], {"run_id": plan["run_id"], "model_version": plan["model_version"], "committed_at": _now_iso()}
+        )
+        return result
+
+    def _result(self, code: int, facts: dict[str, Any], started: float) -> RunResult:
+        elapsed = time.time() - started
+        tagging = self.timings.get("tagging_s", 0.0)
+        images = self.counts.get("images", 0)
+        summary = {
+            "run_date": self.config.run_date,
+            "exit_code": code,
+            **facts,
+            "this_process": {
+                "images_read": images,
+                "shards_committed": self.counts.get("shards", 0),
+                "images_per_second": round(images / tagging, 2) if tagging > 0 else None,
+                "device": getattr(self, "device", None),
+            },
+            "durations_s": {k: round(v, 3) for k, v in {**self.timings, "total_s": elapsed}.items()},
+            "finished_at": _now_iso(),
+            "arguments": self.config.public_dict(),
+        }
+        summary_url = self.partition.write_summary(summary)
+        line = summary_line(summary)
+        log.info("run summary written to %s", summary_url)
+        return RunResult(code, summary, line)
+
+    # -- plumbing --------------------------------------------------------------------------------
+    def _start_method(self, manifest: Manifest) -> Any:
+        method = self.config.worker_start_method
+        if method == "auto":
+            # s3fs keeps an event loop and connections that a forked child must not reuse; forkserver
+            # children start from a clean server process. Local-only runs keep the cheap fork.
+            remote = storage.is_remote(self.config.catalog) or storage.is_remote(self.config.model)
+            remote = remote or bool(pc.any(pc.match_substring(manifest.table.column("location"), "://")).as_py())
+            method = "forkserver" if remote else "fork"
+        context = multiprocessing.get_context(method)
+        if method == "forkserver":
+            context.set_forkserver_preload(["tagger.reader"])
+        return context
+
+    def _progress(self, total: int):
+        mode = self.config.progress
+        if mode == "auto":
+            mode = "bar" if sys.stderr.isatty() else "log"
+        if mode == "bar":
+            from tqdm import tqdm
+
+            return tqdm(total=total, unit="img", desc="tagging", file=sys.stderr, dynamic_ncols=True)
+        return _LogProgress(total, self.config.log_every if mode == "log" else float("inf"))
+
+
+class _LogProgress:
+    """For cron and Airflow logs: a line every ``every`` seconds instead of a carriage-return bar."""
+
+    def __init__(self, total: int, every: float):
+        self.total, self.every, self.done = total, every, 0
+        self.started = self.last = time.time()
+
+    def update(self, n: int) -> None:
+        self.done += n
+        now = time.time()
+        if now - self.last >= self.every:
+            self.last = now
+            rate = self.done / max(now - self.started, 1e-9)
+            eta = (self.total - self.done) / rate if rate else float("inf")
+            log.info("tagging: %d/%d images (%.1f%%), %.1f img/s, eta %.0fs", self.done, self.total,
+                     100.0 * self.done / max(self.total, 1), rate, eta)
+
+    def close(self) -> None:
+        pass
+
+
+class PlanMismatch(RuntimeError):
+    pass
+
+
+class WorkerFailure(RuntimeError):
+    pass
+
+
+def summary_line(summary: dict[str, Any]) -> str:
+    status = summary.get("status", "?")
+    parts = [f"{status}: run_date={summary.get('run_date')}", f"rows={summary.get('rows')}"]
+    for key in ("tagged", "reused", "errors"):
+        if key in summary:
+            parts.append(f"{key}={summary[key]}")
+    rate = summary.get("this_process", {}).get("images_per_second")
+    if rate:
+        parts.append(f"{rate:.1f} img/s")
+    parts.append(f"{summary['durations_s']['total_s']:.1f}s")
+    if summary.get("message"):
+        parts.append(f"- {summary['message']}")
+    return " ".join(parts)
+
+
+def _now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

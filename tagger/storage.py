@@ -1,0 +1,171 @@
+"""Where bytes live: local paths and ``s3://`` URLs through fsspec.
+
+One place decides how a URL becomes a filesystem, how S3 is configured (endpoint, retries, timeouts),
+how an output file is committed so that a reader never sees half of it, and how secrets are kept out
+of anything we print.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import fsspec
+
+# botocore's own retry/timeout knobs. "adaptive" mode backs off on 5xx, throttling and connection
+# resets; the timeouts guarantee that a read against a dead endpoint fails instead of hanging.
+DEFAULT_S3_CONFIG: dict[str, Any] = {
+    "retries": {"max_attempts": 6, "mode": "adaptive"},
+    "connect_timeout": 10,
+    "read_timeout": 60,
+}
+
+_SECRET_WORDS = ("secret", "token", "password", "key", "credential", "session")
+
+
+def is_remote(url: str) -> bool:
+    return "://" in url and not url.startswith("file://")
+
+
+def protocol(url: str) -> str:
+    return url.split("://", 1)[0] if "://" in url else "file"
+
+
+def storage_options(url: str, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """fsspec options for ``url``: the user's ``--storage-option`` values over our S3 defaults.
+
+    Credentials are left to botocore's standard chain (environment, profile, instance role). The endpoint
+    from ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` is passed explicitly because not every
+    aiobotocore release reads those variables itself.
+    """
+    options: dict[str, Any] = dict(extra or {})
+    if protocol(url) in ("s3", "s3a"):
+        config = dict(DEFAULT_S3_CONFIG)
+        config.update(options.pop("config_kwargs", {}) or {})
+        options["config_kwargs"] = config
+        client = dict(options.pop("client_kwargs", {}) or {})
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if "endpoint_url" in options:
+            client.setdefault("endpoint_url", options.pop("endpoint_url"))
+        elif endpoint:
+            client.setdefault("endpoint_url", endpoint)
+        if client:
+            options["client_kwargs"] = client
+    return options
+
+
+def filesystem(url: str, options: Mapping[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem and in-filesystem path for ``url``.
+
+    fsspec caches instances per process, and a process that forks after one was created must not use
+    it (s3fs is not fork-safe), so callers in DataLoader workers call this lazily, in the worker.
+    """
+    fs, path = fsspec.core.url_to_fs(url, **storage_options(url, options))
+    return fs, path
+
+
+def join(base: str, *parts: str) -> str:
+    if is_remote(base):
+        return posixpath.join(base.rstrip("/"), *parts)
+    return os.path.join(base, *parts)
+
+
+def parent(url: str) -> str:
+    if is_remote(url):
+        return url.rstrip("/").rsplit("/", 1)[0]
+    return os.path.dirname(os.path.abspath(url))
+
+
+def resolve(location: str, relative_to: str) -> str:
+    """An image location from a manifest, made absolute: URLs and absolute paths stay as they are,
+    anything else is relative to the manifest's folder."""
+    if "://" in location or os.path.isabs(location):
+        return location
+    return join(relative_to, location)
+
+
+def read_bytes(url: str, options: Mapping[str, Any] | None = None) -> bytes:
+    fs, path = filesystem(url, options)
+    return fs.cat_file(path)
+
+
+def exists(url: str, options: Mapping[str, Any] | None = None) -> bool:
+    fs, path = filesystem(url, options)
+    return fs.exists(path)
+
+
+def remove_tree(url: str, options: Mapping[str, Any] | None = None) -> None:
+    fs, path = filesystem(url, options)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+    if is_remote(url):
+        fs.invalidate_cache()
+
+
+def list_files(url: str, options: Mapping[str, Any] | None = None) -> list[str]:
+    fs, path = filesystem(url, options)
+    if is_remote(url):
+        fs.invalidate_cache(path)
+    if not fs.exists(path):
+        return []
+    return sorted(posixpath.basename(p) for p in fs.ls(path, detail=False))
+
+
+class CommittedFile:
+    """A writable file that appears at its final name only once it is complete.
+
+    Locally it is written under a temporary name and renamed (atomic on POSIX). S3 has no rename, but a
+    PUT or multipart upload becomes visible only when it completes, so the final key is written directly;
+    an interrupted upload leaves nothing behind. Either way a reader sees the whole file or none.
+    """
+
+    def __init__(self, url: str, options: Mapping[str, Any] | None = None):
+        self.url = url
+        self.fs, self.path = filesystem(url, options)
+        self.remote = is_remote(url)
+        if not self.remote:
+            self.fs.makedirs(posixpath.dirname(self.path), exist_ok=True)
+        self._write_path = self.path if self.remote else f"{self.path}.tmp-{uuid.uuid4().hex[:8]}"
+        self._file = self.fs.open(self._write_path, "wb")
+
+    def write(self, data: bytes) -> int:
+        return self._file.write(data)
+
+    def __getattr__(self, name: str) -> Any:  # pyarrow's sink wants the rest of the file API
+        return getattr(self._file, name)
+
+    def commit(self) -> None:
+        self._file.close()
+        if not self.remote:
+            os.replace(self._write_path, self.path)
+
+    def abort(self) -> None:
+        self._file.close()
+        if not self.remote and os.path.exists(self._write_path):
+            os.remove(self._write_path)
+
+
+def write_bytes(url: str, data: bytes, options: Mapping[str, Any] | None = None) -> None:
+    """Write a small file so that readers see the old content, or the new, never a torn one."""
+    sink = CommittedFile(url, options)
+    try:
+        sink.write(data)
+    except BaseException:
+        sink.abort()
+        raise
+    sink.commit()
+
+
+def redact(value: Any) -> Any:
+    """A copy of ``value`` fit for logs and summaries: anything that looks like a secret is masked."""
+    if isinstance(value, Mapping):
+        return {
+            k: ("***" if any(w in str(k).lower() for w in _SECRET_WORDS) and v not in (None, "") else redact(v))
+            for k, v in value.items()
+        }
+    if isinstance(value, (list, tuple)):
+        return [redact(v) for v in value]
+    return value

@@ -1,0 +1,136 @@
+"""The output tables, with explicit schemas, and the files that say a partition is complete.
+
+Layout under ``--out`` (local or ``s3://``)::
+
+    tags/run_date=YYYY-MM-DD/part-00000.parquet ...  _SUCCESS
+    errors/run_date=YYYY-MM-DD/part-00000.parquet ... _SUCCESS
+    _runs/run_date=YYYY-MM-DD/plan.json, shards/00000.json ..., summary.json
+
+Commit protocol (S3 has no atomic rename): every part file is written whole or not at all
+(:class:`tagger.storage.CommittedFile`); a shard's stats JSON is written after both of its parts, and is
+the shard's done marker; ``_SUCCESS`` is written last, after every shard of the partition is done, and
+lists the part files and their row counts. A partition without ``_SUCCESS`` is partial: readers must skip
+it (or read only the files its ``_SUCCESS`` lists, see :func:`read_complete_partition`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import storage
+
+SUCCESS_FILE = "_SUCCESS"
+
+ERRORS_SCHEMA = pa.schema(
+    [
+        pa.field("product_id", pa.string(), nullable=False),
+        pa.field("image", pa.string(), nullable=False),
+        pa.field("error_type", pa.string(), nullable=False),
+        pa.field("message", pa.string(), nullable=False),
+        pa.field("run_id", pa.string(), nullable=False),
+    ]
+)
+
+
+def tags_schema(attributes: Sequence[str]) -> pa.Schema:
+    fields = [pa.field("product_id", pa.string(), nullable=False), pa.field("image", pa.string(), nullable=False)]
+    for name in attributes:
+        fields.append(pa.field(name, pa.string(), nullable=False))
+        fields.append(pa.field(f"{name}_score", pa.float32(), nullable=False))
+    fields += [
+        # Where the image stood when it was tagged (size + mtime, or ETag): lets tomorrow's run reuse
+        # today's tags for an unchanged image under the same model_version.
+        pa.field("image_version", pa.string(), nullable=False),
+        pa.field("model_version", pa.string(), nullable=False),
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("tagged_at", pa.timestamp("us", tz="UTC"), nullable=False),
+    ]
+    return pa.schema(fields)
+
+
+def partition_url(out: str, table: str, run_date: str) -> str:
+    return storage.join(out, table, f"run_date={run_date}")
+
+
+def part_name(shard: int) -> str:
+    return f"part-{shard:05d}.parquet"
+
+
+class PartWriter:
+    """One shard's Parquet file, appended a row group per batch, visible only once committed.
+
+    Rows never pile up in memory: each batch goes out as it comes (a row group per ``row_group_rows``).
+    """
+
+    def __init__(self, url: str, schema: pa.Schema, options: Mapping[str, Any] | None = None, row_group_rows: int = 8192):
+        self.url = url
+        self.schema = schema
+        self.rows = 0
+        self._pending: list[pa.RecordBatch] = []
+        self._pending_rows = 0
+        self._row_group_rows = row_group_rows
+        self._sink = storage.CommittedFile(url, options)
+        self._writer = pq.ParquetWriter(self._sink, schema, compression="zstd")
+
+    def write(self, batch: pa.RecordBatch | pa.Table) -> None:
+        if batch.num_rows == 0:
+            return
+        if batch.schema != self.schema:
+            batch = batch.cast(self.schema)
+        batches = batch.to_batches() if isinstance(batch, pa.Table) else [batch]
+        self._pending.extend(batches)
+        self._pending_rows += batch.num_rows
+        self.rows += batch.num_rows
+        if self._pending_rows >= self._row_group_rows:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._pending:
+            self._writer.write_table(pa.Table.from_batches(self._pending, self.schema))
+            self._pending, self._pending_rows = [], 0
+
+    def commit(self) -> None:
+        self._flush()
+        self._writer.close()
+        self._sink.commit()
+
+    def abort(self) -> None:
+        try:
+            self._writer.close()
+        finally:
+            self._sink.abort()
+
+
+def write_success(partition: str, parts: Mapping[str, int], extra: Mapping[str, Any], options: Mapping[str, Any] | None = None) -> None:
+    body = {"parts": dict(sorted(parts.items())), "rows": sum(parts.values()), **extra}
+    storage.write_bytes(storage.join(partition, SUCCESS_FILE), json.dumps(body, indent=2).encode(), options)
+
+
+def read_success(partition: str, options: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+    try:
+        return json.loads(storage.read_bytes(storage.join(partition, SUCCESS_FILE), options))
+    except FileNotFoundError:
+        return None
+
+
+def read_complete_partition(partition: str, options: Mapping[str, Any] | None = None) -> pa.Table:
+    """The rows of a committed partition: exactly the part files its ``_SUCCESS`` lists.
+
+    Raises ``FileNotFoundError`` for a partition that is still being written or whose run failed.
+    """
+    success = read_success(partition, options)
+    if success is None:
+        raise FileNotFoundError(f"{partition}: no {SUCCESS_FILE}; the partition is incomplete (a run is in progress or failed)")
+    tables = []
+    for name in success["parts"]:
+        fs, path = storage.filesystem(storage.join(partition, name), options)
+        with fs.open(path, "rb") as handle:
+            tables.append(pq.read_table(handle))
+    if not tables:
+        raise FileNotFoundError(f"{partition}: {SUCCESS_FILE} lists no part files")
+    return pa.concat_tables(tables)
