@@ -96,24 +96,24 @@ def finalize(out: str, run_date: str, storage_options: tuple[str, ...], max_erro
 
 def execute(config: TagConfig, *, finalize_only: bool = False) -> int:
     """Run and turn every outcome into an exit code and one line on stderr."""
+    from tagger.runner import StopFlag
+
+    stop = StopFlag()
+    stop.install()
+    try:
+        return _execute(config, stop, finalize_only)
+    finally:
+        stop.restore()
+
+
+def _execute(config, stop, finalize_only: bool) -> int:
     import time
 
     from tagger.bundle import BundleError
     from tagger.manifest import ManifestError
     from tagger.reader import StorageUnavailable
-    from tagger.runner import (
-        EXIT_CRASH,
-        EXIT_INTERRUPTED,
-        EXIT_INVALID_INPUT,
-        EXIT_STORAGE,
-        Interrupted,
-        PlanMismatch,
-        StopFlag,
-        TagRunner,
-    )
+    from tagger.runner import EXIT_CRASH, EXIT_INTERRUPTED, EXIT_INVALID_INPUT, EXIT_STORAGE, Interrupted, PlanMismatch, TagRunner
 
-    stop = StopFlag()
-    stop.install()
     runner = TagRunner(config, stop)
     try:
         if finalize_only:
