@@ -38,6 +38,7 @@ demo-model: $(DEMO_MODEL)/model.json
 # The demo data and model are built only when the defaults point at them.
 tag: $(STAMP) $(if $(filter $(DEMO_DATA)/catalog.csv,$(CATALOG)),$(DEMO_DATA)/styles.csv) $(if $(filter $(DEMO_MODEL),$(MODEL)),$(DEMO_MODEL)/model.json)
 	$(BIN)/tagger tag --catalog '$(CATALOG)' --model '$(MODEL)' --out '$(OUT)' $(if $(RUN_DATE),--run-date $(RUN_DATE)) $(TAG_ARGS)
+	$(if $(filter $(DEMO_DATA)/catalog.csv,$(CATALOG)),$(BIN)/tagger demo-check --out '$(OUT)' $(if $(RUN_DATE),--run-date $(RUN_DATE)) --truth $(DEMO_DATA)/catalog_truth.csv)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -29,6 +29,7 @@ def _register() -> None:
     cli.add_command(tag.tag)
     cli.add_command(tag.finalize)
     cli.add_command(demo.demo_data)
+    cli.add_command(demo.demo_check)
     for module_name, command_name in (("retrain", "retrain"), ("evaluate", "evaluate"), ("predict", "predict")):
         try:
             module = __import__(f"jobs.{module_name}", fromlist=[command_name])

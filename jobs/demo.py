@@ -21,3 +21,25 @@ def demo_data(out: Path, n_train: int, n_catalog: int, n_bad: int, seed: int) ->
     started = time.time()
     demo = make_demo_dataset(out, n_train=n_train, n_catalog=n_catalog, n_bad=n_bad, seed=seed)
     click.echo(f"demo dataset in {demo.root} ({n_train} labelled, {n_catalog} + {n_bad} catalog rows) in {time.time() - started:.1f}s", err=True)
+
+
+@click.command("demo-check")
+@click.option("--out", default="out/demo", show_default=True, help="The tag job's output root.")
+@click.option("--run-date", default=None, help="Partition to check (default: the latest complete one).")
+@click.option("--truth", type=click.Path(exists=True, dir_okay=False), default="data/demo/catalog_truth.csv", show_default=True)
+def demo_check(out: str, run_date: str | None, truth: str) -> None:
+    """How often the demo tags equal what was drawn: accuracy per attribute on the held-back catalog."""
+    import polars as pl
+
+    from tagger.demo import score_against_truth
+    from tagger.writers import read_complete_partition
+
+    partitions = sorted(p.name for p in Path(out, "tags").glob("run_date=*") if (p / "_SUCCESS").exists())
+    if not partitions:
+        raise click.ClickException(f"{out}/tags has no complete partition; run `make tag` first")
+    name = f"run_date={run_date}" if run_date else partitions[-1]
+    tags = pl.from_arrow(read_complete_partition(str(Path(out, "tags", name))))
+    scores = score_against_truth(tags, truth)
+    click.echo(f"demo tags vs drawn labels ({name}, {len(tags)} tagged products):")
+    for attribute, value in scores.items():
+        click.echo(f"  {attribute:<15} {value:6.1%}")

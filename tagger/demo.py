@@ -644,3 +644,20 @@ _DRAWERS = {
     "Watches": (_watch, _watch_details),
     "Caps": (_cap, _cap_details),
 }
+
+
+def score_against_truth(tags, truth_csv: str | Path) -> dict[str, float]:
+    """Share of catalog products whose predicted label equals the drawn one, per attribute, plus
+    ``all``: the share with every attribute right. ``tags`` is a polars frame of the tags table."""
+    import polars as pl
+
+    truth = pl.read_csv(truth_csv, schema_overrides={"product_id": pl.String})
+    joined = truth.join(tags, on="product_id", how="left", suffix="_predicted")
+    scores = {}
+    every = pl.lit(True)
+    for name in ATTRIBUTES:
+        right = pl.col(name) == pl.col(f"{name}_predicted")
+        scores[name] = float(joined.select(right.fill_null(False).mean()).item())
+        every = every & right.fill_null(False)
+    scores["all"] = float(joined.select(every.mean()).item())
+    return scores
