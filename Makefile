@@ -14,7 +14,7 @@ OUT ?= out/demo
 RUN_DATE ?=
 TAG_ARGS ?=
 # The demo model: a tiny timm backbone trained from scratch on CPU through the real retrain job.
-DEMO_RETRAIN_ARGS ?= --backbone resnet10t --no-pretrained --input-size 64 --max-epochs 12 --max-minutes 2.5 --batch-size 64 --seed 0
+DEMO_RETRAIN_ARGS ?= --backbone test_resnet --no-pretrained --input-size 96 --batch-size 32 --lr 3e-3 --max-epochs 25 --max-minutes 1.5 --threads 1 --seed 0
 
 .PHONY: setup tag test demo-data demo-model bench clean
 

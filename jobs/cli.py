@@ -24,20 +24,10 @@ def cli(verbose: int, quiet: bool) -> None:
 
 
 def _register() -> None:
-    from . import demo, tag
+    from . import demo, evaluate, predict, retrain, tag
 
-    cli.add_command(tag.tag)
-    cli.add_command(tag.finalize)
-    cli.add_command(demo.demo_data)
-    cli.add_command(demo.demo_check)
-    for module_name, command_name in (("retrain", "retrain"), ("evaluate", "evaluate"), ("predict", "predict")):
-        try:
-            module = __import__(f"jobs.{module_name}", fromlist=[command_name])
-        except ModuleNotFoundError as exc:
-            if exc.name != f"jobs.{module_name}":
-                raise
-            continue
-        cli.add_command(getattr(module, command_name))
+    for command in (tag.tag, tag.finalize, retrain.retrain, evaluate.evaluate, predict.predict, demo.demo_data, demo.demo_check):
+        cli.add_command(command)
 
 
 _register()

@@ -63,11 +63,22 @@ def common_output_options(function):
 @click.option("--shard", "fanout", callback=_shard, metavar="I/N", default=None,
               help="Run only shards I, I+N, I+2N... of the plan (fan-out over tasks or machines); needs a --plan-only run first.")
 @click.option("--plan-only", is_flag=True, help="Start a new run for the date (replacing its partition) and stop: the first step of a fan-out.")
+@click.option("--since", default=None, metavar="PREVIOUS",
+              help="Incremental run: reuse the tags of products whose image is unchanged (same product, location, "
+              "image version and model_version) from PREVIOUS, an output root (its latest complete run_date before "
+              "this one) or a partition OUT/tags/run_date=YYYY-MM-DD. Only new and changed images are read.")
 @click.option("--run-id", default=None, help="Run identifier stored in every row (default: date + random suffix).")
 @click.option("--max-image-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_IMAGE_PIXELS, show_default=True,
               help="Decompression-bomb guard: larger images become error rows (too_large).")
 @click.option("--draft-decode/--no-draft-decode", default=True, show_default=True,
               help="Decode JPEGs at reduced scale (libjpeg DCT scaling) before resizing.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
+              help="Model arithmetic. auto: fp16 autocast on CUDA; on the CPU bf16 autocast where the CPU has native "
+              "bfloat16 (AVX512-BF16/AMX: ~1.5x faster, top labels equal except near-ties), else fp32. fp32: no autocast.")
+@click.option("--threads", type=click.IntRange(min=0), default=0, show_default="0: torch's default, one per core",
+              help="Torch threads of the model on the CPU. On a small machine shared with other work, fewer threads than "
+              "cores (e.g. CPUs - workers) avoid OpenMP threads spinning while a peer waits for a core "
+              "(docs/benchmarks.md). Results may differ in the last float bit with the thread count.")
 @click.option("--progress", type=click.Choice(PROGRESS_MODES), default="auto", show_default=True,
               help="auto: a bar on an interactive terminal, periodic log lines otherwise.")
 def tag(**options) -> None:
@@ -110,8 +121,11 @@ def _execute(config, stop, finalize_only: bool) -> int:
     import time
 
     from tagger.bundle import BundleError
+    from tagger.incremental import SinceError
     from tagger.manifest import ManifestError
     from tagger.reader import StorageUnavailable
+    from tagger.runner import WorkerFailure
+    from tagger.storage import is_unavailable
     from tagger.runner import EXIT_CRASH, EXIT_INTERRUPTED, EXIT_INVALID_INPUT, EXIT_STORAGE, Interrupted, PlanMismatch, TagRunner
 
     runner = TagRunner(config, stop)
@@ -123,15 +137,20 @@ def _execute(config, stop, finalize_only: bool) -> int:
             result = runner.finalize(plan, time.time())
         else:
             result = runner.run()
-    except (ManifestError, BundleError, PlanMismatch) as exc:
+    except (ManifestError, BundleError, PlanMismatch, SinceError) as exc:
         return _fail(EXIT_INVALID_INPUT, f"invalid input: {exc}")
     except Interrupted as exc:
         return _fail(EXIT_INTERRUPTED, f"interrupted: {exc}; committed shards are kept, the same command resumes, no _SUCCESS written")
     except StorageUnavailable as exc:
         return _fail(EXIT_STORAGE, f"storage unavailable: {exc}")
+    except WorkerFailure as exc:
+        return _fail(EXIT_CRASH, f"failed: {exc}")
     except FileNotFoundError as exc:
         return _fail(EXIT_CRASH, f"failed: {exc}")
     except Exception as exc:
+        if is_unavailable(exc):  # e.g. the manifest, the bundle or an output file on a store that is down
+            return _fail(EXIT_STORAGE, f"storage unavailable: {type(exc).__name__}: {exc}. Committed shards are kept; "
+                                       "running the same command again resumes")
         log.exception("the run failed")
         return _fail(EXIT_CRASH, f"failed: {type(exc).__name__}: {exc}")
     click.echo(result.summary_line, err=True)

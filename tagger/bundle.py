@@ -68,8 +68,14 @@ class ModelBundle:
 
         from .model import create_backbone
 
-        net = TaggerNet(create_backbone(self.backbone), self.label_counts(), self.data_config)
-        state = load_safetensors(self.weights)
+        try:
+            net = TaggerNet(create_backbone(self.backbone), self.label_counts(), self.data_config)
+        except ValueError as exc:  # an unknown timm name
+            raise BundleError(f"{self.path}: {exc}") from None
+        try:
+            state = load_safetensors(self.weights)
+        except Exception as exc:  # safetensors' own error type
+            raise BundleError(f"{self.path}: {WEIGHTS_FILE} cannot be read as safetensors: {exc}") from None
         try:
             net.load_state_dict(state, strict=True)
         except RuntimeError as exc:
@@ -141,6 +147,7 @@ def load_bundle(path: str, storage_options: Mapping[str, Any] | None = None) -> 
     except FileNotFoundError:
         raise BundleError(f"{path}: {WEIGHTS_FILE} is missing; the bundle is incomplete, retrain or copy it again") from None
     _validate(meta, meta_url)
+    _check_safetensors(weights, weights_url)
     expected = compute_model_version(weights, meta)
     if meta["model_version"] != expected:
         raise BundleError(
@@ -183,6 +190,30 @@ def _validate(meta: Any, where: str) -> None:
         threshold = spec.get("threshold", 0.0)
         if not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
             raise BundleError(f"{where}: attribute {name!r} threshold must be in [0, 1], got {threshold!r}")
+
+
+def _check_safetensors(weights: bytes, where: str) -> None:
+    """Refuse anything but a safetensors file, from its header, before anything is deserialised.
+
+    A pickle (a torch checkpoint) can run code when loaded; the tag job never loads one, whatever its name.
+    """
+    problem = None
+    size = int.from_bytes(weights[:8], "little") if len(weights) >= 8 else -1
+    if size < 2 or size > len(weights) - 8:
+        problem = "no safetensors header"
+    else:
+        try:
+            header = json.loads(weights[8 : 8 + size])
+        except ValueError:
+            problem = "its header is not JSON"
+        else:
+            if not isinstance(header, dict):
+                problem = "its header is not a JSON object"
+    if problem:
+        looks = ""
+        if weights[:1] == b"\x80" or weights[:2] == b"PK":
+            looks = "; it looks like a pickle or torch checkpoint, which the tag job never loads: pickles can run code"
+        raise BundleError(f"{where}: not a safetensors file: {problem}{looks}. Export the bundle with save_bundle or `tagger retrain`.")
 
 
 def _from_meta(path: str, meta: Mapping[str, Any], weights: bytes) -> ModelBundle:

@@ -58,6 +58,8 @@ class TagConfig:
     run_id: str | None = None
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     draft_decode: bool = True
+    precision: str = "auto"  # auto (CUDA fp16, CPU bf16 where native else fp32) | fp32 | bf16 | fp16, see inference.precision_settings
+    threads: int = 0  # torch threads of the model on the CPU; 0: torch's default (the cores, or OMP_NUM_THREADS)
     progress: str = "auto"
     log_every: float = 30.0
     storage_options: dict[str, Any] = field(default_factory=dict)
@@ -83,8 +85,14 @@ class TagConfig:
             problems.append("max_error_rate must be in [0, 1]")
         if self.shard_size < 1:
             problems.append("shard_size must be >= 1")
+        if self.plan_only and self.fanout is not None:
+            problems.append("plan_only (--plan-only) plans the whole date once; run it without --shard, then the --shard I/N tasks")
         if self.progress not in PROGRESS_MODES:
             problems.append(f"progress must be one of {', '.join(PROGRESS_MODES)}")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            problems.append(f"precision must be one of auto, fp32, bf16, fp16, got {self.precision!r}")
+        if self.threads < 0:
+            problems.append("threads must be >= 0 (0: automatic)")
         if self.max_image_pixels < 1:
             problems.append("max_image_pixels must be >= 1")
         if problems:

@@ -44,7 +44,7 @@ def decode_image(
     ``draft`` lets libjpeg decode a JPEG directly at a reduced scale (1/2, 1/4, 1/8) no smaller than
     the target: on a 1800x2400 original decoding at 1/8 is several times faster, and the DCT-domain
     downscale is itself a proper low-pass filter, so the result matches a full decode + resize
-    within a few grey levels (see tests/test_images.py for the tolerance).
+    within a few grey levels (see tests/test_decode_equivalence.py for the tolerance).
     """
     if not data:
         raise ImageError("empty_file", f"{source}: the file is empty (0 bytes)")
@@ -64,32 +64,60 @@ def decode_image(
             f"{source}: {width}x{height} = {width * height:,} pixels exceeds the limit of {max_pixels:,} "
             "(decompression-bomb guard; raise --max-image-pixels if such images are expected)",
         )
+    # Draft decoding rounds the reduced size up to whole DCT blocks: a 225-px-wide JPEG read at 1/8 is
+    # 29 px wide, of which only 225/8 = 28.125 are picture. ``region`` is that part, resized below.
+    region = None
     if draft and image.format == "JPEG":
         scale = size / max(width, height)
-        image.draft("RGB", (max(1, round(width * scale)), max(1, round(height * scale))))
+        drafted = image.draft("RGB", (max(1, round(width * scale)), max(1, round(height * scale))))
+        if drafted is not None and tuple(drafted[1][2:]) != image.size:
+            region = drafted[1]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # e.g. "Corrupt EXIF data": the pixels are what matter
             image.load()
+            if region is not None:
+                region = _transposed_region(region, image.size, image.getexif().get(_ORIENTATION, 1))
             image = ImageOps.exif_transpose(image)
     except Exception as exc:
         raise ImageError("decode", f"{source}: corrupt or truncated image data: {exc}") from None
 
-    rgb = to_rgb(image)
-    # Recomputed after the EXIF rotation, which may have swapped width and height.
-    scale = size / max(rgb.size)
-    box = (max(1, round(rgb.size[0] * scale)), max(1, round(rgb.size[1] * scale)))
-    if rgb.size != box:
-        rgb = rgb.resize(box, Image.Resampling.BILINEAR, reducing_gap=None)
+    try:
+        rgb = to_rgb(image)
+        # Recomputed after the EXIF rotation, which may have swapped width and height.
+        picture = (region[2] - region[0], region[3] - region[1]) if region is not None else rgb.size
+        scale = size / max(picture)
+        box = (max(1, round(picture[0] * scale)), max(1, round(picture[1] * scale)))
+        if rgb.size != box or region is not None:
+            rgb = rgb.resize(box, Image.Resampling.BILINEAR, box=region, reducing_gap=None)
+    except Exception as exc:  # an exotic mode Pillow cannot convert: one error row, never a crashed worker
+        raise ImageError("decode", f"{source}: cannot convert the {image.mode} image to RGB: {exc}") from None
     canvas = Image.new("RGB", (size, size), BACKGROUND)
     canvas.paste(rgb, ((size - box[0]) // 2, (size - box[1]) // 2))
     return np.asarray(canvas)
 
 
+_ORIENTATION = 0x0112  # the EXIF tag ImageOps.exif_transpose acts on
+
+
+def _transposed_region(region, size: tuple[int, int], orientation) -> tuple[float, float, float, float]:
+    """Where the top-left ``region`` of an image of ``size`` lands once ``exif_transpose`` has turned it."""
+    (width, height), (w, h) = size, (region[2], region[3])
+    return {
+        2: (width - w, 0, width, h),  # mirrored left-right
+        3: (width - w, height - h, width, height),  # rotated 180
+        4: (0, height - h, w, height),  # mirrored top-bottom
+        5: (0, 0, h, w),  # transposed
+        6: (height - h, 0, height, w),  # rotated 90 clockwise
+        7: (height - h, width - w, height, width),  # transversed
+        8: (0, width - w, h, width),  # rotated 90 counter-clockwise
+    }.get(orientation if isinstance(orientation, int) else 1, (0, 0, w, h))
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any Pillow mode -> 8-bit RGB, transparency composited over the white product background."""
     mode = image.mode
-    if mode == "RGB":
+    if mode == "RGB" and "transparency" not in image.info:
         return image
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         # 16/32-bit greyscale: Pillow's convert("L") clips at 255, turning most of a 16-bit image white.
@@ -98,10 +126,13 @@ def to_rgb(image: Image.Image) -> Image.Image:
             peak = 1.0 if float(array.max(initial=0)) <= 1.0 else 255.0
             grey = np.clip(array / peak * 255.0, 0, 255).astype(np.uint8)
         else:
-            peak = 65535 if int(array.max(initial=0)) > 255 else 255
-            grey = (array.astype(np.uint32) * 255 // peak).astype(np.uint8)
+            # A 16-bit mode is 16-bit whatever its content: a dark 16-bit image (every value <= 255) must
+            # stay dark, not be stretched as if it were 8-bit. Only 32-bit "I" leaves the range to guess.
+            peak = 65535 if mode.startswith("I;16") or int(array.max(initial=0)) > 255 else 255
+            grey = (np.clip(array, 0, peak).astype(np.uint32) * 255 // peak).astype(np.uint8)
         return Image.fromarray(grey, "L").convert("RGB")
-    if mode == "P" and "transparency" in image.info:
+    if mode in ("P", "L", "RGB") and "transparency" in image.info:
+        # A palette entry or a colour key (PNG tRNS) marked transparent: composite it like an alpha channel.
         image = image.convert("RGBA")
         mode = "RGBA"
     if mode in ("RGBA", "LA", "PA", "RGBa", "La"):

@@ -45,7 +45,9 @@ class TaggerNet(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.dropout = nn.Dropout(drop_rate)
-        self.heads = nn.ModuleDict({name: nn.Linear(backbone.num_features, n) for name, n in label_counts.items()})
+        # Some timm models (lcnet, mobilenetv3/v4, ghostnet) pool into a wider pre-logits head than num_features.
+        width = getattr(backbone, "head_hidden_size", None) or backbone.num_features
+        self.heads = nn.ModuleDict({name: nn.Linear(width, n) for name, n in label_counts.items()})
         # Buffers follow .to(device) but are not saved: model.json holds mean/std.
         self.register_buffer("pixel_mean", torch.tensor(data_config.mean).view(1, 3, 1, 1) * 255.0, persistent=False)
         self.register_buffer("pixel_std", torch.tensor(data_config.std).view(1, 3, 1, 1) * 255.0, persistent=False)

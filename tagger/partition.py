@@ -72,5 +72,7 @@ class Partition:
 
     def commit(self, tags_parts: Mapping[str, int], errors_parts: Mapping[str, int], extra: Mapping[str, Any]) -> None:
         """``_SUCCESS`` last of all, errors first: a reader who sees the tags marker sees both tables whole."""
+        for url in (self.tags, self.errors, self.state, storage.join(self.state, "shards")):
+            storage.remove_stale_temporaries(url)  # left by a process killed mid-write; every shard is done now
         writers.write_success(self.errors, errors_parts, extra, self.options)
         writers.write_success(self.tags, tags_parts, extra, self.options)

@@ -31,7 +31,7 @@ from .bundle import ModelBundle, load_bundle
 from .config import TagConfig
 from .manifest import Manifest, read_manifest
 from .partition import Partition
-from .reader import TRANSIENT, Batch, ImageRows, StorageUnavailable, collate, write_rows_file
+from .reader import TRANSIENT, Batch, ImageRows, StorageUnavailable, collate
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +208,12 @@ class TagRunner:
         if existing is not None and existing["key"] == key and not complete and not config.plan_only:
             log.info("resuming run %s: the partition has an unfinished plan for this manifest and model", existing["run_id"])
             return existing
+        previous = None
+        if config.since:
+            from .incremental import find_previous
+
+            # Before the wipe: a --since that cannot be used must leave the date's partition as it was.
+            previous = find_previous(config.since, config.run_date, self.options, current_out=config.out)
         if existing is not None or complete or storage.exists(self.partition.tags, self.options):
             log.info("replacing partition run_date=%s under %s", config.run_date, config.out)
         self.partition.wipe()
@@ -223,36 +229,50 @@ class TagRunner:
             "attributes": bundle.attribute_names,
             "created_at": _now_iso(),
         }
+        if config.since:
+            from .incremental import plan_reuse
+
+            # Decided once, stored beside the plan: resumed runs and --shard tasks reuse the same rows.
+            plan["since"] = plan_reuse(manifest, bundle.model_version, bundle.attribute_names, config.since, previous,
+                                       self.partition, config.shard_size, self.options)
         self.partition.write_plan(plan)
         return plan
 
     @staticmethod
     def _plan_facts(plan: dict[str, Any]) -> dict[str, Any]:
-        return {k: plan[k] for k in ("run_id", "rows", "num_shards", "model_version")}
+        facts = {k: plan[k] for k in ("run_id", "rows", "num_shards", "model_version")}
+        if plan.get("since"):
+            facts["since"] = plan["since"]
+        return facts
 
     # -- tagging ---------------------------------------------------------------------------------
     def _tag_shards(self, manifest: Manifest, bundle: ModelBundle, plan: dict[str, Any], pending: list[int]) -> None:
         import torch
 
-        from .inference import Predictor, resolve_device
+        from .inference import Predictor, precision_settings, resolve_device
 
         config = self.config
         table = manifest.table
         shard_of_row = table.column("row").to_numpy() // config.shard_size
-        in_pending = np.isin(shard_of_row, np.asarray(pending, dtype=np.int64))
-        readable = pc.and_(pa.array(in_pending), pc.equal(table.column("status"), "")).to_numpy(zero_copy_only=False)
-        to_read = table.filter(pa.array(readable)).select(["row", "location"])
-        per_shard_reads = Counter(shard_of_row[readable].tolist())
+        readable = np.isin(shard_of_row, np.asarray(pending, dtype=np.int64))
+        readable &= pc.equal(table.column("status"), "").to_numpy(zero_copy_only=False)
+        if (plan.get("since") or {}).get("reused"):
+            from .incremental import reused_rows
+
+            readable[reused_rows(self.partition, self.options)] = False  # carried over, not read again
+        per_shard_reads = np.bincount(shard_of_row[readable], minlength=plan["num_shards"])
+        del shard_of_row
 
         device = resolve_device(config.device)
-        predictor = Predictor(bundle, device)
+        predictor = Predictor(bundle, device, **precision_settings(config.precision, device))
         self.device = str(device)
         schema = writers.tags_schema(bundle.attribute_names)
         context = self._start_method(manifest)
 
         with tempfile.TemporaryDirectory(prefix="tagger-") as scratch:
             rows_file = f"{scratch}/rows.arrow"
-            write_rows_file(rows_file, to_read)
+            _write_rows(rows_file, manifest, readable)
+            del readable
             dataset = ImageRows(
                 rows_file,
                 bundle.input_size,
@@ -273,12 +293,16 @@ class TagRunner:
                 prefetch_factor=4 if workers else None,
                 persistent_workers=False,
             )
-            cursor = ShardCursor(pending, lambda s: self._open_shard(s, manifest, schema, plan, per_shard_reads.get(s, 0)),
+            cursor = ShardCursor(pending, lambda s: self._open_shard(s, manifest, schema, plan, int(per_shard_reads[s])),
                                  lambda out: self._commit_shard(out, plan))
             progress = self._progress(len(dataset))
+            previous_threads = torch.get_num_threads()
+            if device.type == "cpu" and config.threads > 0:
+                torch.set_num_threads(config.threads)
+            batches = self._batches(loader)
             try:
                 cursor.advance()
-                for batch in self._batches(loader):
+                for batch in batches:
                     self.stop.check()
                     self._check_transient(batch)
                     predictions = predictor(batch.images) if batch.images is not None else None
@@ -299,30 +323,58 @@ class TagRunner:
                 self.stop.check()
                 if cursor.current is not None:
                     raise RuntimeError(f"shard {cursor.current.index} still expects {cursor.current.remaining} row(s) after the last batch")
-            except BaseException:
+            except BaseException as exc:
                 cursor.abort()
+                if self.stop.event.is_set() and not isinstance(exc, Interrupted):
+                    # A stop request wins over what it caused (e.g. workers that died of the same SIGTERM).
+                    raise Interrupted(f"stopped by {self.stop.signal_name or 'request'}") from exc
+                if isinstance(exc, RuntimeError) and not isinstance(exc, WorkerFailure) and "DataLoader worker" in str(exc):
+                    # torch's SIGCHLD handler raises this wherever the main process happens to be.
+                    raise WorkerFailure(_worker_failure_message(str(exc))) from exc
                 raise
             finally:
+                batches.close()  # stops the workers now, not whenever the garbage collector gets to them
                 progress.close()
+                torch.set_num_threads(previous_threads)
 
     def _batches(self, loader: Any):
         """The loader's batches; a worker that died is reported as such, and a stop request wins."""
         iterator = iter(loader)
-        while True:
-            try:
-                batch = next(iterator)
-            except StopIteration:
-                return
-            except RuntimeError as exc:
-                self.stop.check()  # workers receive the scheduler's SIGTERM too
-                text = str(exc)
-                if "DataLoader worker" in text or "timed out" in text:
-                    raise WorkerFailure(
-                        f"an image-reading worker failed: {text}. A decoder crash or the out-of-memory killer is the "
-                        "usual cause; committed shards are kept and the same command resumes after the last one."
-                    ) from exc
-                raise
-            yield batch
+        try:
+            while True:
+                try:
+                    batch = next(iterator)
+                except StopIteration:
+                    return
+                except RuntimeError as exc:
+                    self.stop.check()  # workers receive the scheduler's SIGTERM too
+                    text = str(exc)
+                    if "DataLoader timed out" in text:
+                        raise StorageUnavailable(
+                            f"no images arrived from the reading workers for {self.config.worker_timeout:.0f}s ({text}): "
+                            "the storage is not answering (or a decoder is stuck); committed shards are kept, nothing was "
+                            "written for the open shard, and running the same command again resumes"
+                        ) from exc
+                    if "DataLoader worker" in text:
+                        raise WorkerFailure(_worker_failure_message(text)) from exc
+                    raise
+                except (ConnectionError, EOFError) as exc:
+                    # A worker killed while handing over a batch breaks the pipe under the queue; that is not
+                    # the storage (exit 4) but a dead worker.
+                    self.stop.check()
+                    if not getattr(loader, "num_workers", 0):
+                        raise
+                    raise WorkerFailure(_worker_failure_message(
+                        f"lost the connection to the workers ({type(exc).__name__}: {exc}); {_worker_states(iterator)}."
+                    )) from exc
+                yield batch
+        finally:
+            shutdown = getattr(iterator, "_shutdown_workers", None)
+            if shutdown is not None:
+                try:
+                    shutdown()
+                except RuntimeError:
+                    pass  # torch's SIGCHLD handler repeating that a worker died (e.g. of the same SIGTERM)
 
     def _check_transient(self, batch: Batch) -> None:
         for row, error_type, message in zip(batch.error_rows, batch.error_types, batch.error_messages):
@@ -357,6 +409,13 @@ class TagRunner:
                 )
             )
             output.error_types.update(rejected.column("status").to_pylist())
+        if (plan.get("since") or {}).get("reused"):
+            from .incremental import read_reused
+
+            reused = read_reused(self.partition, start, stop, self.options)
+            if reused.num_rows:
+                output.tags.write(reused.drop_columns(["row"]))
+                output.reused = reused.num_rows
         return output
 
     def _write_tags(self, output, manifest, batch, mask, predictions, labels, bundle, plan, tagged_at) -> None:
@@ -420,6 +479,13 @@ class TagRunner:
     # -- finishing -------------------------------------------------------------------------------
     def finalize(self, plan: dict[str, Any], started: float) -> RunResult:
         """Summary from every shard's stats, the error-rate gate, then ``_SUCCESS``, last."""
+        missing = sorted(set(range(plan["num_shards"])) - self.partition.done_shards())
+        if missing:
+            shown = ", ".join(map(str, missing[:20])) + (", ..." if len(missing) > 20 else "")
+            raise PlanMismatch(
+                f"{self.partition.state}: shard(s) {shown} of {plan['num_shards']} not done; run the --shard tasks "
+                "that own them (or the same command without --shard) first, nothing was committed"
+            )
         stats = self.partition.read_shard_stats(range(plan["num_shards"]))
         rows = sum(s["rows"] for s in stats)
         errors = sum(s["errors"] for s in stats)
@@ -485,7 +551,7 @@ class TagRunner:
             # s3fs keeps an event loop and connections that a forked child must not reuse; forkserver
             # children start from a clean server process. Local-only runs keep the cheap fork.
             remote = storage.is_remote(self.config.catalog) or storage.is_remote(self.config.model)
-            remote = remote or bool(pc.any(pc.match_substring(manifest.table.column("location"), "://")).as_py())
+            remote = remote or bool(pc.any(pc.match_substring(manifest.table.column("image"), "://")).as_py())
             method = "forkserver" if remote else "fork"
         context = multiprocessing.get_context(method)
         if method == "forkserver":
@@ -501,6 +567,21 @@ class TagRunner:
 
             return tqdm(total=total, unit="img", desc="tagging", file=sys.stderr, dynamic_ncols=True)
         return _LogProgress(total, self.config.log_every if mode == "log" else float("inf"))
+
+
+def _write_rows(path: str, manifest: Manifest, readable: np.ndarray, chunk: int = 65_536) -> None:
+    """The rows to read (``row``, ``location``) as an Arrow IPC file for the workers to memory-map.
+
+    Written a slice of the manifest at a time: the locations of a million rows are never all in this
+    process's memory (nor in the allocator's, to be shared with the forked workers).
+    """
+    schema = pa.schema([("row", pa.int64()), ("location", pa.string())])
+    with pa.OSFile(path, "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+        for start in range(0, manifest.num_rows, chunk):
+            rows = manifest.table.slice(start, chunk).filter(pa.array(readable[start:start + chunk])).select(["row", "image"])
+            if rows.num_rows:
+                writer.write_table(pa.table({"row": rows.column("row"), "location": manifest.locations(rows)}, schema=schema))
+    pa.default_memory_pool().release_unused()
 
 
 class _LogProgress:
@@ -530,6 +611,25 @@ class PlanMismatch(RuntimeError):
 
 class WorkerFailure(RuntimeError):
     pass
+
+
+def _worker_states(iterator: Any) -> str:
+    states = []
+    for worker in getattr(iterator, "_workers", []):
+        if worker.exitcode is None:
+            worker.join(timeout=0.5)  # a worker that just died may not have been reaped yet
+        code = worker.exitcode
+        state = "running" if code is None else (f"killed by signal {-code}" if code < 0 else f"exited with code {code}")
+        states.append(f"pid {worker.pid} {state}")
+    return "workers: " + (", ".join(states) or "none")
+
+
+def _worker_failure_message(text: str) -> str:
+    text = text.strip().rstrip(".") + "."
+    return (
+        f"an image-reading worker failed: {text} A decoder crash or the out-of-memory killer is the usual "
+        "cause; committed shards are kept and the same command resumes after the last one."
+    )
 
 
 def summary_line(summary: dict[str, Any]) -> str:

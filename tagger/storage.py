@@ -7,6 +7,7 @@ of anything we print.
 
 from __future__ import annotations
 
+import errno
 import os
 import posixpath
 import uuid
@@ -24,6 +25,17 @@ DEFAULT_S3_CONFIG: dict[str, Any] = {
 }
 
 _SECRET_WORDS = ("secret", "token", "password", "key", "credential", "session")
+
+# What a store that is down, throttling or unreachable raises once botocore's and s3fs's retries are spent
+# (s3fs maps 503 SlowDown/ServiceUnavailable to EBUSY and 500 InternalError to EREMOTEIO).
+_UNAVAILABLE_ERRNOS = {
+    errno.EBUSY, errno.EIO, getattr(errno, "EREMOTEIO", errno.EIO), errno.ETIMEDOUT, errno.ECONNRESET,
+    errno.ECONNREFUSED, errno.ECONNABORTED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EAGAIN,
+}
+_UNAVAILABLE_TYPES = {
+    "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError", "HTTPClientError",
+    "FSTimeoutError", "ServerDisconnectedError", "ClientConnectorError", "ClientOSError", "ClientPayloadError",
+}
 
 
 def is_remote(url: str) -> bool:
@@ -55,6 +67,23 @@ def storage_options(url: str, extra: Mapping[str, Any] | None = None) -> dict[st
         if client:
             options["client_kwargs"] = client
     return options
+
+
+def read_deadline(url: str, options: Mapping[str, Any] | None = None) -> float | None:
+    """Seconds that one object read may take, all retries included, or None where there is no such bound.
+
+    botocore's own budget: attempts x (connect + read timeout) + its back-off (2^i s, at most 20 s, between
+    attempts). s3fs retries on top of botocore, in two nested layers (request and body), which would multiply
+    that budget 25 times against a store that accepts connections and never answers.
+    """
+    if protocol(url) not in ("s3", "s3a"):
+        return None
+    config = storage_options(url, options)["config_kwargs"]
+    retries = config.get("retries") or {}
+    # botocore: "max_attempts" counts retries (so total = max_attempts + 1), "total_max_attempts" counts all.
+    attempts = int(retries.get("total_max_attempts") or int(retries.get("max_attempts", 4)) + 1)
+    per_attempt = float(config.get("connect_timeout", 60)) + float(config.get("read_timeout", 60))
+    return attempts * per_attempt + sum(min(2.0**i, 20.0) for i in range(attempts - 1))
 
 
 def filesystem(url: str, options: Mapping[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -114,6 +143,31 @@ def list_files(url: str, options: Mapping[str, Any] | None = None) -> list[str]:
     return sorted(posixpath.basename(p) for p in fs.ls(path, detail=False))
 
 
+TEMP_MARK = ".tmp-"
+
+
+def remove_stale_temporaries(url: str) -> list[str]:
+    """Delete the temporary files that writers killed mid-write (SIGKILL, OOM) left in the local folder ``url``.
+
+    Object stores have none (an unfinished upload never becomes visible). Only call this when no writer can
+    still be working in the folder, e.g. when every shard of a partition is done.
+    """
+    if is_remote(url):
+        return []
+    folder = url.removeprefix("file://")
+    if not os.path.isdir(folder):
+        return []
+    removed = []
+    for name in sorted(os.listdir(folder)):
+        if name.startswith(".") and TEMP_MARK in name:
+            try:
+                os.remove(os.path.join(folder, name))
+                removed.append(name)
+            except FileNotFoundError:
+                pass
+    return removed
+
+
 class CommittedFile:
     """A writable file that appears at its final name only once it is complete.
 
@@ -128,7 +182,10 @@ class CommittedFile:
         self.remote = is_remote(url)
         if not self.remote:
             self.fs.makedirs(posixpath.dirname(self.path), exist_ok=True)
-        self._write_path = self.path if self.remote else f"{self.path}.tmp-{uuid.uuid4().hex[:8]}"
+        # Locally a hidden name (a leading dot): Spark, Arrow datasets and globs skip it, so a process killed
+        # mid-write leaves nothing that looks like data; remove_stale_temporaries() cleans it up later.
+        folder, name = posixpath.split(self.path)
+        self._write_path = self.path if self.remote else posixpath.join(folder, f".{name}{TEMP_MARK}{uuid.uuid4().hex[:8]}")
         self._file = self.fs.open(self._write_path, "wb")
 
     def write(self, data: bytes) -> int:
@@ -157,6 +214,20 @@ def write_bytes(url: str, data: bytes, options: Mapping[str, Any] | None = None)
         sink.abort()
         raise
     sink.commit()
+
+
+def is_unavailable(exc: BaseException | None) -> bool:
+    """Whether ``exc`` (or what caused it) says the storage is unreachable or failing for now, after retries,
+    rather than that the request itself was wrong: the run should stop and be retried later (exit 4)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (TimeoutError, ConnectionError)) or type(exc).__name__ in _UNAVAILABLE_TYPES:
+            return True
+        if isinstance(exc, OSError) and exc.errno in _UNAVAILABLE_ERRNOS:
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def redact(value: Any) -> Any:

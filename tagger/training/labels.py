@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
+from .kaggle import DataError
+
 OTHER = "Other"
 # The full Kaggle data has 44,424 usable rows; 500 there keeps ~25 articleTypes and folds the long tail
 # (143 types, many with a handful of images) that the model could not learn and macro-F1 would punish.
@@ -90,7 +92,7 @@ def build_vocabularies(table: pl.DataFrame, attributes: Sequence[str]) -> dict[s
         present = set(table[attr].drop_nulls().to_list())
         labels = sorted(present - {OTHER}) + ([OTHER] if OTHER in present else [])
         if not labels:
-            raise ValueError(
+            raise DataError(
                 f"attribute {attr!r} has no known value in any usable row of styles.csv; "
                 "fill the column or check that the file is the Kaggle styles.csv"
             )

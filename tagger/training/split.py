@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .. import storage
+from .kaggle import DataError
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 SPLIT_FILE = "split.parquet"
@@ -54,7 +55,7 @@ def stratified_split(
     n_test = round(n * test_fraction)
     n_val = round(n * val_fraction)
     if min(n_test, n_val, n - n_test - n_val) < 1:
-        raise ValueError(
+        raise DataError(
             f"{n} usable rows are too few for a {1 - val_fraction - test_fraction:.0%}/{val_fraction:.0%}/"
             f"{test_fraction:.0%} split; every split needs at least one row"
         )

@@ -1,0 +1,77 @@
+"""``tagger evaluate``: how good a model bundle is on a split of Kaggle-layout data, as a report folder."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from tagger.config import default_workers
+
+from .options import parse_storage_options, storage_option
+
+log = logging.getLogger("tagger.evaluate")
+
+EXIT_OK, EXIT_CRASH, EXIT_INVALID_INPUT, EXIT_STORAGE = 0, 1, 2, 4
+
+
+@click.command("evaluate")
+@click.option("--model", required=True, envvar="TAGGER_MODEL", help="Model bundle folder (model.json + model.safetensors [+ split.parquet]), local or s3://.")
+@click.option("--data", required=True, help="Kaggle-layout folder (styles.csv + images/), local or s3://.")
+@click.option("--split", type=click.Choice(["test", "val", "train", "all"]), default="test", show_default=True,
+              help="Rows to evaluate, by id from the bundle's split.parquet; 'all': every row of --data with an image "
+              "(an external test set; needs no split.parquet).")
+@click.option("--out", default=None, show_default="out/evaluate/<model_version>-<split>",
+              help="Report folder (metrics.parquet, per_class.parquet, report.md, plots/), local or s3://.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), default=default_workers, show_default="min(8, CPUs)",
+              help="Image reading/decoding processes; 0 decodes in the main process.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="auto uses CUDA when a GPU is visible.")
+@click.option("--unknown-labels", type=click.Choice(["exclude", "other"]), default="exclude", show_default=True,
+              help="Labels the model has never seen (external data): leave them out of the metrics, or score them "
+              "as 'Other' where the attribute has that class. Counted in the report either way.")
+@click.option("--max-confusion-classes", type=click.IntRange(min=0), default=20, show_default=True,
+              help="Draw confusion matrices for attributes with at most this many classes.")
+@click.option("--plots/--no-plots", default=True, show_default=True, help="Write the PNG figures.")
+@storage_option
+def evaluate(**options) -> None:
+    """Score a model bundle on a split of Kaggle-layout data: accuracy, macro/weighted F1, majority baseline,
+    review-threshold coverage per attribute, precision/recall/F1 per class; prints the summary table.
+
+    Exit codes: 0 done; 2 invalid input (bundle, data, split, options), found before the model runs;
+    4 storage unavailable; 1 any other failure.
+    """
+    from tagger.evaluation.evaluate import EvaluateConfig
+
+    options["storage_options"] = parse_storage_options(options["storage_options"])
+    sys.exit(execute(EvaluateConfig(**options)))
+
+
+def execute(config) -> int:
+    from tagger import storage
+    from tagger.bundle import BundleError
+    from tagger.evaluation import EvaluationError
+    from tagger.evaluation.evaluate import evaluate as run
+    from tagger.evaluation.report import summary_text, write_report
+    from tagger.training.kaggle import DataError
+
+    try:
+        evaluation = run(config)
+        written = write_report(evaluation)
+    except (EvaluationError, BundleError, DataError) as exc:
+        return _fail(EXIT_INVALID_INPUT, f"invalid input: {exc}")
+    except Exception as exc:
+        if storage.is_unavailable(exc):
+            return _fail(EXIT_STORAGE, f"storage unavailable: {type(exc).__name__}: {exc}")
+        log.exception("evaluation failed")
+        return _fail(EXIT_CRASH, f"failed: {type(exc).__name__}: {exc}")
+    click.echo(summary_text(evaluation))
+    click.echo(f"report: {written['report.md']} ({len(written)} files)", err=True)
+    return EXIT_OK
+
+
+def _fail(code: int, message: str) -> int:
+    click.echo(f"tagger evaluate: {message}", err=True)
+    return code

@@ -1,0 +1,105 @@
+"""``tagger predict``: tags for external images, shown beside them (PNG contact sheet or HTML gallery)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import click
+
+from tagger.config import default_workers
+
+from .options import parse_storage_options, storage_option
+
+log = logging.getLogger("tagger.predict")
+
+EXIT_OK, EXIT_CRASH, EXIT_INVALID_INPUT = 0, 1, 2
+FORMATS = {".png": "png", ".html": "html", ".htm": "html"}
+AUTO_WORKERS_FROM = 64  # fewer images than this: decode in the main process, starting workers costs more
+
+
+def _out_format(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    if os.path.splitext(value)[1].lower() not in FORMATS:
+        raise click.BadParameter(f"{value!r}: the file name must end in .png (contact sheet) or .html (gallery)")
+    return value
+
+
+@click.command("predict")
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--model", required=True, envvar="TAGGER_MODEL", help="Model bundle folder (model.json + model.safetensors), local or s3://.")
+@click.option("--out", required=True, callback=_out_format,
+              help="sheet.png: a contact sheet (pages sheet-2.png, ... past --per-page); gallery.html: one self-contained page.")
+@click.option("--top-k", type=click.IntRange(1, 20), default=3, show_default=True, help="Labels shown per attribute.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), default=None, show_default=f"0 under {AUTO_WORKERS_FROM} images, else min(8, CPUs)",
+              help="Image reading/decoding processes.")
+@click.option("--thumb-size", type=click.IntRange(48, 512), default=160, show_default=True, help="Thumbnail side in pixels.")
+@click.option("--per-page", type=click.IntRange(min=1), default=40, show_default=True, help="Images per PNG page.")
+@click.option("--table/--no-table", default=True, show_default=True,
+              help="Also write the predictions as Parquet beside --out (sheet.png -> sheet.parquet).")
+@storage_option
+def predict(images: tuple[str, ...], model: str, out: str, top_k: int, device: str, batch_size: int, workers: int | None,
+            thumb_size: int, per_page: int, table: bool, storage_options: tuple[str, ...]) -> None:
+    """Predict tags for IMAGES (files, or folders searched recursively for jpg/jpeg/png/webp/gif) and show
+    each image with its top labels and scores. Unreadable images are listed with their error.
+
+    Exit codes: 0 done (unreadable images included); 2 invalid input (bundle, paths, options); 1 any other failure.
+    """
+    from tagger.bundle import BundleError, load_bundle
+    from tagger.evaluation import EvaluationError
+    from tagger.evaluation import gallery
+    from tagger.inference import resolve_device
+
+    try:
+        bundle = load_bundle(model, parse_storage_options(storage_options))
+        paths = gallery.collect_images(images)
+        try:
+            chosen = resolve_device(device)
+        except RuntimeError as exc:
+            raise EvaluationError(str(exc)) from None
+    except (BundleError, EvaluationError) as exc:
+        sys.exit(_fail(EXIT_INVALID_INPUT, f"invalid input: {exc}"))
+    if workers is None:
+        workers = 0 if len(paths) < AUTO_WORKERS_FROM else default_workers()
+    try:
+        results = gallery.predict_images(
+            bundle, paths, device=chosen, top_k=top_k, batch_size=batch_size, workers=workers, thumb_size=thumb_size
+        )
+        written = write_outputs(bundle, results, out, thumb_size=thumb_size, per_page=per_page, table=table)
+    except Exception as exc:
+        log.exception("predict failed")
+        sys.exit(_fail(EXIT_CRASH, f"failed: {type(exc).__name__}: {exc}"))
+    bad = sum(not r.ok for r in results)
+    click.echo(f"{len(results)} image(s), {bad} unreadable -> {', '.join(written)}", err=True)
+
+
+def write_outputs(bundle, results, out: str, *, thumb_size: int, per_page: int, table: bool) -> list[str]:
+    from tagger import storage
+    from tagger.evaluation import gallery
+
+    written = []
+    if FORMATS[os.path.splitext(out)[1].lower()] == "png":
+        pages = gallery.sheet_pngs(bundle, results, per_page=per_page, thumb_size=thumb_size)
+        for name, data in zip(gallery.page_names(out, len(pages)), pages):
+            storage.write_bytes(name, data)
+            written.append(name)
+    else:
+        storage.write_bytes(out, gallery.gallery_html(bundle, results, thumb_size=thumb_size).encode())
+        written.append(out)
+    if table:
+        import io
+
+        import pyarrow.parquet as pq
+
+        buffer = io.BytesIO()
+        pq.write_table(gallery.predictions_table(bundle, results), buffer)
+        storage.write_bytes(gallery.table_path(out), buffer.getvalue())
+        written.append(gallery.table_path(out))
+    return written
+
+
+def _fail(code: int, message: str) -> int:
+    click.echo(f"tagger predict: {message}", err=True)
+    return code

@@ -1,0 +1,102 @@
+"""``tagger retrain``: Kaggle-layout data -> a model bundle. Options -> RetrainConfig -> retrain()."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+
+import click
+
+from tagger.training.config import CACHE_MODES, DEVICES, ConfigError, RetrainConfig
+
+from .options import parse_storage_options, storage_option
+
+D = {f.name: f.default for f in fields(RetrainConfig)}
+
+
+class MinLabelCount(click.ParamType):
+    name = "auto|N"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int) or str(value).strip().lower() == "auto":
+            return value if isinstance(value, int) else "auto"
+        try:
+            number = int(str(value))
+        except ValueError:
+            self.fail(f"expected 'auto' or a positive integer, got {value!r}", param, ctx)
+        if number < 1:
+            self.fail(f"must be at least 1, got {number}", param, ctx)
+        return number
+
+
+def _flag(option: str) -> str:
+    return "--storage-option" if option == "storage_options" else "--" + option.replace("_", "-")
+
+
+@click.command("retrain")
+@click.option("--data", required=True, help="Kaggle 'Fashion Product Images' folder (styles.csv + images/), local or s3://.")
+@click.option("--out", required=True, help="Bundle folder to write (model.json, model.safetensors, split.parquet), local or s3://.")
+@click.option("--backbone", default=D["backbone"], show_default=True, help="Any timm model name.")
+@click.option("--pretrained/--no-pretrained", default=D["pretrained"], show_default=True,
+              help="Start from ImageNet weights (Hugging Face hub). Fails if they cannot be had; never a silent random init.")
+@click.option("--init-weights", type=click.Path(exists=True, dir_okay=False), default=None, help="Local weights file to start from instead of the hub.")
+@click.option("--input-size", type=click.IntRange(16, 2048), default=None, show_default="the backbone's", help="Square input side in pixels.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=D["batch_size"], show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), default=None, show_default="0 on CPU with cached images, else min(8, cores-1)",
+              help="DataLoader worker processes.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=D["lr"], show_default=True, help="Peak AdamW learning rate.")
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=D["weight_decay"], show_default=True)
+@click.option("--warmup-epochs", type=click.FloatRange(min=0), default=D["warmup_epochs"], show_default=True)
+@click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True), default=D["label_smoothing"], show_default=True)
+@click.option("--max-epochs", type=click.IntRange(min=1), default=D["max_epochs"], show_default=True)
+@click.option("--max-minutes", type=click.FloatRange(min=0, min_open=True), default=None, help="Wall-clock limit on fitting; the LR schedule anneals within it and the best checkpoint so far is kept.")
+@click.option("--patience", type=click.IntRange(min=1), default=D["patience"], show_default=True, help="Epochs without a better val/score before stopping.")
+@click.option("--freeze-backbone-epochs", type=click.IntRange(min=0), default=D["freeze_backbone_epochs"], show_default=True,
+              help="Train only the heads for this many epochs first.")
+@click.option("--grad-clip", type=click.FloatRange(min=0), default=D["grad_clip"], show_default=True, help="Max gradient norm; 0 = off.")
+@click.option("--seed", type=click.IntRange(min=0), default=D["seed"], show_default=True)
+@click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=D["val_fraction"], show_default=True)
+@click.option("--test-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=D["test_fraction"], show_default=True)
+@click.option("--min-label-count", type=MinLabelCount(), default=D["min_label_count"], show_default=True,
+              help="Labels with fewer rows are folded into 'Other'; auto = 500 x rows / 44,424, at least 5.")
+@click.option("--cache-images", type=click.Choice(CACHE_MODES), default=D["cache_images"], show_default=True,
+              help="Decode every image once into memory; auto: when it fits in --cache-max-gb.")
+@click.option("--cache-max-gb", type=click.FloatRange(min=0, min_open=True), default=D["cache_max_gb"], show_default=True)
+@click.option("--target-precision", type=click.FloatRange(0, 1, min_open=True), default=D["target_precision"], show_default=True,
+              help="Review thresholds keep the top-label precision of auto-accepted tags at this level (on val).")
+@click.option("--device", type=click.Choice(DEVICES), default=D["device"], show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None, show_default="all cores",
+              help="CPU threads for PyTorch; 1 is steadier on a machine shared with other jobs.")
+@click.option("--resume", type=click.Path(exists=True, dir_okay=False), default=None, help="Lightning checkpoint to continue from (e.g. .../checkpoints/last.ckpt).")
+@click.option("--log-dir", default=None, show_default="<out>/logs", help="TensorBoard logs and checkpoints (local).")
+@click.option("--progress/--no-progress", default=D["progress"], show_default=True, help="Lightning's progress bar.")
+@storage_option
+def retrain(storage_options: tuple[str, ...], **options) -> None:
+    """Train a tagger on Kaggle-layout data and write a model bundle to --out."""
+    from tagger.model import PretrainedWeightsUnavailable
+    from tagger.training.kaggle import DataError
+
+    config = RetrainConfig(**options, storage_options=parse_storage_options(storage_options))
+    try:
+        config.validate()
+    except ConfigError as exc:
+        raise click.BadParameter(exc.message, param_hint=_flag(exc.option)) from None
+
+    import logging
+
+    # Importing Lightning resets its logger to INFO, undoing the level the `tagger` group chose (-q/-v).
+    lightning_log = logging.getLogger("pytorch_lightning")
+    level = lightning_log.level
+    from tagger.training.summary import format_summary
+    from tagger.training.train import retrain as run
+
+    lightning_log.setLevel(level)
+
+    try:
+        bundle = run(config)
+    except ConfigError as exc:  # found only once the data or the machine is seen (device, resume labels)
+        raise click.BadParameter(exc.message, param_hint=_flag(exc.option)) from None
+    except DataError as exc:
+        raise click.BadParameter(str(exc), param_hint="--data") from None
+    except PretrainedWeightsUnavailable as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(format_summary(bundle))

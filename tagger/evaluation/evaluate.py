@@ -1,0 +1,272 @@
+"""``evaluate(config)``: a model bundle + Kaggle-layout data (+ the bundle's split) -> an :class:`Evaluation`.
+
+The rows: ``styles.csv`` parsed by retrain's own parser, rows without an image dropped (as in
+training), then the split's rows by id from the bundle's ``split.parquet`` (``split="all"``: every row,
+so any Kaggle-layout folder serves as an external test set). Labels become targets as retrain made
+them (:mod:`.labels`), the model runs as the tag job runs it (:mod:`.inference`), and :mod:`.metrics`
+does the arithmetic. :func:`tagger.evaluation.report.write_report` turns the result into files.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .. import storage
+from ..bundle import ModelBundle, load_bundle
+from . import EvaluationError
+from .labels import UNKNOWN_LABEL_POLICIES, LabelMapping, encode_labels
+
+log = logging.getLogger(__name__)
+
+SPLIT_FILE = "split.parquet"  # tagger.training.split.SPLIT_FILE; repeated so that this module stays light
+SPLIT_CHOICES: tuple[str, ...] = ("test", "val", "train", "all")
+DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+
+MAJORITY_FROM_TRAINING = "training facts"
+MAJORITY_FROM_TRAIN_ROWS = "train split rows"
+MAJORITY_FROM_EVALUATED = "evaluated rows"
+MAJORITY_SOURCES = {
+    MAJORITY_FROM_TRAINING: "the bundle's train split (model.json training facts)",
+    MAJORITY_FROM_TRAIN_ROWS: "the rows of --data in the bundle's train split (the bundle records no majority label)",
+    MAJORITY_FROM_EVALUATED: "the evaluated rows themselves (no training facts or train split to take it from; "
+    "optimistic: the best constant answer for this very set)",
+}
+
+
+@dataclass
+class EvaluateConfig:
+    model: str  # bundle folder, local or s3://
+    data: str  # Kaggle layout: styles.csv + images/, local or s3://
+    split: str = "test"  # test | val | train | all
+    out: str | None = None  # report folder; None: out/evaluate/<model_version>-<split>
+    batch_size: int = 64
+    workers: int = 0
+    device: str = "auto"
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    unknown_labels: str = "exclude"  # labels the bundle does not know: exclude | other
+    max_confusion_classes: int = 20  # confusion matrices only for attributes with at most this many classes
+    plots: bool = True
+
+    def validate(self) -> EvaluateConfig:
+        if not self.model:
+            raise EvaluationError("--model is required: a bundle folder (model.json + model.safetensors)")
+        if not self.data:
+            raise EvaluationError("--data is required: a folder with styles.csv and images/")
+        if self.split not in SPLIT_CHOICES:
+            raise EvaluationError(f"--split must be one of {', '.join(SPLIT_CHOICES)}, got {self.split!r}")
+        if self.batch_size < 1 or self.workers < 0 or self.max_confusion_classes < 0:
+            raise EvaluationError("--batch-size must be >= 1, --workers and --max-confusion-classes >= 0")
+        if self.device not in DEVICES:
+            raise EvaluationError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.unknown_labels not in UNKNOWN_LABEL_POLICIES:
+            raise EvaluationError(f"--unknown-labels must be one of {', '.join(UNKNOWN_LABEL_POLICIES)}, got {self.unknown_labels!r}")
+        return self
+
+
+@dataclass
+class AttributeEvaluation:
+    name: str
+    labels: tuple[str, ...]
+    metrics: dict[str, Any]  # see tagger.evaluation.metrics.attribute_metrics, plus majority_label/_source
+    classes: list[dict[str, Any]]  # per class: label, precision, recall, f1, support, predicted
+    confusion: np.ndarray  # counts, rows true, columns predicted
+    mapping: LabelMapping
+
+
+@dataclass
+class Evaluation:
+    config: EvaluateConfig
+    bundle: ModelBundle
+    split: str
+    attributes: list[AttributeEvaluation]
+    ids: list[str]  # evaluated rows (the split's rows of --data with an image), in styles.csv order
+    urls: list[str]
+    ok: np.ndarray  # decoded and predicted
+    errors: dict[int, tuple[str, str]]  # row -> (error_type, message)
+    raw_labels: dict[str, list[str | None]]  # attr -> styles.csv cells of the evaluated rows
+    targets: np.ndarray  # (n, n_attr), -1 excluded
+    top_index: dict[str, np.ndarray]
+    top_score: dict[str, np.ndarray]
+    data_fingerprint: str
+    data_rows: dict[str, Any]  # retrain's DataReport of --data (parsed, missing images, ...)
+    notes: list[str]
+    seconds: float
+    device: str
+
+    @property
+    def out(self) -> str:
+        return self.config.out or default_out(self.bundle.model_version, self.split)
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.ids)
+
+    @property
+    def n_unreadable(self) -> int:
+        return len(self.errors)
+
+
+def default_out(model_version: str, split: str) -> str:
+    return f"out/evaluate/{model_version}-{split}"
+
+
+def evaluate(config: EvaluateConfig) -> Evaluation:
+    """Run the bundle on the split's rows and score it; raises :class:`EvaluationError` (or the bundle's /
+    the data's own ``BundleError`` / ``DataError``) for input that cannot be evaluated, before the model runs."""
+    import time
+
+    from ..training.kaggle import load_kaggle
+
+    config.validate()
+    started = time.monotonic()
+    options = config.storage_options
+    bundle = load_bundle(config.model, options)
+    split_url = storage.join(config.model, SPLIT_FILE)
+    split_map = _read_split(split_url, options) if storage.exists(split_url, options) else None
+    if split_map is None and config.split != "all":
+        raise EvaluationError(
+            f"{config.model} has no {SPLIT_FILE}, so its {config.split} rows are unknown (bundles written by "
+            "`tagger retrain` carry one). Use --split all to evaluate every row of --data, e.g. an external test set."
+        )
+    device = _device(config.device)
+
+    kaggle = load_kaggle(config.data, options)
+    table = kaggle.table
+    notes: list[str] = []
+    trained_on = (bundle.training.get("data") or {}).get("fingerprint") if isinstance(bundle.training.get("data"), Mapping) else None
+    if trained_on and trained_on != kaggle.fingerprint:
+        notes.append(
+            "--data is not byte-identical to the data the bundle was trained on (styles.csv or the images/ listing "
+            "differ); rows are matched to the split by id."
+        )
+    all_ids = table["id"].to_list()
+    if config.split == "all":
+        keep = np.ones(len(all_ids), dtype=bool)
+        if split_map is not None:
+            seen = [split_map.get(i) for i in all_ids]
+            for name in ("train", "val"):
+                count = sum(s == name for s in seen)
+                if count:
+                    notes.append(
+                        f"{count} of the evaluated rows are in the bundle's {name} split"
+                        + (": the model was fitted on them, so these numbers are optimistic." if name == "train" else
+                           " (used to choose the checkpoint and the review thresholds).")
+                    )
+    else:
+        keep = np.asarray([split_map.get(i) == config.split for i in all_ids], dtype=bool)
+        wanted = sum(1 for s in split_map.values() if s == config.split)
+        if not keep.any():
+            raise EvaluationError(
+                f"none of the {wanted} {config.split} ids in {split_url} is a row with an image in {config.data}; "
+                "--data must be the folder the bundle was trained on (or use --split all for other data)"
+            )
+        if keep.sum() < wanted:
+            notes.append(
+                f"{wanted - int(keep.sum())} of the {wanted} {config.split} ids in {SPLIT_FILE} have no row with an "
+                "image in --data; they are not evaluated."
+            )
+    import polars as pl
+
+    selected = table.filter(pl.Series(keep))
+    vocab = {a.name: list(a.labels) for a in bundle.attributes}
+    raw = {a: (selected[a].to_list() if a in selected.columns else [None] * selected.height) for a in vocab}
+    targets, mappings = encode_labels(raw, vocab, bundle.training, config.unknown_labels)
+
+    ids = selected["id"].to_list()
+    urls = selected["image"].to_list()
+    log.info("evaluating %s on %d %s rows of %s (%s)", config.model, len(ids), config.split, config.data, device)
+    from .inference import progress_logger, run_model
+
+    outputs = run_model(
+        bundle, urls, device=device, batch_size=config.batch_size, workers=config.workers,
+        storage_options=options, on_batch=progress_logger("evaluate"),
+    )
+    if not outputs.ok.any():
+        raise EvaluationError(f"none of the {len(ids)} images could be decoded; first error: {next(iter(outputs.errors.values()))[1]}")
+    majority = _majorities(bundle, table, all_ids, split_map, targets[outputs.ok], vocab, config.unknown_labels)
+    if outputs.errors:
+        notes.append(f"{len(outputs.errors)} image(s) could not be decoded and are not scored (listed under Unreadable images).")
+
+    from .metrics import attribute_metrics, confusion, per_class
+
+    attributes: list[AttributeEvaluation] = []
+    top_index, top_score = {}, {}
+    for j, spec in enumerate(bundle.attributes):
+        index, score = outputs.top(spec.name)
+        top_index[spec.name], top_score[spec.name] = index, score
+        scored = outputs.ok & (targets[:, j] >= 0)
+        y_true, y_pred = targets[scored, j], index[scored]
+        label, source = majority[spec.name]
+        metrics = attribute_metrics(
+            y_true, y_pred, len(spec.labels),
+            scores=score[scored], all_scores=score[outputs.ok], threshold=spec.threshold,
+            majority=spec.labels.index(label) if label is not None else None,
+        )
+        metrics["majority_label"] = label
+        metrics["majority_source"] = source
+        attributes.append(
+            AttributeEvaluation(
+                spec.name, spec.labels, metrics, per_class(y_true, y_pred, spec.labels),
+                confusion(y_true, y_pred, len(spec.labels)), mappings[spec.name],
+            )
+        )
+    return Evaluation(
+        config=config, bundle=bundle, split=config.split, attributes=attributes, ids=[str(i) for i in ids], urls=urls,
+        ok=outputs.ok, errors=outputs.errors, raw_labels=raw, targets=targets, top_index=top_index, top_score=top_score,
+        data_fingerprint=kaggle.fingerprint, data_rows=kaggle.report.to_dict(), notes=notes,
+        seconds=time.monotonic() - started, device=str(device),
+    )
+
+
+def _read_split(url: str, options: Mapping[str, Any]) -> dict[str, str]:
+    from ..training.split import read_split
+
+    try:
+        return read_split(url, options)
+    except Exception as exc:
+        if storage.is_unavailable(exc):
+            raise
+        raise EvaluationError(f"{url}: not a readable split file ({type(exc).__name__}: {exc})") from None
+
+
+def _device(requested: str):
+    from ..inference import resolve_device
+
+    try:
+        return resolve_device(requested)
+    except RuntimeError as exc:
+        raise EvaluationError(str(exc)) from None
+
+
+def _majorities(bundle, table, all_ids, split_map, targets, vocab, unknown_labels) -> dict[str, tuple[str | None, str]]:
+    """``{attr: (majority label, source)}``: training facts, else the train split's rows of --data, else the evaluated rows."""
+    facts = ((bundle.training.get("metrics") or {}).get("test") or {}) if isinstance(bundle.training.get("metrics"), Mapping) else {}
+    train_targets = None
+    if split_map is not None:
+        if any(split_map.get(row_id) == "train" for row_id in all_ids):
+            import polars as pl
+
+            train = table.filter(pl.Series([split_map.get(row_id) == "train" for row_id in all_ids]))
+            columns = {a: (train[a].to_list() if a in train.columns else [None] * train.height) for a in vocab}
+            train_targets, _ = encode_labels(columns, vocab, bundle.training, unknown_labels)
+    from .metrics import majority_index
+
+    out: dict[str, tuple[str | None, str]] = {}
+    for j, (attr, labels) in enumerate(vocab.items()):
+        fact = facts.get(attr, {}).get("majority_label") if isinstance(facts.get(attr), Mapping) else None
+        if isinstance(fact, str) and fact in labels:
+            out[attr] = (fact, MAJORITY_FROM_TRAINING)
+            continue
+        if train_targets is not None:
+            index = majority_index(train_targets[:, j], len(labels))
+            if index is not None:
+                out[attr] = (labels[index], MAJORITY_FROM_TRAIN_ROWS)
+                continue
+        index = majority_index(targets[:, j], len(labels))
+        out[attr] = (labels[index] if index is not None else None, MAJORITY_FROM_EVALUATED)
+    return out

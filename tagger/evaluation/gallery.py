@@ -1,0 +1,407 @@
+"""``tagger predict``: external images -> their predicted tags, shown beside them.
+
+- :func:`collect_images`: files and folders (recursive) -> image paths, in a stable order;
+- :func:`predict_images`: paths -> one :class:`ImagePrediction` per path, an unreadable one with its error;
+- :func:`sheet_pngs`: a contact sheet (thumbnail left, tags and scores right), paged;
+- :func:`gallery_html`: one self-contained HTML file (thumbnails embedded as base64 JPEG);
+- :func:`predictions_table`: the same as an Arrow table (written beside the sheet as Parquet).
+
+A top label scoring under its attribute's review threshold (the bundle's, calibrated on validation
+data) is shown in grey italics with a '?': the tag job would send it to review.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..bundle import ModelBundle
+from . import IMAGE_EXTENSIONS, EvaluationError
+
+
+@dataclass
+class ImagePrediction:
+    path: str
+    tags: dict[str, list[tuple[str, float]]] = field(default_factory=dict)  # attr -> top-k (label, score), best first
+    review: dict[str, bool] = field(default_factory=dict)  # attr -> top score under the review threshold
+    thumb: np.ndarray | None = None  # (h, w, 3) uint8, the original picture scaled down
+    error_type: str | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error_type is None
+
+
+def collect_images(inputs: Sequence[str], extensions: Sequence[str] = IMAGE_EXTENSIONS) -> list[str]:
+    """Files as given (whatever their extension: a bad one shows up as an error entry), folders walked
+    recursively for ``extensions`` (case-insensitive; hidden files and folders skipped), sorted per folder.
+    Each path once, in the order first met."""
+    wanted = tuple(e.lower() for e in extensions)
+    paths: list[str] = []
+    seen: set[str] = set()
+
+    def add(path: str) -> None:
+        key = os.path.realpath(path)
+        if key not in seen:
+            seen.add(key)
+            paths.append(path)
+
+    for item in inputs:
+        if os.path.isdir(item):
+            for folder, dirs, files in os.walk(item):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                for name in sorted(files):
+                    if not name.startswith(".") and name.lower().endswith(wanted):
+                        add(os.path.join(folder, name))
+        elif os.path.exists(item):
+            add(item)
+        else:
+            raise EvaluationError(f"{item}: no such file or folder")
+    if not paths:
+        raise EvaluationError(
+            f"no images ({', '.join(extensions)}) found in {', '.join(inputs)}"
+        )
+    return paths
+
+
+def predict_images(
+    bundle: ModelBundle,
+    paths: Sequence[str],
+    *,
+    device: Any,
+    top_k: int = 3,
+    batch_size: int = 32,
+    workers: int = 0,
+    thumb_size: int = 160,
+) -> list[ImagePrediction]:
+    from .inference import progress_logger, run_model
+
+    outputs = run_model(
+        bundle, paths, device=device, batch_size=batch_size, workers=workers, thumb_size=thumb_size,
+        on_batch=progress_logger("predict"),
+    )
+    results = []
+    for i, path in enumerate(paths):
+        entry = ImagePrediction(path, thumb=outputs.thumbs.get(i))
+        if not outputs.ok[i]:
+            entry.error_type, entry.error = outputs.errors.get(i, ("unknown", f"{path}: no prediction"))
+            results.append(entry)
+            continue
+        for spec in bundle.attributes:
+            p = outputs.probs[spec.name][i]
+            order = np.argsort(-p, kind="stable")[: max(1, min(top_k, len(p)))]
+            entry.tags[spec.name] = [(spec.labels[j], float(p[j])) for j in order]
+            entry.review[spec.name] = bool(p[order[0]] < spec.threshold)
+        results.append(entry)
+    return results
+
+
+def predictions_table(bundle: ModelBundle, results: Sequence[ImagePrediction]):
+    """One row per image: path, error_type, error, and per attribute the top label, its score, whether it
+    goes to review, and the top-k as a list of (label, score)."""
+    import pyarrow as pa
+
+    top_type = pa.list_(pa.struct([("label", pa.string()), ("score", pa.float32())]))
+    columns: dict[str, pa.Array] = {
+        "path": pa.array([r.path for r in results], pa.string()),
+        "error_type": pa.array([r.error_type for r in results], pa.string()),
+        "error": pa.array([r.error for r in results], pa.string()),
+    }
+    for spec in bundle.attributes:
+        name = spec.name
+        columns[name] = pa.array([r.tags[name][0][0] if r.ok else None for r in results], pa.string())
+        columns[f"{name}_score"] = pa.array([r.tags[name][0][1] if r.ok else None for r in results], pa.float32())
+        columns[f"{name}_review"] = pa.array([r.review[name] if r.ok else None for r in results], pa.bool_())
+        columns[f"{name}_top_k"] = pa.array(
+            [[{"label": label, "score": score} for label, score in r.tags[name]] if r.ok else None for r in results], top_type
+        )
+    metadata = {"tagger.model_version": bundle.model_version, "tagger.model": bundle.path}
+    return pa.table(columns).replace_schema_metadata(metadata)
+
+
+def display_names(paths: Sequence[str]) -> dict[str, str]:
+    """Each path relative to the deepest folder holding them all (``sub/a.jpg``), so equal file names in
+    different folders stay apart; a lone file is its base name."""
+    absolute = {p: os.path.abspath(p) for p in paths}
+    try:
+        root = os.path.commonpath([os.path.dirname(a) for a in absolute.values()]) if absolute else ""
+    except ValueError:  # different drives
+        root = ""
+    return {p: os.path.relpath(a, root) if root else p for p, a in absolute.items()}
+
+
+def _describe(bundle: ModelBundle, results: Sequence[ImagePrediction]) -> tuple[str, str]:
+    bad = sum(not r.ok for r in results)
+    title = f"{len(results)} image(s), {bad} unreadable: tags from {bundle.path}"
+    meta = (
+        f"model_version {bundle.model_version}, {bundle.backbone} at {bundle.input_size} px. Review thresholds: "
+        + ", ".join(f"{a.name} {a.threshold:.2f}" for a in bundle.attributes)
+    )
+    return title, meta
+
+
+LEGEND = (
+    "Top label and score first, then the next guesses. Grey italics with '?': the top score is under the "
+    "attribute's review threshold, so the tag job would send it to human review."
+)
+
+
+# ---------------------------------------------------------------------------------------------- PNG
+
+
+def _fonts(size: int) -> dict[str, Any]:
+    from PIL import ImageFont
+
+    try:
+        import matplotlib
+
+        folder = os.path.join(matplotlib.get_data_path(), "fonts", "ttf")
+        files = {"regular": "DejaVuSans.ttf", "bold": "DejaVuSans-Bold.ttf", "italic": "DejaVuSans-Oblique.ttf"}
+        fonts = {k: ImageFont.truetype(os.path.join(folder, v), size) for k, v in files.items()}
+        fonts["small"] = ImageFont.truetype(os.path.join(folder, files["regular"]), size - 2)
+        fonts["title"] = ImageFont.truetype(os.path.join(folder, files["bold"]), size + 4)
+        return fonts
+    except Exception:  # no matplotlib fonts: Pillow's own (no italics; the '?' still marks review)
+        default = ImageFont.load_default(size)
+        return {"regular": default, "bold": default, "italic": default, "small": ImageFont.load_default(size - 2),
+                "title": ImageFont.load_default(size + 4)}
+
+
+INK = (25, 25, 28)
+GREY = (135, 135, 140)
+ERROR_INK = (178, 34, 34)
+RULE = (222, 222, 226)
+
+
+def sheet_pngs(
+    bundle: ModelBundle,
+    results: Sequence[ImagePrediction],
+    *,
+    columns: int = 2,
+    per_page: int = 40,
+    thumb_size: int = 160,
+    font_size: int = 13,
+) -> list[bytes]:
+    """The contact sheet as PNG pages of at most ``per_page`` entries, ``columns`` entries side by side."""
+    pages = [results[i : i + per_page] for i in range(0, len(results), per_page)] or [[]]
+    names = display_names([r.path for r in results])
+    return [
+        _sheet_page(bundle, page, results, names, number=k + 1, pages=len(pages), columns=columns, thumb_size=thumb_size,
+                    font_size=font_size)
+        for k, page in enumerate(pages)
+    ]
+
+
+def _sheet_page(bundle, page, everything, shown_names, *, number, pages, columns, thumb_size, font_size) -> bytes:
+    from PIL import Image, ImageDraw
+
+    fonts = _fonts(font_size)
+    line = font_size + 6
+    pad = 12
+    names = [a.name for a in bundle.attributes]
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    attr_width = max(probe.textlength(n, font=fonts["small"]) for n in names) + 10
+    text_width = int(max(430, attr_width + 340))
+    cell_w = pad + thumb_size + pad + text_width + pad
+    cell_h = pad + max(thumb_size, line * (1 + len(names)) + 4) + pad
+    columns = max(1, min(columns, len(page) or 1))
+    rows = max(1, math.ceil(len(page) / columns))
+    width = max(cell_w * columns, 760)
+    title, meta = _describe(bundle, everything)
+    if pages > 1:
+        title += f" (page {number} of {pages})"
+    header_lines = [(title, fonts["title"], INK)] + [
+        (text, fonts["small"], GREY) for text in _wrap(probe, meta, fonts["small"], width - 2 * pad)
+    ] + [(text, fonts["small"], GREY) for text in _wrap(probe, LEGEND, fonts["small"], width - 2 * pad)]
+    header_h = pad + sum(font_size + (10 if f is fonts["title"] else 5) for _, f, _ in header_lines) + pad
+    sheet = Image.new("RGB", (width, header_h + rows * cell_h), "white")
+    draw = ImageDraw.Draw(sheet)
+    y = pad
+    for text, font, colour in header_lines:
+        draw.text((pad, y), text, font=font, fill=colour)
+        y += font_size + (10 if font is fonts["title"] else 5)
+    draw.line([(0, header_h - 1), (width, header_h - 1)], fill=RULE, width=1)
+
+    for k, entry in enumerate(page):
+        x0 = (k % columns) * cell_w
+        y0 = header_h + (k // columns) * cell_h
+        if k % columns:
+            draw.line([(x0, y0 + 6), (x0, y0 + cell_h - 6)], fill=RULE)
+        draw.line([(x0 + 6, y0 + cell_h - 1), (x0 + cell_w - 6, y0 + cell_h - 1)], fill=RULE)
+        _draw_thumb(sheet, draw, entry, (x0 + pad, y0 + pad), thumb_size, fonts)
+        tx, ty = x0 + pad + thumb_size + pad, y0 + pad
+        name = _ellipsis(probe, shown_names[entry.path], fonts["bold"], text_width)
+        draw.text((tx, ty), name, font=fonts["bold"], fill=INK if entry.ok else ERROR_INK)
+        ty += line + 2
+        if not entry.ok:
+            for text in _wrap(probe, f"unreadable ({entry.error_type}): {entry.error}", fonts["regular"], text_width)[:7]:
+                draw.text((tx, ty), text, font=fonts["regular"], fill=ERROR_INK)
+                ty += line
+            continue
+        for attr in names:
+            tags, review = entry.tags[attr], entry.review[attr]
+            draw.text((tx, ty + 1), attr, font=fonts["small"], fill=GREY)
+            x = tx + attr_width
+            label, score = tags[0]
+            font, colour = (fonts["italic"], GREY) if review else (fonts["bold"], INK)
+            shown = f"{label}?" if review else label
+            draw.text((x, ty), shown, font=font, fill=colour)
+            x += probe.textlength(shown, font=font) + 5
+            draw.text((x, ty), f"{score:.2f}", font=fonts["regular"], fill=colour)
+            x += probe.textlength(f"{score:.2f}", font=fonts["regular"]) + 14
+            alternatives = "   ".join(f"{l} {s:.2f}" for l, s in tags[1:])
+            if alternatives:
+                room = tx + text_width - x
+                draw.text((x, ty + 1), _ellipsis(probe, alternatives, fonts["small"], room), font=fonts["small"], fill=GREY)
+            ty += line
+    buffer = io.BytesIO()
+    sheet.save(buffer, "PNG", optimize=True)
+    return buffer.getvalue()
+
+
+def _draw_thumb(sheet, draw, entry: ImagePrediction, origin: tuple[int, int], size: int, fonts) -> None:
+    from PIL import Image
+
+    x, y = origin
+    if entry.thumb is not None:
+        image = Image.fromarray(entry.thumb)
+        sheet.paste(image, (x + (size - image.width) // 2, y + (size - image.height) // 2))
+        draw.rectangle([x - 1, y - 1, x + size, y + size], outline=RULE)
+        return
+    fill, ink, text = ((253, 236, 236), ERROR_INK, "unreadable") if not entry.ok else ((242, 242, 244), GREY, "no preview")
+    draw.rectangle([x, y, x + size - 1, y + size - 1], fill=fill, outline=ink)
+    draw.line([(x + 8, y + 8), (x + size - 9, y + size - 9)], fill=ink, width=2)
+    draw.line([(x + size - 9, y + 8), (x + 8, y + size - 9)], fill=ink, width=2)
+    width = draw.textlength(text, font=fonts["bold"])
+    box = (x + (size - width) / 2 - 4, y + size / 2 - 11, x + (size + width) / 2 + 4, y + size / 2 + 11)
+    draw.rectangle(box, fill=fill)
+    draw.text((x + (size - width) / 2, y + size / 2 - 8), text, font=fonts["bold"], fill=ink)
+
+
+def _ellipsis(draw, text: str, font, width: float) -> str:
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "…", font=font) > width:
+        text = text[:-1]
+    return text + "…" if text else ""
+
+
+def _wrap(draw, text: str, font, width: float) -> list[str]:
+    """Greedy word wrap; a word longer than the line (a path) is cut into pieces."""
+    lines: list[str] = []
+    current = ""
+    for word in text.split():
+        while draw.textlength(word, font=font) > width:
+            cut = len(word)
+            while cut > 1 and draw.textlength(word[:cut], font=font) > width:
+                cut -= 1
+            if current:
+                lines.append(current)
+                current = ""
+            lines.append(word[:cut])
+            word = word[cut:]
+        candidate = f"{current} {word}".strip()
+        if draw.textlength(candidate, font=font) <= width:
+            current = candidate
+        else:
+            lines.append(current)
+            current = word
+    if current:
+        lines.append(current)
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------- HTML
+
+_CSS = """
+body { font-family: -apple-system, "Segoe UI", "DejaVu Sans", Helvetica, Arial, sans-serif; margin: 24px; color: #19191c; }
+h1 { font-size: 20px; margin: 0 0 4px; }
+p.meta, p.legend { color: #6e6e73; font-size: 13px; margin: 2px 0; }
+table { border-collapse: collapse; margin-top: 16px; }
+th, td { border-bottom: 1px solid #e4e4e8; padding: 6px 10px; text-align: left; vertical-align: top; font-size: 13px; }
+th { position: sticky; top: 0; background: #f7f7f9; font-weight: 600; }
+td.thumb { width: THUMBpx; height: THUMBpx; text-align: center; vertical-align: middle; }
+td.thumb img { max-width: THUMBpx; max-height: THUMBpx; }
+td.file { max-width: 220px; word-break: break-all; }
+td.file .dir { color: #8e8e93; font-size: 11px; }
+.top { font-weight: 600; }
+.low { color: #8e8e93; font-style: italic; font-weight: normal; }
+.score { color: #48484d; font-variant-numeric: tabular-nums; }
+.low + .score { color: #8e8e93; }
+.alt { color: #8e8e93; font-size: 11.5px; margin-top: 2px; }
+tr.error td.err { color: #b22222; }
+div.noimg { width: THUMBpx; height: THUMBpx; line-height: THUMBpx; background: #fdecec; color: #b22222; border: 1px solid #b22222; }
+"""
+
+
+def _thumb_data_uri(thumb: np.ndarray) -> str:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(thumb).save(buffer, "JPEG", quality=82)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def gallery_html(bundle: ModelBundle, results: Sequence[ImagePrediction], *, thumb_size: int = 160) -> str:
+    """One self-contained HTML page: a row per image, a column per attribute; nothing loaded from outside."""
+    e = html.escape
+    title, meta = _describe(bundle, results)
+    names = [a.name for a in bundle.attributes]
+    out = [
+        "<!doctype html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{e(title)}</title>",
+        f"<style>{_CSS.replace('THUMB', str(thumb_size))}</style>",
+        "</head><body>",
+        f"<h1>{e(title)}</h1>",
+        f'<p class="meta">{e(meta)}</p>',
+        f'<p class="legend">{e(LEGEND)}</p>',
+        "<table><thead><tr><th>image</th><th>file</th>" + "".join(f"<th>{e(n)}</th>" for n in names) + "</tr></thead><tbody>",
+    ]
+    shown_names = display_names([r.path for r in results])
+    spec_threshold = {a.name: a.threshold for a in bundle.attributes}
+    for entry in results:
+        name = shown_names[entry.path]
+        folder = os.path.dirname(os.path.abspath(entry.path))
+        file_cell = f'<td class="file">{e(name)}<div class="dir">{e(folder)}</div></td>'
+        if entry.thumb is not None:
+            thumb = f'<td class="thumb"><img alt="{e(name)}" src="{_thumb_data_uri(entry.thumb)}"></td>'
+        else:
+            thumb = f'<td class="thumb"><div class="noimg">{"unreadable" if not entry.ok else "no preview"}</div></td>'
+        if not entry.ok:
+            out.append(
+                f'<tr class="error">{thumb}{file_cell}<td class="err" colspan="{len(names)}">'
+                f"unreadable ({e(entry.error_type or '')}): {e(entry.error or '')}</td></tr>"
+            )
+            continue
+        cells = []
+        for attr in names:
+            (label, score), rest = entry.tags[attr][0], entry.tags[attr][1:]
+            low = entry.review[attr]
+            top = (f'<span class="top low" title="under the review threshold ({spec_threshold[attr]:.2f})">{e(label)}?</span>' if low
+                   else f'<span class="top">{e(label)}</span>')
+            alt = "<br>".join(f"{e(l)} {s:.2f}" for l, s in rest)
+            cells.append(f'<td>{top} <span class="score">{score:.2f}</span>' + (f'<div class="alt">{alt}</div>' if alt else "") + "</td>")
+        out.append(f"<tr>{thumb}{file_cell}{''.join(cells)}</tr>")
+    out += ["</tbody></table>", "</body></html>", ""]
+    return "\n".join(out)
+
+
+def page_names(out: str, pages: int) -> list[str]:
+    """``sheet.png`` -> ``[sheet.png, sheet-2.png, ...]``."""
+    stem, ext = os.path.splitext(out)
+    return [out] + [f"{stem}-{k}{ext}" for k in range(2, pages + 1)]
+
+
+def table_path(out: str) -> str:
+    return os.path.splitext(out)[0] + ".parquet"
+

@@ -1,0 +1,324 @@
+"""``--since``: carry the previous night's tags over for products whose image did not change.
+
+A manifest row is *reused* when its product_id, image location, image_version and the model_version all
+equal those of a row of the previous output's latest complete (``_SUCCESS``) partition. The current
+image_version is learnt without decoding anything, the way :func:`tagger.reader.read_image` would
+report it: local files are ``stat``-ed (a thread pool), S3 objects are listed per folder (one LIST
+request per 1,000 keys instead of a HEAD per image), with a HEAD per object where a folder holds only a
+few of the wanted keys or listing is refused (s3:ListBucket is not always granted).
+
+The decision is taken once, when the run is planned, and stored beside the plan as
+``_runs/run_date=.../reuse.parquet`` (the reused tag rows, keyed by manifest row, one row group per
+shard): a resumed run and every ``--shard I/N`` task reuse exactly the same rows, and only the others
+go through the DataLoader.
+
+Reused rows are copied verbatim, with the ``run_id`` and ``tagged_at`` of the run that actually ran the
+model on that image: they say when and by which run the tags were computed. A row whose ``run_id``
+differs from the partition's run (``_SUCCESS`` and the summary name it) was carried over. Only
+``product_id`` and ``image`` come from today's manifest (the same product at the same location).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import posixpath
+import stat as stat_module
+import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from . import storage, writers
+from .partition import Partition
+from .reader import READABLE_PROTOCOLS, StorageUnavailable, local_version, remote_version
+
+log = logging.getLogger(__name__)
+
+REUSE_FILE = "reuse.parquet"
+STAT_THREADS = 32
+# A folder holding fewer wanted objects than this is HEADed object by object rather than listed: a
+# listing costs a request per 1,000 keys of the *whole* folder, which may be far larger than the catalog.
+LIST_MIN_OBJECTS = 64
+_CHUNK = 65_536  # rows handled at a time: bounded Python objects whatever the catalog's size
+PROBE_STATS = 256  # local files stat-ed one by one first, to tell a page-cache hit from a round trip
+FAST_STAT_S = 50e-6
+
+
+class SinceError(ValueError):
+    """``--since`` names something that cannot be reused; the message says what and why."""
+
+
+@dataclass(frozen=True)
+class Previous:
+    out: str
+    run_date: str
+    tags: str  # the tags partition URL
+    success: dict[str, Any]
+
+
+def find_previous(since: str, run_date: str, options: Mapping[str, Any] | None = None, *, current_out: str | None = None) -> Previous | None:
+    """The partition ``--since`` points at.
+
+    ``since`` is either a tags partition (``OUT/tags/run_date=YYYY-MM-DD``, which must be complete) or an
+    output root, whose latest complete partition dated before ``run_date`` is taken (None when it has none:
+    the first night of an incremental schedule tags everything).
+    """
+    since = since.rstrip("/") or since
+    name = posixpath.basename(since)
+    if name.startswith("run_date="):
+        tables_dir = storage.parent(since)
+        if posixpath.basename(tables_dir.rstrip("/")) != "tags":
+            raise SinceError(f"--since {since}: a partition must be a tags partition, OUT/tags/run_date=YYYY-MM-DD")
+        date = name.split("=", 1)[1]
+        out = storage.parent(tables_dir)
+        if current_out is not None and date == run_date and _same_place(out, current_out):
+            raise SinceError(f"--since {since} is the partition this run replaces; name an earlier one or the output root")
+        success = writers.read_success(since, options)
+        if success is None:
+            raise SinceError(f"--since {since}: no {writers.SUCCESS_FILE}; an incomplete partition is never reused")
+        return Previous(out, date, since, success)
+    tables_dir = storage.join(since, "tags")
+    try:
+        names = storage.list_files(tables_dir, options)
+    except FileNotFoundError:
+        names = []
+    dates = sorted((n.split("=", 1)[1] for n in names if n.startswith("run_date=")), reverse=True)
+    for date in dates:
+        if date >= run_date:
+            continue
+        partition = writers.partition_url(since, "tags", date)
+        success = writers.read_success(partition, options)
+        if success is not None:
+            return Previous(since, date, partition, success)
+        log.info("--since: skipping %s, which has no %s", partition, writers.SUCCESS_FILE)
+    return None
+
+
+def _same_place(a: str, b: str) -> bool:
+    if storage.is_remote(a) or storage.is_remote(b):
+        return a.rstrip("/") == b.rstrip("/")
+    return os.path.abspath(a) == os.path.abspath(b)
+
+
+def plan_reuse(
+    manifest,
+    model_version: str,
+    attributes: list[str],
+    since: str,
+    previous: Previous | None,
+    partition: Partition,
+    shard_size: int,
+    options: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Decide which rows of ``manifest`` reuse the tags of ``previous`` (see :func:`find_previous`); write
+    them to the partition's state.
+
+    Returns the facts the plan records: the previous partition, how many rows were candidates (same
+    product at the same location), how many are reused, and what finding the versions cost.
+    """
+    import polars as pl
+
+    from .manifest import resolve_locations
+
+    started = time.time()
+    facts: dict[str, Any] = {"since": since, "previous": None, "candidates": 0, "reused": 0}
+    if previous is None:
+        facts["reason"] = f"no complete partition dated before {partition.run_date} under {since}: every row is tagged"
+        log.warning("--since %s: %s", since, facts["reason"])
+        return facts
+    facts["previous"] = previous.tags
+    if previous.success.get("model_version") != model_version:
+        facts["reason"] = (
+            f"the previous partition was tagged by model_version {previous.success.get('model_version')}, this run uses "
+            f"{model_version}: every row is tagged"
+        )
+        log.info("--since %s: %s", previous.tags, facts["reason"])
+        return facts
+
+    prev_plan = Partition(previous.out, previous.run_date, options).read_plan() or {}
+    prev_base = storage.parent(prev_plan["catalog"]) if prev_plan.get("catalog") else storage.parent(manifest.url)
+    schema = writers.tags_schema(attributes)
+    old = pl.from_arrow(writers.read_complete_partition(previous.tags, options).cast(schema))
+    old = old.filter(pl.col("model_version") == model_version)
+    old = old.with_columns(pl.Series("location", resolve_locations(old.get_column("image").to_arrow(), prev_base))).drop("image")
+
+    valid = manifest.table.filter(pc.equal(manifest.table.column("status"), "")).select(["row", "product_id", "image"])
+    current = pl.from_arrow(valid).with_columns(pl.Series("location", manifest.locations(valid)))
+    del valid
+    matched = current.join(old, on=["product_id", "location"], how="inner").sort("row")
+    del old, current
+    facts["candidates"] = matched.height
+    if matched.height:
+        t = time.time()
+        versions = current_versions(matched.get_column("location").to_arrow(), options)
+        facts["version_lookup_s"] = round(time.time() - t, 3)
+        keep = pc.fill_null(pc.equal(versions, matched.get_column("image_version").to_arrow()), False)
+        matched = matched.filter(pl.Series(keep.to_numpy(zero_copy_only=False)))
+    facts["reused"] = matched.height
+    if matched.height:
+        table = matched.select(["row", *schema.names]).to_arrow()
+        table = pa.table(
+            {"row": table.column("row").cast(pa.int64()), **{f.name: table.column(f.name).cast(f.type) for f in schema}}
+        )
+        _write_reuse(partition, table, shard_size, options)
+    facts["plan_s"] = round(time.time() - started, 3)
+    log.info(
+        "--since %s: %d of %d row(s) reuse their tags (%d same product and location; versions in %.1fs)",
+        previous.tags, facts["reused"], manifest.num_rows, facts["candidates"], facts.get("version_lookup_s", 0.0),
+    )
+    return facts
+
+
+def reuse_url(partition: Partition) -> str:
+    return storage.join(partition.state, REUSE_FILE)
+
+
+def _write_reuse(partition: Partition, table: pa.Table, shard_size: int, options) -> None:
+    """Sorted by row, one row group per shard: a shard reads its own rows and nothing else."""
+    sink = storage.CommittedFile(reuse_url(partition), options)
+    try:
+        with pq.ParquetWriter(sink, table.schema, compression="zstd") as writer:
+            shards = table.column("row").to_numpy() // shard_size
+            bounds = np.flatnonzero(np.diff(shards)) + 1
+            for start, stop in zip(np.r_[0, bounds], np.r_[bounds, table.num_rows]):
+                writer.write_table(table.slice(int(start), int(stop - start)), row_group_size=int(stop - start))
+    except BaseException:
+        sink.abort()
+        raise
+    sink.commit()
+
+
+def reused_rows(partition: Partition, options: Mapping[str, Any] | None = None) -> np.ndarray:
+    """Manifest rows whose tags are carried over (sorted int64; empty without a reuse file)."""
+    url = reuse_url(partition)
+    if not storage.exists(url, options):
+        return np.empty(0, dtype=np.int64)
+    fs, path = storage.filesystem(url, options)
+    with fs.open(path, "rb") as handle:
+        return pq.read_table(handle, columns=["row"]).column("row").to_numpy()
+
+
+def read_reused(partition: Partition, start: int, stop: int, options: Mapping[str, Any] | None = None) -> pa.Table:
+    """The carried-over tag rows of manifest rows [start, stop), with their ``row`` column."""
+    fs, path = storage.filesystem(reuse_url(partition), options)
+    with fs.open(path, "rb") as handle:
+        parquet = pq.ParquetFile(handle)
+        groups = []
+        for index in range(parquet.metadata.num_row_groups):
+            stats = parquet.metadata.row_group(index).column(0).statistics
+            if stats is None or not stats.has_min_max or (stats.min < stop and stats.max >= start):
+                groups.append(index)
+        table = parquet.read_row_groups(groups) if groups else parquet.schema_arrow.empty_table()
+    rows = table.column("row")
+    return table.filter(pc.and_(pc.greater_equal(rows, start), pc.less(rows, stop)))
+
+
+# -- current versions, without reading the images -----------------------------------------------
+def current_versions(locations: pa.Array | pa.ChunkedArray, options: Mapping[str, Any] | None = None, *, threads: int = STAT_THREADS) -> pa.Array:
+    """The image_version each location has now (None where it is missing or not a file), in order."""
+    if isinstance(locations, pa.ChunkedArray):
+        locations = locations.combine_chunks()
+    n = len(locations)
+    if n == 0:
+        return pa.array([], pa.string())
+    remote = pc.fill_null(pc.match_substring(locations, "://"), False)
+    remote = pc.and_(remote, pc.invert(pc.starts_with(locations, "file://"))).to_numpy(zero_copy_only=False)
+    out: list[pa.Array] = []
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="since-versions") as pool:
+        for start in range(0, n, _CHUNK):
+            chunk = locations.slice(start, _CHUNK).to_pylist()
+            is_remote = remote[start:start + len(chunk)]
+            versions: list[str | None] = [None] * len(chunk)
+            local_index = [i for i in range(len(chunk)) if not is_remote[i]]
+            if local_index:
+                paths = [chunk[i].removeprefix("file://") for i in local_index]
+                for i, version in zip(local_index, _stat_all(paths, pool, threads)):
+                    versions[i] = version
+            remote_index = [i for i in range(len(chunk)) if is_remote[i]]
+            if remote_index:
+                found = remote_versions([chunk[i] for i in remote_index], options, pool)
+                for i, version in zip(remote_index, found):
+                    versions[i] = version
+            out.append(pa.array(versions, pa.string()))
+    return pa.concat_arrays(out)
+
+
+def _stat_one(path: str) -> str | None:
+    try:
+        result = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return local_version(result) if stat_module.S_ISREG(result.st_mode) else None
+
+
+def _stat_all(paths: list[str], pool: ThreadPoolExecutor, threads: int) -> list[str | None]:
+    """Versions of local files: one by one where a stat is a cache hit (~2 us, the pool would only add
+    its overhead), through the thread pool where it is a round trip (NFS, a cold disk: ~0.1-1 ms each)."""
+    started = time.perf_counter()
+    results: list[str | None] = [_stat_one(p) for p in paths[:PROBE_STATS]]
+    paths = paths[PROBE_STATS:]
+    if not paths or (time.perf_counter() - started) / len(results) < FAST_STAT_S:
+        return results + [_stat_one(p) for p in paths]
+    # Slices rather than a future per path: os.stat releases the GIL, the bookkeeping would not.
+    size = max(256, -(-len(paths) // (threads * 4)))
+    slices = [paths[i:i + size] for i in range(0, len(paths), size)]
+    for part in pool.map(lambda part: [_stat_one(p) for p in part], slices):
+        results.extend(part)
+    return results
+
+
+def remote_versions(locations: list[str], options: Mapping[str, Any] | None, pool: ThreadPoolExecutor) -> list[str | None]:
+    """Object-store versions: a listing per folder with many wanted keys, else a HEAD per object."""
+    by_folder: dict[tuple[str, str], list[int]] = {}
+    for i, location in enumerate(locations):
+        scheme, key = location.split("://", 1)
+        if scheme not in READABLE_PROTOCOLS:
+            continue  # never a request to an arbitrary URL; the reader turns the row into an error
+        by_folder.setdefault((scheme, key.rsplit("/", 1)[0] if "/" in key else key), []).append(i)
+    versions: list[str | None] = [None] * len(locations)
+    heads: list[int] = []
+    for (scheme, folder), indices in by_folder.items():
+        if len(indices) < LIST_MIN_OBJECTS:
+            heads.extend(indices)
+            continue
+        fs, _ = storage.filesystem(f"{scheme}://{folder}", options)
+        try:
+            listing = fs.find(folder, maxdepth=1, detail=True)
+        except FileNotFoundError:
+            continue  # no such folder: every object in it is missing
+        except Exception as exc:  # e.g. AccessDenied on s3:ListBucket: fall back to HEADs
+            log.info("--since: cannot list %s://%s (%s: %s); asking object by object", scheme, folder, type(exc).__name__, exc)
+            heads.extend(indices)
+            continue
+        finally:
+            fs.invalidate_cache(folder)  # a big folder's listing must not stay in s3fs's cache
+        for i in indices:
+            info = listing.get(locations[i].split("://", 1)[1])
+            if info is not None and info.get("type", "file") == "file":
+                versions[i] = remote_version(int(info["size"]), info)
+    if heads:
+        for i, version in zip(heads, pool.map(lambda i: _head(locations[i], options), heads)):
+            versions[i] = version
+    return versions
+
+
+def _head(location: str, options: Mapping[str, Any] | None) -> str | None:
+    fs, path = storage.filesystem(location, options)
+    try:
+        info = fs.info(path)
+    except (FileNotFoundError, PermissionError, ValueError):
+        return None  # not reused: the DataLoader reads it and says why in the errors table
+    except Exception as exc:
+        raise StorageUnavailable(f"--since: cannot look up {location}: {type(exc).__name__}: {exc}") from exc
+    finally:
+        fs.invalidate_cache(path)
+    if info.get("type", "file") != "file":
+        return None
+    return remote_version(int(info["size"]), info)

@@ -1,0 +1,32 @@
+"""Retraining: Kaggle "Fashion Product Images" data -> a model bundle the tag job can load.
+
+- :mod:`.kaggle`: parse styles.csv (repairing its unquoted commas), match rows to images/.
+- :mod:`.labels`: fold rare labels into ``Other``, encode label strings as class indices.
+- :mod:`.split`: seeded train/val/test split stratified on all attributes; split.parquet.
+- :mod:`.datamodule`: the LightningDataModule (decode, cache, augment, batch).
+- :mod:`.module`: the LightningModule (masked loss, optimiser, schedule, metrics).
+- :mod:`.evaluate`: metrics, majority baseline, review thresholds.
+- :mod:`.config`: :class:`RetrainConfig`, every setting and its default.
+- :mod:`.train`: :func:`retrain`.
+
+Importing this package is cheap; Lightning and timm load when training starts.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__all__ = ["ConfigError", "RetrainConfig", "retrain"]
+
+from .config import ConfigError, RetrainConfig
+
+if TYPE_CHECKING:
+    from .train import retrain
+
+
+def __getattr__(name: str) -> Any:
+    if name == "retrain":
+        from .train import retrain
+
+        return retrain
+    raise AttributeError(name)

@@ -1,0 +1,117 @@
+"""RetrainConfig: every retrain setting, typed, with its default, validated before any work starts.
+
+Kept free of heavy imports so that the CLI can read the defaults without loading torch or Lightning.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+CACHE_MODES: tuple[str, ...] = ("auto", "on", "off")
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; ``option`` names the config field (the CLI maps it to its flag)."""
+
+    def __init__(self, option: str, message: str):
+        super().__init__(message)
+        self.option = option
+        self.message = message
+
+
+@dataclass
+class RetrainConfig:
+    """Every retrain setting with its default. :meth:`validate` checks them all before any work starts."""
+
+    data: str  # Kaggle layout: styles.csv + images/, local or s3://
+    out: str  # bundle folder (model.json, model.safetensors, split.parquet), local or s3://
+    backbone: str = "efficientnet_b3"  # any timm model name
+    pretrained: bool = True  # ImageNet weights from the Hugging Face hub; never silently replaced
+    init_weights: str | None = None  # local weights file instead of the hub
+    input_size: int | None = None  # None: the backbone's own (300 for efficientnet_b3)
+    batch_size: int = 64
+    workers: int | None = None  # None: 0 when images are cached and training on CPU, else min(8, cores - 1)
+    lr: float = 5e-4  # AdamW peak LR, reached after warm-up; suits fine-tuning all layers
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    drop_rate: float = 0.2
+    max_epochs: int = 30
+    max_minutes: float | None = None  # wall-clock limit on fitting (Lightning max_time); the LR cosine fits inside it
+    patience: int = 5  # epochs without a better val/score before early stopping
+    freeze_backbone_epochs: int = 0  # train only the heads for this many epochs first
+    grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
+    seed: int = 0  # split, init, shuffling, augmentation
+    val_fraction: float = 0.1
+    test_fraction: float = 0.1
+    min_label_count: int | str = "auto"  # see tagger.training.labels.resolve_min_label_count
+    cache_images: str = "auto"  # auto: decode once into memory when it fits in cache_max_gb
+    cache_max_gb: float = 4.0
+    target_precision: float = 0.9  # for the review thresholds (THRESHOLD_RULE)
+    device: str = "auto"
+    threads: int | None = None  # CPU threads for torch; None: torch's default (all cores)
+    resume: str | None = None  # a Lightning checkpoint (e.g. <log-dir>/version_N/checkpoints/last.ckpt)
+    log_dir: str | None = None  # None: <out>/logs, or a temporary folder when out is remote
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    progress: bool = True  # Lightning's progress bar and model summary
+
+    def validate(self) -> RetrainConfig:
+        def need(ok: bool, option: str, message: str) -> None:
+            if not ok:
+                raise ConfigError(option, message)
+
+        need(bool(self.data and str(self.data).strip()), "data", "data is required: the folder with styles.csv and images/")
+        need(bool(self.out and str(self.out).strip()), "out", "out is required: the folder the bundle is written to")
+        need(bool(self.backbone), "backbone", "backbone is required (a timm model name, e.g. efficientnet_b3)")
+        import timm
+
+        if not timm.is_model(self.backbone.split(".")[0]):
+            close = timm.list_models(f"*{self.backbone.split('.')[0][:6]}*")[:8]
+            raise ConfigError("backbone", f"unknown timm backbone {self.backbone!r}; similar names: {', '.join(close) or 'none'}")
+        if self.init_weights is not None:
+            need(os.path.isfile(self.init_weights), "init_weights", f"{self.init_weights}: no such file (a local .safetensors or torch state dict)")
+        need(self.input_size is None or (isinstance(self.input_size, int) and 16 <= self.input_size <= 2048), "input_size", f"input_size must be an integer in [16, 2048], got {self.input_size!r}")
+        need(_int(self.batch_size) and self.batch_size >= 1, "batch_size", f"batch_size must be >= 1, got {self.batch_size!r}")
+        need(self.workers is None or (_int(self.workers) and self.workers >= 0), "workers", f"workers must be >= 0, got {self.workers!r}")
+        need(_finite(self.lr) and self.lr > 0, "lr", f"lr must be a positive number, got {self.lr!r}")
+        need(_finite(self.weight_decay) and self.weight_decay >= 0, "weight_decay", f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        need(_finite(self.warmup_epochs) and self.warmup_epochs >= 0, "warmup_epochs", f"warmup_epochs must be >= 0, got {self.warmup_epochs!r}")
+        need(_finite(self.label_smoothing) and 0 <= self.label_smoothing < 1, "label_smoothing", f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
+        need(_finite(self.drop_rate) and 0 <= self.drop_rate < 1, "drop_rate", f"drop_rate must be in [0, 1), got {self.drop_rate!r}")
+        need(_int(self.max_epochs) and self.max_epochs >= 1, "max_epochs", f"max_epochs must be >= 1, got {self.max_epochs!r}")
+        need(self.max_minutes is None or (_finite(self.max_minutes) and self.max_minutes > 0), "max_minutes", f"max_minutes must be > 0, got {self.max_minutes!r}")
+        need(_int(self.patience) and self.patience >= 1, "patience", f"patience must be >= 1, got {self.patience!r}")
+        need(_int(self.freeze_backbone_epochs) and self.freeze_backbone_epochs >= 0, "freeze_backbone_epochs", f"freeze_backbone_epochs must be >= 0, got {self.freeze_backbone_epochs!r}")
+        need(_finite(self.grad_clip) and self.grad_clip >= 0, "grad_clip", f"grad_clip must be >= 0 (0 = off), got {self.grad_clip!r}")
+        need(_int(self.seed) and self.seed >= 0, "seed", f"seed must be an integer >= 0, got {self.seed!r}")
+        for name in ("val_fraction", "test_fraction"):
+            value = getattr(self, name)
+            need(_finite(value) and 0 < value < 1, name, f"{name} must be in (0, 1), got {value!r}")
+        need(self.val_fraction + self.test_fraction < 1, "val_fraction", f"val_fraction + test_fraction must leave rows to train on, got {self.val_fraction} + {self.test_fraction}")
+        from .labels import resolve_min_label_count
+
+        try:
+            resolve_min_label_count(self.min_label_count, 1)
+        except ValueError as exc:
+            raise ConfigError("min_label_count", str(exc)) from None
+        need(self.cache_images in CACHE_MODES, "cache_images", f"cache_images must be one of {', '.join(CACHE_MODES)}, got {self.cache_images!r}")
+        need(_finite(self.cache_max_gb) and self.cache_max_gb > 0, "cache_max_gb", f"cache_max_gb must be > 0, got {self.cache_max_gb!r}")
+        need(_finite(self.target_precision) and 0 < self.target_precision <= 1, "target_precision", f"target_precision must be in (0, 1], got {self.target_precision!r}")
+        need(self.device in DEVICES, "device", f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        need(self.threads is None or (_int(self.threads) and self.threads >= 1), "threads", f"threads must be >= 1, got {self.threads!r}")
+        if self.resume is not None:
+            need(os.path.isfile(self.resume), "resume", f"{self.resume}: no such checkpoint file (look under <log-dir>/version_N/checkpoints/)")
+        need(isinstance(self.storage_options, dict), "storage_options", "storage_options must be a dict")
+        return self
+
+
+def _int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -1,0 +1,370 @@
+"""The LightningDataModule: Kaggle folder in, ``(uint8 NCHW images, LongTensor targets)`` batches out.
+
+It owns the whole way from files to batches (parse, drop rows without a usable image, fold rare
+labels, encode, split, decode, augment) so that training, evaluation and the saved split all come
+from one place. Targets are ``(N, n_attributes)`` class indices with -1 for "unknown".
+
+Pixels go through :func:`tagger.images.decode_image` at the model's input size, exactly as the tag
+job prepares them; augmentation then works on that decoded square, so what the network sees at
+training time differs from tagging only by the augmentation itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .. import storage
+from ..attributes import ATTRIBUTES
+from ..images import ImageError, decode_image
+from .config import CACHE_MODES
+from .kaggle import DataError, DataReport, load_kaggle
+from .labels import build_vocabularies, encode_targets, fold_rare_labels, resolve_min_label_count
+from .split import SPLITS, stratified_split
+
+log = logging.getLogger(__name__)
+
+
+def train_transform(size: int):
+    """Geometry only. Hue, saturation and brightness jitter are left out on purpose: they would
+    teach the model that a red shirt may look orange, which is exactly the baseColour it must tell."""
+    from torchvision.transforms import v2
+
+    return v2.Compose(
+        [
+            # Near-square ratios: the product is already letterboxed, a squashed one is not a real photo.
+            v2.RandomResizedCrop(size, scale=(0.8, 1.0), ratio=(0.9, 1.1), antialias=True),
+            v2.RandomHorizontalFlip(),
+            RotateOnWhite(10),
+        ]
+    )
+
+
+class RotateOnWhite:
+    """A random rotation within ±``degrees`` whose uncovered corners are white, like the studio background.
+
+    torchvision's bilinear rotate with ``fill=255`` blends the border pixels with black first (its
+    sampler pads with zeros), drawing a grey frame that no real photo has. Rotating the inverted image
+    with zero padding and inverting back makes "outside" exactly white, edges included.
+    """
+
+    def __init__(self, degrees: float):
+        self.degrees = degrees
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        from torchvision.transforms.v2 import InterpolationMode
+        from torchvision.transforms.v2 import functional as TF
+
+        angle = float(torch.empty(()).uniform_(-self.degrees, self.degrees))
+        return 255 - TF.rotate(255 - image, angle, interpolation=InterpolationMode.BILINEAR, fill=0)
+
+
+def read_image_bytes(url: str, storage_options: Mapping[str, Any] | None = None) -> bytes:
+    if storage.is_remote(url):
+        return storage.read_bytes(url, storage_options)
+    with open(url, "rb") as f:
+        return f.read()
+
+
+def load_image(url: str, size: int, storage_options: Mapping[str, Any] | None = None) -> np.ndarray:
+    """Decoded (size, size, 3) uint8; :class:`ImageError` for anything that keeps it from the model."""
+    try:
+        data = read_image_bytes(url, storage_options)
+    except FileNotFoundError:
+        raise ImageError("missing", f"{url}: listed in images/ but gone when read") from None
+    except OSError as exc:
+        raise ImageError("read", f"{url}: could not be read: {exc}") from None
+    return decode_image(data, size, source=url)
+
+
+class ProductImages(Dataset):
+    """Rows ``rows`` of the data module's arrays. Columns are numpy arrays (fixed-width strings, not
+    Python objects): DataLoader workers then share them copy-on-write instead of duplicating every
+    object whose reference count they touch.
+
+    With ``cache`` the pixels come from memory; otherwise each item is read and decoded here, and an
+    image that fails is flagged in the shared ``failed`` tensor (so the main process can count it)
+    and the item is ``None``, which :class:`Collate` leaves out of the batch.
+    """
+
+    def __init__(
+        self,
+        rows: np.ndarray,
+        targets: np.ndarray,
+        *,
+        size: int,
+        cache: np.ndarray | None = None,
+        urls: np.ndarray | None = None,
+        failed: torch.Tensor | None = None,
+        transform=None,
+        storage_options: Mapping[str, Any] | None = None,
+    ):
+        if cache is None and (urls is None or failed is None):
+            raise ValueError("ProductImages needs either a cache or urls + failed")
+        self.rows = rows
+        self.targets = targets
+        self.size = size
+        self.cache = cache
+        self.urls = urls
+        self.failed = failed
+        self.transform = transform
+        self.storage_options = dict(storage_options or {})
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int):
+        row = int(self.rows[index])
+        if self.cache is not None:
+            pixels = self.cache[row]
+        else:
+            if self.failed[row]:
+                return None
+            url = str(self.urls[row])
+            try:
+                pixels = load_image(url, self.size, self.storage_options).copy()  # decode_image's array is read-only
+            except ImageError as exc:
+                self.failed[row] = True
+                log.warning("dropping row %d: %s", row, exc.message)
+                return None
+        image = torch.from_numpy(pixels).permute(2, 0, 1)
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, torch.from_numpy(self.targets[row])
+
+
+class Collate:
+    """Stacks items, leaving out the ``None`` of images that failed to decode (possibly all of them)."""
+
+    def __init__(self, size: int, n_attributes: int):
+        self.size = size
+        self.n_attributes = n_attributes
+
+    def __call__(self, items):
+        items = [item for item in items if item is not None]
+        if not items:
+            return torch.empty((0, 3, self.size, self.size), dtype=torch.uint8), torch.empty((0, self.n_attributes), dtype=torch.long)
+        return torch.stack([i[0] for i in items]).contiguous(), torch.stack([i[1] for i in items])
+
+
+def decode_all(
+    urls: Sequence[str], size: int, *, threads: int, storage_options: Mapping[str, Any] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Decode every image once: ``(pixels (n, size, size, 3) uint8, ok (n,) bool)``.
+
+    Threads rather than processes: Pillow releases the GIL while decoding and resizing, and threads
+    write straight into one preallocated array.
+    """
+    pixels = np.empty((len(urls), size, size, 3), dtype=np.uint8)
+    ok = np.zeros(len(urls), dtype=bool)
+    started = time.monotonic()
+    step = max(1000, len(urls) // 10)  # the full data set takes minutes: say how far along it is
+
+    def work(i: int) -> None:
+        try:
+            pixels[i] = load_image(urls[i], size, storage_options)
+            ok[i] = True
+        except ImageError as exc:
+            log.warning("dropping the row of %s", exc.message)
+        if len(urls) >= 5000 and (i + 1) % step == 0:
+            log.info("decoded %d/%d images (%.0fs)", i + 1, len(urls), time.monotonic() - started)
+
+    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+        list(pool.map(work, range(len(urls))))
+    return pixels, ok
+
+
+class FashionDataModule(pl.LightningDataModule):
+    """Everything between a Kaggle folder and the batches, for one input size.
+
+    After :meth:`setup`: ``vocab`` (attr -> labels), ``targets`` (n, n_attr) int64, ``ids``,
+    ``assignment`` (index into SPLITS per row), ``report`` (row accounting), ``folded``,
+    ``min_label_count``, ``fingerprint``, ``cached``.
+    """
+
+    def __init__(
+        self,
+        data: str,
+        *,
+        input_size: int,
+        batch_size: int = 64,
+        workers: int = 0,
+        seed: int = 0,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
+        min_label_count: int | str = "auto",
+        cache_images: str = "auto",
+        cache_max_gb: float = 4.0,
+        storage_options: Mapping[str, Any] | None = None,
+        attributes: Sequence[str] = ATTRIBUTES,
+        pin_memory: bool = False,
+        augment: bool = True,
+    ):
+        super().__init__()
+        if cache_images not in CACHE_MODES:
+            raise ValueError(f"cache_images must be one of {', '.join(CACHE_MODES)}, got {cache_images!r}")
+        self.data = data
+        self.input_size = input_size
+        self.batch_size = batch_size
+        self.workers = workers
+        self.seed = seed
+        self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
+        self.min_label_count_spec = min_label_count
+        self.cache_images = cache_images
+        self.cache_max_gb = cache_max_gb
+        self.storage_options = dict(storage_options or {})
+        self.attributes = tuple(attributes)
+        self.pin_memory = pin_memory
+        self.augment = augment
+        self._ready = False
+
+    # ------------------------------------------------------------------ preparation
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._ready:  # Lightning calls this once per stage; the data is the same for all
+            return
+        started = time.monotonic()
+        kaggle = load_kaggle(self.data, self.storage_options)
+        report: DataReport = kaggle.report
+        _log_report(kaggle.styles_url, report)
+        table = kaggle.table
+        urls = table["image"].to_list()
+        size = self.input_size
+
+        self.cached = self._want_cache(len(urls))
+        self.cache: np.ndarray | None = None
+        if self.cached:
+            threads = max(1, min(16, os.cpu_count() or 1))
+            pixels, ok = decode_all(urls, size, threads=threads, storage_options=self.storage_options)
+            if not ok.any():
+                raise DataError(
+                    f"none of the {len(urls)} images in {kaggle.images_url} could be decoded (e.g. {urls[0]}); "
+                    "see the warnings above for why"
+                )
+            if not ok.all():
+                bad = table.filter(~ok)["id"].to_list()
+                report.note_unreadable(bad)
+                table = table.filter(ok)
+                pixels = _compact(pixels, ok)
+            self.cache = pixels
+            log.info("decoded %d images at %dpx into memory (%.0f MB) in %.1fs", len(pixels), size, pixels.nbytes / 1e6, time.monotonic() - started)
+
+        self.min_label_count = resolve_min_label_count(self.min_label_count_spec, table.height)
+        folding = fold_rare_labels(table, self.attributes, self.min_label_count)
+        table = folding.table
+        self.folded, self.folded_into = folding.folded, folding.folded_into
+        self.vocab = build_vocabularies(table, self.attributes)
+        self.targets = encode_targets(table, self.vocab)
+        self.assignment = stratified_split(
+            self.targets, [len(v) for v in self.vocab.values()], val_fraction=self.val_fraction, test_fraction=self.test_fraction, seed=self.seed
+        )
+        self.ids = np.asarray(table["id"].to_list(), dtype=np.str_)
+        self.urls = np.asarray(table["image"].to_list(), dtype=np.str_)
+        # Shared memory so that DataLoader worker processes can flag images that fail to decode.
+        self.failed = torch.zeros(len(self.ids), dtype=torch.bool)
+        if not self.cached:
+            self.failed.share_memory_()
+        report.used = table.height
+        self.report = report
+        self.fingerprint = kaggle.fingerprint
+        self._ready = True
+
+    def _want_cache(self, n: int) -> bool:
+        if self.cache_images != "auto":
+            return self.cache_images == "on"
+        need = n * self.input_size * self.input_size * 3
+        if need > self.cache_max_gb * 2**30:
+            log.info(
+                "not caching decoded images: %d x %dpx needs %.1f GB, over cache_max_gb=%.1f; decoding per epoch",
+                n, self.input_size, need / 2**30, self.cache_max_gb,
+            )
+            return False
+        return True
+
+    # ------------------------------------------------------------------ accessors
+
+    @property
+    def label_counts(self) -> dict[str, int]:
+        return {attr: len(labels) for attr, labels in self.vocab.items()}
+
+    def rows(self, split: str) -> np.ndarray:
+        return np.nonzero(self.assignment == SPLITS.index(split))[0]
+
+    @property
+    def split_sizes(self) -> dict[str, int]:
+        return {name: int((self.assignment == i).sum()) for i, name in enumerate(SPLITS)}
+
+    def unreadable_ids(self) -> list[str]:
+        """Rows whose image failed to decode while loading (lazy mode; the cache drops them up front)."""
+        return self.ids[self.failed.numpy()].tolist()
+
+    def dataset(self, split: str, *, augment: bool = False) -> ProductImages:
+        return ProductImages(
+            self.rows(split),
+            self.targets,
+            size=self.input_size,
+            cache=self.cache,
+            urls=None if self.cached else self.urls,
+            failed=None if self.cached else self.failed,
+            transform=train_transform(self.input_size) if augment else None,
+            storage_options=self.storage_options,
+        )
+
+    def loader(self, split: str, *, augment: bool = False, shuffle: bool = False) -> DataLoader:
+        dataset = self.dataset(split, augment=augment)
+        batch_size = max(1, min(self.batch_size, len(dataset)))
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            # A last batch of one image breaks BatchNorm in training; dropping it costs < 1 batch/epoch.
+            drop_last=shuffle and len(dataset) > batch_size,
+            num_workers=self.workers,
+            persistent_workers=self.workers > 0,
+            pin_memory=self.pin_memory,
+            collate_fn=Collate(self.input_size, len(self.vocab)),
+            generator=generator,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self.loader("train", augment=self.augment, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self.loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self.loader("test")
+
+
+def _log_report(source: str, report: DataReport) -> None:
+    if report.repaired:
+        log.info("%s: %d line(s) had unquoted commas in the last column and were repaired (e.g. line %s)",
+                 source, report.repaired, ", ".join(map(str, report.repaired_lines)))
+    if report.malformed:
+        log.warning("%s: %d line(s) with too few fields were dropped (e.g. line %s); fix or quote them",
+                    source, report.malformed, ", ".join(map(str, report.malformed_lines)))
+    if report.missing_id or report.duplicate_id:
+        log.warning("%s: dropped %d row(s) without an id and %d repeated id(s) (first row kept)",
+                    source, report.missing_id, report.duplicate_id)
+    if report.missing_image:
+        log.warning("%s: %d row(s) have no file in images/ and were dropped (e.g. id %s)",
+                    source, report.missing_image, ", ".join(report.missing_image_ids))
+
+
+def _compact(pixels: np.ndarray, ok: np.ndarray) -> np.ndarray:
+    """``pixels[ok]`` without a second full-size copy (the cache can be gigabytes)."""
+    for new, old in enumerate(np.nonzero(ok)[0]):
+        if new != old:
+            pixels[new] = pixels[old]
+    return pixels[: int(ok.sum())]

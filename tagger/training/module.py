@@ -1,0 +1,197 @@
+"""The LightningModule: masked multi-head cross-entropy, AdamW, warm-up + cosine, per-attribute metrics."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping, Sequence
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+
+from ..model import TaggerNet
+
+SCORE_METRIC = "val/score"  # mean macro-F1 over attributes: what early stopping and checkpoints watch
+LABELS_KEY = "tagger_labels"  # checkpoint entry that lets --resume refuse a checkpoint of other labels
+
+
+def masked_cross_entropy(
+    logits: Mapping[str, torch.Tensor],
+    targets: torch.Tensor,
+    attributes: Sequence[str],
+    *,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """Sum over attributes of the mean cross-entropy over the rows whose value is known (target >= 0).
+
+    An attribute with no known value in the batch contributes 0, not NaN (plain ``ignore_index``
+    with mean reduction divides by zero there).
+    """
+    total = targets.new_zeros((), dtype=torch.float32)
+    for j, attr in enumerate(attributes):
+        target = targets[:, j]
+        known = target >= 0
+        if not bool(known.any()):
+            continue
+        total = total + F.cross_entropy(logits[attr][known].float(), target[known], label_smoothing=label_smoothing)
+    return total
+
+
+def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, floor: float = 0.01, time_fraction: float = 0.0) -> float:
+    """LR multiplier: linear from ~0 to 1 over ``warmup_steps``, then cosine down to ``floor``.
+
+    The cosine follows whichever is further along: the steps, or ``time_fraction`` of a wall-clock
+    budget. Under ``--max-minutes`` the run then still anneals before it is cut off, instead of
+    stopping at a high learning rate somewhere in the first half of a schedule laid out for
+    ``max_epochs``.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, max((step - warmup_steps) / max(1, total_steps - warmup_steps), time_fraction))
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _metrics(label_counts: Mapping[str, int]) -> nn.ModuleDict:
+    # torchmetrics refuses num_classes=1; a one-label attribute is scored as two classes, one unused.
+    return nn.ModuleDict(
+        {
+            attr: MetricCollection(
+                {
+                    "accuracy": MulticlassAccuracy(max(2, n), average="micro", ignore_index=-1),
+                    "macro_f1": MulticlassF1Score(max(2, n), average="macro", ignore_index=-1),
+                }
+            )
+            for attr, n in label_counts.items()
+        }
+    )
+
+
+class TaggerModule(pl.LightningModule):
+    def __init__(
+        self,
+        net: TaggerNet,
+        labels: Mapping[str, Sequence[str]],
+        *,
+        lr: float = 5e-4,
+        weight_decay: float = 0.05,
+        warmup_epochs: float = 1.0,
+        label_smoothing: float = 0.1,
+        freeze_backbone_epochs: int = 0,
+        time_budget_s: float | None = None,
+    ):
+        super().__init__()
+        self.net = net
+        self.labels = {attr: list(v) for attr, v in labels.items()}
+        self.attributes = list(self.labels)
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.warmup_epochs = warmup_epochs
+        self.label_smoothing = label_smoothing
+        self.freeze_backbone_epochs = freeze_backbone_epochs
+        self.time_budget_s = time_budget_s
+        self._train_started: float | None = None
+        # Plain values only: checkpoints are read back with torch.load(weights_only=True).
+        self.save_hyperparameters(ignore=["net"])
+        counts = {attr: len(v) for attr, v in self.labels.items()}
+        self.val_metrics = _metrics(counts)
+        self.test_metrics = _metrics(counts)
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.net(images)
+
+    # ------------------------------------------------------------------ backbone freezing
+
+    @property
+    def backbone_frozen(self) -> bool:
+        return self.current_epoch < self.freeze_backbone_epochs
+
+    def _apply_freeze(self) -> None:
+        frozen = self.backbone_frozen
+        for p in self.net.backbone.parameters():
+            p.requires_grad_(not frozen)
+        if frozen:
+            # BatchNorm statistics would otherwise keep drifting under a backbone that is not learning.
+            self.net.backbone.eval()
+
+    def on_train_start(self) -> None:
+        self._train_started = time.monotonic()  # where Lightning's max_time Timer starts counting too
+
+    def time_fraction(self) -> float:
+        if not self.time_budget_s or self._train_started is None:
+            return 0.0
+        # Aim a little short of the cut, so the last full epoch is validated at the low learning rate.
+        return (time.monotonic() - self._train_started) / (0.9 * self.time_budget_s)
+
+    def on_train_epoch_start(self) -> None:
+        self._apply_freeze()
+
+    def on_validation_model_train(self) -> None:
+        super().on_validation_model_train()  # puts everything back in train mode after validation
+        self._apply_freeze()
+
+    # ------------------------------------------------------------------ steps
+
+    def training_step(self, batch, batch_idx):
+        images, targets = batch
+        if images.shape[0] == 0:  # every image of the batch failed to decode
+            return None
+        loss = masked_cross_entropy(self(images), targets, self.attributes, label_smoothing=self.label_smoothing)
+        self.log("train/loss", loss, prog_bar=True, batch_size=images.shape[0])
+        return loss
+
+    def _eval_step(self, batch, metrics: nn.ModuleDict, stage: str) -> None:
+        images, targets = batch
+        if images.shape[0] == 0:
+            return
+        logits = self(images)
+        loss = masked_cross_entropy(logits, targets, self.attributes)
+        self.log(f"{stage}/loss", loss, batch_size=images.shape[0])
+        for j, attr in enumerate(self.attributes):
+            metrics[attr].update(logits[attr].float(), targets[:, j])
+
+    def _eval_epoch_end(self, metrics: nn.ModuleDict, stage: str) -> None:
+        f1s = []
+        for attr in self.attributes:
+            values = metrics[attr].compute()
+            metrics[attr].reset()
+            for name, value in values.items():
+                self.log(f"{stage}/{attr}/{name}", value)
+            f1s.append(values["macro_f1"])
+        self.log(f"{stage}/score", torch.stack(f1s).mean(), prog_bar=stage == "val")
+
+    def validation_step(self, batch, batch_idx):
+        self._eval_step(batch, self.val_metrics, "val")
+
+    def on_validation_epoch_end(self):
+        self._eval_epoch_end(self.val_metrics, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step(batch, self.test_metrics, "test")
+
+    def on_test_epoch_end(self):
+        self._eval_epoch_end(self.test_metrics, "test")
+
+    # ------------------------------------------------------------------ optimisation
+
+    def configure_optimizers(self):
+        # No weight decay on biases and norm parameters: decaying them only fights the normalisation.
+        decay, no_decay = [], []
+        for p in self.parameters():
+            (decay if p.ndim > 1 else no_decay).append(p)
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=self.lr
+        )
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        epochs = max(1, self.trainer.max_epochs or 1)
+        warmup = max(1, round(self.warmup_epochs * total / epochs)) if self.warmup_epochs > 0 else 0
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, warmup_steps=warmup, total_steps=total, time_fraction=self.time_fraction())
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint[LABELS_KEY] = self.labels

@@ -1,0 +1,50 @@
+"""A short, human summary of a retrain run, from the facts saved in the bundle."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..bundle import ModelBundle
+
+
+def _pct(value: Any) -> str:
+    return "   –" if value is None else f"{100 * value:5.1f}"
+
+
+def format_summary(bundle: ModelBundle) -> str:
+    t = bundle.training
+    data, split, metrics = t.get("data", {}), t.get("split", {}), t.get("metrics", {})
+    rows = data.get("rows", {})
+    dropped = sum(rows.get(k, 0) for k in ("malformed", "missing_id", "duplicate_id", "missing_image", "unreadable_image"))
+    lines = [
+        f"bundle   {bundle.path}  (model_version {bundle.model_version})",
+        f"model    {bundle.backbone} @ {bundle.input_size}px, weights {t.get('weights_init')}, {t.get('device')} {t.get('precision')}",
+        f"run      {t.get('epochs')} epochs (best {t.get('best_epoch')}, stopped by {t.get('stopped_by')}) in {t.get('duration_s')}s, seed {t.get('seed')}",
+        f"rows     {rows.get('used')} used of {rows.get('lines')} lines: {rows.get('repaired', 0)} repaired, {dropped} dropped "
+        f"(missing image {rows.get('missing_image', 0)}, unreadable {rows.get('unreadable_image', 0)}, "
+        f"malformed {rows.get('malformed', 0)}, duplicate id {rows.get('duplicate_id', 0)})",
+        "split    " + ", ".join(f"{k} {v}" for k, v in split.get("sizes", {}).items()),
+    ]
+    folded = data.get("folded") or {}
+    if folded:
+        into = data.get("folded_into", {})
+        parts = [f"{attr}: {len(labels)} -> {into.get(attr, 'Other')}" for attr, labels in folded.items()]
+        lines.append(f"folded   labels under {data.get('min_label_count')} rows; " + "; ".join(parts))
+    lines.append(f"logs     {t.get('log_dir')}")
+    lines.append("")
+    header = f"{'attribute':<16}{'val acc':>8}{'val F1':>8}{'test acc':>9}{'test F1':>8}{'majority':>9}{'threshold':>10}{'auto-tag':>9}"
+    lines += [header, "-" * len(header)]
+    coverage = (t.get("thresholds") or {}).get("val_coverage", {})
+    for spec in bundle.attributes:
+        v = metrics.get("val", {}).get(spec.name, {})
+        s = metrics.get("test", {}).get(spec.name, {})
+        lines.append(
+            f"{spec.name:<16}{_pct(v.get('accuracy')):>8}{_pct(v.get('macro_f1')):>8}{_pct(s.get('accuracy')):>9}"
+            f"{_pct(s.get('macro_f1')):>8}{_pct(s.get('majority_accuracy')):>9}{spec.threshold:>10.2f}{_pct(coverage.get(spec.name)):>9}"
+        )
+    lines.append(
+        f"{'mean macro-F1':<16}{'':>8}{_pct(metrics.get('val_score')):>8}{'':>9}{_pct(metrics.get('test_score')):>8}"
+    )
+    lines.append("(%; majority = test accuracy of always answering the most frequent training label; "
+                 "auto-tag = share of val predictions at or above the threshold)")
+    return "\n".join(lines)

@@ -1,0 +1,317 @@
+"""``retrain(config)``: a Kaggle folder in, a model bundle (plus its split.parquet) out."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+import time
+import warnings
+from dataclasses import asdict
+from datetime import timedelta
+from typing import Any
+
+import torch
+
+from .. import storage
+from ..attributes import ATTRIBUTES
+from ..bundle import ModelBundle, save_bundle
+from ..model import TaggerNet, create_backbone, resolve_data_config
+from .config import ConfigError, RetrainConfig
+from .datamodule import FashionDataModule
+from .evaluate import attribute_metrics, calibrate_thresholds, coverage, majority_baseline, predict
+from .module import LABELS_KEY, SCORE_METRIC, TaggerModule
+from .split import SPLIT_FILE, write_split
+
+log = logging.getLogger(__name__)
+
+THRESHOLD_RULE = (
+    "per attribute, the lowest validation top-label score t such that the predictions scoring >= t "
+    "have a top-label precision >= target_precision; tags under t go to review (1.0 = review all)"
+)
+
+
+def resolve_device(requested: str) -> str:
+    """``auto`` -> cuda when PyTorch sees a GPU, else cpu (and says which); ``cuda`` without one is an error."""
+    available = torch.cuda.is_available()
+    if requested == "cuda" and not available:
+        raise ConfigError(
+            "device",
+            f"--device cuda, but PyTorch sees no CUDA GPU (torch {torch.__version__}, built for CUDA "
+            f"{torch.version.cuda or 'none'}). Use --device cpu, or check the driver / CUDA_VISIBLE_DEVICES.",
+        )
+    device = requested if requested != "auto" else ("cuda" if available else "cpu")
+    if requested == "auto":
+        log.info("device: %s (auto: %s)", device, torch.cuda.get_device_name(0) if available else "no CUDA GPU visible")
+    return device
+
+
+def resolve_workers(requested: int | None, device: str, cached: bool) -> int:
+    """Loader processes. With decoded images in memory and training on the CPU, a worker would only
+    compete with the model for the same cores; anywhere else decoding/augmenting must keep up."""
+    if requested is not None:
+        return requested
+    if cached and device == "cpu":
+        return 0
+    return max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+def resolve_log_dir(config: RetrainConfig) -> str:
+    if config.log_dir:
+        return config.log_dir
+    if storage.is_remote(config.out):
+        # TensorBoard and checkpoints need a local folder; the bundle itself still goes to `out`.
+        return tempfile.mkdtemp(prefix="tagger-retrain-")
+    return os.path.join(config.out, "logs")
+
+
+def check_resume(path: str, labels: dict[str, list[str]]) -> None:
+    """Refuse a checkpoint whose heads were trained for other labels (the data changed since)."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ConfigError("resume", f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None
+    saved = checkpoint.get(LABELS_KEY)
+    if saved is None:
+        raise ConfigError("resume", f"{path}: not a checkpoint written by `tagger retrain` (no {LABELS_KEY} entry)")
+    if saved != labels:
+        changed = [a for a in labels if saved.get(a) != labels[a]]
+        raise ConfigError(
+            "resume",
+            f"{path}: its label vocabularies differ from this data's for {', '.join(changed) or 'the attribute set'} "
+            "(styles.csv or --min-label-count changed). Start a fresh run without --resume.",
+        )
+
+
+def check_net(net: TaggerNet, backbone: str) -> None:
+    """One forward pass on a blank image, so that a backbone whose pooled features do not match
+    its heads fails here, with its name, before the data is read, not in the first validation step."""
+    size = net.data_config.input_size
+    was_training = net.training
+    try:
+        with torch.no_grad():
+            net.eval()(torch.full((1, 3, size, size), 255, dtype=torch.uint8))
+    except RuntimeError as exc:
+        raise ConfigError(
+            "backbone",
+            f"backbone {backbone!r} does not run at input size {size}: {exc}. Try a larger --input-size "
+            "or another backbone.",
+        ) from None
+    finally:
+        net.train(was_training)
+
+
+def retrain(config: RetrainConfig) -> ModelBundle:
+    """Train on ``config.data`` and write the bundle to ``config.out``; returns the saved bundle.
+
+    Facts about the run (data fingerprint, row accounting, folded labels, split sizes, val and test
+    metrics against the majority baseline, thresholds, timing, config) go into ``bundle.training``.
+    """
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, Timer
+    from pytorch_lightning.loggers import TensorBoardLogger
+
+    config.validate()
+    started = time.monotonic()
+    device = resolve_device(config.device)
+    if config.threads:
+        # On a shared machine fewer threads than cores avoids OpenMP spin-waiting on descheduled peers,
+        # which can make every step several times slower.
+        torch.set_num_threads(config.threads)
+    pl.seed_everything(config.seed, workers=True, verbose=False)
+    # Backbone before data: an unreachable weights hub should fail in seconds, not after decoding.
+    backbone = create_backbone(config.backbone, pretrained=config.pretrained, init_weights=config.init_weights)
+    data_config = resolve_data_config(config.backbone, config.input_size)
+    check_net(TaggerNet(backbone, {attr: 2 for attr in ATTRIBUTES}, data_config), config.backbone)
+
+    datamodule = FashionDataModule(
+        config.data,
+        input_size=data_config.input_size,
+        batch_size=config.batch_size,
+        workers=0,
+        seed=config.seed,
+        val_fraction=config.val_fraction,
+        test_fraction=config.test_fraction,
+        min_label_count=config.min_label_count,
+        cache_images=config.cache_images,
+        cache_max_gb=config.cache_max_gb,
+        storage_options=config.storage_options,
+        pin_memory=device == "cuda",
+    )
+    datamodule.setup()
+    datamodule.workers = resolve_workers(config.workers, device, datamodule.cached)
+    labels = datamodule.vocab
+    log.info(
+        "data: %d rows used (%s), labels per attribute %s",
+        datamodule.report.used,
+        ", ".join(f"{k} {v}" for k, v in datamodule.split_sizes.items()),
+        datamodule.label_counts,
+    )
+    if config.resume:
+        check_resume(config.resume, labels)
+
+    net = TaggerNet(backbone, datamodule.label_counts, data_config, drop_rate=config.drop_rate)
+    module = TaggerModule(
+        net,
+        labels,
+        lr=config.lr,
+        weight_decay=config.weight_decay,
+        warmup_epochs=config.warmup_epochs,
+        label_smoothing=config.label_smoothing,
+        freeze_backbone_epochs=config.freeze_backbone_epochs,
+        time_budget_s=config.max_minutes * 60 if config.max_minutes else None,
+    )
+
+    log_dir = resolve_log_dir(config)
+    logger = TensorBoardLogger(save_dir=log_dir, name="", default_hp_metric=False)
+    best = ModelCheckpoint(monitor=SCORE_METRIC, mode="max", save_top_k=1, save_last=True, filename="best-{epoch:03d}", auto_insert_metric_name=False)
+    stopper = EarlyStopping(monitor=SCORE_METRIC, mode="max", patience=config.patience)
+    callbacks: list[pl.Callback] = [best, stopper, LearningRateMonitor(logging_interval="step")]
+    precision = "32-true"
+    if device == "cuda":
+        precision = "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+        torch.set_float32_matmul_precision("high")
+    steps_per_epoch = max(1, len(datamodule.rows("train")) // max(1, min(config.batch_size, len(datamodule.rows("train")))))
+    trainer = pl.Trainer(
+        accelerator="gpu" if device == "cuda" else "cpu",
+        devices=1,
+        precision=precision,
+        max_epochs=config.max_epochs,
+        max_time=timedelta(minutes=config.max_minutes) if config.max_minutes else None,
+        gradient_clip_val=config.grad_clip or None,
+        logger=logger,
+        callbacks=callbacks,
+        log_every_n_steps=max(1, min(50, steps_per_epoch)),
+        enable_progress_bar=config.progress,
+        enable_model_summary=config.progress,
+        num_sanity_val_steps=1,
+    )
+    fit_started = time.monotonic()
+    with warnings.catch_warnings():
+        # Workers are chosen on purpose (resolve_workers); Lightning's hint assumes a GPU to feed.
+        warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=r".*(number of training batches|log_every_n_steps).*")
+        trainer.fit(module, datamodule=datamodule, ckpt_path=config.resume, weights_only=True if config.resume else None)
+    fit_seconds = time.monotonic() - fit_started
+
+    if trainer.interrupted:
+        raise KeyboardInterrupt("training interrupted; no bundle written")
+    best_epoch = None
+    if best.best_model_path:
+        # weights_only: a checkpoint is a pickle, and only tensors and plain values may come out of it.
+        checkpoint = torch.load(best.best_model_path, map_location="cpu", weights_only=True)
+        module.load_state_dict(checkpoint["state_dict"])
+        best_epoch = int(checkpoint.get("epoch", -1))
+    else:
+        log.warning("no validation epoch finished (time limit?); saving the last weights, not a validated best")
+
+    val_probs, val_targets = predict(net, datamodule.loader("val"), device)
+    test_probs, test_targets = predict(net, datamodule.loader("test"), device)
+    net.cpu()
+    val_metrics = attribute_metrics(val_probs, val_targets)
+    test_metrics = attribute_metrics(test_probs, test_targets)
+    baseline = majority_baseline(datamodule.targets[datamodule.rows("train")], test_targets, labels)
+    thresholds = calibrate_thresholds(val_probs, val_targets, config.target_precision)
+    for attr, values in test_metrics.items():
+        values["majority_accuracy"] = baseline[attr]["accuracy"]
+        values["majority_label"] = baseline[attr]["label"]
+    logger.log_metrics(
+        {f"final_test/{attr}/{k}": v for attr, m in test_metrics.items() for k, v in m.items() if isinstance(v, float)},
+        step=trainer.global_step,
+    )
+    logger.finalize("success")
+
+    unreadable = datamodule.unreadable_ids()
+    if unreadable:
+        datamodule.report.note_unreadable(unreadable)
+    stopped_by = "max_epochs"
+    if stopper.stopped_epoch > 0:
+        stopped_by = "early_stopping"
+    elif any(isinstance(cb, Timer) and cb.time_remaining() is not None and cb.time_remaining() <= 0 for cb in trainer.callbacks):
+        stopped_by = "max_time"
+
+    def mean(metric: dict, key: str) -> float:
+        values = [m[key] for m in metric.values() if not math.isnan(m[key])]
+        return float(sum(values) / len(values)) if values else float("nan")
+
+    training = {
+        "data": {
+            "source": config.data,
+            "fingerprint": datamodule.fingerprint,
+            "rows": datamodule.report.to_dict(),
+            "min_label_count": datamodule.min_label_count,
+            "folded": datamodule.folded,
+            "folded_into": datamodule.folded_into,
+            "images_cached": datamodule.cached,
+        },
+        "split": {
+            "file": SPLIT_FILE,
+            "seed": config.seed,
+            "fractions": {"train": 1 - config.val_fraction - config.test_fraction, "val": config.val_fraction, "test": config.test_fraction},
+            "sizes": datamodule.split_sizes,
+            "stratified_on": list(labels),
+        },
+        "metrics": {
+            "monitor": SCORE_METRIC,
+            "val_score": mean(val_metrics, "macro_f1"),
+            "test_score": mean(test_metrics, "macro_f1"),
+            "val": val_metrics,
+            "test": test_metrics,
+        },
+        "thresholds": {
+            "rule": THRESHOLD_RULE,
+            "target_precision": config.target_precision,
+            "val_coverage": coverage(val_probs, thresholds),
+        },
+        "backbone": config.backbone,
+        "weights_init": f"file:{config.init_weights}" if config.init_weights else ("imagenet" if config.pretrained else "random"),
+        "input_size": data_config.input_size,
+        "epochs": int(trainer.current_epoch),
+        "best_epoch": best_epoch,
+        "global_steps": int(trainer.global_step),
+        "stopped_by": stopped_by,
+        "duration_s": round(time.monotonic() - started, 1),
+        "fit_duration_s": round(fit_seconds, 1),
+        "seed": config.seed,
+        "device": device,
+        "precision": precision,
+        "log_dir": logger.log_dir,
+        "best_checkpoint": best.best_model_path or None,
+        "versions": _versions(),
+        "config": storage.redact(asdict(config)),
+    }
+    # The split first, model.json (inside save_bundle) last: a folder with a model.json is complete.
+    write_split(storage.join(config.out, SPLIT_FILE), datamodule.ids, datamodule.assignment, config.storage_options)
+    bundle = save_bundle(
+        net,
+        config.out,
+        backbone=config.backbone,
+        labels=labels,
+        thresholds=thresholds,
+        training=_json_safe(training),
+        storage_options=config.storage_options,
+    )
+    log.info("wrote bundle %s (model_version %s) in %.0fs", config.out, bundle.model_version, time.monotonic() - started)
+    return bundle
+
+
+def _versions() -> dict[str, str]:
+    import pytorch_lightning as pl
+    import timm
+
+    return {"torch": torch.__version__, "timm": timm.__version__, "pytorch_lightning": pl.__version__}
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN/inf -> None (JSON has no NaN), numpy scalars -> Python numbers."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+

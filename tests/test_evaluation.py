@@ -1,0 +1,349 @@
+"""``tagger evaluate``: metrics against scikit-learn and by hand, label mapping, report files, splits, exit codes."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from jobs.cli import cli
+from tagger.demo import CLASSES, make_demo_dataset
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def evaluate(*args: str):
+    return CliRunner().invoke(cli, ["evaluate", "--workers", "0", *args], catch_exceptions=False)
+
+
+def assert_png(path: Path, min_bytes: int = 5_000, min_side: int = 250) -> None:
+    data = path.read_bytes()
+    assert data.startswith(PNG_SIGNATURE), path
+    assert len(data) > min_bytes, (path, len(data))
+    with Image.open(io.BytesIO(data)) as image:
+        image.verify()
+    with Image.open(io.BytesIO(data)) as image:
+        assert min(image.size) >= min_side, (path, image.size)
+        # Not a blank canvas: a real figure has text and bars in several colours.
+        assert len(image.convert("RGB").getcolors(1_000_000) or []) > 20
+
+
+def styles_rows(root: Path) -> list[dict[str, str]]:
+    with open(root / "styles.csv", newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def constant_bundle(out: Path, *, thresholds=None, training=None, bias: float = 2.0) -> str:
+    """A bundle whose every head always answers its first label with the same score: hand-checkable."""
+    import torch
+
+    from tagger.bundle import save_bundle
+    from tagger.model import create_tagger_net, resolve_data_config
+
+    torch.manual_seed(0)
+    labels = {name: list(values) for name, values in CLASSES.items()}
+    net = create_tagger_net("test_efficientnet", {k: len(v) for k, v in labels.items()}, resolve_data_config("test_efficientnet", 32))
+    with torch.no_grad():
+        for head in net.heads.values():
+            head.weight.zero_()
+            head.bias.zero_()
+            head.bias[0] = bias
+    save_bundle(net, str(out), backbone="test_efficientnet", labels=labels, thresholds=thresholds, training=training)
+    return str(out)
+
+
+def constant_score(n_labels: int, bias: float = 2.0) -> float:
+    return math.exp(bias) / (math.exp(bias) + n_labels - 1)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return make_demo_dataset(tmp_path_factory.mktemp("eval-data"), n_train=60, n_catalog=10, image_size=(60, 80)).root
+
+
+@pytest.fixture(scope="module")
+def retrained(data, tmp_path_factory) -> str:
+    """A real retrain bundle (1 epoch, test_efficientnet at 32 px): split.parquet, folded labels, training facts."""
+    from tagger.training import RetrainConfig, retrain
+
+    out = tmp_path_factory.mktemp("eval-bundle") / "retrained"
+    retrain(
+        RetrainConfig(
+            data=str(data), out=str(out), backbone="test_efficientnet", pretrained=False, input_size=32, max_epochs=1,
+            batch_size=16, workers=0, val_fraction=0.2, test_fraction=0.2, progress=False, cache_images="on",
+            log_dir=str(out.parent / "logs"),
+        )
+    )
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def external(tmp_path_factory) -> Path:
+    """Another Kaggle-layout folder: a label no model knows, an empty cell, a corrupt image."""
+    root = make_demo_dataset(tmp_path_factory.mktemp("eval-external"), n_train=24, n_catalog=0, n_bad=0, seed=7,
+                             image_size=(60, 80)).root
+    rows = styles_rows(root)
+    rows[0]["articleType"] = rows[1]["articleType"] = "Kurtas"
+    rows[2]["baseColour"] = ""
+    with open(root / "styles.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (root / "images" / f"{rows[3]['id']}.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    return root
+
+
+# ---------------------------------------------------------------------------------------------- arithmetic
+
+
+def test_metrics_agree_with_sklearn_and_by_hand():
+    from sklearn.metrics import f1_score, precision_recall_fscore_support
+
+    from tagger.evaluation.metrics import attribute_metrics, confusion, per_class
+
+    # 4 classes, class 3 ("D") never occurs and is never predicted.
+    y_true = np.array([0, 0, 0, 1, 1, 2, 2, 2])
+    y_pred = np.array([0, 0, 1, 1, 1, 2, 0, 1])
+    scores = np.array([0.9, 0.8, 0.4, 0.7, 0.6, 0.95, 0.3, 0.5])
+    m = attribute_metrics(y_true, y_pred, 4, scores=scores, all_scores=np.r_[scores, 0.2, 0.99], threshold=0.6, majority=0)
+    assert m["n"] == 8
+    assert m["accuracy"] == pytest.approx(5 / 8)
+    # By hand: A p=2/3 r=2/3 f=2/3; B p=2/4 r=2/2 f=2/3; C p=1/1 r=1/3 f=1/2; D absent from the macro mean.
+    assert m["macro_f1"] == pytest.approx((2 / 3 + 2 / 3 + 1 / 2) / 3)
+    assert m["macro_f1"] == pytest.approx(f1_score(y_true, y_pred, average="macro"))
+    assert m["weighted_f1"] == pytest.approx((3 * 2 / 3 + 2 * 2 / 3 + 3 * 1 / 2) / 8)
+    assert m["weighted_f1"] == pytest.approx(f1_score(y_true, y_pred, average="weighted"))
+    assert m["majority_accuracy"] == pytest.approx(3 / 8)
+    # threshold 0.6: covered rows 0 1 3 4 5 (scores 0.9 0.8 0.7 0.6 0.95), all right; the wrong ones scored lower.
+    # Coverage counts every decoded image (10, two without a label): 6 reach 0.6.
+    assert (m["n_covered"], m["accuracy_covered"], m["coverage"]) == (5, 1.0, pytest.approx(6 / 10))
+    m = attribute_metrics(y_true, y_pred, 4, scores=scores, threshold=0.5)  # row 7 (0.5, wrong) joins: 5 of 6
+    assert (m["n_covered"], m["accuracy_covered"], m["coverage"]) == (6, pytest.approx(5 / 6), pytest.approx(6 / 8))
+    assert (m["n_classes"], m["n_classes_present"]) == (4, 3)
+
+    rows = {r["label"]: r for r in per_class(y_true, y_pred, ["A", "B", "C", "D"])}
+    p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=[0, 1, 2], zero_division=0)
+    for k, label in enumerate("ABC"):
+        assert (rows[label]["precision"], rows[label]["recall"], rows[label]["f1"], rows[label]["support"]) == (
+            pytest.approx(p[k]), pytest.approx(r[k]), pytest.approx(f[k]), s[k])
+    assert rows["B"]["predicted"] == 4
+    assert math.isnan(rows["D"]["precision"]) and math.isnan(rows["D"]["recall"]) and rows["D"]["support"] == 0
+    assert confusion(y_true, y_pred, 4).tolist() == [[2, 1, 0, 0], [0, 2, 0, 0], [1, 1, 1, 0], [0, 0, 0, 0]]
+
+
+def test_metrics_match_retrains_torchmetrics_definitions():
+    """Same accuracy and macro-F1 as tagger.training.evaluate (what model.json reports), on random data."""
+    from tagger.evaluation.metrics import attribute_metrics
+    from tagger.training.evaluate import attribute_metrics as training_metrics
+
+    rng = np.random.default_rng(3)
+    probs = rng.dirichlet(np.ones(6), size=200).astype(np.float32)
+    probs[:, 5] = 0.0  # a class that is never predicted...
+    targets = rng.integers(0, 5, size=200)  # ...and never occurs
+    targets[:7] = -1
+    ours = attribute_metrics(targets[targets >= 0], probs.argmax(1)[targets >= 0], 6)
+    theirs = training_metrics({"a": probs}, targets[:, None])["a"]
+    assert ours["n"] == theirs["n"] == 193
+    assert ours["accuracy"] == pytest.approx(theirs["accuracy"], abs=1e-6)
+    assert ours["macro_f1"] == pytest.approx(theirs["macro_f1"], abs=1e-6)
+
+
+def test_labels_are_mapped_like_retrain_made_its_targets():
+    from tagger.evaluation.labels import encode_labels
+
+    vocab = {"articleType": ["Shirts", "Tshirts", "Other"], "baseColour": ["Black", "Blue"]}
+    training = {"data": {"folded": {"articleType": {"Jeans": 3}, "baseColour": {"Red": 2}},
+                         "folded_into": {"articleType": "Other", "baseColour": "unknown"}}}
+    columns = {
+        "articleType": ["Shirts", "Jeans", "Kurtas", None, "Tshirts", "Kurtas"],
+        "baseColour": ["Black", "Red", "Blue", "Teal", None, "Blue"],
+    }
+    targets, mapping = encode_labels(columns, vocab, training)
+    assert targets[:, 0].tolist() == [0, 2, -1, -1, 1, -1]  # Jeans folded into Other; Kurtas unknown; None missing
+    assert targets[:, 1].tolist() == [0, -1, 1, -1, -1, 1]  # Red masked as retrain did; Teal unknown
+    a, c = mapping["articleType"], mapping["baseColour"]
+    assert (a.known, a.missing, a.n_folded, a.n_masked, a.n_unknown) == (3, 1, 1, 0, 2)
+    assert a.unknown == {"Kurtas": 2}
+    assert (c.known, c.missing, c.n_folded, c.n_masked, c.n_unknown) == (3, 1, 0, 1, 1)
+
+    targets, mapping = encode_labels(columns, vocab, training, unknown_labels="other")
+    assert targets[:, 0].tolist() == [0, 2, 2, -1, 1, 2] and mapping["articleType"].unknown_as_other
+    assert targets[:, 1].tolist() == [0, -1, 1, -1, -1, 1]  # no Other class: unknown stays excluded
+    assert not mapping["baseColour"].unknown_as_other
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+
+
+def test_evaluate_writes_the_report_and_reproduces_retrains_test_metrics(retrained, data, tmp_path):
+    from tagger.bundle import load_bundle
+    from tagger.evaluation.report import METRICS_SCHEMA
+
+    out = tmp_path / "report"
+    result = evaluate("--model", retrained, "--data", str(data), "--split", "test", "--out", str(out))
+    assert result.exit_code == 0, result.output
+
+    metrics = pq.read_table(out / "metrics.parquet")
+    assert metrics.schema.names == METRICS_SCHEMA.names
+    per_class = pq.read_table(out / "per_class.parquet")
+    assert {"attribute", "label", "precision", "recall", "f1", "support"} <= set(per_class.schema.names)
+    bundle = load_bundle(retrained)
+    assert metrics.column("attribute").to_pylist() == bundle.attribute_names
+    assert per_class.num_rows == sum(len(a.labels) for a in bundle.attributes)
+
+    # The bundle's own test split, scored as retrain scored it at the end of training.
+    test_facts = bundle.training["metrics"]["test"]
+    for row in metrics.to_pylist():
+        facts = test_facts[row["attribute"]]
+        assert row["n"] == facts["n"] == bundle.training["split"]["sizes"]["test"]
+        assert row["accuracy"] == pytest.approx(facts["accuracy"], abs=1e-6)
+        assert row["macro_f1"] == pytest.approx(facts["macro_f1"], abs=1e-6)
+        assert row["majority_label"] == facts["majority_label"] and row["majority_source"] == "training facts"
+        assert row["majority_accuracy"] == pytest.approx(facts["majority_accuracy"])
+        support = sum(r["support"] for r in per_class.to_pylist() if r["attribute"] == row["attribute"])
+        assert support == row["n"]
+
+    report = (out / "report.md").read_text()
+    assert "## Summary: model vs majority baseline" in report
+    assert all(f"## {name}" in report for name in bundle.attribute_names)
+    assert bundle.model_version in report
+    for png in ["summary", *(f"f1_{a}" for a in bundle.attribute_names), *(f"confusion_{a}" for a in bundle.attribute_names)]:
+        assert_png(out / "plots" / f"{png}.png")
+        assert f"plots/{png}.png" in report
+    predictions = pq.read_table(out / "predictions.parquet")
+    assert predictions.num_rows == bundle.training["split"]["sizes"]["test"]
+
+    # stdout: the summary table, one line per attribute.
+    assert "majority baseline" in result.stdout and "macro-F1" in result.stdout
+    assert all(any(line.startswith(name + " ") for line in result.stdout.splitlines()) for name in bundle.attribute_names)
+
+
+def test_a_constant_model_scores_what_a_hand_count_says(data, tmp_path):
+    from tagger.training.split import write_split
+
+    rows = styles_rows(data)
+    ids = [r["id"] for r in rows]
+    assignment = np.array([0] * 40 + [1] * 10 + [2] * 10, dtype=np.int8)
+    # gender's constant score is above its threshold, season's below: coverage 1 and 0.
+    gender_score = constant_score(len(CLASSES["gender"]))
+    bundle = constant_bundle(tmp_path / "constant", thresholds={"gender": gender_score - 0.01, "season": gender_score})
+    write_split(str(tmp_path / "constant" / "split.parquet"), ids, assignment)
+
+    out = tmp_path / "report"
+    result = evaluate("--model", bundle, "--data", str(data), "--out", str(out), "--no-plots")
+    assert result.exit_code == 0, result.output
+    metrics = {r["attribute"]: r for r in pq.read_table(out / "metrics.parquet").to_pylist()}
+    per_class = {(r["attribute"], r["label"]): r for r in pq.read_table(out / "per_class.parquet").to_pylist()}
+    test_rows, train_rows = rows[50:], rows[:40]
+    for attr, labels in CLASSES.items():
+        first = labels[0]  # what the constant model always answers
+        hits = sum(r[attr] == first for r in test_rows)
+        m = metrics[attr]
+        assert m["n"] == 10 and m["accuracy"] == pytest.approx(hits / 10)
+        # No training facts in this bundle: the majority comes from the train split's rows of --data.
+        counts = {label: sum(r[attr] == label for r in train_rows) for label in labels}
+        majority = max(labels, key=lambda label: (counts[label], -labels.index(label)))
+        assert (m["majority_label"], m["majority_source"]) == (majority, "train split rows")
+        assert m["majority_accuracy"] == pytest.approx(sum(r[attr] == majority for r in test_rows) / 10)
+        top = per_class[(attr, first)]
+        assert (top["support"], top["predicted"]) == (hits, 10)
+        assert top["precision"] == pytest.approx(hits / 10) and (top["recall"] == 1.0 if hits else math.isnan(top["recall"]))
+        for label in labels[1:]:
+            assert per_class[(attr, label)]["predicted"] == 0 and math.isnan(per_class[(attr, label)]["precision"])
+    assert (metrics["gender"]["coverage"], metrics["season"]["coverage"]) == (1.0, 0.0)
+    assert metrics["gender"]["accuracy_covered"] == pytest.approx(metrics["gender"]["accuracy"])
+    assert not (out / "plots").exists()
+
+
+def test_split_all_evaluates_an_external_folder(retrained, external, tmp_path):
+    from tagger.bundle import load_bundle
+
+    bundle = load_bundle(retrained)
+    out = tmp_path / "report"
+    result = evaluate("--model", retrained, "--data", str(external), "--split", "all", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    rows = styles_rows(external)
+    metrics = {r["attribute"]: r for r in pq.read_table(out / "metrics.parquet").to_pylist()}
+    # 24 rows, one image corrupt: 23 scored, except the Kurtas (unknown) and the empty baseColour.
+    assert metrics["articleType"]["n_unknown_label"] == 2
+    assert metrics["articleType"]["n"] == 21 - metrics["articleType"]["n_masked"]
+    assert metrics["baseColour"]["n_missing"] == 1 and metrics["baseColour"]["n"] == 22 - metrics["baseColour"]["n_masked"]
+    assert metrics["gender"]["n"] == 23
+    folded = set(bundle.training["data"]["folded"].get("articleType", {}))
+    assert metrics["articleType"]["n_folded"] == sum(r["articleType"] in folded for r in rows)
+    predictions = pq.read_table(out / "predictions.parquet").to_pylist()
+    assert len(predictions) == 24
+    broken = [p for p in predictions if p["error_type"] is not None]
+    assert [p["id"] for p in broken] == [rows[3]["id"]] and broken[0]["gender_pred"] is None
+    report = (out / "report.md").read_text()
+    assert "## Unreadable images" in report and rows[3]["id"] in report and "unknown: Kurtas (2)" in report
+
+    # The same data with unknown labels scored as Other (articleType has an Other class after folding).
+    assert "Other" in bundle.attributes[bundle.attribute_names.index("articleType")].labels
+    result = evaluate("--model", retrained, "--data", str(external), "--split", "all", "--out", str(tmp_path / "other"),
+                      "--unknown-labels", "other", "--no-plots")
+    assert result.exit_code == 0, result.output
+    other = {r["attribute"]: r for r in pq.read_table(tmp_path / "other" / "metrics.parquet").to_pylist()}
+    assert other["articleType"]["n"] == 23 and other["articleType"]["unknown_as_other"]
+
+
+def test_split_all_flags_rows_the_model_was_trained_on(retrained, data, tmp_path):
+    result = evaluate("--model", retrained, "--data", str(data), "--split", "all", "--out", str(tmp_path / "r"), "--no-plots")
+    assert result.exit_code == 0, result.output
+    assert "in the bundle's train split" in result.stdout and "optimistic" in result.stdout
+
+
+def test_a_bundle_without_split_parquet(data, tmp_path):
+    bundle = constant_bundle(tmp_path / "nosplit")
+    result = evaluate("--model", bundle, "--data", str(data), "--split", "test", "--out", str(tmp_path / "r"))
+    assert result.exit_code == 2
+    assert "split.parquet" in result.output and "--split all" in result.output
+    assert not (tmp_path / "r").exists()
+
+    result = evaluate("--model", bundle, "--data", str(data), "--split", "all", "--out", str(tmp_path / "r"), "--no-plots")
+    assert result.exit_code == 0, result.output
+    metrics = pq.read_table(tmp_path / "r" / "metrics.parquet").to_pylist()
+    assert {m["majority_source"] for m in metrics} == {"evaluated rows"}
+    assert "the evaluated rows themselves" in (tmp_path / "r" / "report.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--split", "holdout"], "holdout"),
+        (["--batch-size", "0"], "batch-size"),
+        (["--workers", "-1"], "workers"),
+        (["--unknown-labels", "maybe"], "unknown-labels"),
+        (["--storage-option", "novalue"], "KEY=VALUE"),
+    ],
+)
+def test_bad_options_exit_2(tiny_bundle, data, tmp_path, args, message):
+    result = evaluate("--model", tiny_bundle, "--data", str(data), "--out", str(tmp_path / "r"), *args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+
+
+def test_invalid_inputs_exit_2(tiny_bundle, data, tmp_path):
+    result = CliRunner().invoke(cli, ["evaluate", "--model", tiny_bundle], catch_exceptions=False)
+    assert result.exit_code == 2 and "--data" in result.output
+    result = evaluate("--model", str(tmp_path / "nothing"), "--data", str(data), "--split", "all")
+    assert result.exit_code == 2 and "not a model bundle" in result.output
+    (tmp_path / "empty").mkdir()
+    result = evaluate("--model", tiny_bundle, "--data", str(tmp_path / "empty"), "--split", "all")
+    assert result.exit_code == 2 and "styles.csv" in result.output
+
+
+def test_device_cuda_without_a_gpu_exit_2(tiny_bundle, data, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    result = evaluate("--model", tiny_bundle, "--data", str(data), "--split", "all", "--device", "cuda")
+    assert result.exit_code == 2 and "CUDA" in result.output
