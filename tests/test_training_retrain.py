@@ -177,7 +177,7 @@ def test_cli_cuda_without_a_gpu_is_a_clear_error(kaggle, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     result = invoke("--data", str(kaggle), "--out", str(tmp_path / "o"), "--device", "cuda", "--no-pretrained")
     assert result.exit_code == 2
-    assert "--device" in result.output and "PyTorch sees no CUDA GPU" in result.output
+    assert "--device" in result.output and "no CUDA GPU is visible" in result.output
 
 
 def test_cli_pretrained_without_network_fails_clearly(kaggle, tmp_path, monkeypatch):

@@ -33,18 +33,13 @@ THRESHOLD_RULE = (
 
 
 def resolve_device(requested: str) -> str:
-    """``auto`` -> cuda when PyTorch sees a GPU, else cpu (and says which); ``cuda`` without one is an error."""
-    available = torch.cuda.is_available()
-    if requested == "cuda" and not available:
-        raise ConfigError(
-            "device",
-            f"--device cuda, but PyTorch sees no CUDA GPU (torch {torch.__version__}, built for CUDA "
-            f"{torch.version.cuda or 'none'}). Use --device cpu, or check the driver / CUDA_VISIBLE_DEVICES.",
-        )
-    device = requested if requested != "auto" else ("cuda" if available else "cpu")
-    if requested == "auto":
-        log.info("device: %s (auto: %s)", device, torch.cuda.get_device_name(0) if available else "no CUDA GPU visible")
-    return device
+    """The tag job's device rule (``auto`` says which it picked), as a ``--device`` error here."""
+    from ..inference import resolve_device as resolve_torch_device
+
+    try:
+        return resolve_torch_device(requested).type
+    except RuntimeError as exc:
+        raise ConfigError("device", str(exc)) from None
 
 
 def resolve_workers(requested: int | None, device: str, cached: bool) -> int:
