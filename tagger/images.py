@@ -11,15 +11,27 @@ import io
 import warnings
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 # Set deliberately rather than inherited from Pillow's default: 100 MP is well beyond the 1800x2400
 # Kaggle originals (4.3 MP) and far below what would exhaust a worker's memory. Pillow's own check
 # only warns below 2x its limit; we refuse from the header, before any pixel is decoded.
 DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
 Image.MAX_IMAGE_PIXELS = None  # our check below is the guard; Pillow's would only warn
+# A truncated image must fail, not be padded with grey (whatever another library in the process set).
+ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 BACKGROUND = (255, 255, 255)
+
+# The only formats Pillow may decode here. Product photos come as these; anything else named in a
+# manifest (EPS/PostScript, which Pillow hands to Ghostscript, PSD, ICO, exotic scientific formats) is a
+# `decode` error row without any of its bytes reaching a plugin that was not chosen on purpose.
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+
+# libjpeg's warnings that mean the pixel data itself is missing or damaged: it "recovers" by filling the
+# rest of the picture with grey or by skipping garbage, and Pillow reports nothing. Other warnings (an
+# unusual but complete file) leave the pixels intact and are not refused.
+_CORRUPT_JPEG_WARNINGS = ("Premature end of JPEG file", "Corrupt JPEG data")
 
 
 class ImageError(Exception):
@@ -49,9 +61,11 @@ def decode_image(
     if not data:
         raise ImageError("empty_file", f"{source}: the file is empty (0 bytes)")
     try:
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
     except UnidentifiedImageError:
-        raise ImageError("decode", f"{source}: not a recognised image format ({len(data)} bytes)") from None
+        raise ImageError(
+            "decode", f"{source}: not a recognised image format ({len(data)} bytes; accepted: {', '.join(ALLOWED_FORMATS)})"
+        ) from None
     except Exception as exc:  # Pillow raises a zoo of types for malformed headers
         raise ImageError("decode", f"{source}: unreadable image header: {exc}") from None
 
@@ -64,6 +78,8 @@ def decode_image(
             f"{source}: {width}x{height} = {width * height:,} pixels exceeds the limit of {max_pixels:,} "
             "(decompression-bomb guard; raise --max-image-pixels if such images are expected)",
         )
+    if image.format in ("JPEG", "MPO"):
+        check_jpeg_data(data, image.mode, source)
     # Draft decoding rounds the reduced size up to whole DCT blocks: a 225-px-wide JPEG read at 1/8 is
     # 29 px wide, of which only 225/8 = 28.125 are picture. ``region`` is that part, resized below.
     region = None
@@ -95,6 +111,28 @@ def decode_image(
     canvas = Image.new("RGB", (size, size), BACKGROUND)
     canvas.paste(rgb, ((size - box[0]) // 2, (size - box[1]) // 2))
     return np.asarray(canvas)
+
+
+def check_jpeg_data(data: bytes, mode: str, source: str) -> None:
+    """Refuse a JPEG whose entropy-coded data is cut short, padded or damaged, which Pillow would decode.
+
+    libjpeg only *warns* about such data (premature end of a data segment, N extraneous bytes before a
+    marker, a header promising 9000x9000 over 64x64 worth of data), fills in what is missing and carries
+    on; Pillow never shows those warnings. simplejpeg runs the same libjpeg-turbo with the warnings turned
+    into errors. It decodes at 1/8 scale in grey (CMYK as CMYK: the one conversion libjpeg cannot do): every
+    coefficient is still entropy-decoded, which is where the damage shows, at a fraction of a full decode.
+    """
+    import simplejpeg
+
+    try:
+        simplejpeg.decode_jpeg(data, colorspace="CMYK" if mode == "CMYK" else "GRAY", min_height=1, min_width=1,
+                               min_factor=8, strict=True)
+    except ValueError as exc:
+        text = str(exc)
+        if text.startswith(_CORRUPT_JPEG_WARNINGS):
+            raise ImageError("decode", f"{source}: corrupt or truncated JPEG data: {text}") from None
+        # Anything else (a colour conversion simplejpeg does not offer, say) is not about the data being
+        # intact; Pillow's own decode below stays the judge of those.
 
 
 _ORIENTATION = 0x0112  # the EXIF tag ImageOps.exif_transpose acts on
