@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import click
@@ -34,7 +35,25 @@ _register()
 
 
 def main() -> None:
-    cli(prog_name="tagger")
+    try:
+        cli.main(prog_name="tagger")
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if exc.code is not None and not isinstance(exc.code, int):
+            print(exc.code, file=sys.stderr)
+    from . import tag
+
+    if tag.RAN:
+        # The exit code is the job's contract with its scheduler. A normal interpreter exit runs native
+        # destructors while torch's oneDNN/OpenMP pools or s3fs's event loop thread may still be alive, and
+        # one of them now and then aborts the process ("terminate called without an active exception",
+        # exit 134) after the job has already said how it ended. Flush, then leave without them.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

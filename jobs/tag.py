@@ -81,11 +81,17 @@ def common_output_options(function):
               "(docs/benchmarks.md). Results may differ in the last float bit with the thread count.")
 @click.option("--progress", type=click.Choice(PROGRESS_MODES), default="auto", show_default=True,
               help="auto: a bar on an interactive terminal, periodic log lines otherwise.")
+@click.option("--lease-ttl", type=click.FloatRange(1, 86_400), default=120.0, show_default=True,
+              help="Seconds after its last heartbeat (renewed every ttl/4) that another run may take over the date "
+              "from a run that died on another machine. A dead run on this machine is taken over at once.")
+@click.option("--lease-wait", type=click.FloatRange(0, 86_400), default=0.0, show_default=True,
+              help="Seconds to wait for another live run that owns the date to end, before exiting 5.")
 def tag(**options) -> None:
     """Tag every product of a catalog manifest and write the date's Parquet partitions.
 
-    Exit codes: 0 success; 2 invalid input (manifest, model, options), checked before any model work;
-    3 too many error rows; 4 storage unavailable; 1 any other failure; 143 stopped by SIGTERM/SIGINT.
+    Exit codes: 0 success; 2 invalid input (manifest, model, output location, storage settings, options),
+    checked before anything under --out changes; 3 too many error rows; 4 storage unavailable (transient);
+    5 another run owns the date's partition; 1 any other failure; 143 stopped by SIGTERM/SIGINT.
     """
     options["storage_options"] = parse_storage_options(options["storage_options"])
     try:
@@ -107,14 +113,23 @@ def finalize(out: str, run_date: str, storage_options: tuple[str, ...], max_erro
 
 def execute(config: TagConfig, *, finalize_only: bool = False) -> int:
     """Run and turn every outcome into an exit code and one line on stderr."""
-    from tagger.runner import StopFlag
+    from tagger.runner import EXIT_INTERRUPTED, Interrupted, StopFlag
 
+    global RAN
+    RAN = True
     stop = StopFlag()
     stop.install()
     try:
         return _execute(config, stop, finalize_only)
+    except Interrupted as exc:  # a stop that arrived while an outcome was being reported
+        return _fail(EXIT_INTERRUPTED, f"interrupted: {exc}; committed shards are kept, the same command resumes")
     finally:
         stop.restore()
+
+
+# Set once a tag or finalize job ran in this process: jobs.cli.main then ends the process with os._exit,
+# so that no native thread (oneDNN/OpenMP pools, s3fs's event loop) can turn the exit code into 134.
+RAN = False
 
 
 def _execute(config, stop, finalize_only: bool) -> int:
@@ -122,23 +137,33 @@ def _execute(config, stop, finalize_only: bool) -> int:
 
     from tagger.bundle import BundleError
     from tagger.incremental import SinceError
+    from tagger.lease import LeaseHeld, LeaseLost
     from tagger.manifest import ManifestError
     from tagger.reader import StorageUnavailable
-    from tagger.runner import WorkerFailure
-    from tagger.storage import is_unavailable
-    from tagger.runner import EXIT_CRASH, EXIT_INTERRUPTED, EXIT_INVALID_INPUT, EXIT_STORAGE, Interrupted, PlanMismatch, TagRunner
+    from tagger.runner import (EXIT_CRASH, EXIT_INTERRUPTED, EXIT_INVALID_INPUT, EXIT_PARTITION_BUSY, EXIT_STORAGE,
+                               Interrupted, NonFiniteScores, PlanMismatch, TagRunner, WorkerFailure)
+    from tagger.storage import OutputLocationError, StorageConfigError, is_permanent, is_unavailable
 
     runner = TagRunner(config, stop)
     try:
         if finalize_only:
+            from tagger.storage import check_output_location
+
+            check_output_location(config.out, config.storage_options)
             plan = runner.partition.read_plan()
             if plan is None:
                 raise PlanMismatch(f"{runner.partition.state}: no plan; nothing to finalize")
             result = runner.finalize(plan, time.time())
         else:
             result = runner.run()
-    except (ManifestError, BundleError, PlanMismatch, SinceError) as exc:
+    except (ManifestError, BundleError, PlanMismatch, SinceError, OutputLocationError, StorageConfigError) as exc:
         return _fail(EXIT_INVALID_INPUT, f"invalid input: {exc}")
+    except LeaseHeld as exc:
+        return _fail(EXIT_PARTITION_BUSY, f"partition busy: {exc}")
+    except LeaseLost as exc:
+        return _fail(EXIT_PARTITION_BUSY, f"partition lost: {exc}. Committed shards are kept; no _SUCCESS written by this run")
+    except NonFiniteScores as exc:
+        return _fail(EXIT_CRASH, f"failed: {exc}")
     except Interrupted as exc:
         return _fail(EXIT_INTERRUPTED, f"interrupted: {exc}; committed shards are kept, the same command resumes, no _SUCCESS written")
     except StorageUnavailable as exc:
@@ -148,6 +173,8 @@ def _execute(config, stop, finalize_only: bool) -> int:
     except FileNotFoundError as exc:
         return _fail(EXIT_CRASH, f"failed: {exc}")
     except Exception as exc:
+        if is_permanent(exc):  # a storage setting or name that no retry can fix: an input error, not an outage
+            return _fail(EXIT_INVALID_INPUT, f"invalid input: storage configuration: {type(exc).__name__}: {exc}")
         if is_unavailable(exc):  # e.g. the manifest, the bundle or an output file on a store that is down
             return _fail(EXIT_STORAGE, f"storage unavailable: {type(exc).__name__}: {exc}. Committed shards are kept; "
                                        "running the same command again resumes")

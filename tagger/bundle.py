@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -27,6 +28,7 @@ from .model import DataConfig, TaggerNet
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "model.json"
+MAX_LABELS = 100_000  # a vocabulary larger than this is a broken model.json, not a catalog
 
 
 class BundleError(ValueError):
@@ -50,6 +52,8 @@ class ModelBundle:
     model_version: str
     training: Mapping[str, Any] = field(default_factory=dict)
     weights: bytes = field(default=b"", repr=False)
+    # The network built by check_weights(), handed to the next build_net() call instead of a second build.
+    _checked_net: list = field(default_factory=list, repr=False, compare=False)
 
     @property
     def input_size(self) -> int:
@@ -62,8 +66,19 @@ class ModelBundle:
     def label_counts(self) -> dict[str, int]:
         return {a.name: len(a.labels) for a in self.attributes}
 
+    def check_weights(self) -> None:
+        """Build the network and load the weights into it now, so that weights that do not fit (or hold NaN)
+        are refused before a run changes anything; the next :meth:`build_net` returns this network."""
+        if not self._checked_net:
+            self._checked_net.append(self._build())
+
     def build_net(self) -> TaggerNet:
-        """The network with the bundle's weights, in eval mode, on the CPU."""
+        """The network with the bundle's weights, in eval mode, on the CPU (a fresh one for each caller)."""
+        if self._checked_net:
+            return self._checked_net.pop()
+        return self._build()
+
+    def _build(self) -> TaggerNet:
         from safetensors.torch import load as load_safetensors
 
         from .model import create_backbone
@@ -80,6 +95,11 @@ class ModelBundle:
             net.load_state_dict(state, strict=True)
         except RuntimeError as exc:
             raise BundleError(f"{self.path}: weights do not fit backbone {self.backbone!r} and its heads: {exc}") from None
+        broken = [name for name, tensor in state.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+        if broken:
+            shown = ", ".join(broken[:5]) + (", ..." if len(broken) > 5 else "")
+            raise BundleError(f"{self.path}: {WEIGHTS_FILE} holds NaN or infinite values in {len(broken)} tensor(s) "
+                              f"({shown}); the training diverged or the file is damaged. Retrain or re-export.")
         return net.eval()
 
 
@@ -165,14 +185,19 @@ def _validate(meta: Any, where: str) -> None:
         raise BundleError(f"{where}: missing field(s) {', '.join(missing)}")
     if meta["format_version"] != FORMAT_VERSION:
         raise BundleError(f"{where}: format_version {meta['format_version']} is not supported (this build reads {FORMAT_VERSION})")
-    if not isinstance(meta["input_size"], int) or not 16 <= meta["input_size"] <= 2048:
+    if not isinstance(meta["backbone"], str) or not meta["backbone"]:
+        raise BundleError(f"{where}: backbone must be a timm model name, got {meta['backbone']!r}")
+    if not _is_int(meta["input_size"]) or not 16 <= meta["input_size"] <= 2048:
         raise BundleError(f"{where}: input_size must be an integer in [16, 2048], got {meta['input_size']!r}")
+    # JSON as Python reads it accepts NaN and Infinity: every number is checked to be finite and in range.
     for key in ("mean", "std"):
         values = meta[key]
-        if not (isinstance(values, list) and len(values) == 3 and all(isinstance(v, (int, float)) for v in values)):
-            raise BundleError(f"{where}: {key} must be 3 numbers, got {values!r}")
-    if any(v <= 0 for v in meta["std"]):
-        raise BundleError(f"{where}: std must be positive, got {meta['std']!r}")
+        if not (isinstance(values, list) and len(values) == 3 and all(_is_finite(v) for v in values)):
+            raise BundleError(f"{where}: {key} must be 3 finite numbers, got {values!r}")
+    if not all(0.0 <= v <= 1.0 for v in meta["mean"]):
+        raise BundleError(f"{where}: mean must be in [0, 1] (pixel values scaled to 0-1), got {meta['mean']!r}")
+    if not all(1e-3 <= v <= 10.0 for v in meta["std"]):
+        raise BundleError(f"{where}: std must be in [0.001, 10] (pixel values scaled to 0-1), got {meta['std']!r}")
     attributes = meta["attributes"]
     if not isinstance(attributes, list) or not attributes:
         raise BundleError(f"{where}: attributes must be a non-empty list")
@@ -185,11 +210,21 @@ def _validate(meta: Any, where: str) -> None:
         labels = spec.get("labels")
         if not isinstance(labels, list) or len(labels) < 1 or not all(isinstance(v, str) and v for v in labels):
             raise BundleError(f"{where}: attribute {name!r} needs a list of non-empty label strings")
+        if len(labels) > MAX_LABELS:
+            raise BundleError(f"{where}: attribute {name!r} has {len(labels)} labels, more than {MAX_LABELS}")
         if len(set(labels)) != len(labels):
             raise BundleError(f"{where}: attribute {name!r} has duplicate labels")
         threshold = spec.get("threshold", 0.0)
-        if not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
+        if not _is_finite(threshold) or not 0.0 <= threshold <= 1.0:
             raise BundleError(f"{where}: attribute {name!r} threshold must be in [0, 1], got {threshold!r}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check_safetensors(weights: bytes, where: str) -> None:

@@ -12,6 +12,11 @@ from . import storage
 from .images import DEFAULT_MAX_IMAGE_PIXELS
 
 DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # what each means: tagger.inference.precision_settings
+# Image files larger than this are too_large errors, refused from their size (stat, S3 HEAD) before they
+# are read: a product photo is a few MB, so 50 MB leaves room for any honest image while a mislabelled
+# video or disk image cannot make a worker hold gigabytes. The byte twin of DEFAULT_MAX_IMAGE_PIXELS.
+DEFAULT_MAX_IMAGE_BYTES = 50_000_000
 PROGRESS_MODES = ("auto", "bar", "log", "none")
 START_METHODS = ("auto", "fork", "forkserver", "spawn")
 
@@ -63,6 +68,10 @@ class TagConfig:
     progress: str = "auto"
     log_every: float = 30.0
     storage_options: dict[str, Any] = field(default_factory=dict)
+    # The date's lease (tagger.lease): its heartbeat is renewed every ttl/4 s and may be taken over once it is
+    # older than the ttl; a run that finds the lease held waits up to lease_wait s, then exits 5.
+    lease_ttl: float = 120.0
+    lease_wait: float = 0.0
 
     def __post_init__(self) -> None:
         problems = []
@@ -89,12 +98,16 @@ class TagConfig:
             problems.append("plan_only (--plan-only) plans the whole date once; run it without --shard, then the --shard I/N tasks")
         if self.progress not in PROGRESS_MODES:
             problems.append(f"progress must be one of {', '.join(PROGRESS_MODES)}")
-        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
-            problems.append(f"precision must be one of auto, fp32, bf16, fp16, got {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            problems.append(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.threads < 0:
             problems.append("threads must be >= 0 (0: automatic)")
         if self.max_image_pixels < 1:
             problems.append("max_image_pixels must be >= 1")
+        if not 1.0 <= self.lease_ttl <= 86_400:
+            problems.append("lease_ttl must be in [1, 86400] seconds")
+        if not 0.0 <= self.lease_wait <= 86_400:
+            problems.append("lease_wait must be in [0, 86400] seconds")
         if problems:
             raise ValueError("; ".join(problems))
 

@@ -91,6 +91,10 @@ def read_manifest(
         raise ManifestError(f"{url}: manifest cannot be read with these credentials ({exc})") from None
     if info.get("type") == "directory":
         raise ManifestError(f"{url}: is a folder; --catalog takes one manifest file")
+    if info.get("type") != "file":
+        # A FIFO, a device or a socket: reading it would block until some other process writes, for ever.
+        raise ManifestError(f"{url}: is not a regular file ({info.get('type')}: a FIFO, device or socket); "
+                            "--catalog takes a manifest file, written out in full before the run")
     try:
         with fs.open(path, "rb", compression="infer") as handle:
             data = handle.read()
@@ -133,6 +137,7 @@ def _parse(data: bytes, fmt: str, url: str, wanted: tuple[str, ...]) -> pa.Table
             delimiter = "\t" if url.lower().removesuffix(".gz").endswith(".tsv") else ","
             # Every column read as text: ids like 000123 must keep their zeros.
             header = _csv_header(data, delimiter)
+            _refuse_duplicate_names(header)
             if not data.endswith(b"\n"):
                 data += b"\n"  # a header-only file without a final newline is still a header
             return csv.read_csv(
@@ -149,6 +154,7 @@ def _parse(data: bytes, fmt: str, url: str, wanted: tuple[str, ...]) -> pa.Table
             import pyarrow.parquet as pq
 
             schema = pq.read_schema(io.BytesIO(data))
+            _refuse_duplicate_names(schema.names)
             return pq.read_table(io.BytesIO(data), columns=list(wanted) if set(wanted) <= set(schema.names) else None)
         if fmt == "jsonl":
             from pyarrow import json as pajson
@@ -187,6 +193,15 @@ def _csv_header(data: bytes, delimiter: str) -> list[str]:
     return next(pycsv.reader([text], delimiter=delimiter))
 
 
+def _refuse_duplicate_names(names: list[str]) -> None:
+    """Two columns of one name: which one holds the ids is a guess, and Arrow would silently take the first."""
+    seen: set[str] = set()
+    repeated = sorted({name for name in names if name in seen or seen.add(name)})
+    if repeated:
+        raise ManifestError(f"the header names column(s) {', '.join(map(repr, repeated))} more than once; "
+                            "rename the duplicates so that each column has its own name")
+
+
 def _locate_bad_utf8(data: bytes) -> str | None:
     for number, line in enumerate(data.split(b"\n"), start=1):
         try:
@@ -222,7 +237,9 @@ def _select(table: pa.Table, url: str, id_column: str, image_column: str) -> pa.
         column = table.column(name)
         if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type) or pa.types.is_integer(column.type)):
             raise ManifestError(f"{url}: column {name!r} has type {column.type}; expected text (or integer ids)")
-        columns.append(pc.utf8_trim_whitespace(column.cast(pa.string())))
+        # Kept exactly as written: ' p1' and 'p1' are two ids (a join on the output must find what the
+        # catalog holds). Blank values are caught in _annotate.
+        columns.append(column.cast(pa.string()))
     return pa.table({"product_id": columns[0], "image": columns[1]}).combine_chunks()
 
 
@@ -245,8 +262,8 @@ def _annotate(table: pa.Table, base: str) -> pa.Table:
     _, first_of_code = np.unique(codes, return_index=True)
     first = first_of_code[codes]
     del codes, first_of_code
-    empty_id = pc.equal(product_id, "").to_numpy(zero_copy_only=False)
-    empty_image = pc.equal(image, "").to_numpy(zero_copy_only=False)
+    empty_id = pc.equal(pc.utf8_trim_whitespace(product_id), "").to_numpy(zero_copy_only=False)
+    empty_image = pc.equal(pc.utf8_trim_whitespace(image), "").to_numpy(zero_copy_only=False)
     invalid = empty_id | empty_image
     duplicate = ~invalid & (first != row)
     status = pc.if_else(pa.array(invalid), "invalid_row", pc.if_else(pa.array(duplicate), "duplicate_id", ""))

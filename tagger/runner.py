@@ -18,6 +18,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -29,6 +30,7 @@ import pyarrow.compute as pc
 from . import storage, writers
 from .bundle import ModelBundle, load_bundle
 from .config import TagConfig
+from .lease import Lease, LeaseHeld, LeaseLost, lease_folder
 from .manifest import Manifest, read_manifest
 from .partition import Partition
 from .reader import TRANSIENT, Batch, ImageRows, StorageUnavailable, collate
@@ -40,13 +42,15 @@ EXIT_CRASH = 1
 EXIT_INVALID_INPUT = 2
 EXIT_TOO_MANY_ERRORS = 3
 EXIT_STORAGE = 4
+EXIT_PARTITION_BUSY = 5  # another run owns the date's partition, or took it over from this one
 EXIT_INTERRUPTED = 143  # 128 + SIGTERM, what schedulers expect from a terminated task
 
 PLAN_FORMAT = 1
 
 
-class Interrupted(Exception):
-    pass
+class Interrupted(BaseException):
+    """A stop request. A BaseException, like KeyboardInterrupt: no library's ``except Exception`` (a retry
+    loop, say) may swallow it."""
 
 
 @dataclass
@@ -105,12 +109,19 @@ class ShardCursor:
 
 
 class StopFlag:
-    """Set by SIGTERM/SIGINT: finish the batch in hand, keep committed shards, exit non-zero."""
+    """SIGTERM/SIGINT, honoured from the first second.
+
+    Outside the tagging loop (reading the manifest or the bundle, waiting out S3 retries, planning) the
+    handler raises :class:`Interrupted` at once, wherever the main thread is. Inside it (:meth:`graceful`)
+    the handler only sets the flag: the batch in hand is finished, the open shard aborted, committed shards
+    kept, then the run stops.
+    """
 
     def __init__(self) -> None:
         self.event = threading.Event()
         self.signal_name = ""
         self._previous: dict[int, Any] = {}
+        self._graceful = False
 
     def install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -126,6 +137,18 @@ class StopFlag:
     def _handle(self, signum: int, _frame: Any) -> None:
         self.signal_name = signal.Signals(signum).name
         self.event.set()
+        if not self._graceful:
+            raise Interrupted(f"stopped by {self.signal_name}")
+
+    @contextmanager
+    def graceful(self):
+        """While in this block a stop request only sets the flag, for the loop to check between batches."""
+        self.check()
+        self._graceful = True
+        try:
+            yield
+        finally:
+            self._graceful = False
 
     def check(self) -> None:
         if self.event.is_set():
@@ -152,11 +175,18 @@ class TagRunner:
         self.partition = Partition(config.out, config.run_date, self.options)
         self.timings: dict[str, float] = {}
         self.counts: Counter = Counter()
+        self.lease: Lease | None = None
 
     # -- the line --------------------------------------------------------------------------------
     def run(self) -> RunResult:
+        """Everything is checked (output location, manifest, bundle with its weights loaded, device) before
+        anything under ``--out`` changes; then the date's lease is taken, and only then the partition touched."""
         started = time.time()
         config = self.config
+        for url in (config.out, config.catalog, config.model, config.since):
+            if url:
+                storage.storage_options(url, self.options)  # a malformed endpoint fails here, not after retries
+        storage.check_output_location(config.out, self.options)
         t = time.time()
         manifest = read_manifest(
             config.catalog,
@@ -169,8 +199,53 @@ class TagRunner:
         log.info("manifest %s: %d rows", config.catalog, manifest.num_rows)
         t = time.time()
         bundle = load_bundle(config.model, self.options)
+        bundle.check_weights()  # weights that do not fit are refused here, before the partition is touched
         self.timings["model_load_s"] = time.time() - t
+        if not config.plan_only:
+            from .inference import precision_settings, resolve_device
 
+            self._device = resolve_device(config.device)
+            self._precision = precision_settings(config.precision, self._device)
+        with self.owning_partition():
+            return self._run_owned(manifest, bundle, started)
+
+    @contextmanager
+    def owning_partition(self):
+        """The date's lease around everything that writes, for a whole run or a --plan-only run.
+
+        ``--shard I/N`` tasks share the partition of one plan: they take no lease, but refuse to start while
+        a whole run owns the date, and are fenced by the plan's run_id (:meth:`_fence`).
+        """
+        config = self.config
+        lease = Lease(lease_folder(config.out, config.run_date), self.options, ttl=config.lease_ttl,
+                      run=config.run_id or "")
+        if config.fanout is not None:
+            generation, holder = lease.current()
+            if lease.vacancy(holder) == "":
+                raise LeaseHeld(f"{lease.folder}: a whole run owns the partition: {Lease.describe(holder)}; "
+                                "the --shard tasks run after it has ended")
+            yield
+            return
+        lease.acquire(wait=config.lease_wait, interrupted=self.stop.check)
+        self.lease = lease
+        try:
+            yield
+        finally:
+            self.lease = None
+            lease.release()
+
+    def _fence(self, plan: dict[str, Any]) -> None:
+        """Before each commit: this run still owns the partition, and the partition still holds its plan."""
+        if self.lease is not None:
+            self.lease.check()
+        current = self.partition.read_plan()
+        if current is None or current.get("run_id") != plan["run_id"]:
+            theirs = current.get("run_id") if current else None
+            raise LeaseLost(f"{self.partition.state}: the partition now holds run {theirs}, not this run "
+                            f"{plan['run_id']} (another run replaced it); nothing more is committed by this run")
+
+    def _run_owned(self, manifest: Manifest, bundle: ModelBundle, started: float) -> RunResult:
+        config = self.config
         plan = self._plan(manifest, bundle)
         if config.plan_only:
             return self._result(EXIT_OK, {"status": "planned", **self._plan_facts(plan)}, started)
@@ -249,7 +324,7 @@ class TagRunner:
     def _tag_shards(self, manifest: Manifest, bundle: ModelBundle, plan: dict[str, Any], pending: list[int]) -> None:
         import torch
 
-        from .inference import Predictor, precision_settings, resolve_device
+        from .inference import Predictor
 
         config = self.config
         table = manifest.table
@@ -263,8 +338,8 @@ class TagRunner:
         per_shard_reads = np.bincount(shard_of_row[readable], minlength=plan["num_shards"])
         del shard_of_row
 
-        device = resolve_device(config.device)
-        predictor = Predictor(bundle, device, **precision_settings(config.precision, device))
+        device = self._device
+        predictor = Predictor(bundle, device, **self._precision)
         self.device = str(device)
         schema = writers.tags_schema(bundle.attribute_names)
         context = self._start_method(manifest)
@@ -300,42 +375,51 @@ class TagRunner:
             if device.type == "cpu" and config.threads > 0:
                 torch.set_num_threads(config.threads)
             batches = self._batches(loader)
-            try:
-                cursor.advance()
-                for batch in batches:
-                    self.stop.check()
-                    self._check_transient(batch)
-                    predictions = predictor(batch.images) if batch.images is not None else None
-                    labels = predictor.labels(predictions) if predictions is not None else None
-                    tagged_at = datetime.now(timezone.utc)
-                    # Batches arrive in row order and may straddle a shard boundary.
-                    for shard in np.unique(np.concatenate([batch.rows, batch.error_rows]) // config.shard_size):
-                        output = cursor.current
-                        if output is None or output.index != shard:
-                            raise RuntimeError(f"rows of shard {shard} arrived while shard {output and output.index} was open")
-                        good = batch.rows // config.shard_size == shard
-                        bad = batch.error_rows // config.shard_size == shard
-                        self._write_tags(output, manifest, batch, good, predictions, labels, bundle, plan, tagged_at)
-                        self._write_errors(output, manifest, batch, bad, plan)
-                        cursor.consumed(int(good.sum() + bad.sum()))
-                    self.counts["images"] += batch.size
-                    progress.update(batch.size)
+            with self.stop.graceful():
+                self._loop(batches, cursor, predictor, manifest, bundle, plan, progress, previous_threads)
+
+    def _loop(self, batches, cursor, predictor, manifest, bundle, plan, progress, previous_threads) -> None:
+        import torch
+
+        config = self.config
+        try:
+            cursor.advance()
+            for batch in batches:
                 self.stop.check()
-                if cursor.current is not None:
-                    raise RuntimeError(f"shard {cursor.current.index} still expects {cursor.current.remaining} row(s) after the last batch")
-            except BaseException as exc:
-                cursor.abort()
-                if self.stop.event.is_set() and not isinstance(exc, Interrupted):
-                    # A stop request wins over what it caused (e.g. workers that died of the same SIGTERM).
-                    raise Interrupted(f"stopped by {self.stop.signal_name or 'request'}") from exc
-                if isinstance(exc, RuntimeError) and not isinstance(exc, WorkerFailure) and "DataLoader worker" in str(exc):
-                    # torch's SIGCHLD handler raises this wherever the main process happens to be.
-                    raise WorkerFailure(_worker_failure_message(str(exc))) from exc
-                raise
-            finally:
-                batches.close()  # stops the workers now, not whenever the garbage collector gets to them
-                progress.close()
-                torch.set_num_threads(previous_threads)
+                self._check_transient(batch)
+                predictions = predictor(batch.images) if batch.images is not None else None
+                if predictions is not None:
+                    _refuse_non_finite(predictions, batch, manifest)
+                labels = predictor.labels(predictions) if predictions is not None else None
+                tagged_at = datetime.now(timezone.utc)
+                # Batches arrive in row order and may straddle a shard boundary.
+                for shard in np.unique(np.concatenate([batch.rows, batch.error_rows]) // config.shard_size):
+                    output = cursor.current
+                    if output is None or output.index != shard:
+                        raise RuntimeError(f"rows of shard {shard} arrived while shard {output and output.index} was open")
+                    good = batch.rows // config.shard_size == shard
+                    bad = batch.error_rows // config.shard_size == shard
+                    self._write_tags(output, manifest, batch, good, predictions, labels, bundle, plan, tagged_at)
+                    self._write_errors(output, manifest, batch, bad, plan)
+                    cursor.consumed(int(good.sum() + bad.sum()))
+                self.counts["images"] += batch.size
+                progress.update(batch.size)
+            self.stop.check()
+            if cursor.current is not None:
+                raise RuntimeError(f"shard {cursor.current.index} still expects {cursor.current.remaining} row(s) after the last batch")
+        except BaseException as exc:
+            cursor.abort()
+            if self.stop.event.is_set() and not isinstance(exc, Interrupted):
+                # A stop request wins over what it caused (e.g. workers that died of the same SIGTERM).
+                raise Interrupted(f"stopped by {self.stop.signal_name or 'request'}") from exc
+            if isinstance(exc, RuntimeError) and not isinstance(exc, WorkerFailure) and "DataLoader worker" in str(exc):
+                # torch's SIGCHLD handler raises this wherever the main process happens to be.
+                raise WorkerFailure(_worker_failure_message(str(exc))) from exc
+            raise
+        finally:
+            batches.close()  # stops the workers now, not whenever the garbage collector gets to them
+            progress.close()
+            torch.set_num_threads(previous_threads)
 
     def _batches(self, loader: Any):
         """The loader's batches; a worker that died is reported as such, and a stop request wins."""
@@ -455,6 +539,7 @@ class TagRunner:
         output.error_types.update(types)
 
     def _commit_shard(self, output: ShardOutput, plan: dict[str, Any]) -> None:
+        self._fence(plan)
         output.tags.commit()
         output.errors.commit()
         errors = sum(output.error_types.values())
@@ -487,6 +572,10 @@ class TagRunner:
                 "that own them (or the same command without --shard) first, nothing was committed"
             )
         stats = self.partition.read_shard_stats(range(plan["num_shards"]))
+        foreign = [s["shard"] for s in stats if s.get("run_id") != plan["run_id"]]
+        if foreign:
+            raise LeaseLost(f"{self.partition.state}: shard(s) {foreign[:20]} were committed by another run than "
+                            f"{plan['run_id']}; not committing a partition that mixes runs. Re-run the date.")
         rows = sum(s["rows"] for s in stats)
         errors = sum(s["errors"] for s in stats)
         error_types: Counter = Counter()
@@ -512,6 +601,7 @@ class TagRunner:
             return self._result(EXIT_TOO_MANY_ERRORS, summary, started)
         summary["status"] = "succeeded"
         result = self._result(EXIT_OK, summary, started)
+        self._fence(plan)
         parts = {"tags": {}, "errors": {}}
         for s in stats:
             for table in parts:
@@ -607,6 +697,25 @@ class _LogProgress:
 
 class PlanMismatch(RuntimeError):
     pass
+
+
+class NonFiniteScores(RuntimeError):
+    pass
+
+
+def _refuse_non_finite(predictions: Any, batch: Batch, manifest: Manifest) -> None:
+    """A score is never NaN: a model that yields one fails the run loudly instead of writing it."""
+    bad = np.zeros(len(batch.rows), dtype=bool)
+    for scores in predictions.scores.values():
+        bad |= ~np.isfinite(scores)
+    if bad.any():
+        rows = batch.rows[bad]
+        ids = manifest.table.column("product_id").take(pa.array(rows[:5])).to_pylist()
+        raise NonFiniteScores(
+            f"the model produced NaN or infinite scores for {int(bad.sum())} image(s) of a batch (manifest rows "
+            f"{', '.join(str(r + 1) for r in rows[:5])}: product ids {ids}); nothing of the open shard was written. "
+            "Try --precision fp32; if it persists, the model bundle is broken: retrain or re-export it."
+        )
 
 
 class WorkerFailure(RuntimeError):

@@ -38,6 +38,21 @@ _UNAVAILABLE_TYPES = {
 }
 
 
+class StorageConfigError(ValueError):
+    """A storage setting that can never work (a malformed endpoint, credentials in a URL, a bad bucket name):
+    an input error to fix, not an outage to wait out."""
+
+
+class OutputLocationError(ValueError):
+    """``--out`` cannot take the output: an existing file, a folder this user may not write, no such bucket."""
+
+
+# botocore/s3fs errors that say the request itself is wrong, whatever the store's health: retrying later
+# gives the same answer, so they are input errors (exit 2), never "storage unavailable" (exit 4).
+_PERMANENT_TYPES = {"ParamValidationError", "InvalidEndpointError", "InvalidS3AddressingStyleError", "InvalidRegionError",
+                    "NoCredentialsError", "PartialCredentialsError", "InvalidConfigError", "UnknownServiceError"}
+
+
 def is_remote(url: str) -> bool:
     return "://" in url and not url.startswith("file://")
 
@@ -66,7 +81,105 @@ def storage_options(url: str, extra: Mapping[str, Any] | None = None) -> dict[st
             client.setdefault("endpoint_url", endpoint)
         if client:
             options["client_kwargs"] = client
+        if client.get("endpoint_url") is not None:
+            check_endpoint(client["endpoint_url"])
     return options
+
+
+def check_endpoint(endpoint: Any) -> None:
+    """Refuse an S3 endpoint URL that no retry can make work, without echoing any secret in it."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(str(endpoint))
+        port = parts.port  # raises for a port that is not a number
+    except ValueError as exc:
+        raise StorageConfigError(f"S3 endpoint URL is malformed ({exc}); expected http(s)://host[:port]") from None
+    if parts.username is not None or parts.password is not None:
+        shown = parts._replace(netloc=f"***@{parts.hostname}" + (f":{port}" if port else "")).geturl()
+        raise StorageConfigError(
+            f"S3 endpoint URL {shown} carries credentials; give them through the AWS chain (AWS_ACCESS_KEY_ID/"
+            "AWS_SECRET_ACCESS_KEY, AWS_PROFILE, a role) and name only http(s)://host[:port] as the endpoint"
+        )
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise StorageConfigError(f"S3 endpoint URL {endpoint!r} is not an http(s)://host[:port] URL "
+                                 "(AWS_ENDPOINT_URL, AWS_ENDPOINT_URL_S3 or --storage-option endpoint_url)")
+
+
+def is_permanent(exc: BaseException | None) -> bool:
+    """Whether ``exc`` (or what caused it) is a configuration error of the storage that no retry fixes."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (StorageConfigError, OutputLocationError)) or type(exc).__name__ in _PERMANENT_TYPES:
+            return True
+        if type(exc).__name__ == "ValueError" and str(exc).startswith("Invalid endpoint"):  # botocore's own check
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def check_output_location(url: str, options: Mapping[str, Any] | None = None) -> None:
+    """Refuse an ``--out`` that cannot take the output, before the run reads anything big or writes anything.
+
+    Raises :class:`OutputLocationError` (an input error). Storage that does not answer raises what it raises
+    (an outage, exit 4). Nothing is written.
+    """
+    if not is_remote(url):
+        path = url.removeprefix("file://")
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise OutputLocationError(f"--out {url}: is an existing file, not a folder; name a folder (it may not exist yet)")
+        existing = os.path.abspath(path)
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing):
+            raise OutputLocationError(f"--out {url}: {existing} is a file, so no folder can be made under it")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise OutputLocationError(f"--out {url}: {existing} is not writable by this user (read-only folder or "
+                                      "file system); choose another --out or fix its permissions")
+        return
+    if protocol(url) not in ("s3", "s3a"):
+        return  # another fsspec store: its first write says what is wrong
+    fs, path = filesystem(url, options)
+    bucket = path.split("/", 1)[0]
+    try:
+        fs.call_s3("head_bucket", Bucket=bucket)
+    except FileNotFoundError:
+        raise OutputLocationError(f"--out {url}: bucket {bucket!r} does not exist; create it or fix --out") from None
+    except PermissionError as exc:
+        raise OutputLocationError(f"--out {url}: the credentials may not use bucket {bucket!r} ({exc})") from None
+    except Exception as exc:
+        if is_permanent(exc):
+            raise OutputLocationError(f"--out {url}: {type(exc).__name__}: {exc}") from None
+        raise
+
+
+def create_exclusive(url: str, data: bytes, options: Mapping[str, Any] | None = None) -> bool:
+    """Write a small file only if nothing exists at ``url``, atomically: True if this call created it.
+
+    Locally: written under a temporary name, then hard-linked to the final name (``link`` fails if the name
+    exists, and the file is never seen half-written). On S3: a conditional PUT (``If-None-Match: *``), which
+    the store refuses with 412 when the key exists.
+    """
+    fs, path = filesystem(url, options)
+    if is_remote(url):
+        try:
+            fs.pipe_file(path, data, mode="create")
+        except FileExistsError:
+            return False
+        return True
+    folder, name = os.path.split(path)
+    os.makedirs(folder, exist_ok=True)
+    temporary = os.path.join(folder, f".{name}{TEMP_MARK}{uuid.uuid4().hex[:8]}")
+    with open(temporary, "wb") as handle:
+        handle.write(data)
+    try:
+        os.link(temporary, path)
+    except FileExistsError:
+        return False
+    finally:
+        os.remove(temporary)
+    return True
 
 
 def read_deadline(url: str, options: Mapping[str, Any] | None = None) -> float | None:
