@@ -7,7 +7,8 @@ import sys
 
 import click
 
-from tagger.config import default_workers
+from tagger.config import DEFAULT_MAX_IMAGE_BYTES, DEVICES, PRECISIONS, default_workers
+from tagger.images import DEFAULT_MAX_IMAGE_PIXELS
 
 from .options import parse_storage_options, storage_option
 
@@ -27,8 +28,14 @@ EXIT_OK, EXIT_CRASH, EXIT_INVALID_INPUT, EXIT_STORAGE = 0, 1, 2, 4
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--workers", type=click.IntRange(min=0), default=default_workers, show_default="min(8, CPUs)",
               help="Image reading/decoding processes; 0 decodes in the main process.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
               help="auto uses CUDA when a GPU is visible.")
+@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
+              help="As `tagger tag --precision`; evaluate with the setting the catalog is tagged with.")
+@click.option("--max-image-bytes", type=click.IntRange(min=1), default=DEFAULT_MAX_IMAGE_BYTES, show_default=True,
+              help="Larger image files become too_large errors, refused from their size before they are read.")
+@click.option("--max-image-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_IMAGE_PIXELS, show_default=True,
+              help="Decompression-bomb guard: larger images become too_large errors.")
 @click.option("--unknown-labels", type=click.Choice(["exclude", "other"]), default="exclude", show_default=True,
               help="Labels the model has never seen (external data): leave them out of the metrics, or score them "
               "as 'Other' where the attribute has that class. Counted in the report either way.")
@@ -55,6 +62,7 @@ def execute(config) -> int:
     from tagger.evaluation import EvaluationError
     from tagger.evaluation.evaluate import evaluate as run
     from tagger.evaluation.report import summary_text, write_report
+    from tagger.reader import StorageUnavailable
     from tagger.training.kaggle import DataError
 
     try:
@@ -63,7 +71,7 @@ def execute(config) -> int:
     except (EvaluationError, BundleError, DataError) as exc:
         return _fail(EXIT_INVALID_INPUT, f"invalid input: {exc}")
     except Exception as exc:
-        if storage.is_unavailable(exc):
+        if isinstance(exc, StorageUnavailable) or storage.is_unavailable(exc):
             return _fail(EXIT_STORAGE, f"storage unavailable: {type(exc).__name__}: {exc}")
         log.exception("evaluation failed")
         return _fail(EXIT_CRASH, f"failed: {type(exc).__name__}: {exc}")

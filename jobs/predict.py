@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from tagger.config import default_workers
+from tagger.config import DEFAULT_MAX_IMAGE_BYTES, DEVICES, PRECISIONS, default_workers
 
 from .options import parse_storage_options, storage_option
 
@@ -31,7 +31,11 @@ def _out_format(ctx: click.Context, param: click.Parameter, value: str) -> str:
 @click.option("--out", required=True, callback=_out_format,
               help="sheet.png: a contact sheet (pages sheet-2.png, ... past --per-page); gallery.html: one self-contained page.")
 @click.option("--top-k", type=click.IntRange(1, 20), default=3, show_default=True, help="Labels shown per attribute.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
+              help="As `tagger tag --precision`: the scores shown are the ones the tag job would write.")
+@click.option("--max-image-bytes", type=click.IntRange(min=1), default=DEFAULT_MAX_IMAGE_BYTES, show_default=True,
+              help="Larger image files are shown as too_large errors, refused from their size before they are read.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--workers", type=click.IntRange(min=0), default=None, show_default=f"0 under {AUTO_WORKERS_FROM} images, else min(8, CPUs)",
               help="Image reading/decoding processes.")
@@ -40,8 +44,9 @@ def _out_format(ctx: click.Context, param: click.Parameter, value: str) -> str:
 @click.option("--table/--no-table", default=True, show_default=True,
               help="Also write the predictions as Parquet beside --out (sheet.png -> sheet.parquet).")
 @storage_option
-def predict(images: tuple[str, ...], model: str, out: str, top_k: int, device: str, batch_size: int, workers: int | None,
-            thumb_size: int, per_page: int, table: bool, storage_options: tuple[str, ...]) -> None:
+def predict(images: tuple[str, ...], model: str, out: str, top_k: int, device: str, precision: str, max_image_bytes: int,
+            batch_size: int, workers: int | None, thumb_size: int, per_page: int, table: bool,
+            storage_options: tuple[str, ...]) -> None:
     """Predict tags for IMAGES (files, or folders searched recursively for jpg/jpeg/png/webp/gif) and show
     each image with its top labels and scores. Unreadable images are listed with their error.
 
@@ -50,14 +55,15 @@ def predict(images: tuple[str, ...], model: str, out: str, top_k: int, device: s
     from tagger.bundle import BundleError, load_bundle
     from tagger.evaluation import EvaluationError
     from tagger.evaluation import gallery
-    from tagger.inference import resolve_device
+    from tagger.inference import precision_settings, resolve_device
 
     try:
         bundle = load_bundle(model, parse_storage_options(storage_options))
         paths = gallery.collect_images(images)
         try:
             chosen = resolve_device(device)
-        except RuntimeError as exc:
+            precision_settings(precision, chosen)  # fp16 is for CUDA: say so before any image is read
+        except (RuntimeError, ValueError) as exc:
             raise EvaluationError(str(exc)) from None
     except (BundleError, EvaluationError) as exc:
         sys.exit(_fail(EXIT_INVALID_INPUT, f"invalid input: {exc}"))
@@ -65,7 +71,8 @@ def predict(images: tuple[str, ...], model: str, out: str, top_k: int, device: s
         workers = 0 if len(paths) < AUTO_WORKERS_FROM else default_workers()
     try:
         results = gallery.predict_images(
-            bundle, paths, device=chosen, top_k=top_k, batch_size=batch_size, workers=workers, thumb_size=thumb_size
+            bundle, paths, device=chosen, precision=precision, top_k=top_k, batch_size=batch_size, workers=workers,
+            thumb_size=thumb_size, max_bytes=max_image_bytes,
         )
         written = write_outputs(bundle, results, out, thumb_size=thumb_size, per_page=per_page, table=table)
     except Exception as exc:

@@ -1,4 +1,9 @@
-"""A batch of uint8 images -> top label index and score per attribute. Pure compute, no I/O."""
+"""A batch of uint8 images -> top label index and score (and, when asked, every probability) per attribute.
+
+The one forward pass of tag, evaluate, predict and retrain's val/test scoring: the same device rule,
+precision (``--precision``), channels-last and uint8 input everywhere, so that evaluate and the review
+thresholds measure exactly what the tag job writes. Pure compute, no I/O.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,8 @@ import numpy as np
 import torch
 
 from .bundle import ModelBundle
+from .config import PRECISIONS
+from .model import TaggerNet
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +36,6 @@ def resolve_device(requested: str) -> torch.device:
             f"CUDA build {torch.version.cuda}); use --device cpu or auto, or check the driver and CUDA_VISIBLE_DEVICES"
         )
     return torch.device(requested)
-
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 def precision_settings(precision: str, device: torch.device) -> dict:
@@ -63,42 +67,61 @@ def _cpu_has_bf16() -> bool:
 
 @dataclass(frozen=True)
 class Predictions:
-    """Per attribute, in bundle order: top label index (int64) and its softmax score (float32)."""
+    """Per attribute, in the net's head order: top label index (int64) and its softmax score (float32);
+    ``probabilities``: the whole softmax vector per image ``(n, n_labels)`` float32, when asked for."""
 
     indices: dict[str, np.ndarray]
     scores: dict[str, np.ndarray]
+    probabilities: dict[str, np.ndarray] | None = None
 
 
 class Predictor:
-    """Runs a bundle's network on batches: eval mode, inference mode, channels-last, AMP on CUDA."""
+    """Runs a network on batches of uint8 images: eval mode, inference mode, channels-last, autocast.
 
-    def __init__(self, bundle: ModelBundle, device: torch.device, *, amp: bool | None = None, channels_last: bool = True,
-                 amp_dtype: torch.dtype | None = None):
-        self.bundle = bundle
+    ``model``: a bundle (the tag job, evaluate, predict) or a :class:`TaggerNet` being trained (retrain's
+    val/test scoring, before any bundle exists; it is put in eval mode and left on ``device``).
+    ``precision``: ``auto``/``fp32``/``bf16``/``fp16``, as :func:`precision_settings` resolves it; or
+    give ``amp``/``amp_dtype`` directly. Neither: autocast (fp16) on CUDA only.
+    """
+
+    def __init__(self, model: ModelBundle | TaggerNet, device: torch.device, *, precision: str | None = None,
+                 amp: bool | None = None, channels_last: bool = True, amp_dtype: torch.dtype | None = None):
+        if precision is not None:
+            if amp is not None or amp_dtype is not None:
+                raise ValueError("give either precision or amp/amp_dtype, not both")
+            settings = precision_settings(precision, device)
+            amp, amp_dtype = settings.get("amp"), settings.get("amp_dtype")
+        self.bundle = model if isinstance(model, ModelBundle) else None
         self.device = device
         self.amp = device.type == "cuda" if amp is None else amp
         self.amp_dtype = amp_dtype or (torch.bfloat16 if device.type == "cpu" else torch.float16)
-        self.net = bundle.build_net().to(device)
+        net = model.build_net() if isinstance(model, ModelBundle) else model
         # Channels-last matches the NHWC layout the decoder produces (no transpose copy) and is the
         # fast path for convolutions on both CUDA (tensor cores) and CPU (oneDNN).
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.net = self.net.to(memory_format=self.memory_format)
+        self.net = net.eval().to(device).to(memory_format=self.memory_format)
 
     @torch.inference_mode()
-    def __call__(self, images: torch.Tensor) -> Predictions:
+    def __call__(self, images: torch.Tensor, *, probabilities: bool = False) -> Predictions:
+        """Top label and score per attribute; with ``probabilities`` also every class's probability
+        (the top label and score are the same either way: evaluate scores what tag writes)."""
         images = images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
             logits = self.net(images)
-        indices, scores = {}, {}
+        indices, scores, vectors = {}, {}, {}
         for name, values in logits.items():
-            probabilities = values.float().softmax(dim=1)
-            score, index = probabilities.max(dim=1)
+            softmax = values.float().softmax(dim=1)
+            score, index = softmax.max(dim=1)
             indices[name] = index.cpu().numpy()
             scores[name] = score.cpu().numpy().astype(np.float32)
-        return Predictions(indices, scores)
+            if probabilities:
+                vectors[name] = softmax.cpu().numpy()
+        return Predictions(indices, scores, vectors if probabilities else None)
 
     def labels(self, predictions: Predictions) -> dict[str, np.ndarray]:
         """Label strings per attribute (numpy object arrays) from the bundle's vocabularies."""
+        if self.bundle is None:
+            raise ValueError("this Predictor runs a bare network: label strings come from a bundle's vocabularies")
         return {
             spec.name: np.asarray(spec.labels, dtype=object)[predictions.indices[spec.name]] for spec in self.bundle.attributes
         }

@@ -1,16 +1,24 @@
-"""Image rows for the DataLoader: location -> bytes -> decoded pixels, or an error for that row.
+"""The one way from an image location to pixels, or to a typed error, for tag, evaluate, predict and retrain.
 
-The rows to read live in an Arrow IPC file that each worker memory-maps: workers share the page cache
-instead of each unpickling a copy of a million-element Python list, whose refcount writes would also
-defeat copy-on-write after a fork. Each item carries its manifest row number, so a bad image becomes an
-error for exactly that row; nothing shifts to a neighbour.
+- :func:`read_image`: location -> bytes + version, under the store's deadline, local paths and ``s3://``
+  only, at most ``max_bytes``;
+- :func:`fetch_image`: the same with every failure typed: :class:`ImageError` for this image (``missing``,
+  ``forbidden``, ``not_a_file``, ``invalid_location``, ``too_large``), :class:`StorageUnavailable` when
+  the store itself is failing;
+- :func:`load_image`: fetch + :func:`tagger.images.decode_image` (retrain decodes through it);
+- :class:`ImageRows` + :func:`collate`: the DataLoader dataset and batches of tag, evaluate and predict.
+
+The rows to read live in an Arrow table (for the tag job an IPC file that each worker memory-maps:
+workers share the page cache instead of each unpickling a copy of a million-element Python list, whose
+refcount writes would also defeat copy-on-write after a fork). Each item carries its row number, so a bad
+image becomes an error for exactly that row; nothing shifts to a neighbour.
 """
 
 from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +28,7 @@ import torch
 from fsspec.asyn import sync
 
 from . import storage
+from .config import DEFAULT_MAX_IMAGE_BYTES
 from .images import DEFAULT_MAX_IMAGE_PIXELS, ImageError, decode_image
 
 # Raised in the main process when a read failed for a reason that retrying later may fix (S3 down,
@@ -35,7 +44,7 @@ _BAD_LOCATION_ERRNOS = {errno.ENAMETOOLONG, errno.ENOTDIR, errno.ELOOP, errno.EI
 
 
 class StorageUnavailable(RuntimeError):
-    pass
+    """The store is failing for now (after retries): stop, keep what is committed, run again later."""
 
 
 @dataclass
@@ -45,12 +54,7 @@ class Item:
     version: str
     error_type: str
     message: str
-
-
-def write_rows_file(path: str, rows: pa.Table) -> None:
-    """Persist the rows to read (columns ``row``, ``location``) for the workers to memory-map."""
-    with pa.OSFile(path, "wb") as sink, pa.ipc.new_file(sink, rows.schema) as writer:
-        writer.write_table(rows)
+    preview: Any = None  # ImageRows' ``preview(bytes)`` of a decoded image, when asked for (predict's thumbnails)
 
 
 class InvalidLocation(ValueError):
@@ -68,8 +72,14 @@ def remote_version(size: int, details: Mapping[str, Any]) -> str:
     return f"{size}-{etag or details.get('LastModified', '')}"
 
 
-def read_image(location: str, options: Mapping[str, Any] | None) -> tuple[bytes, str]:
-    """The image's bytes and a version string (local: size + mtime; object stores: ETag + size)."""
+def read_image(
+    location: str, options: Mapping[str, Any] | None, *, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+) -> tuple[bytes, str]:
+    """The image's bytes and a version string (local: size + mtime; object stores: ETag + size).
+
+    Raises what the store raised (see :func:`classify_read_error`), or :class:`ImageError` ``too_large``
+    for a file over ``max_bytes``, known from its size before it is read.
+    """
     if storage.protocol(location) not in READABLE_PROTOCOLS:
         raise InvalidLocation(f"unsupported URL scheme {storage.protocol(location)!r}; images are local paths or s3:// URLs")
     if not storage.is_remote(location):
@@ -77,24 +87,70 @@ def read_image(location: str, options: Mapping[str, Any] | None) -> tuple[bytes,
         stat = os.stat(path)
         if not os.path.isfile(path):
             raise IsADirectoryError(path)
+        _check_size(stat.st_size, max_bytes, location)
         with open(path, "rb") as handle:
-            data = handle.read()
+            # One byte over the cap at most: a file that grew since the stat is still never read whole.
+            data = handle.read(max_bytes + 1)
+        _check_size(len(data), max_bytes, location)
         return data, local_version(stat)
     fs, path = storage.filesystem(location, options)
     # HEAD then GET, under one deadline: botocore's retry budget. Without it s3fs's nested retries would let
     # a store that accepts requests and never answers hold a single image for many times that.
-    details, data = sync(fs.loop, _fetch, fs, path, location, timeout=storage.read_deadline(location, options))
+    details, data = sync(fs.loop, _fetch, fs, path, location, max_bytes, timeout=storage.read_deadline(location, options))
     return data, remote_version(len(data), details)
 
 
-async def _fetch(fs: Any, path: str, location: str) -> tuple[dict[str, Any], bytes]:
+async def _fetch(fs: Any, path: str, location: str, max_bytes: int) -> tuple[dict[str, Any], bytes]:
     details = await fs._info(path)
     if details.get("type") == "directory":
         raise IsADirectoryError(location)
+    # The HEAD's size decides before the GET: an oversized object is refused without downloading it.
+    _check_size(int(details.get("size") or 0), max_bytes, location)
     return details, await fs._cat_file(path)
 
 
+def _check_size(size: int, max_bytes: int, location: str) -> None:
+    if size > max_bytes:
+        raise ImageError(
+            "too_large",
+            f"{location}: {size:,} bytes exceeds the limit of {max_bytes:,} (raise --max-image-bytes if such files are expected)",
+        )
+
+
+def fetch_image(
+    location: str, options: Mapping[str, Any] | None, *, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+) -> tuple[bytes, str]:
+    """:func:`read_image` with its failures typed: :class:`ImageError` when this image cannot be had (its
+    ``error_type`` is the errors-table code), :class:`StorageUnavailable` when the store is failing for now."""
+    try:
+        return read_image(location, options, max_bytes=max_bytes)
+    except Exception as exc:
+        error_type, message = classify_read_error(exc, location)
+        if error_type == TRANSIENT:
+            raise StorageUnavailable(message) from exc
+        raise ImageError(error_type, message) from None
+
+
+def load_image(
+    location: str,
+    size: int,
+    options: Mapping[str, Any] | None = None,
+    *,
+    max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    draft: bool = True,
+) -> np.ndarray:
+    """Location -> ``(size, size, 3)`` uint8 (read-only), exactly as the tag job prepares it; raises like
+    :func:`fetch_image` and :func:`tagger.images.decode_image`."""
+    data, _ = fetch_image(location, options, max_bytes=max_bytes)
+    return decode_image(data, size, source=location, max_pixels=max_pixels, draft=draft)
+
+
 def classify_read_error(exc: BaseException, location: str) -> tuple[str, str]:
+    """``(error_type, message)`` for an exception of :func:`read_image`; :data:`TRANSIENT` when retrying
+    later may succeed."""
+    if isinstance(exc, ImageError):
+        return exc.error_type, exc.message
     if isinstance(exc, FileNotFoundError):
         return "missing", f"{location}: no such file or object"
     if isinstance(exc, PermissionError):
@@ -121,30 +177,53 @@ def _is_bad_location(exc: BaseException, location: str) -> bool:
 
 
 class ImageRows(torch.utils.data.Dataset):
+    """Rows ``(row, location)`` -> :class:`Item`: pixels, or the row's error, never a gap.
+
+    ``rows``: the path of an Arrow IPC file with columns ``row`` (int64) and ``location`` (string),
+    memory-mapped by each worker (the tag job's millions of rows), or such a table in memory (evaluate,
+    predict; see :meth:`from_locations`). ``preview``: a picklable function of the image's bytes whose
+    result rides along with decoded images, so that predict's thumbnails need no second read.
+    """
+
     def __init__(
         self,
-        rows_file: str,
+        rows: str | pa.Table,
         size: int,
         *,
         storage_options: Mapping[str, Any] | None = None,
         max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
         draft: bool = True,
+        preview: Callable[[bytes], Any] | None = None,
     ):
-        self.rows_file = rows_file
+        self.rows_file = rows if isinstance(rows, str) else None
         self.size = size
         self.storage_options = dict(storage_options or {})
         self.max_pixels = max_pixels
+        self.max_bytes = max_bytes
         self.draft = draft
-        with pa.memory_map(rows_file) as source:
-            self._length = pa.ipc.open_file(source).read_all().num_rows
-        self._table: pa.Table | None = None
+        self.preview = preview
+        if self.rows_file is None:
+            self._table: pa.Table | None = rows
+            self._length = rows.num_rows
+        else:
+            with pa.memory_map(self.rows_file) as source:
+                self._length = pa.ipc.open_file(source).read_all().num_rows
+            self._table = None
         # Set after the first transient read failure: storage looks down, the run will stop at this row's
         # batch, so the rest of this process's rows fail at once instead of each waiting out the retries.
         self._unavailable: str | None = None
 
+    @classmethod
+    def from_locations(cls, locations: Sequence[str], size: int, **options: Any) -> ImageRows:
+        """Rows numbered 0..n-1 in the order given."""
+        table = pa.table({"row": pa.array(np.arange(len(locations)), pa.int64()), "location": pa.array(list(locations), pa.string())})
+        return cls(table, size, **options)
+
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_table"] = None  # each worker maps the file itself
+        if self.rows_file is not None:
+            state["_table"] = None  # each worker maps the file itself
         return state
 
     def __len__(self) -> int:
@@ -162,17 +241,17 @@ class ImageRows(torch.utils.data.Dataset):
         if self._unavailable is not None:
             return Item(row, None, "", TRANSIENT, f"{location}: not read; {self._unavailable}")
         try:
-            data, version = read_image(location, self.storage_options)
-        except Exception as exc:
-            error_type, message = classify_read_error(exc, location)
-            if error_type == TRANSIENT:
-                self._unavailable = message
-            return Item(row, None, "", error_type, message)
+            data, version = fetch_image(location, self.storage_options, max_bytes=self.max_bytes)
+        except StorageUnavailable as exc:
+            self._unavailable = str(exc)
+            return Item(row, None, "", TRANSIENT, str(exc))
+        except ImageError as exc:
+            return Item(row, None, "", exc.error_type, exc.message)
         try:
             pixels = decode_image(data, self.size, source=location, max_pixels=self.max_pixels, draft=self.draft)
         except ImageError as exc:
             return Item(row, None, version, exc.error_type, exc.message)
-        return Item(row, pixels, version, "", "")
+        return Item(row, pixels, version, "", "", self.preview(data) if self.preview is not None else None)
 
 
 @dataclass
@@ -184,6 +263,7 @@ class Batch:
     error_types: list[str]
     error_messages: list[str]
     size: int  # all rows in the batch, decoded or not
+    previews: list[Any] | None = None  # per decoded image, when the dataset makes previews
 
     def pin_memory(self) -> Batch:
         if self.images is not None:
@@ -206,4 +286,5 @@ def collate(items: list[Item]) -> Batch:
         error_types=[item.error_type for item in bad],
         error_messages=[item.message for item in bad],
         size=len(items),
+        previews=[item.preview for item in good] if any(item.preview is not None for item in good) else None,
     )

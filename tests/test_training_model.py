@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tagger.model import create_tagger_net, resolve_data_config
-from tagger.training.evaluate import calibrate_threshold, majority_baseline
+from tagger.evaluation.metrics import THRESHOLD_MARGIN, calibrate_threshold, majority_baseline
 from tagger.training.module import TaggerModule, masked_cross_entropy, warmup_cosine
 
 
@@ -50,16 +50,31 @@ def test_warmup_then_cosine():
     assert warmup_cosine(20, warmup_steps=10, total_steps=100, time_fraction=2.0) == pytest.approx(0.01)
 
 
-def test_threshold_is_the_lowest_score_that_keeps_precision():
+def test_threshold_accepts_the_largest_set_that_keeps_precision_and_sits_between_scores():
     scores = np.array([0.99, 0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
     correct = np.array([1, 1, 1, 1, 1, 0, 1, 0], dtype=bool)
-    # precision of the top-k: 1, 1, 1, 1, 1, 5/6, 6/7, 6/8
-    assert calibrate_threshold(scores, correct, 0.85) == pytest.approx(0.5)
-    assert calibrate_threshold(scores, correct, 0.9) == pytest.approx(0.7)
+    # precision of the top-k: 1, 1, 1, 1, 1, 5/6, 6/7, 6/8; the threshold lies halfway to the next lower score.
+    assert calibrate_threshold(scores, correct, 0.85) == pytest.approx(0.45)  # accepts down to 0.5
+    assert calibrate_threshold(scores, correct, 0.9) == pytest.approx(0.65)  # accepts down to 0.7
     assert calibrate_threshold(scores, np.zeros(8, dtype=bool), 0.9) == 1.0  # never precise enough: review all
-    assert calibrate_threshold(scores, np.ones(8, dtype=bool), 0.9) == pytest.approx(0.4)
+    # All accepted: just under the lowest score, there being no lower one to sit halfway to.
+    assert calibrate_threshold(scores, np.ones(8, dtype=bool), 0.9) == pytest.approx(0.4 - THRESHOLD_MARGIN)
     # Tied scores are accepted or refused together.
-    assert calibrate_threshold(np.array([0.9, 0.8, 0.8]), np.array([1, 1, 0], dtype=bool), 0.9) == pytest.approx(0.9)
+    assert calibrate_threshold(np.array([0.9, 0.8, 0.8]), np.array([1, 1, 0], dtype=bool), 0.9) == pytest.approx(0.85)
+
+
+def test_threshold_is_strictly_between_scores_so_float_jitter_moves_no_row_across():
+    rng = np.random.default_rng(0)
+    scores = rng.uniform(0.2, 1.0, size=500).astype(np.float32)
+    correct = rng.uniform(size=500) < scores  # confident predictions are more often right
+    threshold = calibrate_threshold(scores, correct, 0.9)
+    accepted = scores >= threshold
+    assert 0 < accepted.sum() < len(scores)
+    assert not np.any(scores == np.float32(threshold))  # no validation row sits on the threshold
+    assert (accepted & correct).sum() / accepted.sum() >= 0.9
+    # The last bits of every score moved (another batch composition, another kernel): the same rows pass.
+    for jitter in (1e-6, -1e-6):
+        assert np.array_equal((scores * np.float32(1 + jitter)) >= threshold, accepted)
 
 
 def test_majority_baseline():

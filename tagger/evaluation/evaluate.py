@@ -3,8 +3,8 @@
 The rows: ``styles.csv`` parsed by retrain's own parser, rows without an image dropped (as in
 training), then the split's rows by id from the bundle's ``split.parquet`` (``split="all"``: every row,
 so any Kaggle-layout folder serves as an external test set). Labels become targets as retrain made
-them (:mod:`.labels`), the model runs as the tag job runs it (:mod:`.inference`), and :mod:`.metrics`
-does the arithmetic. :func:`tagger.evaluation.report.write_report` turns the result into files.
+them (:func:`tagger.training.labels.encode_labels`), the images go through the tag job's reader and
+Predictor (:mod:`.inference`), and :mod:`.metrics` does the arithmetic retrain does. :func:`tagger.evaluation.report.write_report` turns the result into files.
 """
 
 from __future__ import annotations
@@ -18,14 +18,15 @@ import numpy as np
 
 from .. import storage
 from ..bundle import ModelBundle, load_bundle
+from ..config import DEFAULT_MAX_IMAGE_BYTES, DEVICES, PRECISIONS
+from ..images import DEFAULT_MAX_IMAGE_PIXELS
+from ..training.labels import UNKNOWN_LABEL_POLICIES, LabelMapping, encode_labels
+from ..training.split import SPLIT_FILE
 from . import EvaluationError
-from .labels import UNKNOWN_LABEL_POLICIES, LabelMapping, encode_labels
 
 log = logging.getLogger(__name__)
 
-SPLIT_FILE = "split.parquet"  # tagger.training.split.SPLIT_FILE; repeated so that this module stays light
 SPLIT_CHOICES: tuple[str, ...] = ("test", "val", "train", "all")
-DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 
 MAJORITY_FROM_TRAINING = "training facts"
 MAJORITY_FROM_TRAIN_ROWS = "train split rows"
@@ -47,6 +48,9 @@ class EvaluateConfig:
     batch_size: int = 64
     workers: int = 0
     device: str = "auto"
+    precision: str = "auto"  # as the tag job's --precision: evaluate measures what the catalog gets
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     storage_options: dict[str, Any] = field(default_factory=dict)
     unknown_labels: str = "exclude"  # labels the bundle does not know: exclude | other
     max_confusion_classes: int = 20  # confusion matrices only for attributes with at most this many classes
@@ -63,6 +67,10 @@ class EvaluateConfig:
             raise EvaluationError("--batch-size must be >= 1, --workers and --max-confusion-classes >= 0")
         if self.device not in DEVICES:
             raise EvaluationError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.precision not in PRECISIONS:
+            raise EvaluationError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.max_image_bytes < 1 or self.max_image_pixels < 1:
+            raise EvaluationError("--max-image-bytes and --max-image-pixels must be >= 1")
         if self.unknown_labels not in UNKNOWN_LABEL_POLICIES:
             raise EvaluationError(f"--unknown-labels must be one of {', '.join(UNKNOWN_LABEL_POLICIES)}, got {self.unknown_labels!r}")
         return self
@@ -133,7 +141,7 @@ def evaluate(config: EvaluateConfig) -> Evaluation:
             f"{config.model} has no {SPLIT_FILE}, so its {config.split} rows are unknown (bundles written by "
             "`tagger retrain` carry one). Use --split all to evaluate every row of --data, e.g. an external test set."
         )
-    device = _device(config.device)
+    device = _device(config.device, config.precision)
 
     kaggle = load_kaggle(config.data, options)
     table = kaggle.table
@@ -183,8 +191,9 @@ def evaluate(config: EvaluateConfig) -> Evaluation:
     from .inference import progress_logger, run_model
 
     outputs = run_model(
-        bundle, urls, device=device, batch_size=config.batch_size, workers=config.workers,
-        storage_options=options, on_batch=progress_logger("evaluate"),
+        bundle, urls, device=device, precision=config.precision, batch_size=config.batch_size, workers=config.workers,
+        storage_options=options, max_bytes=config.max_image_bytes, max_pixels=config.max_image_pixels,
+        on_batch=progress_logger("evaluate"),
     )
     if not outputs.ok.any():
         raise EvaluationError(f"none of the {len(ids)} images could be decoded; first error: {next(iter(outputs.errors.values()))[1]}")
@@ -234,13 +243,16 @@ def _read_split(url: str, options: Mapping[str, Any]) -> dict[str, str]:
         raise EvaluationError(f"{url}: not a readable split file ({type(exc).__name__}: {exc})") from None
 
 
-def _device(requested: str):
-    from ..inference import resolve_device
+def _device(requested: str, precision: str):
+    """The device, with the precision checked against it (fp16 is for CUDA) before any image is read."""
+    from ..inference import precision_settings, resolve_device
 
     try:
-        return resolve_device(requested)
-    except RuntimeError as exc:
+        device = resolve_device(requested)
+        precision_settings(precision, device)
+    except (RuntimeError, ValueError) as exc:
         raise EvaluationError(str(exc)) from None
+    return device
 
 
 def _majorities(bundle, table, all_ids, split_map, targets, vocab, unknown_labels) -> dict[str, tuple[str | None, str]]:

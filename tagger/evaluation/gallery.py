@@ -24,7 +24,9 @@ from typing import Any
 import numpy as np
 
 from ..bundle import ModelBundle
-from . import IMAGE_EXTENSIONS, EvaluationError
+from ..config import DEFAULT_MAX_IMAGE_BYTES
+from ..training.kaggle import IMAGE_EXTENSIONS
+from . import EvaluationError
 
 
 @dataclass
@@ -78,16 +80,19 @@ def predict_images(
     paths: Sequence[str],
     *,
     device: Any,
+    precision: str = "auto",
     top_k: int = 3,
     batch_size: int = 32,
     workers: int = 0,
     thumb_size: int = 160,
+    max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
 ) -> list[ImagePrediction]:
+    """One entry per path, in order: top-k tags and review marks, or the error that kept it from the model."""
     from .inference import progress_logger, run_model
 
     outputs = run_model(
-        bundle, paths, device=device, batch_size=batch_size, workers=workers, thumb_size=thumb_size,
-        on_batch=progress_logger("predict"),
+        bundle, paths, device=device, precision=precision, batch_size=batch_size, workers=workers, thumb_size=thumb_size,
+        max_bytes=max_bytes, on_batch=progress_logger("predict"),
     )
     results = []
     for i, path in enumerate(paths):

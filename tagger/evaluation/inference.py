@@ -1,158 +1,120 @@
-"""Images -> softmax probabilities per attribute, one result or one error per image, nothing dropped.
+"""Images -> softmax probabilities per attribute, through the tag job's own corridor.
 
-Pixels go through :func:`tagger.images.decode_image` at the bundle's input size, exactly as in the tag
-job and in training, and the network runs like the tag job's :class:`tagger.inference.Predictor`
-(eval mode, channels-last, autocast on CUDA), so evaluation measures what the catalog gets. Unlike the
-Predictor it keeps the whole probability vector (top-k, confusion, thresholds need more than the top label).
+- :func:`run_model` (evaluate, predict): locations -> :class:`tagger.reader.ImageRows` (the tag job's
+  read, deadline, byte and pixel caps, decode, per-row errors) -> :class:`tagger.inference.Predictor`
+  (its device, precision, channels-last) -> one result or one error per location, nothing dropped. The
+  top label and score are the Predictor's own, so evaluate scores exactly what ``tagger tag`` writes.
+- :func:`predict_batches` (retrain's val/test scoring): decoded ``(images, targets)`` batches through
+  the same Predictor.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from .. import storage
 from ..bundle import ModelBundle
-from ..images import ImageError, decode_image
+from ..config import DEFAULT_MAX_IMAGE_BYTES
+from ..images import DEFAULT_MAX_IMAGE_PIXELS
 
 log = logging.getLogger(__name__)
 
 
-def read_image(url: str, storage_options: Mapping[str, Any] | None = None) -> bytes:
-    """The file's bytes; :class:`ImageError` ``missing`` / ``read`` when it cannot be had."""
-    try:
-        if storage.is_remote(url):
-            return storage.read_bytes(url, storage_options)
-        with open(url.removeprefix("file://"), "rb") as handle:
-            return handle.read()
-    except FileNotFoundError:
-        raise ImageError("missing", f"{url}: no such file") from None
-    except IsADirectoryError:
-        raise ImageError("read", f"{url}: is a folder, not an image") from None
-    except OSError as exc:
-        raise ImageError("read", f"{url}: could not be read: {exc}") from None
-
-
-def thumbnail(data: bytes, size: int) -> np.ndarray:
-    """The original picture (upright, RGB over white, aspect kept) fitted into ``size`` x ``size``; for display only."""
+def thumbnail(data: bytes, size: int) -> np.ndarray | None:
+    """The original picture (upright, RGB over white, aspect kept) fitted into ``size`` x ``size``; for
+    display only. None when Pillow cannot draw it although the model could read it: a missing preview
+    is not worth an error row."""
     import warnings
 
     from PIL import Image, ImageOps
 
     from ..images import to_rgb
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        image = Image.open(io.BytesIO(data))
-        image.draft("RGB", (size, size))
-        image = to_rgb(ImageOps.exif_transpose(image))
-        # Fit the box either way: a 60 px product shot is scaled up to be seen, a 2400 px one down.
-        scale = size / max(image.size)
-        if scale != 1:
-            image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.Resampling.LANCZOS)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            image = Image.open(io.BytesIO(data))
+            image.draft("RGB", (size, size))
+            image = to_rgb(ImageOps.exif_transpose(image))
+            # Fit the box either way: a 60 px product shot is scaled up to be seen, a 2400 px one down.
+            scale = size / max(image.size)
+            if scale != 1:
+                image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))), Image.Resampling.LANCZOS)
+    except Exception as exc:
+        log.warning("no preview of a %d-byte image: %s", len(data), exc)
+        return None
     return np.asarray(image)
-
-
-class ImageFiles:
-    """A map-style dataset over image URLs: ``(index, pixels | None, thumb | None, error | None)``."""
-
-    def __init__(
-        self,
-        urls: Sequence[str],
-        size: int,
-        *,
-        storage_options: Mapping[str, Any] | None = None,
-        thumb_size: int | None = None,
-    ):
-        # numpy strings, not a list of Python objects: workers share them copy-on-write.
-        self.urls = np.asarray(list(urls), dtype=np.str_)
-        self.size = size
-        self.storage_options = dict(storage_options or {})
-        self.thumb_size = thumb_size
-
-    def __len__(self) -> int:
-        return len(self.urls)
-
-    def __getitem__(self, index: int):
-        url = str(self.urls[index])
-        try:
-            data = read_image(url, self.storage_options)
-            pixels = decode_image(data, self.size, source=url)
-        except ImageError as exc:
-            return index, None, None, (exc.error_type, exc.message)
-        thumb = None
-        if self.thumb_size:
-            try:
-                thumb = thumbnail(data, self.thumb_size)
-            except Exception:  # the model could read it; a missing preview is not worth an error row
-                thumb = None
-        return index, pixels, thumb, None
-
-
-def collate(items):
-    import torch
-
-    ok = [item for item in items if item[1] is not None]
-    images = torch.from_numpy(np.stack([item[1] for item in ok])).permute(0, 3, 1, 2) if ok else None
-    return (
-        [item[0] for item in ok],
-        images,
-        {item[0]: item[2] for item in ok if item[2] is not None},
-        {item[0]: item[3] for item in items if item[3] is not None},
-    )
 
 
 @dataclass
 class ModelOutputs:
-    """Per input image, in input order. ``probs[attr]`` rows of failed images are NaN."""
+    """Per input image, in input order. Rows of failed images: probabilities NaN, top index -1, score NaN."""
 
     probs: dict[str, np.ndarray]
+    top_index: dict[str, np.ndarray]
+    top_score: dict[str, np.ndarray]
     ok: np.ndarray  # (n,) bool: decoded and predicted
     errors: dict[int, tuple[str, str]] = field(default_factory=dict)  # index -> (error_type, message)
     thumbs: dict[int, np.ndarray] = field(default_factory=dict)
     seconds: float = 0.0
 
     def top(self, attr: str) -> tuple[np.ndarray, np.ndarray]:
-        """Top class index (-1 for failed images) and its score (NaN for failed images)."""
-        p = self.probs[attr]
-        index = np.full(len(p), -1, dtype=np.int64)
-        score = np.full(len(p), np.nan, dtype=np.float32)
-        if self.ok.any():
-            index[self.ok] = p[self.ok].argmax(axis=1)
-            score[self.ok] = p[self.ok].max(axis=1)
-        return index, score
+        """Top class index (-1 for failed images) and its score (NaN for failed images), as the tag job writes them."""
+        return self.top_index[attr], self.top_score[attr]
 
 
 def run_model(
     bundle: ModelBundle,
-    urls: Sequence[str],
+    locations: Sequence[str],
     *,
     device: Any,
+    precision: str = "auto",
     batch_size: int = 64,
     workers: int = 0,
     storage_options: Mapping[str, Any] | None = None,
+    max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     thumb_size: int | None = None,
     on_batch: Callable[[int, int], None] | None = None,
 ) -> ModelOutputs:
-    """Decode and predict every URL; a failed image becomes an entry in ``errors``, never a gap."""
+    """Decode and predict every location; a failed image becomes an entry in ``errors``, never a gap.
+
+    Raises :class:`tagger.reader.StorageUnavailable` when the store fails (after retries): numbers over
+    the images that happened to load would be numbers over an arbitrary subset.
+    """
+    import multiprocessing
+
     import torch
     from torch.utils.data import DataLoader
 
+    from .. import storage
+    from ..inference import Predictor
+    from ..reader import TRANSIENT, ImageRows, StorageUnavailable, collate
+
     started = time.monotonic()
     device = torch.device(device)
-    n = len(urls)
+    n = len(locations)
     probs = {a.name: np.full((n, len(a.labels)), np.nan, dtype=np.float32) for a in bundle.attributes}
-    outputs = ModelOutputs(probs, np.zeros(n, dtype=bool))
+    top_index = {a.name: np.full(n, -1, dtype=np.int64) for a in bundle.attributes}
+    top_score = {a.name: np.full(n, np.nan, dtype=np.float32) for a in bundle.attributes}
+    outputs = ModelOutputs(probs, top_index, top_score, np.zeros(n, dtype=bool))
     if n == 0:
         return outputs
-    net = bundle.build_net().to(device).to(memory_format=torch.channels_last)
-    dataset = ImageFiles(urls, bundle.input_size, storage_options=storage_options, thumb_size=thumb_size)
+    predictor = Predictor(bundle, device, precision=precision)
+    dataset = ImageRows.from_locations(
+        locations, bundle.input_size, storage_options=storage_options, max_pixels=max_pixels,
+        max_bytes=max_bytes,
+        preview=functools.partial(thumbnail, size=thumb_size) if thumb_size else None,
+    )
+    # As in the tag job: s3fs's event loop and connections must not be inherited by forked workers.
+    remote = any(storage.is_remote(location) for location in locations)
     loader = DataLoader(
         dataset,
         batch_size=max(1, min(batch_size, n)),
@@ -160,27 +122,60 @@ def run_model(
         num_workers=workers,
         collate_fn=collate,
         pin_memory=device.type == "cuda",
+        multiprocessing_context=multiprocessing.get_context("forkserver" if remote else "fork") if workers else None,
         persistent_workers=False,
     )
-    amp = device.type == "cuda"
     done = 0
-    with torch.inference_mode():
-        for indices, images, thumbs, errors in loader:
-            outputs.errors.update(errors)
-            outputs.thumbs.update(thumbs)
-            if images is not None:
-                images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-                with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-                    logits = net(images)
-                rows = np.asarray(indices)
-                for attr, values in logits.items():
-                    probs[attr][rows] = values.float().softmax(dim=1).cpu().numpy()
-                outputs.ok[rows] = True
-            done += len(indices) + len(errors)
-            if on_batch is not None:
-                on_batch(done, n)
+    for batch in loader:
+        for row, error_type, message in zip(batch.error_rows.tolist(), batch.error_types, batch.error_messages):
+            if error_type == TRANSIENT:
+                raise StorageUnavailable(f"{message}; run again when the store is back")
+            outputs.errors[row] = (error_type, message)
+        if batch.images is not None:
+            rows = batch.rows
+            predictions = predictor(batch.images, probabilities=True)
+            for attr in probs:
+                probs[attr][rows] = predictions.probabilities[attr]
+                top_index[attr][rows] = predictions.indices[attr]
+                top_score[attr][rows] = predictions.scores[attr]
+            outputs.ok[rows] = True
+            for row, thumb in zip(rows.tolist(), batch.previews or []):
+                if thumb is not None:
+                    outputs.thumbs[row] = thumb
+        done += batch.size
+        if on_batch is not None:
+            on_batch(done, n)
     outputs.seconds = time.monotonic() - started
     return outputs
+
+
+def predict_batches(
+    net: Any, batches: Iterable[tuple[Any, Any]], device: Any, precision: str = "auto"
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Softmax probabilities per attribute ``{attr: (n, n_labels) float32}`` and the targets ``(n, n_attr)``
+    of retrain's ``(uint8 images, targets)`` batches, through the tag job's Predictor and precision (the
+    review thresholds are calibrated on these scores). ``net`` is left in the mode it was in."""
+    import torch
+
+    from ..inference import Predictor
+
+    was_training = net.training
+    predictor = Predictor(net, torch.device(device), precision=precision)
+    probs: dict[str, list[np.ndarray]] = {}
+    targets: list[np.ndarray] = []
+    try:
+        for images, batch_targets in batches:
+            if images.shape[0] == 0:
+                continue
+            predictions = predictor(images, probabilities=True)
+            for attr, values in predictions.probabilities.items():
+                probs.setdefault(attr, []).append(values)
+            targets.append(batch_targets.numpy())
+    finally:
+        net.train(was_training)
+    if not targets:
+        raise ValueError("no image of this split could be decoded; nothing to evaluate")
+    return {attr: np.concatenate(v) for attr, v in probs.items()}, np.concatenate(targets)
 
 
 def progress_logger(what: str, every_s: float = 15.0) -> Callable[[int, int], None]:

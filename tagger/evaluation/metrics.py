@@ -1,7 +1,9 @@
-"""Per-attribute and per-class numbers, computed with scikit-learn on class indices.
+"""The one definition of the numbers retrain and evaluate report: metrics, majority baseline, review thresholds.
 
-Definitions (the same as retrain's torchmetrics, so a bundle's own test split reproduces the
-``training.metrics.test`` numbers in its model.json):
+Every metric comes from a confusion matrix (rows = true class, columns = predicted class) through
+:func:`confusion_scores`: retrain's running validation metric (``TaggerModule``, accumulated by torchmetrics'
+``MulticlassConfusionMatrix``), retrain's final val/test numbers in ``model.json`` and ``tagger evaluate``
+therefore cannot drift apart.
 
 - ``accuracy``: share of scored rows whose top label is right (micro).
 - ``macro_f1``: unweighted mean F1 over the classes that occur in the targets *or* the predictions
@@ -12,20 +14,62 @@ Definitions (the same as retrain's torchmetrics, so a bundle's own test split re
   (tagged without review, as in retrain's ``val_coverage``); ``accuracy_covered``: accuracy among them.
 - per class: precision, recall, F1, support; NaN where undefined (precision of a class never
   predicted, recall of a class with no rows), never a silent 0.
+
+Rows with target -1 (unknown) are never scored. Pure numpy: cheap to import.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+DEFAULT_TARGET_PRECISION = 0.9
+# Where a threshold has no lower validation score to sit halfway to: this far under the lowest one, so
+# that the float jitter of another batch composition or precision does not move that row across it.
+THRESHOLD_MARGIN = 1e-3
+
+
+def confusion(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
+    """(n_classes, n_classes) int64 counts over the rows with ``y_true >= 0``; rows true, columns predicted."""
+    y_true = np.asarray(y_true, dtype=np.int64)
+    y_pred = np.asarray(y_pred, dtype=np.int64)
+    known = y_true >= 0
+    flat = y_true[known] * n_classes + y_pred[known]
+    return np.bincount(flat, minlength=n_classes * n_classes).reshape(n_classes, n_classes).astype(np.int64)
+
+
+def confusion_scores(matrix: np.ndarray) -> dict[str, Any]:
+    """``accuracy``, ``macro_f1``, ``weighted_f1`` (NaN without rows) and per class ``precision``,
+    ``recall``, ``f1``, ``support``, ``predicted`` arrays, from a confusion matrix."""
+    matrix = np.asarray(matrix, dtype=np.float64)
+    tp = np.diag(matrix)
+    support = matrix.sum(axis=1)
+    predicted = matrix.sum(axis=0)
+    total = support.sum()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = np.where(predicted > 0, tp / predicted, np.nan)
+        recall = np.where(support > 0, tp / support, np.nan)
+        denominator = support + predicted  # 2tp + fp + fn
+        f1 = np.where(denominator > 0, 2 * tp / denominator, np.nan)
+    present = denominator > 0
+    nan = float("nan")
+    return {
+        "accuracy": float(tp.sum() / total) if total else nan,
+        "macro_f1": float(f1[present].mean()) if present.any() else nan,
+        "weighted_f1": float((np.nan_to_num(f1) * support).sum() / total) if total else nan,
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "support": support.astype(np.int64),
+        "predicted": predicted.astype(np.int64),
+    }
+
 
 def majority_index(targets: np.ndarray, n_classes: int) -> int | None:
     """The most frequent class among ``targets >= 0`` (lowest index on ties), or None without any."""
-    known = targets[targets >= 0]
+    known = np.asarray(targets)[np.asarray(targets) >= 0]
     if len(known) == 0:
         return None
     return int(np.bincount(known, minlength=n_classes).argmax())
@@ -45,28 +89,23 @@ def attribute_metrics(
 
     ``all_scores``: top scores of every decoded image (known target or not), for ``coverage``.
     """
-    from sklearn.metrics import accuracy_score, f1_score
-
     y_true = np.asarray(y_true, dtype=np.int64)
     y_pred = np.asarray(y_pred, dtype=np.int64)
+    known = y_true >= 0
+    top_scores = None if scores is None else np.asarray(scores)[known]
+    y_true, y_pred = y_true[known], y_pred[known]
     n = len(y_true)
-    out: dict[str, Any] = {"n": n}
+    numbers = confusion_scores(confusion(y_true, y_pred, n_classes))
     nan = float("nan")
-    if n:
-        present = np.union1d(y_true, y_pred)
-        out["accuracy"] = float(accuracy_score(y_true, y_pred))
-        out["macro_f1"] = float(f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0))
-        out["weighted_f1"] = float(f1_score(y_true, y_pred, labels=np.arange(n_classes), average="weighted", zero_division=0))
-        out["majority_accuracy"] = float(np.mean(y_true == majority)) if majority is not None else nan
-    else:
-        out.update(accuracy=nan, macro_f1=nan, weighted_f1=nan, majority_accuracy=nan)
+    out: dict[str, Any] = {"n": n, **{k: numbers[k] for k in ("accuracy", "macro_f1", "weighted_f1")}}
+    out["majority_accuracy"] = float(np.mean(y_true == majority)) if majority is not None and n else nan
     out["n_classes"] = int(n_classes)
     out["n_classes_present"] = int(len(np.unique(y_true)))
     out["threshold"] = float(threshold)
-    pool = all_scores if all_scores is not None else scores
-    out["coverage"] = float(np.mean(pool >= threshold)) if pool is not None and len(pool) else nan
-    if scores is not None and n:
-        covered = np.asarray(scores) >= threshold
+    pool = all_scores if all_scores is not None else top_scores
+    out["coverage"] = float(np.mean(np.asarray(pool) >= threshold)) if pool is not None and len(pool) else nan
+    if top_scores is not None and n:
+        covered = top_scores >= threshold
         out["n_covered"] = int(covered.sum())
         out["accuracy_covered"] = float(np.mean(y_true[covered] == y_pred[covered])) if covered.any() else nan
     else:
@@ -77,41 +116,89 @@ def attribute_metrics(
 
 def per_class(y_true: np.ndarray, y_pred: np.ndarray, labels: Sequence[str]) -> list[dict[str, Any]]:
     """One row per vocabulary label: precision, recall, f1, support, predicted (rows predicted as it)."""
-    from sklearn.metrics import precision_recall_fscore_support
-
-    classes = np.arange(len(labels))
-    y_true = np.asarray(y_true, dtype=np.int64)
-    y_pred = np.asarray(y_pred, dtype=np.int64)
-    if len(y_true):
-        precision, recall, f1, support = precision_recall_fscore_support(
-            y_true, y_pred, labels=classes, zero_division=np.nan
-        )
-    else:
-        precision = recall = f1 = np.full(len(labels), np.nan)
-        support = np.zeros(len(labels), dtype=np.int64)
-    predicted = np.bincount(y_pred[y_pred >= 0], minlength=len(labels)) if len(y_pred) else np.zeros(len(labels), int)
+    numbers = confusion_scores(confusion(y_true, y_pred, len(labels)))
     return [
         {
             "label": label,
-            "precision": _float(precision[i]),
-            "recall": _float(recall[i]),
-            "f1": _float(f1[i]),
-            "support": int(support[i]),
-            "predicted": int(predicted[i]),
+            "precision": float(numbers["precision"][i]),
+            "recall": float(numbers["recall"][i]),
+            # A class with no row and no prediction has no F1; one seen on either side and never right has 0.
+            "f1": float(numbers["f1"][i]),
+            "support": int(numbers["support"][i]),
+            "predicted": int(numbers["predicted"][i]),
         }
         for i, label in enumerate(labels)
     ]
 
 
-def confusion(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
-    """(n_classes, n_classes) counts, rows = true class, columns = predicted class."""
-    from sklearn.metrics import confusion_matrix
+def split_metrics(probs: Mapping[str, np.ndarray], targets: np.ndarray) -> dict[str, dict[str, float | int]]:
+    """Retrain's summary of a split: ``{attr: {accuracy, macro_f1, n}}`` over the rows whose value is
+    known, from the probabilities ``{attr: (n, n_labels)}`` and targets ``(n, n_attr)``."""
+    out: dict[str, dict[str, float | int]] = {}
+    for j, (attr, p) in enumerate(probs.items()):
+        m = attribute_metrics(targets[:, j], p.argmax(axis=1), p.shape[1])
+        out[attr] = {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "n": m["n"]}
+    return out
 
-    if len(y_true) == 0:
-        return np.zeros((n_classes, n_classes), dtype=np.int64)
-    return confusion_matrix(y_true, y_pred, labels=np.arange(n_classes)).astype(np.int64)
+
+def majority_baseline(
+    train_targets: np.ndarray, eval_targets: np.ndarray, labels: Mapping[str, Sequence[str]]
+) -> dict[str, dict[str, float | str]]:
+    """Accuracy of always answering the most frequent training label: the floor a model must beat."""
+    out: dict[str, dict[str, float | str]] = {}
+    for j, (attr, names) in enumerate(labels.items()):
+        majority = majority_index(train_targets[:, j], len(names))
+        evaluated = eval_targets[:, j][eval_targets[:, j] >= 0]
+        if majority is None or len(evaluated) == 0:
+            out[attr] = {"label": "", "accuracy": float("nan")}
+            continue
+        out[attr] = {"label": names[majority], "accuracy": float((evaluated == majority).mean())}
+    return out
 
 
-def _float(value: Any) -> float:
-    value = float(value)
-    return value if math.isfinite(value) else float("nan")
+def calibrate_threshold(top_scores: np.ndarray, correct: np.ndarray, target_precision: float = DEFAULT_TARGET_PRECISION) -> float:
+    """The review threshold for one attribute, from validation predictions.
+
+    Rule: sort predictions by top-label score, highest first; take the largest set "score >= t" whose
+    precision (share of correct top labels) is still at least ``target_precision``; ``t`` lies strictly
+    between that set's lowest score and the next lower validation score (halfway), or
+    :data:`THRESHOLD_MARGIN` under the lowest validation score when the whole set is accepted. Tags
+    scoring under ``t`` go to human review.
+
+    - Strictly between, not on a score: a row that sat exactly on ``t`` would flip across it with the
+      last-bit jitter of another batch size or precision; halfway is as far from both rows as it gets.
+    - Precision is measured on the whole accepted set, not per score bin, so a noisy dip inside it is fine.
+    - If not even the single most confident prediction set reaches the target, ``t`` is 1.0 (review all).
+    - Ties: a cut never separates predictions with the same score, since ``t`` accepts all of them.
+    """
+    if len(top_scores) == 0:
+        return 1.0
+    order = np.argsort(-top_scores, kind="stable")
+    ranked = top_scores[order].astype(np.float64)
+    hits = correct[order].astype(np.float64)
+    precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
+    end_of_tie = np.r_[ranked[1:] != ranked[:-1], True]
+    ok = np.nonzero((precision >= target_precision) & end_of_tie)[0]
+    if len(ok) == 0:
+        return 1.0
+    last = ok[-1]
+    if last + 1 < len(ranked):
+        threshold = (ranked[last] + ranked[last + 1]) / 2
+    else:
+        threshold = ranked[last] - THRESHOLD_MARGIN
+    return float(np.clip(threshold, 0.0, 1.0))
+
+
+def calibrate_thresholds(
+    probs: Mapping[str, np.ndarray], targets: np.ndarray, target_precision: float = DEFAULT_TARGET_PRECISION
+) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for j, (attr, p) in enumerate(probs.items()):
+        known = targets[:, j] >= 0
+        out[attr] = calibrate_threshold(p[known].max(axis=1), p[known].argmax(axis=1) == targets[known, j], target_precision)
+    return out
+
+
+def coverage(probs: Mapping[str, np.ndarray], thresholds: Mapping[str, float]) -> dict[str, float]:
+    """Share of predictions at or above each attribute's threshold (tagged without review)."""
+    return {attr: float((p.max(axis=1) >= thresholds[attr]).mean()) if len(p) else 0.0 for attr, p in probs.items()}

@@ -10,7 +10,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
+from ..config import DEVICES  # the tag job's device names: one list for every command
+
 CACHE_MODES: tuple[str, ...] = ("auto", "on", "off")
 
 

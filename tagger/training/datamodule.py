@@ -23,9 +23,9 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .. import storage
 from ..attributes import ATTRIBUTES
-from ..images import ImageError, decode_image
+from ..images import ImageError
+from ..reader import load_image
 from .config import CACHE_MODES
 from .kaggle import DataError, DataReport, load_kaggle
 from .labels import build_vocabularies, encode_targets, fold_rare_labels, resolve_min_label_count
@@ -66,24 +66,6 @@ class RotateOnWhite:
 
         angle = float(torch.empty(()).uniform_(-self.degrees, self.degrees))
         return 255 - TF.rotate(255 - image, angle, interpolation=InterpolationMode.BILINEAR, fill=0)
-
-
-def read_image_bytes(url: str, storage_options: Mapping[str, Any] | None = None) -> bytes:
-    if storage.is_remote(url):
-        return storage.read_bytes(url, storage_options)
-    with open(url, "rb") as f:
-        return f.read()
-
-
-def load_image(url: str, size: int, storage_options: Mapping[str, Any] | None = None) -> np.ndarray:
-    """Decoded (size, size, 3) uint8; :class:`ImageError` for anything that keeps it from the model."""
-    try:
-        data = read_image_bytes(url, storage_options)
-    except FileNotFoundError:
-        raise ImageError("missing", f"{url}: listed in images/ but gone when read") from None
-    except OSError as exc:
-        raise ImageError("read", f"{url}: could not be read: {exc}") from None
-    return decode_image(data, size, source=url)
 
 
 class ProductImages(Dataset):

@@ -26,7 +26,8 @@ REQUIRED_COLUMNS: tuple[str, ...] = ("id", *ATTRIBUTES)
 # Cells that mean "nobody recorded this": unknown, masked out of the loss, never a class of their own.
 MISSING_VALUES = frozenset({"", "na", "n/a", "nan", "null", "none"})
 # When an id has several files, the format Kaggle ships wins; the others are accepted for own data.
-IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp")
+# Also what `tagger predict` picks up in a folder: every format the decoder reads (GIF too: first frame).
+IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".gif")
 _EXAMPLES = 5  # ids/line numbers kept in reports: enough to find the rows, small enough to print
 
 

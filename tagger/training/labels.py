@@ -1,4 +1,4 @@
-"""Label vocabularies: folding rare labels, and turning label strings into class indices.
+"""Label vocabularies: folding rare labels, and turning label strings into class indices, for retrain and evaluate.
 
 Rare labels go into an explicit ``Other`` bucket rather than being masked out (unknown):
 
@@ -14,13 +14,27 @@ The exception: when everything folded for an attribute adds up to fewer than ``m
 average), so those values are masked out (unknown) instead. The report says which happened.
 
 If the data already has a label spelled ``Other``, the rare labels join it.
+
+:func:`encode_labels` is the one way from label strings to targets. Retrain calls it on its folded
+table (:func:`encode_targets`); evaluate calls it on raw ``styles.csv`` cells with the bundle's training
+facts (``training.data.folded`` / ``folded_into``), so that the bundle's own test split is scored on
+exactly the targets it was trained and tested with:
+
+- a label in the vocabulary -> its class;
+- a label retrain folded into ``Other`` -> ``Other``; one it masked -> excluded (counted as ``masked``);
+- an empty cell -> excluded (``missing``), as in training;
+- a label the bundle has never heard of (external data) -> excluded and counted as ``unknown_label``,
+  or, with ``unknown_labels="other"`` and an ``Other`` class in the vocabulary, scored as ``Other``
+  (what the model is meant to answer for "none of the labels I know").
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -28,6 +42,7 @@ import polars as pl
 from .kaggle import DataError
 
 OTHER = "Other"
+UNKNOWN_LABEL_POLICIES: tuple[str, ...] = ("exclude", "other")
 # The full Kaggle data has 44,424 usable rows; 500 there keeps ~25 articleTypes and folds the long tail
 # (143 types, many with a handful of images) that the model could not learn and macro-F1 would punish.
 FULL_DATA_ROWS = 44_424
@@ -102,8 +117,94 @@ def build_vocabularies(table: pl.DataFrame, attributes: Sequence[str]) -> dict[s
 
 def encode_targets(table: pl.DataFrame, vocab: Mapping[str, Sequence[str]]) -> np.ndarray:
     """(n_rows, n_attributes) int64 class indices; -1 where the value is unknown or not in ``vocab``."""
-    out = np.full((table.height, len(vocab)), -1, dtype=np.int64)
+    columns = {attr: table[attr].to_list() for attr in vocab if attr in table.columns}
+    return encode_labels(columns, vocab, n_rows=table.height)[0]
+
+
+@dataclass
+class LabelMapping:
+    """How one attribute's cells became targets."""
+
+    attribute: str
+    known: int = 0  # cells scored on a class of the vocabulary (folded ones included)
+    missing: int = 0  # empty cells: unknown, excluded
+    folded: Counter = field(default_factory=Counter)  # rare label -> rows scored as Other (retrain folded it)
+    masked: Counter = field(default_factory=Counter)  # rare label -> rows excluded (retrain masked it)
+    unknown: Counter = field(default_factory=Counter)  # label not in the bundle -> rows
+    unknown_as_other: bool = False  # whether the unknown rows were scored as Other (else excluded)
+
+    @property
+    def n_folded(self) -> int:
+        return sum(self.folded.values())
+
+    @property
+    def n_masked(self) -> int:
+        return sum(self.masked.values())
+
+    @property
+    def n_unknown(self) -> int:
+        return sum(self.unknown.values())
+
+
+def folding_facts(training: Mapping[str, Any]) -> tuple[dict[str, set[str]], dict[str, str]]:
+    """``(folded labels per attribute, "Other" | "unknown" per attribute)`` from a bundle's training facts."""
+    data = training.get("data") if isinstance(training, Mapping) else None
+    if not isinstance(data, Mapping):
+        return {}, {}
+    folded = data.get("folded") or {}
+    into = data.get("folded_into") or {}
+    return (
+        {str(a): set(map(str, labels)) for a, labels in folded.items() if isinstance(labels, (Mapping, list))},
+        {str(a): str(v) for a, v in into.items()},
+    )
+
+
+def encode_labels(
+    columns: Mapping[str, Sequence[str | None]],
+    vocab: Mapping[str, Sequence[str]],
+    training: Mapping[str, Any] | None = None,
+    unknown_labels: str = "exclude",
+    *,
+    n_rows: int | None = None,
+) -> tuple[np.ndarray, dict[str, LabelMapping]]:
+    """``(targets (n, n_attr) int64 with -1 = excluded, {attr: LabelMapping})`` for ``vocab``'s attributes.
+
+    ``training``: a bundle's training facts, to fold labels as retrain folded them (none: no folding).
+    An attribute missing from ``columns`` is all ``missing``; ``n_rows`` sizes the result when no
+    column is given.
+    """
+    if unknown_labels not in UNKNOWN_LABEL_POLICIES:
+        raise ValueError(f"unknown_labels must be one of {', '.join(UNKNOWN_LABEL_POLICIES)}, got {unknown_labels!r}")
+    folded, folded_into = folding_facts(training or {})
+    n = n_rows if n_rows is not None else len(next(iter(columns.values()))) if columns else 0
+    targets = np.full((n, len(vocab)), -1, dtype=np.int64)
+    mappings: dict[str, LabelMapping] = {}
     for j, (attr, labels) in enumerate(vocab.items()):
         index = {label: i for i, label in enumerate(labels)}
-        out[:, j] = table[attr].replace_strict(index, default=-1, return_dtype=pl.Int64).fill_null(-1).to_numpy()
-    return out
+        other = index.get(OTHER)
+        rare = folded.get(attr, set())
+        rare_to_other = folded_into.get(attr) == OTHER and other is not None
+        mapping = LabelMapping(attr, unknown_as_other=unknown_labels == "other" and other is not None)
+        values = columns.get(attr)
+        if values is None:
+            mapping.missing = n
+            mappings[attr] = mapping
+            continue
+        for row, value in enumerate(values):
+            if value is None or value == "":
+                mapping.missing += 1
+            elif value in index:
+                targets[row, j] = index[value]
+            elif value in rare:
+                if rare_to_other:
+                    targets[row, j] = other
+                    mapping.folded[value] += 1
+                else:
+                    mapping.masked[value] += 1
+            else:
+                mapping.unknown[value] += 1
+                if mapping.unknown_as_other:
+                    targets[row, j] = other
+        mapping.known = int((targets[:, j] >= 0).sum())
+        mappings[attr] = mapping
+    return targets, mappings

@@ -1,4 +1,9 @@
-"""The LightningModule: masked multi-head cross-entropy, AdamW, warm-up + cosine, per-attribute metrics."""
+"""The LightningModule: masked multi-head cross-entropy, AdamW, warm-up + cosine, per-attribute metrics.
+
+Validation metrics accumulate a confusion matrix per attribute (torchmetrics: summed across devices)
+and are read off it by :func:`tagger.evaluation.metrics.confusion_scores`, the definition that the
+bundle's final numbers and ``tagger evaluate`` use too.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +11,14 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+from torchmetrics.classification import MulticlassConfusionMatrix
 
+from ..evaluation.metrics import confusion_scores
 from ..model import TaggerNet
 
 SCORE_METRIC = "val/score"  # mean macro-F1 over attributes: what early stopping and checkpoints watch
@@ -55,19 +61,10 @@ def warmup_cosine(step: int, *, warmup_steps: int, total_steps: int, floor: floa
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def _metrics(label_counts: Mapping[str, int]) -> nn.ModuleDict:
-    # torchmetrics refuses num_classes=1; a one-label attribute is scored as two classes, one unused.
-    return nn.ModuleDict(
-        {
-            attr: MetricCollection(
-                {
-                    "accuracy": MulticlassAccuracy(max(2, n), average="micro", ignore_index=-1),
-                    "macro_f1": MulticlassF1Score(max(2, n), average="macro", ignore_index=-1),
-                }
-            )
-            for attr, n in label_counts.items()
-        }
-    )
+def _confusion_matrices(label_counts: Mapping[str, int]) -> nn.ModuleDict:
+    # torchmetrics refuses num_classes=1; a one-label attribute is counted as two classes, one unused
+    # (a class with no row and no prediction does not enter the macro mean).
+    return nn.ModuleDict({attr: MulticlassConfusionMatrix(max(2, n), ignore_index=-1) for attr, n in label_counts.items()})
 
 
 class TaggerModule(pl.LightningModule):
@@ -96,9 +93,7 @@ class TaggerModule(pl.LightningModule):
         self._train_started: float | None = None
         # Plain values only: checkpoints are read back with torch.load(weights_only=True).
         self.save_hyperparameters(ignore=["net"])
-        counts = {attr: len(v) for attr, v in self.labels.items()}
-        self.val_metrics = _metrics(counts)
-        self.test_metrics = _metrics(counts)
+        self.val_confusion = _confusion_matrices({attr: len(v) for attr, v in self.labels.items()})
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.net(images)
@@ -143,37 +138,25 @@ class TaggerModule(pl.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=images.shape[0])
         return loss
 
-    def _eval_step(self, batch, metrics: nn.ModuleDict, stage: str) -> None:
+    def validation_step(self, batch, batch_idx):
         images, targets = batch
         if images.shape[0] == 0:
             return
         logits = self(images)
         loss = masked_cross_entropy(logits, targets, self.attributes)
-        self.log(f"{stage}/loss", loss, batch_size=images.shape[0])
+        self.log("val/loss", loss, batch_size=images.shape[0])
         for j, attr in enumerate(self.attributes):
-            metrics[attr].update(logits[attr].float(), targets[:, j])
-
-    def _eval_epoch_end(self, metrics: nn.ModuleDict, stage: str) -> None:
-        f1s = []
-        for attr in self.attributes:
-            values = metrics[attr].compute()
-            metrics[attr].reset()
-            for name, value in values.items():
-                self.log(f"{stage}/{attr}/{name}", value)
-            f1s.append(values["macro_f1"])
-        self.log(f"{stage}/score", torch.stack(f1s).mean(), prog_bar=stage == "val")
-
-    def validation_step(self, batch, batch_idx):
-        self._eval_step(batch, self.val_metrics, "val")
+            self.val_confusion[attr].update(logits[attr].float(), targets[:, j])
 
     def on_validation_epoch_end(self):
-        self._eval_epoch_end(self.val_metrics, "val")
-
-    def test_step(self, batch, batch_idx):
-        self._eval_step(batch, self.test_metrics, "test")
-
-    def on_test_epoch_end(self):
-        self._eval_epoch_end(self.test_metrics, "test")
+        f1s = []
+        for attr in self.attributes:
+            values = confusion_scores(self.val_confusion[attr].compute().cpu().numpy())
+            self.val_confusion[attr].reset()
+            for name in ("accuracy", "macro_f1"):
+                self.log(f"val/{attr}/{name}", _finite(values[name]))
+            f1s.append(_finite(values["macro_f1"]))
+        self.log(SCORE_METRIC, float(np.mean(f1s)), prog_bar=True)
 
     # ------------------------------------------------------------------ optimisation
 
@@ -195,3 +178,9 @@ class TaggerModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint[LABELS_KEY] = self.labels
+
+
+def _finite(value: float) -> float:
+    # An attribute without a known value in the validation rows has no score; counting it as 0 keeps
+    # val/score (what checkpoints and early stopping compare) a number instead of NaN.
+    return value if np.isfinite(value) else 0.0

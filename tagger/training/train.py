@@ -17,10 +17,11 @@ import torch
 from .. import storage
 from ..attributes import ATTRIBUTES
 from ..bundle import ModelBundle, save_bundle
+from ..evaluation.inference import predict_batches
+from ..evaluation.metrics import calibrate_thresholds, coverage, majority_baseline, split_metrics
 from ..model import TaggerNet, create_backbone, resolve_data_config
 from .config import ConfigError, RetrainConfig
 from .datamodule import FashionDataModule
-from .evaluate import attribute_metrics, calibrate_thresholds, coverage, majority_baseline, predict
 from .module import LABELS_KEY, SCORE_METRIC, TaggerModule
 from .split import SPLIT_FILE, write_split
 
@@ -201,11 +202,12 @@ def retrain(config: RetrainConfig) -> ModelBundle:
     else:
         log.warning("no validation epoch finished (time limit?); saving the last weights, not a validated best")
 
-    val_probs, val_targets = predict(net, datamodule.loader("val"), device)
-    test_probs, test_targets = predict(net, datamodule.loader("test"), device)
+    # Through the tag job's Predictor at its default precision: the thresholds fit the scores it writes.
+    val_probs, val_targets = predict_batches(net, datamodule.loader("val"), device)
+    test_probs, test_targets = predict_batches(net, datamodule.loader("test"), device)
     net.cpu()
-    val_metrics = attribute_metrics(val_probs, val_targets)
-    test_metrics = attribute_metrics(test_probs, test_targets)
+    val_metrics = split_metrics(val_probs, val_targets)
+    test_metrics = split_metrics(test_probs, test_targets)
     baseline = majority_baseline(datamodule.targets[datamodule.rows("train")], test_targets, labels)
     thresholds = calibrate_thresholds(val_probs, val_targets, config.target_precision)
     for attr, values in test_metrics.items():
