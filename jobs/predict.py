@@ -55,6 +55,7 @@ def predict(images: tuple[str, ...], model: str, out: str, top_k: int, device: s
     from tagger.bundle import BundleError, load_bundle
     from tagger.evaluation import EvaluationError
     from tagger.evaluation import gallery
+    from tagger.evaluation.inference import progress_logger, run_model
     from tagger.inference import precision_settings, resolve_device
 
     try:
@@ -70,10 +71,11 @@ def predict(images: tuple[str, ...], model: str, out: str, top_k: int, device: s
     if workers is None:
         workers = 0 if len(paths) < AUTO_WORKERS_FROM else default_workers()
     try:
-        results = gallery.predict_images(
-            bundle, paths, device=chosen, precision=precision, top_k=top_k, batch_size=batch_size, workers=workers,
-            thumb_size=thumb_size, max_bytes=max_image_bytes,
+        outputs = run_model(
+            bundle, paths, device=chosen, precision=precision, batch_size=batch_size, workers=workers,
+            thumb_size=thumb_size, max_bytes=max_image_bytes, on_batch=progress_logger("predict"),
         )
+        results = gallery.image_predictions(bundle, paths, outputs, top_k)
         written = write_outputs(bundle, results, out, thumb_size=thumb_size, per_page=per_page, table=table)
     except Exception as exc:
         log.exception("predict failed")

@@ -89,8 +89,11 @@ def read_image(
             raise IsADirectoryError(path)
         _check_size(stat.st_size, max_bytes, location)
         with open(path, "rb") as handle:
-            # One byte over the cap at most: a file that grew since the stat is still never read whole.
-            data = handle.read(max_bytes + 1)
+            # Sized from the stat (a cap-sized read would allocate the cap for every image); a file that
+            # grew since is read on, but never more than one byte past the cap.
+            data = handle.read(stat.st_size + 1)
+            if len(data) > stat.st_size:
+                data += handle.read(max_bytes + 1 - len(data))
         _check_size(len(data), max_bytes, location)
         return data, local_version(stat)
     fs, path = storage.filesystem(location, options)

@@ -50,6 +50,24 @@ def test_byte_cap_refuses_a_local_file_from_its_size_without_reading_it(tmp_path
     assert opened == [str(path)]  # read once, for the call under the cap; never for the one over it
 
 
+def test_a_file_that_grew_after_its_stat_is_read_whole_or_refused_at_the_cap(tmp_path, monkeypatch):
+    data = jpeg_bytes()
+    path = tmp_path / "growing.jpg"
+    path.write_bytes(data)
+    real_stat = reader.os.stat
+
+    def stale_stat(target, *args, **kwargs):  # the size the file had when it was stat'ed: 10 bytes
+        result = real_stat(target, *args, **kwargs)
+        return reader.os.stat_result((result.st_mode, result.st_ino, result.st_dev, result.st_nlink, result.st_uid,
+                                      result.st_gid, 10, result.st_atime, result.st_mtime, result.st_ctime))
+
+    monkeypatch.setattr(reader.os, "stat", stale_stat)
+    assert fetch_image(str(path), None, max_bytes=len(data))[0] == data
+    with pytest.raises(ImageError, match="exceeds the limit") as caught:
+        fetch_image(str(path), None, max_bytes=len(data) - 1)
+    assert caught.value.error_type == "too_large"
+
+
 def test_byte_cap_refuses_an_s3_object_from_its_head_without_a_get(s3_bucket, monkeypatch):
     import s3fs
 

@@ -23,6 +23,7 @@ from ..images import DEFAULT_MAX_IMAGE_PIXELS
 from ..training.labels import UNKNOWN_LABEL_POLICIES, LabelMapping, encode_labels
 from ..training.split import SPLIT_FILE
 from . import EvaluationError
+from .inference import ModelOutputs
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +154,45 @@ def evaluate(config: EvaluateConfig) -> Evaluation:
             "differ); rows are matched to the split by id."
         )
     all_ids = table["id"].to_list()
+    keep = _select_rows(config, all_ids, split_map, split_url, notes)
+
+    import polars as pl
+
+    selected = table.filter(pl.Series(keep))
+    vocab = {a.name: list(a.labels) for a in bundle.attributes}
+    raw = {a: (selected[a].to_list() if a in selected.columns else [None] * selected.height) for a in vocab}
+    targets, mappings = encode_labels(raw, vocab, bundle.training, config.unknown_labels)
+
+    ids = selected["id"].to_list()
+    urls = selected["image"].to_list()
+    log.info("evaluating %s on %d %s rows of %s (%s)", config.model, len(ids), config.split, config.data, device)
+    from .inference import progress_logger, run_model
+
+    outputs = run_model(
+        bundle, urls, device=device, precision=config.precision, batch_size=config.batch_size, workers=config.workers,
+        storage_options=options, max_bytes=config.max_image_bytes, max_pixels=config.max_image_pixels,
+        on_batch=progress_logger("evaluate"),
+    )
+    if not outputs.ok.any():
+        raise EvaluationError(f"none of the {len(ids)} images could be decoded; first error: {next(iter(outputs.errors.values()))[1]}")
+    majority = _majorities(bundle, table, all_ids, split_map, targets[outputs.ok], vocab, config.unknown_labels)
+    if outputs.errors:
+        notes.append(f"{len(outputs.errors)} image(s) could not be decoded and are not scored (listed under Unreadable images).")
+
+    attributes = [
+        _score(spec, targets[:, j], outputs, majority[spec.name], mappings[spec.name]) for j, spec in enumerate(bundle.attributes)
+    ]
+    return Evaluation(
+        config=config, bundle=bundle, split=config.split, attributes=attributes, ids=[str(i) for i in ids], urls=urls,
+        ok=outputs.ok, errors=outputs.errors, raw_labels=raw, targets=targets, top_index=outputs.top_index,
+        top_score=outputs.top_score, data_fingerprint=kaggle.fingerprint, data_rows=kaggle.report.to_dict(), notes=notes,
+        seconds=time.monotonic() - started, device=str(device),
+    )
+
+
+def _select_rows(config: EvaluateConfig, all_ids: list[str], split_map: dict[str, str] | None, split_url: str,
+                 notes: list[str]) -> np.ndarray:
+    """Which rows of --data to evaluate (bool per row), with notes on what that choice means for the numbers."""
     if config.split == "all":
         keep = np.ones(len(all_ids), dtype=bool)
         if split_map is not None:
@@ -178,57 +218,26 @@ def evaluate(config: EvaluateConfig) -> Evaluation:
                 f"{wanted - int(keep.sum())} of the {wanted} {config.split} ids in {SPLIT_FILE} have no row with an "
                 "image in --data; they are not evaluated."
             )
-    import polars as pl
+    return keep
 
-    selected = table.filter(pl.Series(keep))
-    vocab = {a.name: list(a.labels) for a in bundle.attributes}
-    raw = {a: (selected[a].to_list() if a in selected.columns else [None] * selected.height) for a in vocab}
-    targets, mappings = encode_labels(raw, vocab, bundle.training, config.unknown_labels)
 
-    ids = selected["id"].to_list()
-    urls = selected["image"].to_list()
-    log.info("evaluating %s on %d %s rows of %s (%s)", config.model, len(ids), config.split, config.data, device)
-    from .inference import progress_logger, run_model
-
-    outputs = run_model(
-        bundle, urls, device=device, precision=config.precision, batch_size=config.batch_size, workers=config.workers,
-        storage_options=options, max_bytes=config.max_image_bytes, max_pixels=config.max_image_pixels,
-        on_batch=progress_logger("evaluate"),
-    )
-    if not outputs.ok.any():
-        raise EvaluationError(f"none of the {len(ids)} images could be decoded; first error: {next(iter(outputs.errors.values()))[1]}")
-    majority = _majorities(bundle, table, all_ids, split_map, targets[outputs.ok], vocab, config.unknown_labels)
-    if outputs.errors:
-        notes.append(f"{len(outputs.errors)} image(s) could not be decoded and are not scored (listed under Unreadable images).")
-
+def _score(spec, target: np.ndarray, outputs: ModelOutputs, majority: tuple[str | None, str], mapping: LabelMapping) -> AttributeEvaluation:
+    """One attribute's numbers over the rows with a decoded image and a target, from the tag job's top labels."""
     from .metrics import attribute_metrics, confusion, per_class
 
-    attributes: list[AttributeEvaluation] = []
-    top_index, top_score = {}, {}
-    for j, spec in enumerate(bundle.attributes):
-        index, score = outputs.top(spec.name)
-        top_index[spec.name], top_score[spec.name] = index, score
-        scored = outputs.ok & (targets[:, j] >= 0)
-        y_true, y_pred = targets[scored, j], index[scored]
-        label, source = majority[spec.name]
-        metrics = attribute_metrics(
-            y_true, y_pred, len(spec.labels),
-            scores=score[scored], all_scores=score[outputs.ok], threshold=spec.threshold,
-            majority=spec.labels.index(label) if label is not None else None,
-        )
-        metrics["majority_label"] = label
-        metrics["majority_source"] = source
-        attributes.append(
-            AttributeEvaluation(
-                spec.name, spec.labels, metrics, per_class(y_true, y_pred, spec.labels),
-                confusion(y_true, y_pred, len(spec.labels)), mappings[spec.name],
-            )
-        )
-    return Evaluation(
-        config=config, bundle=bundle, split=config.split, attributes=attributes, ids=[str(i) for i in ids], urls=urls,
-        ok=outputs.ok, errors=outputs.errors, raw_labels=raw, targets=targets, top_index=top_index, top_score=top_score,
-        data_fingerprint=kaggle.fingerprint, data_rows=kaggle.report.to_dict(), notes=notes,
-        seconds=time.monotonic() - started, device=str(device),
+    index, score = outputs.top(spec.name)
+    scored = outputs.ok & (target >= 0)
+    y_true, y_pred = target[scored], index[scored]
+    label, source = majority
+    metrics = attribute_metrics(
+        y_true, y_pred, len(spec.labels),
+        scores=score[scored], all_scores=score[outputs.ok], threshold=spec.threshold,
+        majority=spec.labels.index(label) if label is not None else None,
+    )
+    metrics["majority_label"] = label
+    metrics["majority_source"] = source
+    return AttributeEvaluation(
+        spec.name, spec.labels, metrics, per_class(y_true, y_pred, spec.labels), confusion(y_true, y_pred, len(spec.labels)), mapping
     )
 
 

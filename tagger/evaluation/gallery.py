@@ -1,7 +1,8 @@
 """``tagger predict``: external images -> their predicted tags, shown beside them.
 
 - :func:`collect_images`: files and folders (recursive) -> image paths, in a stable order;
-- :func:`predict_images`: paths -> one :class:`ImagePrediction` per path, an unreadable one with its error;
+- :func:`image_predictions`: the model's outputs for the paths (:func:`tagger.evaluation.inference.run_model`)
+  -> one :class:`ImagePrediction` per path, an unreadable one with its error;
 - :func:`sheet_pngs`: a contact sheet (thumbnail left, tags and scores right), paged;
 - :func:`gallery_html`: one self-contained HTML file (thumbnails embedded as base64 JPEG);
 - :func:`predictions_table`: the same as an Arrow table (written beside the sheet as Parquet).
@@ -24,9 +25,9 @@ from typing import Any
 import numpy as np
 
 from ..bundle import ModelBundle
-from ..config import DEFAULT_MAX_IMAGE_BYTES
 from ..training.kaggle import IMAGE_EXTENSIONS
 from . import EvaluationError
+from .inference import ModelOutputs
 
 
 @dataclass
@@ -75,25 +76,9 @@ def collect_images(inputs: Sequence[str], extensions: Sequence[str] = IMAGE_EXTE
     return paths
 
 
-def predict_images(
-    bundle: ModelBundle,
-    paths: Sequence[str],
-    *,
-    device: Any,
-    precision: str = "auto",
-    top_k: int = 3,
-    batch_size: int = 32,
-    workers: int = 0,
-    thumb_size: int = 160,
-    max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
-) -> list[ImagePrediction]:
-    """One entry per path, in order: top-k tags and review marks, or the error that kept it from the model."""
-    from .inference import progress_logger, run_model
-
-    outputs = run_model(
-        bundle, paths, device=device, precision=precision, batch_size=batch_size, workers=workers, thumb_size=thumb_size,
-        max_bytes=max_bytes, on_batch=progress_logger("predict"),
-    )
+def image_predictions(bundle: ModelBundle, paths: Sequence[str], outputs: ModelOutputs, top_k: int = 3) -> list[ImagePrediction]:
+    """One entry per path, in order, from :func:`tagger.evaluation.inference.run_model`'s outputs: top-k
+    tags and review marks, or the error that kept the image from the model."""
     results = []
     for i, path in enumerate(paths):
         entry = ImagePrediction(path, thumb=outputs.thumbs.get(i))
