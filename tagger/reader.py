@@ -17,6 +17,7 @@ image becomes an error for exactly that row; nothing shifts to a neighbour.
 from __future__ import annotations
 
 import errno
+import multiprocessing
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -255,6 +256,18 @@ class ImageRows(torch.utils.data.Dataset):
         except ImageError as exc:
             return Item(row, None, version, exc.error_type, exc.message)
         return Item(row, pixels, version, "", "", self.preview(data) if self.preview is not None else None)
+
+
+def worker_context(method: str, remote: bool) -> multiprocessing.context.BaseContext:
+    """The start method of image workers: ``auto`` forks for local data and uses a forkserver when S3 is
+    involved (s3fs keeps an event loop and connections that a forked child must not reuse; forkserver
+    children start from a clean server process that has this module imported already)."""
+    if method == "auto":
+        method = "forkserver" if remote else "fork"
+    context = multiprocessing.get_context(method)
+    if method == "forkserver":
+        context.set_forkserver_preload([__name__])
+    return context
 
 
 @dataclass

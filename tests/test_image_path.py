@@ -197,3 +197,23 @@ def test_evaluate_scores_exactly_what_tag_writes(demo, tiny_bundle, tmp_path, pr
         tag = by_id[row["id"]]
         for name in load_bundle(tiny_bundle).attribute_names:
             assert (row[f"{name}_pred"], row[f"{name}_score"]) == (tag[name], tag[f"{name}_score"]), (row["id"], name)
+
+
+def test_run_model_gives_the_same_with_worker_processes(demo, tiny_bundle, tmp_path):
+    """The in-memory rows and the preview function travel to worker processes; results are per input, in order."""
+    from tagger.bundle import load_bundle
+    from tagger.evaluation.inference import run_model
+
+    bundle = load_bundle(tiny_bundle)
+    (tmp_path / "bad.jpg").write_bytes(b"not an image")
+    paths = [str(p) for p in sorted(demo.images_dir.glob("*.jpg"))[:5]]
+    paths[2:2] = [str(tmp_path / "bad.jpg")]
+    inline = run_model(bundle, paths, device="cpu", precision="fp32", batch_size=2, workers=0, thumb_size=50)
+    forked = run_model(bundle, paths, device="cpu", precision="fp32", batch_size=2, workers=2, thumb_size=50)
+    assert inline.ok.tolist() == forked.ok.tolist() == [True, True, False, True, True, True]
+    assert inline.errors == forked.errors and inline.errors[2][0] == "decode"
+    assert sorted(inline.thumbs) == sorted(forked.thumbs) == [0, 1, 3, 4, 5]
+    assert max(inline.thumbs[0].shape[:2]) == 50
+    for name in bundle.attribute_names:
+        assert np.array_equal(inline.top_index[name], forked.top_index[name]) and inline.top_index[name][2] == -1
+        np.testing.assert_array_equal(inline.probs[name], forked.probs[name])

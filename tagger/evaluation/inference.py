@@ -89,14 +89,12 @@ def run_model(
     Raises :class:`tagger.reader.StorageUnavailable` when the store fails (after retries): numbers over
     the images that happened to load would be numbers over an arbitrary subset.
     """
-    import multiprocessing
-
     import torch
     from torch.utils.data import DataLoader
 
     from .. import storage
     from ..inference import Predictor
-    from ..reader import TRANSIENT, ImageRows, StorageUnavailable, collate
+    from ..reader import TRANSIENT, ImageRows, StorageUnavailable, collate, worker_context
 
     started = time.monotonic()
     device = torch.device(device)
@@ -113,7 +111,6 @@ def run_model(
         max_bytes=max_bytes,
         preview=functools.partial(thumbnail, size=thumb_size) if thumb_size else None,
     )
-    # As in the tag job: s3fs's event loop and connections must not be inherited by forked workers.
     remote = any(storage.is_remote(location) for location in locations)
     loader = DataLoader(
         dataset,
@@ -122,7 +119,7 @@ def run_model(
         num_workers=workers,
         collate_fn=collate,
         pin_memory=device.type == "cuda",
-        multiprocessing_context=multiprocessing.get_context("forkserver" if remote else "fork") if workers else None,
+        multiprocessing_context=worker_context("auto", remote) if workers else None,
         persistent_workers=False,
     )
     done = 0
