@@ -6,7 +6,8 @@
   ``forbidden``, ``not_a_file``, ``invalid_location``, ``too_large``), :class:`StorageUnavailable` when
   the store itself is failing;
 - :func:`load_image`: fetch + :func:`tagger.images.decode_image` (retrain decodes through it);
-- :class:`ImageRows` + :func:`collate`: the DataLoader dataset and batches of tag, evaluate and predict.
+- :class:`ImageRows` + :func:`collate`: the DataLoader dataset and batches of tag, evaluate and predict;
+  :func:`worker_context`: their worker processes' start method.
 
 The rows to read live in an Arrow table (for the tag job an IPC file that each worker memory-maps:
 workers share the page cache instead of each unpickling a copy of a million-element Python list, whose
