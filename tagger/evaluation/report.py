@@ -256,6 +256,15 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str |
 
 def markdown(evaluation: Evaluation, plots: dict[str, str] | None = None) -> str:
     plots = plots or {}
+    lines = _md_header(evaluation) + _md_summary(evaluation, plots) + _md_labels(evaluation)
+    for attr in evaluation.attributes:
+        lines += _md_attribute(attr, plots)
+    lines += _md_unreadable(evaluation)
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _md_header(evaluation: Evaluation) -> list[str]:
     b, cfg = evaluation.bundle, evaluation.config
     created = b.training.get("created_at", "–") if isinstance(b.training, dict) else "–"
     data_rows = evaluation.data_rows
@@ -271,8 +280,11 @@ def markdown(evaluation: Evaluation, plots: dict[str, str] | None = None) -> str
     ]
     if evaluation.notes:
         lines += ["", "**Notes**", ""] + [f"- {note}" for note in evaluation.notes]
+    return lines
 
-    lines += ["", "## Summary: model vs majority baseline", ""]
+
+def _md_summary(evaluation: Evaluation, plots: dict[str, str]) -> list[str]:
+    lines = ["", "## Summary: model vs majority baseline", ""]
     lines += _md_table(SUMMARY_HEADER, summary_rows(evaluation))
     sources = sorted({a.metrics["majority_source"] for a in evaluation.attributes})
     lines += [
@@ -287,8 +299,10 @@ def markdown(evaluation: Evaluation, plots: dict[str, str] | None = None) -> str
     ]
     if "summary" in plots:
         lines += ["", f"![model vs majority baseline]({plots['summary']})"]
+    return lines
 
-    lines += ["", "## Labels", ""]
+
+def _md_labels(evaluation: Evaluation) -> list[str]:
     mapping_rows = []
     for attr in evaluation.attributes:
         mp = attr.mapping
@@ -301,46 +315,53 @@ def markdown(evaluation: Evaluation, plots: dict[str, str] | None = None) -> str
             [attr.name, str(attr.metrics["n"]), str(mp.missing), str(mp.n_folded), str(mp.n_masked),
              f"{mp.n_unknown}" + (" → Other" if mp.unknown_as_other and mp.n_unknown else ""), examples or "–"]
         )
+    lines = ["", "## Labels", ""]
     lines += _md_table(["attribute", "scored", "empty", "folded into Other", "masked (rare)", "unknown to the model", "labels"],
                        mapping_rows, "lrrrrrl")
-    lines += [
+    return lines + [
         "",
         "Labels are scored as retrain made its targets: rare labels it folded into `Other` count as `Other`, ones it "
         "masked are left out, empty cells are left out. Labels the model has never seen are counted under "
         "*unknown to the model* and "
-        + ("scored as `Other` where the attribute has one (--unknown-labels other)." if cfg.unknown_labels == "other"
+        + ("scored as `Other` where the attribute has one (--unknown-labels other)." if evaluation.config.unknown_labels == "other"
            else "left out of the metrics (--unknown-labels exclude)."),
     ]
 
-    for attr in evaluation.attributes:
-        m = attr.metrics
-        lines += ["", f"## {attr.name}", ""]
-        lines.append(
-            f"accuracy {pct(m['accuracy'])} vs majority baseline {pct(m['majority_accuracy'])} "
-            f"(always '{m['majority_label'] or '–'}'); macro-F1 {fmt(m['macro_f1'])}, weighted-F1 {fmt(m['weighted_f1'])}; "
-            f"{m['n']} rows, {m['n_classes_present']} of {m['n_classes']} classes present."
-        )
-        lines.append("")
-        class_rows = [
-            [c["label"], fmt(c["precision"]), fmt(c["recall"]), fmt(c["f1"]), str(c["support"]), str(c["predicted"])]
-            for c in sorted(attr.classes, key=lambda c: -c["support"])
-        ]
-        lines += _md_table(["label", "precision", "recall", "F1", "support", "predicted"], class_rows)
-        confusions = _top_confusions(attr)
-        if confusions:
-            lines += ["", "Most frequent confusions: " + "; ".join(confusions) + "."]
-        images = [f"![{kind} {attr.name}]({plots[f'{kind}/{attr.name}']})" for kind in ("f1", "confusion") if f"{kind}/{attr.name}" in plots]
-        if images:
-            lines += ["", " ".join(images)]
 
-    if evaluation.errors:
-        lines += ["", "## Unreadable images", ""]
-        shown = sorted(evaluation.errors.items())[:50]
-        lines += _md_table(["id", "error", "message"], [[evaluation.ids[i], t, msg] for i, (t, msg) in shown], "lll")
-        if len(evaluation.errors) > len(shown):
-            lines += ["", f"... and {len(evaluation.errors) - len(shown)} more (predictions.parquet has them all)."]
-    lines.append("")
-    return "\n".join(lines)
+def _md_attribute(attr, plots: dict[str, str]) -> list[str]:
+    m = attr.metrics
+    lines = [
+        "",
+        f"## {attr.name}",
+        "",
+        f"accuracy {pct(m['accuracy'])} vs majority baseline {pct(m['majority_accuracy'])} "
+        f"(always '{m['majority_label'] or '–'}'); macro-F1 {fmt(m['macro_f1'])}, weighted-F1 {fmt(m['weighted_f1'])}; "
+        f"{m['n']} rows, {m['n_classes_present']} of {m['n_classes']} classes present.",
+        "",
+    ]
+    class_rows = [
+        [c["label"], fmt(c["precision"]), fmt(c["recall"]), fmt(c["f1"]), str(c["support"]), str(c["predicted"])]
+        for c in sorted(attr.classes, key=lambda c: -c["support"])
+    ]
+    lines += _md_table(["label", "precision", "recall", "F1", "support", "predicted"], class_rows)
+    confusions = _top_confusions(attr)
+    if confusions:
+        lines += ["", "Most frequent confusions: " + "; ".join(confusions) + "."]
+    images = [f"![{kind} {attr.name}]({plots[f'{kind}/{attr.name}']})" for kind in ("f1", "confusion") if f"{kind}/{attr.name}" in plots]
+    if images:
+        lines += ["", " ".join(images)]
+    return lines
+
+
+def _md_unreadable(evaluation: Evaluation) -> list[str]:
+    if not evaluation.errors:
+        return []
+    shown = sorted(evaluation.errors.items())[:50]
+    lines = ["", "## Unreadable images", ""]
+    lines += _md_table(["id", "error", "message"], [[evaluation.ids[i], t, msg] for i, (t, msg) in shown], "lll")
+    if len(evaluation.errors) > len(shown):
+        lines += ["", f"... and {len(evaluation.errors) - len(shown)} more (predictions.parquet has them all)."]
+    return lines
 
 
 def _top_confusions(attr, k: int = 5) -> list[str]:
