@@ -9,6 +9,7 @@ import sys
 import click
 
 from tagger.config import DEFAULT_MAX_IMAGE_BYTES, DEVICES, PRECISIONS, default_workers
+from tagger.images import DEFAULT_MAX_IMAGE_PIXELS
 
 from .options import parse_storage_options, storage_option
 
@@ -36,6 +37,8 @@ def _out_format(ctx: click.Context, param: click.Parameter, value: str) -> str:
               help="As `tagger tag --precision`: the scores shown are the ones the tag job would write.")
 @click.option("--max-image-bytes", type=click.IntRange(min=1), default=DEFAULT_MAX_IMAGE_BYTES, show_default=True,
               help="Larger image files are shown as too_large errors, refused from their size before they are read.")
+@click.option("--max-image-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_IMAGE_PIXELS, show_default=True,
+              help="Decompression-bomb guard: larger images are shown as too_large errors.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--workers", type=click.IntRange(min=0), default=None, show_default=f"0 under {AUTO_WORKERS_FROM} images, else min(8, CPUs)",
               help="Image reading/decoding processes.")
@@ -45,7 +48,7 @@ def _out_format(ctx: click.Context, param: click.Parameter, value: str) -> str:
               help="Also write the predictions as Parquet beside --out (sheet.png -> sheet.parquet).")
 @storage_option
 def predict(images: tuple[str, ...], model: str, out: str, top_k: int, device: str, precision: str, max_image_bytes: int,
-            batch_size: int, workers: int | None, thumb_size: int, per_page: int, table: bool,
+            max_image_pixels: int, batch_size: int, workers: int | None, thumb_size: int, per_page: int, table: bool,
             storage_options: tuple[str, ...]) -> None:
     """Predict tags for IMAGES (files, or folders searched recursively for jpg/jpeg/png/webp/gif) and show
     each image with its top labels and scores. Unreadable images are listed with their error.
@@ -73,7 +76,7 @@ def predict(images: tuple[str, ...], model: str, out: str, top_k: int, device: s
     try:
         outputs = run_model(
             bundle, paths, device=chosen, precision=precision, batch_size=batch_size, workers=workers,
-            thumb_size=thumb_size, max_bytes=max_image_bytes, on_batch=progress_logger("predict"),
+            thumb_size=thumb_size, max_bytes=max_image_bytes, max_pixels=max_image_pixels, on_batch=progress_logger("predict"),
         )
         results = gallery.image_predictions(bundle, paths, outputs, top_k)
         written = write_outputs(bundle, results, out, thumb_size=thumb_size, per_page=per_page, table=table)

@@ -217,3 +217,18 @@ def test_run_model_gives_the_same_with_worker_processes(demo, tiny_bundle, tmp_p
     for name in bundle.attribute_names:
         assert np.array_equal(inline.top_index[name], forked.top_index[name]) and inline.top_index[name][2] == -1
         np.testing.assert_array_equal(inline.probs[name], forked.probs[name])
+
+
+def test_predict_and_evaluate_take_the_tag_jobs_caps_and_precision(demo, tiny_bundle, tmp_path):
+    image = sorted(demo.images_dir.glob("*.jpg"))[0]
+    out = tmp_path / "sheet.png"
+    result = CliRunner().invoke(cli, ["predict", str(image), "--model", tiny_bundle, "--out", str(out), "--workers", "0",
+                                      "--max-image-bytes", "100"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    row = pq.read_table(tmp_path / "sheet.parquet").to_pylist()[0]
+    assert row["error_type"] == "too_large" and "--max-image-bytes" in row["error"]
+    if not torch.cuda.is_available():
+        result = CliRunner().invoke(cli, ["evaluate", "--model", tiny_bundle, "--data", str(demo.root), "--split", "all",
+                                          "--precision", "fp16", "--out", str(tmp_path / "r")], catch_exceptions=False)
+        assert result.exit_code == 2 and "fp16 is for CUDA" in result.output
+        assert not (tmp_path / "r").exists()
