@@ -16,7 +16,7 @@ TAG_ARGS ?=
 # The demo model: a tiny timm backbone trained from scratch on CPU through the real retrain job.
 DEMO_RETRAIN_ARGS ?= --backbone test_resnet --no-pretrained --input-size 96 --batch-size 32 --lr 3e-3 --max-epochs 25 --max-minutes 1.5 --threads 1 --seed 0
 
-.PHONY: setup tag test demo-data demo-model bench clean
+.PHONY: setup tag test demo-data demo-model bench clean airflow-setup test-airflow image-tools image-base image image-test
 
 setup: $(STAMP)
 
@@ -48,3 +48,54 @@ bench: $(STAMP)
 
 clean:
 	rm -rf out models/demo data/demo
+
+# --- Airflow (README "Airflow"): dags/fashion_tagger.py under a real Airflow 3, in its own virtualenv. ---
+# .venv-airflow never shares pins with the job's .venv; the DAG runs the job's `tagger` executable.
+AIRFLOW_VENV ?= .venv-airflow
+AIRFLOW_STAMP := $(AIRFLOW_VENV)/.installed-stamp
+
+airflow-setup: $(AIRFLOW_STAMP)
+
+$(AIRFLOW_STAMP): dags/requirements-airflow.txt dags/constraints-airflow.txt
+	test -x $(AIRFLOW_VENV)/bin/python || $(PYTHON) -m venv $(AIRFLOW_VENV)
+	$(AIRFLOW_VENV)/bin/python -m pip install --quiet -r dags/requirements-airflow.txt -c dags/constraints-airflow.txt
+	touch $@
+
+# dag.test() with a temporary AIRFLOW_HOME (SQLite): two nights of the demo catalog, 2 mapped shard tasks,
+# each partition complete and equal to a single `tagger tag` run; exit-code -> retry mapping; timeouts.
+test-airflow: $(STAMP) $(AIRFLOW_STAMP) $(if $(filter $(DEMO_DATA)/catalog.csv,$(CATALOG)),$(DEMO_DATA)/styles.csv) $(if $(filter $(DEMO_MODEL),$(MODEL)),$(DEMO_MODEL)/model.json)
+	FT_TAGGER='$(BIN)/tagger' FT_PYTHON='$(BIN)/python' FT_CATALOG='$(CATALOG)' FT_MODEL='$(MODEL)' \
+	  $(AIRFLOW_VENV)/bin/python -m pytest -p no:cacheprovider --confcutdir=tests/airflow tests/airflow
+
+# --- Container image (README "Container image"): Containerfile, built and run with Debian's podman + runc. ---
+# No registry is reachable from our machines: the base image is made locally from Debian packages (mmdebstrap)
+# under the name the Containerfile's FROM uses. TORCH_VARIANT=cuda keeps PyPI's CUDA build whole.
+IMAGE ?= localhost/fashion-tagger:latest
+IMAGE_BASE ?= localhost/fashion-tagger-base:bookworm
+TORCH_VARIANT ?= cpu
+PIP_CA ?= $(or $(PIP_CERT),/etc/ssl/certs/ca-certificates.crt)
+PODMAN := CONTAINERS_CONF=$(CURDIR)/container/containers.conf podman --runtime runc
+IMAGE_TEST_OUT := out/image-test
+IMAGE_TEST_DATE := 2026-11-26
+
+image-tools:
+	@command -v podman >/dev/null && command -v runc >/dev/null && command -v mmdebstrap >/dev/null || \
+	  { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y podman runc mmdebstrap; }
+
+image-base: image-tools
+	$(PODMAN) image exists $(IMAGE_BASE) || { set -o pipefail; \
+	  mmdebstrap --variant=minbase --include=python3,python3-venv,ca-certificates bookworm - | $(PODMAN) import - $(IMAGE_BASE); }
+
+image: image-base
+	@start=$$(date +%s); set -x; $(PODMAN) build --secret id=pip_ca,src=$(PIP_CA) \
+	  --build-arg BASE=$(IMAGE_BASE) --build-arg TORCH_VARIANT=$(TORCH_VARIANT) -f Containerfile -t $(IMAGE) . && \
+	  { set +x; } 2>/dev/null && echo "$(IMAGE): built in $$(( $$(date +%s) - start )) s, size $$($(PODMAN) image inspect --format '{{.Size}}' $(IMAGE) | numfmt --to=si)B"
+
+# Tag the demo catalog inside the image (non-root, no network, repo mounted read-only) into a mounted folder.
+image-test: image $(STAMP) $(if $(filter $(DEMO_DATA)/catalog.csv,$(CATALOG)),$(DEMO_DATA)/styles.csv) $(if $(filter $(DEMO_MODEL),$(MODEL)),$(DEMO_MODEL)/model.json)
+	test "$$($(PODMAN) run --rm --ulimit host --entrypoint id $(IMAGE) -u)" = 10001
+	rm -rf $(IMAGE_TEST_OUT) && mkdir -p $(IMAGE_TEST_OUT) && chown 10001:10001 $(IMAGE_TEST_OUT)
+	@start=$$(date +%s); set -x; $(PODMAN) run --rm --ulimit host --network none -v '$(CURDIR):/repo:ro' -v '$(CURDIR)/$(IMAGE_TEST_OUT):/out' \
+	  -w /repo $(IMAGE) tag --catalog '$(CATALOG)' --model '$(MODEL)' --out /out --run-date $(IMAGE_TEST_DATE) --workers 1 && \
+	  { set +x; } 2>/dev/null && echo "tagged inside the image in $$(( $$(date +%s) - start )) s"
+	$(BIN)/python container/check_output.py --catalog '$(CATALOG)' --out $(IMAGE_TEST_OUT) --run-date $(IMAGE_TEST_DATE)
