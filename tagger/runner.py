@@ -196,6 +196,8 @@ class TagRunner:
             storage_options=self.options,
         )
         self.timings["manifest_s"] = time.time() - t
+        if pc.any(pc.match_substring(manifest.table.column("image"), "s3://")).as_py():
+            storage.storage_options("s3://", self.options)  # images on S3: their endpoint is checked now, not per row
         log.info("manifest %s: %d rows", config.catalog, manifest.num_rows)
         t = time.time()
         bundle = load_bundle(config.model, self.options)

@@ -8,6 +8,7 @@ of anything we print.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import posixpath
 import uuid
@@ -15,6 +16,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import fsspec
+
+log = logging.getLogger(__name__)
 
 # botocore's own retry/timeout knobs. "adaptive" mode backs off on 5xx, throttling and connection
 # resets; the timeouts guarantee that a read against a dead endpoint fails instead of hanging.
@@ -146,8 +149,10 @@ def check_output_location(url: str, options: Mapping[str, Any] | None = None) ->
         fs.call_s3("head_bucket", Bucket=bucket)
     except FileNotFoundError:
         raise OutputLocationError(f"--out {url}: bucket {bucket!r} does not exist; create it or fix --out") from None
-    except PermissionError as exc:
-        raise OutputLocationError(f"--out {url}: the credentials may not use bucket {bucket!r} ({exc})") from None
+    except PermissionError:
+        # A policy may grant writes under a prefix without s3:ListBucket, which HEAD needs: that is no proof
+        # the bucket is unusable. The first write says so if it is.
+        log.info("--out %s: cannot check that bucket %r exists (access denied to HEAD); going on", url, bucket)
     except Exception as exc:
         if is_permanent(exc):
             raise OutputLocationError(f"--out {url}: {type(exc).__name__}: {exc}") from None
