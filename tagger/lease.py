@@ -174,6 +174,13 @@ class Lease:
                 self._problem = f"{type(exc).__name__}: {exc}"
                 log.warning("could not renew the partition lease: %s", self._problem)
 
+    def annotate(self, run: str) -> None:
+        """Name the run in the lease now (its id is known only once planned): a loser's message names it."""
+        self.facts["run"] = run
+        if self.generation is not None and self._newest() == self.generation:
+            storage.write_bytes(self._url(self.generation), self._body(), self.options)
+            self._renewed = time.monotonic()
+
     def _newest(self) -> int:
         generations = self._generations()
         return generations[-1] if generations else 0

@@ -249,6 +249,8 @@ class TagRunner:
     def _run_owned(self, manifest: Manifest, bundle: ModelBundle, started: float) -> RunResult:
         config = self.config
         plan = self._plan(manifest, bundle)
+        if self.lease is not None:
+            self.lease.annotate(plan["run_id"])
         if config.plan_only:
             return self._result(EXIT_OK, {"status": "planned", **self._plan_facts(plan)}, started)
         num_shards = plan["num_shards"]
@@ -381,6 +383,7 @@ class TagRunner:
                 self._loop(batches, cursor, predictor, manifest, bundle, plan, progress, previous_threads)
 
     def _loop(self, batches, cursor, predictor, manifest, bundle, plan, progress, previous_threads) -> None:
+        """Batches -> predictions -> the open shard's parts; a shard commits the moment its last row is in."""
         import torch
 
         config = self.config

@@ -178,6 +178,8 @@ def test_a_second_run_of_the_same_date_exits_5_and_changes_nothing(demo, tiny_bu
         second = subprocess.run(command(second_catalog, tiny_bundle, out), capture_output=True, text=True, timeout=180)
         assert second.returncode == 5, second.stderr
         assert "partition busy" in second.stderr and "nothing was changed" in second.stderr
+        plan = json.loads((out / "_runs" / f"run_date={DATE}" / "plan.json").read_text())
+        assert f"owned by run {plan['run_id']} (host " in second.stderr, "the message names the owner"
         assert second.stderr.count("\ntagger tag:") + second.stderr.startswith("tagger tag:") == 1
         assert all(p.exists() and p.stat().st_mtime_ns == t for p, t in before.items()), "the loser touched the partition"
         os.kill(first.pid, signal.SIGCONT)
