@@ -7,10 +7,15 @@ import sys
 
 import click
 
-from tagger.config import DEFAULT_MAX_IMAGE_BYTES, DEVICES, PRECISIONS, default_workers
-from tagger.images import DEFAULT_MAX_IMAGE_PIXELS
+from tagger.config import DEVICES, default_workers
 
-from .options import parse_storage_options, storage_option
+from .options import (
+    max_image_bytes_option,
+    max_image_pixels_option,
+    parse_storage_options,
+    precision_option,
+    storage_option,
+)
 
 log = logging.getLogger("tagger.evaluate")
 
@@ -30,12 +35,9 @@ EXIT_OK, EXIT_CRASH, EXIT_INVALID_INPUT, EXIT_STORAGE = 0, 1, 2, 4
               help="Image reading/decoding processes; 0 decodes in the main process.")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
               help="auto uses CUDA when a GPU is visible.")
-@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
-              help="As `tagger tag --precision`; evaluate with the setting the catalog is tagged with.")
-@click.option("--max-image-bytes", type=click.IntRange(min=1), default=DEFAULT_MAX_IMAGE_BYTES, show_default=True,
-              help="Larger image files become too_large errors, refused from their size before they are read.")
-@click.option("--max-image-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_IMAGE_PIXELS, show_default=True,
-              help="Decompression-bomb guard: larger images become too_large errors.")
+@precision_option
+@max_image_bytes_option
+@max_image_pixels_option
 @click.option("--unknown-labels", type=click.Choice(["exclude", "other"]), default="exclude", show_default=True,
               help="Labels the model has never seen (external data): leave them out of the metrics, or score them "
               "as 'Other' where the attribute has that class. Counted in the report either way.")

@@ -7,6 +7,9 @@ from typing import Any
 
 import click
 
+from tagger.config import DEFAULT_MAX_IMAGE_BYTES, PRECISIONS
+from tagger.images import DEFAULT_MAX_IMAGE_PIXELS
+
 
 def parse_storage_options(values: tuple[str, ...]) -> dict[str, Any]:
     """``KEY=VALUE`` pairs -> fsspec storage options; dotted keys nest (``client_kwargs.region_name=eu-west-1``),
@@ -35,4 +38,19 @@ storage_option = click.option(
     metavar="KEY=VALUE",
     help="fsspec/s3fs option, repeatable; dotted keys nest, e.g. client_kwargs.region_name=eu-west-1. "
     "Credentials come from the standard AWS chain (environment, AWS_PROFILE, instance role).",
+)
+
+
+# The image path's settings, spelled the same in every command that reads images through it.
+precision_option = click.option(
+    "--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
+    help="Model arithmetic, as `tagger tag --precision`: use the tag job's setting to see the scores it writes.",
+)
+max_image_bytes_option = click.option(
+    "--max-image-bytes", type=click.IntRange(min=1), default=DEFAULT_MAX_IMAGE_BYTES, show_default=True,
+    help="Larger image files are too_large errors, refused from their size before they are read.",
+)
+max_image_pixels_option = click.option(
+    "--max-image-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_IMAGE_PIXELS, show_default=True,
+    help="Decompression-bomb guard: larger images are too_large errors, refused from their header.",
 )

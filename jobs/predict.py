@@ -8,10 +8,15 @@ import sys
 
 import click
 
-from tagger.config import DEFAULT_MAX_IMAGE_BYTES, DEVICES, PRECISIONS, default_workers
-from tagger.images import DEFAULT_MAX_IMAGE_PIXELS
+from tagger.config import DEVICES, default_workers
 
-from .options import parse_storage_options, storage_option
+from .options import (
+    max_image_bytes_option,
+    max_image_pixels_option,
+    parse_storage_options,
+    precision_option,
+    storage_option,
+)
 
 log = logging.getLogger("tagger.predict")
 
@@ -33,12 +38,9 @@ def _out_format(ctx: click.Context, param: click.Parameter, value: str) -> str:
               help="sheet.png: a contact sheet (pages sheet-2.png, ... past --per-page); gallery.html: one self-contained page.")
 @click.option("--top-k", type=click.IntRange(1, 20), default=3, show_default=True, help="Labels shown per attribute.")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
-@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
-              help="As `tagger tag --precision`: the scores shown are the ones the tag job would write.")
-@click.option("--max-image-bytes", type=click.IntRange(min=1), default=DEFAULT_MAX_IMAGE_BYTES, show_default=True,
-              help="Larger image files are shown as too_large errors, refused from their size before they are read.")
-@click.option("--max-image-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_IMAGE_PIXELS, show_default=True,
-              help="Decompression-bomb guard: larger images are shown as too_large errors.")
+@precision_option
+@max_image_bytes_option
+@max_image_pixels_option
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--workers", type=click.IntRange(min=0), default=None, show_default=f"0 under {AUTO_WORKERS_FROM} images, else min(8, CPUs)",
               help="Image reading/decoding processes.")
