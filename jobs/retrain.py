@@ -33,7 +33,8 @@ def _flag(option: str) -> str:
 
 
 @click.command("retrain")
-@click.option("--data", required=True, help="Kaggle 'Fashion Product Images' folder (styles.csv + images/), local or s3://.")
+@click.option("--data", required=True, multiple=True,
+              help="Kaggle 'Fashion Product Images' folder (styles.csv + images/), local or s3://; repeat it to train on several folders as one data set.")
 @click.option("--out", required=True, help="Bundle folder to write (model.json, model.safetensors, split.parquet), local or s3://.")
 @click.option("--backbone", default=D["backbone"], show_default=True, help="Any timm model name.")
 @click.option("--pretrained/--no-pretrained", default=D["pretrained"], show_default=True,
@@ -52,6 +53,10 @@ def _flag(option: str) -> str:
 @click.option("--patience", type=click.IntRange(min=1), default=D["patience"], show_default=True, help="Epochs without a better val/score before stopping.")
 @click.option("--freeze-backbone-epochs", type=click.IntRange(min=0), default=D["freeze_backbone_epochs"], show_default=True,
               help="Train only the heads for this many epochs first.")
+@click.option("--freeze-stages", type=click.IntRange(min=0), default=D["freeze_stages"], show_default=True,
+              help="Keep the stem and the first N block stages at their pretrained weights and cache their output once "
+                   "(photo + mirror image), so that each epoch trains only the rest: many more epochs per CPU hour, "
+                   "at the cost of crop/rotation augmentation. EfficientNet-family backbones; 0 = fine-tune everything.")
 @click.option("--grad-clip", type=click.FloatRange(min=0), default=D["grad_clip"], show_default=True, help="Max gradient norm; 0 = off.")
 @click.option("--seed", type=click.IntRange(min=0), default=D["seed"], show_default=True)
 @click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=D["val_fraction"], show_default=True)

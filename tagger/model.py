@@ -14,8 +14,7 @@ import torch
 from torch import nn
 
 
-class PretrainedWeightsUnavailable(RuntimeError):
-    """The requested ImageNet weights could not be had; never replaced by a silent random init."""
+from .pretrained import PretrainedWeightsUnavailable, WeightsSource  # noqa: F401  (re-exported for callers)
 
 
 @dataclass(frozen=True)
@@ -57,9 +56,51 @@ class TaggerNet(nn.Module):
         return (images.float() - self.pixel_mean) / self.pixel_std
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        features = self.backbone(self.normalise(images))
-        features = self.dropout(features)
-        return {name: head(features) for name, head in self.heads.items()}
+        return self.classify(self.backbone(self.normalise(images)))
+
+    def classify(self, pooled: torch.Tensor) -> dict[str, torch.Tensor]:
+        pooled = self.dropout(pooled)
+        return {name: head(pooled) for name, head in self.heads.items()}
+
+    # A frozen trunk (stem + the first ``stages`` block stages) computes the same features for an image
+    # in every epoch; training can cache them once and run only the rest (``--freeze-stages``).
+    # ``forward(x) == forward_from(trunk(x, k), k)`` for every k, so the bundle is one ordinary network.
+
+    def stage_count(self) -> int:
+        """Block stages that ``trunk``/``forward_from`` can split at; an error for other families."""
+        b = self.backbone
+        if not all(hasattr(b, name) for name in ("conv_stem", "bn1", "blocks", "conv_head", "bn2", "forward_head")):
+            raise ValueError(
+                f"{type(b).__name__} backbones cannot be split into a frozen trunk and a trained tail "
+                "(supported: timm's EfficientNet family, e.g. tf_efficientnet_lite0, efficientnet_b3); "
+                "use --freeze-stages 0 to fine-tune it whole"
+            )
+        return len(b.blocks)
+
+    def trunk(self, images: torch.Tensor, stages: int) -> torch.Tensor:
+        b = self.backbone
+        x = b.bn1(b.conv_stem(self.normalise(images)))
+        for block in b.blocks[:stages]:
+            x = block(x)
+        return x
+
+    def forward_from(self, features: torch.Tensor, stages: int) -> dict[str, torch.Tensor]:
+        b = self.backbone
+        x = features
+        for block in b.blocks[stages:]:
+            x = block(x)
+        return self.classify(b.forward_head(b.bn2(b.conv_head(x))))
+
+    def trunk_parameters(self, stages: int):
+        b = self.backbone
+        yield from b.conv_stem.parameters()
+        yield from b.bn1.parameters()
+        for block in b.blocks[:stages]:
+            yield from block.parameters()
+
+    def trunk_modules(self, stages: int) -> list[nn.Module]:
+        b = self.backbone
+        return [b.conv_stem, b.bn1, *b.blocks[:stages]]
 
 
 def resolve_data_config(backbone: str, input_size: int | None = None) -> DataConfig:
@@ -74,31 +115,26 @@ def resolve_data_config(backbone: str, input_size: int | None = None) -> DataCon
 
 
 def create_backbone(name: str, *, pretrained: bool = False, init_weights: str | Path | None = None) -> nn.Module:
-    """A timm backbone without its classifier (``num_classes=0`` -> pooled features).
+    """A timm backbone without its classifier (``num_classes=0`` -> pooled features); see
+    :func:`create_backbone_with_source` for where pretrained weights come from."""
+    return create_backbone_with_source(name, pretrained=pretrained, init_weights=init_weights)[0]
 
-    ``pretrained`` fetches ImageNet weights from the Hugging Face hub; ``init_weights`` loads them from
-    a local file through timm's own ``pretrained_cfg_overlay`` path (safetensors or a torch state dict).
-    """
+
+def create_backbone_with_source(
+    name: str, *, pretrained: bool = False, init_weights: str | Path | None = None
+) -> tuple[nn.Module, WeightsSource]:
+    """The backbone and the source of its weights: ``--init-weights``, timm's hub or cache, an installed
+    weights package (:mod:`tagger.pretrained`), or a random init when ``pretrained`` is off."""
     import timm
+
+    from .pretrained import create_pretrained_backbone
 
     if not timm.is_model(name.split(".")[0]):
         close = timm.list_models(f"*{name.split('.')[0][:6]}*")[:8]
         raise ValueError(f"unknown timm backbone {name!r}; similar names: {', '.join(close) or 'none'}")
-    if init_weights is not None:
-        path = Path(init_weights)
-        if not path.is_file():
-            raise PretrainedWeightsUnavailable(f"--init-weights {path}: no such file")
-        return timm.create_model(name, pretrained=True, num_classes=0, pretrained_cfg_overlay={"file": str(path)})
-    if pretrained:
-        try:
-            return timm.create_model(name, pretrained=True, num_classes=0)
-        except Exception as exc:
-            raise PretrainedWeightsUnavailable(
-                f"could not load ImageNet-pretrained weights for {name!r} ({type(exc).__name__}: {exc}). "
-                "On a machine without access to the Hugging Face hub, pass --init-weights PATH with a local "
-                "weights file, or --no-pretrained to train from random initialisation on purpose."
-            ) from exc
-    return timm.create_model(name, pretrained=False, num_classes=0)
+    if pretrained or init_weights is not None:
+        return create_pretrained_backbone(name, init_weights)
+    return timm.create_model(name, pretrained=False, num_classes=0), WeightsSource("random", "")
 
 
 def create_tagger_net(

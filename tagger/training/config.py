@@ -28,7 +28,7 @@ class ConfigError(ValueError):
 class RetrainConfig:
     """Every retrain setting with its default. :meth:`validate` checks them all before any work starts."""
 
-    data: str  # Kaggle layout: styles.csv + images/, local or s3://
+    data: str | list[str]  # Kaggle layout: styles.csv + images/, local or s3://; several folders are one data set
     out: str  # bundle folder (model.json, model.safetensors, split.parquet), local or s3://
     backbone: str = "efficientnet_b3"  # any timm model name
     pretrained: bool = True  # ImageNet weights from the Hugging Face hub; never silently replaced
@@ -45,6 +45,7 @@ class RetrainConfig:
     max_minutes: float | None = None  # wall-clock limit on fitting (Lightning max_time); the LR cosine fits inside it
     patience: int = 5  # epochs without a better val/score before early stopping
     freeze_backbone_epochs: int = 0  # train only the heads for this many epochs first
+    freeze_stages: int = 0  # keep stem + this many block stages frozen; their features are cached once (CPU recipe)
     grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
     seed: int = 0  # split, init, shuffling, augmentation
     val_fraction: float = 0.1
@@ -65,7 +66,11 @@ class RetrainConfig:
             if not ok:
                 raise ConfigError(option, message)
 
-        need(bool(self.data and str(self.data).strip()), "data", "data is required: the folder with styles.csv and images/")
+        if isinstance(self.data, (list, tuple)):
+            self.data = list(self.data)
+            need(bool(self.data) and all(isinstance(d, str) and d.strip() for d in self.data), "data", "data is required: the folder(s) with styles.csv and images/")
+        else:
+            need(bool(self.data and str(self.data).strip()), "data", "data is required: the folder with styles.csv and images/")
         need(bool(self.out and str(self.out).strip()), "out", "out is required: the folder the bundle is written to")
         need(bool(self.backbone), "backbone", "backbone is required (a timm model name, e.g. efficientnet_b3)")
         import timm
@@ -87,6 +92,8 @@ class RetrainConfig:
         need(self.max_minutes is None or (_finite(self.max_minutes) and self.max_minutes > 0), "max_minutes", f"max_minutes must be > 0, got {self.max_minutes!r}")
         need(_int(self.patience) and self.patience >= 1, "patience", f"patience must be >= 1, got {self.patience!r}")
         need(_int(self.freeze_backbone_epochs) and self.freeze_backbone_epochs >= 0, "freeze_backbone_epochs", f"freeze_backbone_epochs must be >= 0, got {self.freeze_backbone_epochs!r}")
+        need(_int(self.freeze_stages) and self.freeze_stages >= 0, "freeze_stages", f"freeze_stages must be >= 0, got {self.freeze_stages!r}")
+        need(not (self.freeze_stages and self.resume), "freeze_stages", "--freeze-stages cannot be combined with --resume (the cached features are not in the checkpoint)")
         need(_finite(self.grad_clip) and self.grad_clip >= 0, "grad_clip", f"grad_clip must be >= 0 (0 = off), got {self.grad_clip!r}")
         need(_int(self.seed) and self.seed >= 0, "seed", f"seed must be an integer >= 0, got {self.seed!r}")
         for name in ("val_fraction", "test_fraction"):

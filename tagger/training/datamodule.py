@@ -138,6 +138,24 @@ class Collate:
         return torch.stack([i[0] for i in items]).contiguous(), torch.stack([i[1] for i in items])
 
 
+class TrunkFeatures(Dataset):
+    """Cached frozen-trunk features of ``rows``: a random view (photo or mirror) when training, else the photo."""
+
+    def __init__(self, rows: np.ndarray, features: torch.Tensor, targets: np.ndarray, *, random_view: bool):
+        self.rows = rows
+        self.features = features
+        self.targets = targets
+        self.random_view = random_view
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int):
+        row = int(self.rows[index])
+        view = int(torch.randint(self.features.shape[1], ())) if self.random_view else 0
+        return self.features[row, view].float(), torch.from_numpy(self.targets[row])
+
+
 def decode_all(
     urls: Sequence[str], size: int, *, threads: int, storage_options: Mapping[str, Any] | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -320,10 +338,48 @@ class FashionDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
+        if self.trunk_features is not None:
+            return self.feature_loader("train", shuffle=True)
         return self.loader("train", augment=self.augment, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
+        if self.trunk_features is not None:
+            return self.feature_loader("val")
         return self.loader("val")
+
+    # ------------------------------------------------------------------ frozen-trunk features
+
+    trunk_features: torch.Tensor | None = None  # (n, views, C, H, W) float16 once cache_trunk ran
+
+    @torch.no_grad()
+    def cache_trunk(self, trunk, *, batch_size: int = 64, autocast_dtype: torch.dtype | None = None) -> None:
+        """Run every decoded image (and its mirror image) once through the frozen ``trunk``.
+
+        Training then reads these features instead of pixels: each epoch costs only the trained tail.
+        Two views, the photo and its mirror image, keep the one augmentation that is both cheap and
+        label-safe; crops and rotations need pixels, so they are the price of this speed-up.
+        """
+        if self.cache is None:
+            raise ValueError("cached trunk features need the decoded images in memory: use --cache-images on (or auto with enough --cache-max-gb)")
+        started = time.monotonic()
+        n = len(self.cache)
+        features: torch.Tensor | None = None
+        for begin in range(0, n, batch_size):
+            images = torch.from_numpy(self.cache[begin : begin + batch_size]).permute(0, 3, 1, 2)
+            for view, batch in enumerate((images, images.flip(-1))):
+                with torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+                    out = trunk(batch.contiguous()).float()
+                if features is None:
+                    features = torch.empty((n, 2, *out.shape[1:]), dtype=torch.float16)
+                features[begin : begin + len(out), view] = out.to(torch.float16)
+        self.trunk_features = features
+        log.info("cached frozen-trunk features %s (%.0f MB) in %.0fs", tuple(features.shape), features.numel() * 2 / 1e6, time.monotonic() - started)
+
+    def feature_loader(self, split: str, *, shuffle: bool = False) -> DataLoader:
+        dataset = TrunkFeatures(self.rows(split), self.trunk_features, self.targets, random_view=shuffle)
+        batch_size = max(1, min(self.batch_size, len(dataset)))
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=shuffle and len(dataset) > batch_size, generator=generator)
 
     def test_dataloader(self) -> DataLoader:
         return self.loader("test")

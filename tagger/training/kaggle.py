@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,9 +75,9 @@ class ParsedStyles:
 class KaggleData:
     """Rows of styles.csv that have an image, with the image's URL in column ``image``."""
 
-    root: str
-    styles_url: str
-    images_url: str
+    root: str  # the --data folder(s), comma-separated when several
+    styles_url: str  # likewise for their styles.csv ...
+    images_url: str  # ... and images/ folders, for messages
     table: pl.DataFrame
     report: DataReport
     fingerprint: str  # sha256 of styles.csv and the images/ listing: same data -> same value
@@ -161,43 +161,65 @@ def image_names_by_id(names: list[str]) -> dict[str, str]:
     return {stem: name for stem, (_, name) in best.items()}
 
 
-def load_kaggle(root: str, storage_options: Mapping[str, Any] | None = None) -> KaggleData:
-    """Parse ``root/styles.csv`` and keep the rows whose image is in ``root/images/``.
+def load_kaggle(roots: str | Sequence[str], storage_options: Mapping[str, Any] | None = None) -> KaggleData:
+    """Parse each root's ``styles.csv`` and keep the rows whose image is in one of the ``images/`` folders.
 
-    Existence is decided from one listing of images/ (one request per 1,000 files on S3) rather than
-    a request per row; a listed file that turns out to be unreadable is dropped later, when decoded.
+    Several roots are one data set: rows are the union of the ``styles.csv`` files (an identical copy is
+    parsed once; an id listed again in another file keeps its first row, counted as ``duplicate_id``), and
+    an id's image is taken from the first root that has one. Existence is decided from one listing of each
+    images/ (one request per 1,000 files on S3) rather than a request per row; a listed file that turns out
+    to be unreadable is dropped later, when decoded.
     """
-    styles_url, images_url = storage.join(root, STYLES_FILE), storage.join(root, IMAGES_DIR)
-    try:
-        raw = storage.read_bytes(styles_url, storage_options)
-    except FileNotFoundError:
-        raise DataError(
-            f"{styles_url}: not found. --data must be the folder holding styles.csv and images/ "
-            "(the Kaggle 'Fashion Product Images' layout)."
-        ) from None
-    parsed = parse_styles(raw, source=styles_url)
-    listing = storage.list_files(images_url, storage_options)
-    if not listing:
-        raise DataError(f"{images_url}: no image files found; expected images/<id>.jpg beside styles.csv")
-    by_id = image_names_by_id(listing)
+    roots = [roots] if isinstance(roots, str) else list(roots)
+    if not roots:
+        raise DataError("no data folder given: --data must name at least one folder with styles.csv and images/")
+    report = DataReport()
+    tables: list[pl.DataFrame] = []
+    seen_styles: set[bytes] = set()
+    by_id: dict[str, str] = {}
+    digest = hashlib.sha256()
+    for root in roots:
+        styles_url, images_url = storage.join(root, STYLES_FILE), storage.join(root, IMAGES_DIR)
+        try:
+            raw = storage.read_bytes(styles_url, storage_options)
+        except FileNotFoundError:
+            raise DataError(
+                f"{styles_url}: not found. --data must be the folder holding styles.csv and images/ "
+                "(the Kaggle 'Fashion Product Images' layout)."
+            ) from None
+        styles_hash = hashlib.sha256(raw).digest()
+        if styles_hash not in seen_styles:  # the same labels shipped beside each folder count once
+            seen_styles.add(styles_hash)
+            tables.append(parse_styles(raw, source=styles_url, report=report).table)
+        listing = storage.list_files(images_url, storage_options)
+        if not listing:
+            raise DataError(f"{images_url}: no image files found; expected images/<id>.jpg beside styles.csv")
+        for stem, name in image_names_by_id(listing).items():
+            by_id.setdefault(stem, storage.join(images_url, name))
+        digest.update(styles_hash)
+        digest.update("\n".join(listing).encode())
 
-    table = parsed.table
-    names = [by_id.get(i) for i in table["id"].to_list()]
-    has_image = pl.Series([n is not None for n in names])
-    report = parsed.report
+    table = tables[0] if len(tables) == 1 else _first_row_per_id(pl.concat(tables, how="diagonal_relaxed"), report)
+    report.parsed = table.height
+    report.unknown_values = {a: int(table[a].null_count()) for a in ATTRIBUTES}
+    urls = pl.Series("image", [by_id.get(i) for i in table["id"].to_list()], dtype=pl.Utf8)
+    has_image = urls.is_not_null()
     missing_ids = table.filter(~has_image)["id"]
     report.missing_image = missing_ids.len()
     report.missing_image_ids = missing_ids.head(_EXAMPLES).to_list()
-    urls = pl.Series("image", [None if n is None else storage.join(images_url, n) for n in names], dtype=pl.Utf8)
     table = table.with_columns(urls).filter(has_image)
+    where = ", ".join(storage.join(r, IMAGES_DIR) for r in roots)
     if table.height == 0:
         example = f" (e.g. no {report.missing_image_ids[0]}.jpg)" if report.missing_image_ids else ""
         raise DataError(
-            f"{styles_url}: none of its {report.parsed} rows has an image in {images_url}{example}. "
+            f"none of the {report.parsed} rows of styles.csv has an image in {where}{example}. "
             "Check that --data is the Kaggle folder whose images/ goes with this styles.csv."
         )
+    styles = ", ".join(storage.join(r, STYLES_FILE) for r in roots)
+    return KaggleData(", ".join(roots), styles, where, table, report, f"sha256:{digest.hexdigest()}")
 
-    digest = hashlib.sha256()
-    digest.update(hashlib.sha256(raw).digest())
-    digest.update("\n".join(listing).encode())
-    return KaggleData(root, styles_url, images_url, table, report, f"sha256:{digest.hexdigest()}")
+
+def _first_row_per_id(table: pl.DataFrame, report: DataReport) -> pl.DataFrame:
+    unique = table.unique(subset="id", keep="first", maintain_order=True)
+    report.duplicate_id += table.height - unique.height
+    return unique

@@ -78,6 +78,7 @@ class TaggerModule(pl.LightningModule):
         warmup_epochs: float = 1.0,
         label_smoothing: float = 0.1,
         freeze_backbone_epochs: int = 0,
+        freeze_stages: int = 0,
         time_budget_s: float | None = None,
     ):
         super().__init__()
@@ -89,14 +90,18 @@ class TaggerModule(pl.LightningModule):
         self.warmup_epochs = warmup_epochs
         self.label_smoothing = label_smoothing
         self.freeze_backbone_epochs = freeze_backbone_epochs
+        # > 0: batches are cached features of the frozen trunk (stem + this many stages), not pixels.
+        self.freeze_stages = freeze_stages
         self.time_budget_s = time_budget_s
         self._train_started: float | None = None
         # Plain values only: checkpoints are read back with torch.load(weights_only=True).
         self.save_hyperparameters(ignore=["net"])
         self.val_confusion = _confusion_matrices({attr: len(v) for attr, v in self.labels.items()})
 
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        return self.net(images)
+    def forward(self, inputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.freeze_stages:
+            return self.net.forward_from(inputs, self.freeze_stages)
+        return self.net(inputs)
 
     # ------------------------------------------------------------------ backbone freezing
 
@@ -111,6 +116,12 @@ class TaggerModule(pl.LightningModule):
         if frozen:
             # BatchNorm statistics would otherwise keep drifting under a backbone that is not learning.
             self.net.backbone.eval()
+        if self.freeze_stages:
+            # The trunk's features were cached once: its weights and statistics must stay what made them.
+            for p in self.net.trunk_parameters(self.freeze_stages):
+                p.requires_grad_(False)
+            for module in self.net.trunk_modules(self.freeze_stages):
+                module.eval()
 
     def on_train_start(self) -> None:
         self._train_started = time.monotonic()  # where Lightning's max_time Timer starts counting too

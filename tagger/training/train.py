@@ -19,7 +19,7 @@ from ..attributes import ATTRIBUTES
 from ..bundle import ModelBundle, save_bundle
 from ..evaluation.inference import predict_batches
 from ..evaluation.metrics import calibrate_thresholds, coverage, majority_baseline, split_metrics
-from ..model import TaggerNet, create_backbone, resolve_data_config
+from ..model import TaggerNet, create_backbone_with_source, resolve_data_config
 from .config import ConfigError, RetrainConfig
 from .datamodule import FashionDataModule
 from .module import LABELS_KEY, SCORE_METRIC, TaggerModule
@@ -117,9 +117,17 @@ def retrain(config: RetrainConfig) -> ModelBundle:
         torch.set_num_threads(config.threads)
     pl.seed_everything(config.seed, workers=True, verbose=False)
     # Backbone before data: an unreachable weights hub should fail in seconds, not after decoding.
-    backbone = create_backbone(config.backbone, pretrained=config.pretrained, init_weights=config.init_weights)
+    backbone, weights_source = create_backbone_with_source(config.backbone, pretrained=config.pretrained, init_weights=config.init_weights)
     data_config = resolve_data_config(config.backbone, config.input_size)
-    check_net(TaggerNet(backbone, {attr: 2 for attr in ATTRIBUTES}, data_config), config.backbone)
+    probe = TaggerNet(backbone, {attr: 2 for attr in ATTRIBUTES}, data_config)
+    check_net(probe, config.backbone)
+    if config.freeze_stages:
+        try:
+            stages = probe.stage_count()
+        except ValueError as exc:
+            raise ConfigError("freeze_stages", str(exc)) from None
+        if config.freeze_stages >= stages:
+            raise ConfigError("freeze_stages", f"{config.backbone} has {stages} block stages; --freeze-stages must leave at least one to train (0-{stages - 1})")
 
     datamodule = FashionDataModule(
         config.data,
@@ -148,6 +156,14 @@ def retrain(config: RetrainConfig) -> ModelBundle:
         check_resume(config.resume, labels)
 
     net = TaggerNet(backbone, datamodule.label_counts, data_config, drop_rate=config.drop_rate)
+    if config.freeze_stages:
+        net.eval()
+        datamodule.cache_trunk(
+            lambda images: net.trunk(images, config.freeze_stages),
+            batch_size=config.batch_size,
+            autocast_dtype=None,  # fp32: bf16 autocast runs depthwise convolutions several times slower on CPUs
+        )
+        net.train()
     module = TaggerModule(
         net,
         labels,
@@ -156,6 +172,7 @@ def retrain(config: RetrainConfig) -> ModelBundle:
         warmup_epochs=config.warmup_epochs,
         label_smoothing=config.label_smoothing,
         freeze_backbone_epochs=config.freeze_backbone_epochs,
+        freeze_stages=config.freeze_stages,
         time_budget_s=config.max_minutes * 60 if config.max_minutes else None,
     )
 
@@ -262,7 +279,8 @@ def retrain(config: RetrainConfig) -> ModelBundle:
             "val_coverage": coverage(val_probs, thresholds),
         },
         "backbone": config.backbone,
-        "weights_init": f"file:{config.init_weights}" if config.init_weights else ("imagenet" if config.pretrained else "random"),
+        "weights_init": weights_source.describe(),
+        "freeze_stages": config.freeze_stages,
         "input_size": data_config.input_size,
         "epochs": int(trainer.current_epoch),
         "best_epoch": best_epoch,

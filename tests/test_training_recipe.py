@@ -1,0 +1,115 @@
+"""The CPU recipe: several --data folders as one data set, and a frozen trunk whose features are cached."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from tagger.bundle import load_bundle
+from tagger.model import create_tagger_net, resolve_data_config
+from tagger.training import ConfigError, RetrainConfig, retrain
+from tagger.training.kaggle import load_kaggle
+
+
+@pytest.fixture(scope="module")
+def two_folders(tmp_path_factory) -> tuple[Path, Path]:
+    """One generated data set cut in two folders, each with the full styles.csv, like fashion-sample/-more."""
+    from tagger.demo import make_demo_dataset
+
+    demo = make_demo_dataset(tmp_path_factory.mktemp("kaggle"), n_train=120, n_catalog=0, n_bad=0, image_size=(48, 64))
+    second = tmp_path_factory.mktemp("more")
+    (second / "images").mkdir()
+    shutil.copy(demo.styles_csv, second / "styles.csv")
+    for image in sorted(demo.images_dir.glob("*.jpg"))[::2]:
+        shutil.move(str(image), second / "images" / image.name)
+    return demo.root, second
+
+
+def test_several_folders_are_one_data_set(two_folders):
+    first, second = two_folders
+    one = load_kaggle(str(first))
+    both = load_kaggle([str(first), str(second)])
+    assert one.report.missing_image > 0  # half of the rows have their image in the other folder
+    assert both.report.missing_image == 0 and both.table.height == 120
+    assert both.report.duplicate_id == 0  # an identical styles.csv beside each folder is read once
+    assert set(both.table["id"].to_list()) >= set(one.table["id"].to_list())
+    # Each id's image is found in whichever folder holds it.
+    for image in both.table["image"].to_list():
+        assert Path(image).is_file()
+    assert both.fingerprint != one.fingerprint
+
+
+def test_a_differing_second_styles_file_keeps_the_first_row_of_an_id(two_folders, tmp_path):
+    first, second = two_folders
+    third = tmp_path / "third"
+    (third / "images").mkdir(parents=True)
+    lines = (first / "styles.csv").read_text().splitlines()
+    header, row = lines[0], lines[1].split(",")
+    relabelled = ",".join([row[0], "Unisex", *row[2:]])
+    (third / "styles.csv").write_text(f"{header}\n{relabelled}\n")
+    shutil.copy(next((first / "images").glob("*.jpg")), third / "images" / "x.jpg")
+    data = load_kaggle([str(first), str(second), str(third)])
+    assert data.report.duplicate_id == 1
+    assert data.table.filter(data.table["id"] == row[0])["gender"].item() == row[1]
+
+
+@pytest.mark.parametrize("stages", [0, 2, 4])
+def test_trunk_then_tail_equals_the_whole_network(stages):
+    net = create_tagger_net("test_efficientnet", {"a": 3, "b": 2}, resolve_data_config("test_efficientnet", 32)).eval()
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        whole, split = net(images), net.forward_from(net.trunk(images, stages), stages)
+    for name in whole:
+        assert torch.equal(whole[name], split[name])
+
+
+def test_other_backbone_families_are_refused_with_the_fix():
+    net = create_tagger_net("test_resnet", {"a": 2}, resolve_data_config("test_resnet", 32))
+    with pytest.raises(ValueError, match="--freeze-stages 0"):
+        net.stage_count()
+
+
+@pytest.mark.slow
+def test_retrain_with_a_frozen_trunk_trains_only_the_tail(two_folders, tmp_path):
+    torch.set_num_threads(1)
+    first, second = two_folders
+    out = tmp_path / "bundle"
+    config = RetrainConfig(
+        data=[str(first), str(second)], out=str(out), backbone="test_efficientnet", pretrained=False, input_size=32,
+        batch_size=16, max_epochs=2, lr=5e-3, freeze_stages=3, progress=False, threads=1, seed=0,
+        log_dir=str(tmp_path / "logs"),
+    )
+    from tagger.model import create_backbone
+
+    torch.manual_seed(config.seed)  # what retrain's seed_everything does before it creates the backbone
+    initial = create_backbone("test_efficientnet")
+    bundle = retrain(config)
+    assert bundle.training["freeze_stages"] == 3
+    assert bundle.training["data"]["rows"]["used"] == 120
+    net = load_bundle(str(out)).build_net()
+    # The trunk keeps the weights it started from (same seed, same init); the tail has learnt.
+    for trained_part, initial_part in zip(net.trunk_modules(3), [initial.conv_stem, initial.bn1, *initial.blocks[:3]]):
+        for (name, value), (_, start) in zip(trained_part.state_dict().items(), initial_part.state_dict().items()):
+            assert torch.equal(value, start), name  # weights and BatchNorm statistics alike
+    assert not torch.equal(net.backbone.conv_head.weight, initial.conv_head.weight)
+
+
+def test_freeze_stages_is_checked_against_the_backbone(two_folders, tmp_path):
+    first, _ = two_folders
+    config = RetrainConfig(data=str(first), out=str(tmp_path / "b"), backbone="test_efficientnet", pretrained=False,
+                           input_size=32, freeze_stages=5, progress=False)
+    with pytest.raises(ConfigError, match="0-4"):
+        retrain(config)
+
+
+def test_cli_takes_several_data_folders(two_folders, tmp_path):
+    from jobs.cli import main
+
+    first, second = two_folders
+    result = CliRunner().invoke(main, ["retrain", "--data", str(first), "--data", str(second), "--out", str(tmp_path / "b"),
+                                       "--backbone", "test_resnet", "--no-pretrained", "--freeze-stages", "2", "--input-size", "32"])
+    assert result.exit_code == 2 and "--freeze-stages" in result.output and "--freeze-stages 0" in result.output
