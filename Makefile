@@ -89,7 +89,7 @@ image-base: image-tools
 image: image-base
 	@start=$$(date +%s); set -x; $(PODMAN) build --secret id=pip_ca,src=$(PIP_CA) \
 	  --build-arg BASE=$(IMAGE_BASE) --build-arg TORCH_VARIANT=$(TORCH_VARIANT) -f Containerfile -t $(IMAGE) . && \
-	  { set +x; } 2>/dev/null && echo "$(IMAGE): built in $$(( $$(date +%s) - start )) s, size $$($(PODMAN) image inspect --format '{{.Size}}' $(IMAGE) | numfmt --to=si)B"
+	  { set +x; } 2>/dev/null && echo "$(IMAGE): built in $$(( $$(date +%s) - start )) s, size $$($(PODMAN) image inspect --format '{{.Size}}' $(IMAGE) | numfmt --to=si --round=nearest --format=%.2f)B"
 
 # Tag the demo catalog inside the image (non-root, no network, repo mounted read-only) into a mounted folder.
 image-test: image $(STAMP) $(if $(filter $(DEMO_DATA)/catalog.csv,$(CATALOG)),$(DEMO_DATA)/styles.csv) $(if $(filter $(DEMO_MODEL),$(MODEL)),$(DEMO_MODEL)/model.json)

@@ -56,7 +56,7 @@ def main() -> int:
         return 1
     print(f"image-test OK: {rows} manifest rows -> {len(tags)} tags + {len(errors)} errors "
           f"({', '.join(sorted({r['error_type'] for r in errors})) or 'none'}), both tables committed, "
-          f"device {summary.get('device', '?')}")
+          f"device {summary.get('this_process', {}).get('device', '?')}")
     return 0
 
 
