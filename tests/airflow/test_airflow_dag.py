@@ -108,6 +108,21 @@ def test_a_timeout_stops_the_tagger_process_group(dag_module, tmp_path):
     assert marker.read_text().strip() == "stopped"
 
 
+def test_settings_come_from_params_then_variables_then_environment_then_defaults(dag_module, monkeypatch):
+    monkeypatch.setenv("AIRFLOW_VAR_FASHION_TAGGER_OUT", "s3://from-variable")  # an Airflow Variable, from the environment
+    monkeypatch.setenv("FASHION_TAGGER_OUT", "/from-env")
+    monkeypatch.setenv("FASHION_TAGGER_NUM_SHARDS", "3")
+    monkeypatch.setenv("FASHION_TAGGER_CATALOG", "/from-env/catalog.csv")
+    config = dag_module.resolve_config({"catalog": "s3://from-params/catalog.parquet", "incremental": False}, "2026-11-26")
+    assert config["catalog"] == "s3://from-params/catalog.parquet"
+    assert config["out"] == "s3://from-variable"
+    assert config["num_shards"] == 3
+    assert config["model"] == dag_module.DEFAULTS["model"]
+    args = dag_module.tag_args(config)
+    assert args[:2] == ["tag", "--catalog"] and "--since" not in args and args[args.index("--run-date") + 1] == "2026-11-26"
+    assert "--since" in dag_module.tag_args({**config, "incremental": True})
+
+
 def _fake_tagger(tmp_path: Path, body: str) -> str:
     path = tmp_path / "fake-tagger"
     path.write_text("#!/bin/sh\n" + body + "\n")
