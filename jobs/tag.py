@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from tagger.config import DEVICES, PROGRESS_MODES, START_METHODS, TagConfig, default_workers, parse_shard, today_utc
+from tagger.config import DEVICES, PROGRESS_MODES, RUNTIMES, START_METHODS, TagConfig, default_workers, parse_shard, today_utc
 from tagger.images import DEFAULT_MAX_IMAGE_PIXELS
 
 from .options import parse_storage_options, storage_option
@@ -75,6 +75,12 @@ def common_output_options(function):
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
               help="Model arithmetic. auto: fp16 autocast on CUDA; on the CPU bf16 autocast where the CPU has native "
               "bfloat16 (AVX512-BF16/AMX: ~1.5x faster, top labels equal except near-ties), else fp32. fp32: no autocast.")
+@click.option("--runtime", type=click.Choice(RUNTIMES), default="auto", show_default=True,
+              help="What runs the model. auto: PyTorch on CUDA; on the CPU the fastest installed of ONNX Runtime, OpenVINO "
+              "and PyTorch for this CPU and --precision (measured: docs/benchmarks.md), logged and recorded in the run "
+              "summary. onnx/openvino (CPU only) run the bundle's network exported to ONNX, cached per model_version "
+              "in $TAGGER_CACHE/onnx (default ~/.cache/fashion-tagger/onnx); they need the extras "
+              "fashion-tagger[onnx] / [openvino].")
 @click.option("--threads", type=click.IntRange(min=0), default=0, show_default="0: torch's default, one per core",
               help="Torch threads of the model on the CPU. On a small machine shared with other work, fewer threads than "
               "cores (e.g. CPUs - workers) avoid OpenMP threads spinning while a peer waits for a core "
@@ -140,6 +146,7 @@ def _execute(config, stop, finalize_only: bool) -> int:
     from tagger.lease import LeaseHeld, LeaseLost
     from tagger.manifest import ManifestError
     from tagger.reader import StorageUnavailable
+    from tagger.runtimes import RuntimeSettingError
     from tagger.runner import (EXIT_CRASH, EXIT_INTERRUPTED, EXIT_INVALID_INPUT, EXIT_PARTITION_BUSY, EXIT_STORAGE,
                                Interrupted, NonFiniteScores, PlanMismatch, TagRunner, WorkerFailure)
     from tagger.storage import OutputLocationError, StorageConfigError, is_permanent, is_unavailable
@@ -156,7 +163,7 @@ def _execute(config, stop, finalize_only: bool) -> int:
             result = runner.finalize(plan, time.time())
         else:
             result = runner.run()
-    except (ManifestError, BundleError, PlanMismatch, SinceError, OutputLocationError, StorageConfigError) as exc:
+    except (ManifestError, BundleError, PlanMismatch, SinceError, OutputLocationError, StorageConfigError, RuntimeSettingError) as exc:
         return _fail(EXIT_INVALID_INPUT, f"invalid input: {exc}")
     except LeaseHeld as exc:
         return _fail(EXIT_PARTITION_BUSY, f"partition busy: {exc}")

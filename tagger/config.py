@@ -13,6 +13,7 @@ from .images import DEFAULT_MAX_IMAGE_PIXELS
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # what each means: tagger.inference.precision_settings
+RUNTIMES = ("auto", "torch", "onnx", "openvino")  # what runs the model: tagger.runtimes.choose_runtime
 # Image files larger than this are too_large errors, refused from their size (stat, S3 HEAD) before they
 # are read: a product photo is a few MB, so 50 MB leaves room for any honest image while a mislabelled
 # video or disk image cannot make a worker hold gigabytes. The byte twin of DEFAULT_MAX_IMAGE_PIXELS.
@@ -64,6 +65,7 @@ class TagConfig:
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     draft_decode: bool = True
     precision: str = "auto"  # auto (CUDA fp16, CPU bf16 where native else fp32) | fp32 | bf16 | fp16, see inference.precision_settings
+    runtime: str = "auto"  # auto (by device and measured speed) | torch | onnx | openvino, see runtimes.choose_runtime
     threads: int = 0  # torch threads of the model on the CPU; 0: torch's default (the cores, or OMP_NUM_THREADS)
     progress: str = "auto"
     log_every: float = 30.0
@@ -100,6 +102,8 @@ class TagConfig:
             problems.append(f"progress must be one of {', '.join(PROGRESS_MODES)}")
         if self.precision not in PRECISIONS:
             problems.append(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.runtime not in RUNTIMES:
+            problems.append(f"runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
         if self.threads < 0:
             problems.append("threads must be >= 0 (0: automatic)")
         if self.max_image_pixels < 1:

@@ -1,8 +1,10 @@
 """A batch of uint8 images -> top label index and score (and, when asked, every probability) per attribute.
 
 The one forward pass of tag, evaluate, predict and retrain's val/test scoring: the same device rule,
-precision (``--precision``), channels-last and uint8 input everywhere, so that evaluate and the review
-thresholds measure exactly what the tag job writes. Pure compute, no I/O.
+runtime (``--runtime``: PyTorch, or the exported network in ONNX Runtime or OpenVINO, see
+:mod:`tagger.runtimes`), precision (``--precision``), channels-last and uint8 input everywhere, and one
+softmax/top-label step after whichever runtime produced the logits, so that evaluate and the review
+thresholds measure exactly what the tag job writes. Pure compute; the only I/O is the ONNX export cache.
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from . import runtimes
 from .bundle import ModelBundle
 from .config import PRECISIONS
 from .model import TaggerNet
+from .runtimes import RuntimeChoice, choose_runtime
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +42,7 @@ def resolve_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
-def precision_settings(precision: str, device: torch.device) -> dict:
+def precision_settings(precision: str, device: torch.device, runtime: str = "torch") -> dict:
     """``--precision`` -> Predictor arguments.
 
     ``auto``: fp16 autocast on CUDA; on the CPU bf16 autocast where the CPU computes bfloat16 natively
@@ -46,9 +50,16 @@ def precision_settings(precision: str, device: torch.device) -> dict:
     efficientnet_b3 tags ~1.5x faster than in fp32, top labels equal except near-ties, scores within
     0.05 (tests/test_decode_equivalence.py states and tests the tolerance, docs/benchmarks.md has the
     figures). ``fp32`` turns autocast off.
+
+    ``runtime`` onnx/openvino (CPU only): the same words, checked against what that runtime computes
+    (:func:`tagger.runtimes.cpu_precision`: ONNX Runtime fp32 only, OpenVINO fp32 or bf16, ``auto`` bf16
+    only where the CPU has it natively); the result is passed on as ``amp``/``amp_dtype`` like PyTorch's.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if runtime not in ("torch", "auto"):
+        computed = runtimes.cpu_precision(runtime, precision)
+        return {"amp": True, "amp_dtype": torch.bfloat16} if computed == "bf16" else {"amp": False}
     if precision == "auto":
         return {"amp": True, "amp_dtype": torch.bfloat16} if device.type == "cpu" and _cpu_has_bf16() else {}
     if precision == "fp32":
@@ -61,8 +72,7 @@ def precision_settings(precision: str, device: torch.device) -> dict:
 
 
 def _cpu_has_bf16() -> bool:
-    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return any(check() for check in checks if check is not None)
+    return runtimes.cpu_has_bf16()
 
 
 @dataclass(frozen=True)
@@ -82,32 +92,63 @@ class Predictor:
     val/test scoring, before any bundle exists; it is put in eval mode and left on ``device``).
     ``precision``: ``auto``/``fp32``/``bf16``/``fp16``, as :func:`precision_settings` resolves it; or
     give ``amp``/``amp_dtype`` directly. Neither: autocast (fp16) on CUDA only.
+    ``runtime``: ``torch`` (default), ``onnx``, ``openvino`` or ``auto`` (:func:`tagger.runtimes.choose_runtime`),
+    or a :class:`RuntimeChoice` made earlier; the exported runtimes need a bundle (the export is cached
+    by its ``model_version``). ``runtime_cache``: where exports are cached (default: the user cache).
     """
 
     def __init__(self, model: ModelBundle | TaggerNet, device: torch.device, *, precision: str | None = None,
-                 amp: bool | None = None, channels_last: bool = True, amp_dtype: torch.dtype | None = None):
+                 amp: bool | None = None, channels_last: bool = True, amp_dtype: torch.dtype | None = None,
+                 runtime: str | RuntimeChoice = "torch", runtime_cache: str | None = None):
+        self.runtime = runtime if isinstance(runtime, RuntimeChoice) else choose_runtime(runtime, device, precision or "auto")
         if precision is not None:
             if amp is not None or amp_dtype is not None:
                 raise ValueError("give either precision or amp/amp_dtype, not both")
-            settings = precision_settings(precision, device)
+            settings = precision_settings(precision, device, self.runtime.name)
             amp, amp_dtype = settings.get("amp"), settings.get("amp_dtype")
         self.bundle = model if isinstance(model, ModelBundle) else None
         self.device = device
         self.amp = device.type == "cuda" if amp is None else amp
         self.amp_dtype = amp_dtype or (torch.bfloat16 if device.type == "cpu" else torch.float16)
-        net = model.build_net() if isinstance(model, ModelBundle) else model
         # Channels-last matches the NHWC layout the decoder produces (no transpose copy) and is the
         # fast path for convolutions on both CUDA (tensor cores) and CPU (oneDNN).
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.net = net.eval().to(device).to(memory_format=self.memory_format)
+        self.net: TaggerNet | None = None
+        self.exported: runtimes.ExportedModel | None = None
+        if self.runtime.name == "torch":
+            net = model.build_net() if isinstance(model, ModelBundle) else model
+            self.net = net.eval().to(device).to(memory_format=self.memory_format)
+        else:
+            if self.bundle is None:
+                raise ValueError(f"runtime {self.runtime.name} runs a bundle's exported network; a bare network runs with runtime torch")
+            if self.amp and self.amp_dtype != torch.bfloat16:
+                raise ValueError(f"runtime {self.runtime.name} runs on the CPU in fp32 or bf16, not {self.amp_dtype}")
+            computed = "bf16" if self.amp else "fp32"
+            if computed not in runtimes.CPU_PRECISIONS[self.runtime.name]:
+                raise ValueError(f"runtime {self.runtime.name} computes {' or '.join(runtimes.CPU_PRECISIONS[self.runtime.name])}, not {computed}")
+            self.exported = runtimes.ExportedModel(self.bundle, self.runtime.name, computed, runtime_cache)
+        log.info("model runs with %s (%s), %s", self.runtime.name, self.runtime.reason, self.precision_name)
+
+    @property
+    def precision_name(self) -> str:
+        """What the model computes in: fp32, bf16 or fp16 (autocast for PyTorch, the engine's setting otherwise)."""
+        if not self.amp:
+            return "fp32"
+        return "bf16" if self.amp_dtype == torch.bfloat16 else "fp16"
+
+    def _logits(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.exported is not None:
+            names = [spec.name for spec in self.bundle.attributes]
+            return dict(zip(names, self.exported(images)))
+        images = images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
+            return self.net(images)
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor, *, probabilities: bool = False) -> Predictions:
         """Top label and score per attribute; with ``probabilities`` also every class's probability
         (the top label and score are the same either way: evaluate scores what tag writes)."""
-        images = images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
-            logits = self.net(images)
+        logits = self._logits(images)
         indices, scores, vectors = {}, {}, {}
         for name, values in logits.items():
             softmax = values.float().softmax(dim=1)

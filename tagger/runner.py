@@ -205,9 +205,14 @@ class TagRunner:
         self.timings["model_load_s"] = time.time() - t
         if not config.plan_only:
             from .inference import precision_settings, resolve_device
+            from .runtimes import RuntimeSettingError, choose_runtime
 
             self._device = resolve_device(config.device)
-            self._precision = precision_settings(config.precision, self._device)
+            self._runtime = choose_runtime(config.runtime, self._device, config.precision)
+            try:
+                self._precision = precision_settings(config.precision, self._device, self._runtime.name)
+            except ValueError as exc:  # a precision this device or runtime does not compute: a bad option (exit 2)
+                raise RuntimeSettingError(str(exc)) from None
         with self.owning_partition():
             return self._run_owned(manifest, bundle, started)
 
@@ -343,8 +348,9 @@ class TagRunner:
         del shard_of_row
 
         device = self._device
-        predictor = Predictor(bundle, device, **self._precision)
+        predictor = Predictor(bundle, device, runtime=self._runtime, **self._precision)
         self.device = str(device)
+        self.runtime = {"name": predictor.runtime.name, "precision": predictor.precision_name, "reason": predictor.runtime.reason}
         schema = writers.tags_schema(bundle.attribute_names)
         context = self._start_method(manifest)
 
@@ -629,6 +635,7 @@ class TagRunner:
                 "shards_committed": self.counts.get("shards", 0),
                 "images_per_second": round(images / tagging, 2) if tagging > 0 else None,
                 "device": getattr(self, "device", None),
+                "runtime": getattr(self, "runtime", None),
             },
             "durations_s": {k: round(v, 3) for k, v in {**self.timings, "total_s": elapsed}.items()},
             "finished_at": _now_iso(),

@@ -1,0 +1,381 @@
+"""Which engine runs the network: PyTorch itself, or the bundle's network exported to ONNX and run by
+ONNX Runtime or OpenVINO (``--runtime``).
+
+:class:`tagger.inference.Predictor` is still the one place the model runs: it asks an engine from here for
+the logits of a batch of uint8 NCHW images and does the softmax, top label and score itself, the same
+for every runtime. This module holds what differs: the choice (:func:`choose_runtime`), the ONNX export
+and its cache (:func:`onnx_model`), and one small class per non-PyTorch engine.
+
+The extra runtimes are optional packages (setup.cfg extras ``onnx``, ``openvino``, both in ``runtimes``);
+they are imported only in the branch that uses them, and asking for one that is not installed is an
+error naming the extra, never a quiet switch to another runtime.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from .config import RUNTIMES
+
+if TYPE_CHECKING:
+    from .bundle import ModelBundle
+    from .model import TaggerNet
+
+log = logging.getLogger(__name__)
+
+# runtime -> (module that must import, setup.cfg extra that installs it)
+PACKAGES = {"onnx": ("onnxruntime", "onnx"), "openvino": ("openvino", "openvino")}
+# The legacy (TorchScript) exporter writes through the `onnx` package; both extras pin it.
+EXPORT_PACKAGE = "onnx"
+OPSET = 17
+EXPORT_FORMAT = 1  # bump when the exported graph's contract (inputs, outputs, names) changes
+
+# What `auto` prefers on a CPU, fastest first, from docs/benchmarks.md (efficientnet_b3 at 300 px, model
+# only, batch 32): on CPUs with native bfloat16 (AVX512-BF16/AMX) ONNX Runtime fp32 21.7 img/s, OpenVINO bf16
+# 20.7, PyTorch bf16 13.5; on CPUs without it (AVX2/AVX-512 without BF16) OpenVINO and ONNX Runtime both
+# ahead of PyTorch fp32 channels-last (see the runtime table there). A runtime that is not installed is
+# skipped, and the log says which extra would have given the faster one.
+CPU_PREFERENCE = {
+    "native_bf16": ("onnx", "openvino", "torch"),
+    "no_bf16": ("openvino", "onnx", "torch"),
+}
+# Which precisions each runtime computes on the CPU (fp16 is CUDA-only everywhere).
+CPU_PRECISIONS = {"torch": ("fp32", "bf16"), "onnx": ("fp32",), "openvino": ("fp32", "bf16")}
+
+
+class RuntimeSettingError(ValueError):
+    """A --runtime (or --precision) that cannot run here: its package is not installed, it does not run on
+    this device, or it does not compute that precision. An invalid option: exit 2 before anything changes."""
+
+
+@dataclass(frozen=True)
+class RuntimeChoice:
+    """The runtime that runs the model, and why (logged, and recorded in the run summary)."""
+
+    name: str
+    reason: str
+
+
+def installed(runtime: str) -> bool:
+    if runtime == "torch":
+        return True
+    module, _ = PACKAGES[runtime]
+    return importlib.util.find_spec(module) is not None and importlib.util.find_spec(EXPORT_PACKAGE) is not None
+
+
+def _require(runtime: str) -> None:
+    if not installed(runtime):
+        module, extra = PACKAGES[runtime]
+        raise RuntimeSettingError(
+            f"--runtime {runtime} needs the Python packages {module} and {EXPORT_PACKAGE}, which are not installed: "
+            f"pip install 'fashion-tagger[{extra}]' (or `make setup`, which installs the extras), or use --runtime torch"
+        )
+
+
+def cpu_has_bf16() -> bool:
+    """Native bfloat16 arithmetic (AVX512-BF16 or AMX): without it bf16 is emulated and slower than fp32."""
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check() for check in checks if check is not None)
+
+
+def choose_runtime(requested: str, device: torch.device, precision: str = "auto") -> RuntimeChoice:
+    """``--runtime`` -> the runtime that will run, checked now (before a run touches anything).
+
+    ``auto``: PyTorch on CUDA (AMP, channels-last: the only GPU path shipped); on the CPU the fastest
+    installed runtime that computes ``precision``, in the order of :data:`CPU_PREFERENCE`. An explicit
+    runtime that is not installed, or that does not run on ``device``, is :class:`RuntimeSettingError`.
+    """
+    if requested not in RUNTIMES:
+        raise RuntimeSettingError(f"--runtime must be one of {', '.join(RUNTIMES)}, got {requested!r}")
+    if device.type != "cpu":
+        if requested in ("auto", "torch"):
+            return RuntimeChoice("torch", f"{device.type}: PyTorch (the GPU path: AMP, channels-last, uint8 transfer)")
+        raise RuntimeSettingError(
+            f"--runtime {requested} runs on the CPU only (the CPU builds of its package are what the extra installs); "
+            f"with --device {device.type} use --runtime torch or auto"
+        )
+    if requested != "auto":
+        if requested != "torch":
+            _require(requested)
+        return RuntimeChoice(requested, "asked for with --runtime")
+    machine = "native_bf16" if cpu_has_bf16() else "no_bf16"
+    wanted = "bf16" if precision == "bf16" else "fp32"  # auto precision: every runtime has fp32 on any CPU
+    candidates = [r for r in CPU_PREFERENCE[machine] if wanted in CPU_PRECISIONS[r]]
+    skipped = []
+    for runtime in candidates:
+        if installed(runtime):
+            reason = f"fastest installed on this CPU ({'native' if machine == 'native_bf16' else 'no native'} bfloat16"
+            reason += f", precision {precision})" + (f"; not installed: {', '.join(skipped)}" if skipped else "")
+            if skipped:
+                extras = sorted({PACKAGES[s][1] for s in skipped})
+                log.warning("runtime auto: %s would be faster here but is not installed (pip install 'fashion-tagger[%s]'); "
+                            "using %s", " and ".join(skipped), ",".join(extras), runtime)
+            return RuntimeChoice(runtime, reason)
+        skipped.append(runtime)
+    raise AssertionError("torch is always installed")  # pragma: no cover
+
+
+def cpu_precision(runtime: str, precision: str) -> str:
+    """``--precision`` -> what a non-PyTorch runtime computes on the CPU: ``fp32`` or ``bf16``."""
+    if precision == "fp16":
+        raise ValueError("--precision fp16 is for CUDA; on the CPU use bf16 (or fp32)")
+    if precision == "auto":
+        return "bf16" if "bf16" in CPU_PRECISIONS[runtime] and cpu_has_bf16() else "fp32"
+    if precision not in CPU_PRECISIONS[runtime]:
+        raise ValueError(f"--precision {precision} is not available with --runtime {runtime} (it computes "
+                         f"{' or '.join(CPU_PRECISIONS[runtime])} on the CPU); use --precision fp32 or --runtime openvino/torch")
+    return precision
+
+
+# -- the ONNX export and its cache -------------------------------------------------------------------
+
+def onnx_cache_dir() -> Path:
+    """``$TAGGER_CACHE/onnx``, else ``$XDG_CACHE_HOME/fashion-tagger/onnx`` (``~/.cache`` by default): the
+    convention of :func:`tagger.pretrained.weights_cache_dir`. A user cache rather than the bundle's folder,
+    which may be on S3 or read-only."""
+    root = os.environ.get("TAGGER_CACHE")
+    if root:
+        return Path(root) / "onnx"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fashion-tagger" / "onnx"
+
+
+class _Logits(torch.nn.Module):
+    """The bundle's network with its dict of logits as a tuple in attribute order: ONNX outputs are
+    positional, and positions (``logits_0``...) do not depend on what characters a label name holds."""
+
+    def __init__(self, net: TaggerNet, names: list[str]):
+        super().__init__()
+        self.net, self.names = net, names
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        logits = self.net(images)
+        return tuple(logits[name] for name in self.names)
+
+
+def _expected_record(bundle: ModelBundle) -> dict[str, Any]:
+    """What a cached export must say about itself to be used for ``bundle``."""
+    return {
+        "export_format": EXPORT_FORMAT,
+        "model_version": bundle.model_version,
+        "input": [3, bundle.input_size, bundle.input_size],
+        "outputs": [[spec.name, len(spec.labels)] for spec in bundle.attributes],
+    }
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _trusted(folder: Path, bundle: ModelBundle) -> tuple[Path | None, str]:
+    """The cached export for ``bundle`` if its record matches the bundle and its file matches its hash."""
+    record_file = folder / "export.json"
+    if not record_file.is_file():
+        return None, "no export yet"
+    try:
+        record = json.loads(record_file.read_text())
+        expected = _expected_record(bundle)
+        different = [k for k, v in expected.items() if record.get(k) != v]
+        if different:
+            return None, f"{record_file} was made for something else ({', '.join(different)} differ)"
+        path = folder / str(record["file"])
+        if path.name != record["file"] or not path.is_file():
+            return None, f"{record_file} names {record['file']!r}, which is not there"
+        if _sha256(path) != record["sha256"]:
+            return None, f"{path} does not match the sha256 in {record_file} (changed or cut short)"
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return None, f"{record_file} is unreadable ({type(exc).__name__}: {exc})"
+    return path, "cached"
+
+
+def onnx_model(bundle: ModelBundle, cache_dir: str | Path | None = None) -> Path:
+    """The bundle's network as an ONNX file: uint8 NCHW ``images`` (batch dynamic, side = the bundle's
+    input size) in, normalisation inside, ``logits_<i>`` out in the bundle's attribute order.
+
+    Exported once per ``model_version`` (a hash of the weights and of everything in model.json that changes
+    predictions) into ``<cache>/<model_version>/``, beside ``export.json`` (model_version, shapes, the
+    file's sha256, how it was made and checked). A cached file is used only when its record matches the
+    bundle and the file matches its hash; anything else is exported again. A fresh export is checked
+    against PyTorch on generated images before it is recorded (:func:`_check_export`).
+    """
+    _require_export()
+    folder = Path(cache_dir or onnx_cache_dir()) / bundle.model_version
+    path, why = _trusted(folder, bundle)
+    if path is not None:
+        log.info("ONNX export of model %s: %s (%s)", bundle.model_version, path, why)
+        return path
+    if why != "no export yet":
+        log.warning("ONNX export of model %s not trusted: %s; exporting again", bundle.model_version, why)
+    started = time.time()
+    log.info("exporting model %s (%s @ %d px) to ONNX, once for this model_version: %s",
+             bundle.model_version, bundle.backbone, bundle.input_size, folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    net = bundle.build_net().float().eval()
+    partial = folder / f"export.{os.getpid()}.partial"
+    names = bundle.attribute_names
+    sample = _check_images(bundle.input_size, 2)
+    with warnings.catch_warnings():
+        # The TorchScript exporter announces its deprecation on every call; it is pinned with torch
+        # (setup.cfg) and is chosen on purpose: seconds instead of minutes, no onnxscript dependency.
+        warnings.simplefilter("ignore")
+        # .eval() on the wrapper too: the exporter puts the module back in the mode it found it in,
+        # recursively, and a fresh wrapper is in training mode (BatchNorm would then use batch statistics).
+        torch.onnx.export(
+            _Logits(net, names).eval(), (sample,), str(partial), dynamo=False, opset_version=OPSET,
+            input_names=["images"], output_names=[f"logits_{i}" for i in range(len(names))],
+            dynamic_axes={"images": {0: "batch"}, **{f"logits_{i}": {0: "batch"} for i in range(len(names))}},
+        )
+    digest = _sha256(partial)
+    check = _check_export(net, names, partial)
+    # Content-addressed file name: concurrent exports (fan-out tasks on one machine) never overwrite a
+    # file another process is reading; the record is replaced atomically and always names a whole file.
+    path = folder / f"model-{digest[:16]}.onnx"
+    os.replace(partial, path)
+    record = {**_expected_record(bundle), "file": path.name, "sha256": digest, "backbone": bundle.backbone,
+              "torch": torch.__version__, "opset": OPSET, "exporter": "torch.onnx.export(dynamo=False)",
+              "check": check, "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    tmp = folder / f"export.json.{os.getpid()}.partial"
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, folder / "export.json")
+    log.info("ONNX export of model %s done in %.1f s: %s (checked: %s)", bundle.model_version, time.time() - started, path, check)
+    return path
+
+
+def _require_export() -> None:
+    if importlib.util.find_spec(EXPORT_PACKAGE) is None:
+        raise RuntimeSettingError(
+            f"the ONNX export needs the Python package {EXPORT_PACKAGE}: pip install 'fashion-tagger[onnx]' "
+            "(or [openvino]; `make setup` installs both), or use --runtime torch"
+        )
+
+
+def _check_images(size: int, n: int) -> torch.Tensor:
+    """Deterministic uint8 images with structure (gradients + noise): something a conv net responds to."""
+    rng = np.random.default_rng(0)
+    ramp = np.linspace(0, 255, size, dtype=np.float32)
+    images = np.empty((n, 3, size, size), dtype=np.float32)
+    for i in range(n):
+        for c in range(3):
+            images[i, c] = (ramp[None, :] * (c + 1 + i) / 4 + ramp[:, None] / 2) % 256
+    images += rng.normal(0, 20, images.shape)
+    return torch.from_numpy(np.clip(images, 0, 255).astype(np.uint8))
+
+
+# Largest difference of any softmax probability between a fresh export and the PyTorch network, in fp32,
+# above which the export is refused: both compute the same fp32 graph, so only summation order differs
+# (measured ~1e-8 on efficientnet_b3 and test_efficientnet).
+EXPORT_TOLERANCE = 1e-4
+
+
+def _check_export(net: TaggerNet, names: list[str], path: Path) -> dict[str, Any]:
+    """Run the export (ONNX Runtime, else OpenVINO, in fp32) and PyTorch on the same generated images."""
+    images = _check_images(int(net.data_config.input_size), 2)
+    with torch.inference_mode():
+        expected = net(images)
+    engine_name = "onnx" if installed("onnx") else "openvino"
+    engine = ENGINES[engine_name](path, "fp32", threads=max(1, torch.get_num_threads()))
+    got = engine(images)
+    worst = 0.0
+    for i, name in enumerate(names):
+        p = torch.from_numpy(np.asarray(got[i], dtype=np.float32)).softmax(1)
+        worst = max(worst, float((p - expected[name].float().softmax(1)).abs().max()))
+    if not worst <= EXPORT_TOLERANCE:
+        raise RuntimeError(
+            f"the ONNX export of this model does not compute what PyTorch computes (largest probability "
+            f"difference {worst:.2e} > {EXPORT_TOLERANCE:g} on generated images, run by {engine_name}); "
+            "use --runtime torch and report the backbone"
+        )
+    return {"by": engine_name, "images": int(images.shape[0]), "max_probability_difference": worst}
+
+
+# -- engines: uint8 NCHW numpy/torch batch -> list of logits arrays, in attribute order -------------
+
+class OnnxRuntimeEngine:
+    """ONNX Runtime's CPU execution provider, fp32, all graph optimisations."""
+
+    name = "onnx"
+
+    def __init__(self, path: Path, precision: str, threads: int):
+        import onnxruntime as ort
+
+        if precision != "fp32":
+            raise ValueError(f"ONNX Runtime's CPU provider runs fp32 here, not {precision}")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        # The decode workers share these cores: threads that spin while waiting for work would take the
+        # CPU from them (the same effect --threads avoids for PyTorch's OpenMP pool).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.input = self.session.get_inputs()[0].name
+        self.description = f"onnxruntime {ort.__version__} CPU fp32, {threads} thread(s)"
+
+    def __call__(self, images: torch.Tensor) -> list[np.ndarray]:
+        # The reader's batches are NCHW views of NHWC memory; ONNX Runtime wants C-contiguous input.
+        return self.session.run(None, {self.input: np.ascontiguousarray(images.numpy())})
+
+
+class OpenVinoEngine:
+    """OpenVINO's CPU plugin, latency hint (one batch at a time, every core on it), fp32 or bf16."""
+
+    name = "openvino"
+
+    def __init__(self, path: Path, precision: str, threads: int):
+        import openvino as ov
+
+        core = ov.Core()
+        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads,
+                  "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"}
+        self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
+        self.request = self.compiled.create_infer_request()
+        self.outputs = list(self.compiled.outputs)
+        self.description = f"openvino {ov.__version__} CPU {precision}, {threads} thread(s)"
+
+    def __call__(self, images: torch.Tensor) -> list[np.ndarray]:
+        results = self.request.infer({0: np.ascontiguousarray(images.numpy())})
+        # Copies: the request's output buffers are reused by the next batch.
+        return [np.array(results[port]) for port in self.outputs]
+
+
+ENGINES = {"onnx": OnnxRuntimeEngine, "openvino": OpenVinoEngine}
+
+
+class ExportedModel:
+    """A bundle's ONNX export run by ``runtime`` on the CPU; the session is made at the first batch, with
+    the torch thread count in effect then, so that ``--threads`` sets every runtime's threads."""
+
+    def __init__(self, bundle: ModelBundle, runtime: str, precision: str, cache_dir: str | Path | None = None):
+        _require(runtime)
+        self.runtime, self.precision = runtime, precision
+        self.path = onnx_model(bundle, cache_dir)
+        self._engine: Any = None
+        self._threads = 0
+
+    def engine(self):
+        threads = max(1, torch.get_num_threads())
+        if self._engine is None or threads != self._threads:
+            self._engine, self._threads = ENGINES[self.runtime](self.path, self.precision, threads), threads
+            log.info("runtime %s: %s", self.runtime, self._engine.description)
+        return self._engine
+
+    def __call__(self, images: torch.Tensor) -> list[torch.Tensor]:
+        if images.dtype != torch.uint8:
+            raise TypeError(f"the exported model takes uint8 images, got {images.dtype}")
+        return [torch.from_numpy(np.asarray(a)) for a in self.engine()(images.cpu())]

@@ -1,0 +1,250 @@
+"""``--runtime``: the bundle's network exported to ONNX and run by ONNX Runtime or OpenVINO, against
+PyTorch fp32 on the same generated photos; the export cache; the choice ``auto`` makes; the errors.
+
+Tolerance, stated once and tested here (runtimes in fp32 against PyTorch fp32, same bundle and images):
+
+* every score (top-label softmax probability) within ``FP32_SCORE`` = 1e-4, every probability within
+  the same; the export computes the same fp32 graph, only the summation order differs;
+* the top label is equal, except where PyTorch's two best labels are within ``TIE_MARGIN`` = 1e-3 of
+  probability (a near-tie that a last-bit difference may flip);
+* OpenVINO in bf16 (only on a CPU with native bfloat16): the rule of bf16 autocast in
+  tests/test_decode_equivalence.py, scores within 0.05 and disagreements only within 0.05 of a tie.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tagger import runtimes
+from tagger.bundle import load_bundle, save_bundle
+from tagger.images import decode_image
+from tagger.inference import Predictor, precision_settings
+from tagger.runtimes import RuntimeChoice, RuntimeSettingError, choose_runtime
+from tests.test_decode_equivalence import batch, image_driven, photo_like
+
+FP32_SCORE = 1e-4
+TIE_MARGIN = 1e-3
+BF16_SCORE = 0.05
+BF16_TIE = 0.05
+CPU = torch.device("cpu")
+EXPORTED = [pytest.param(name, marks=pytest.mark.skipif(not runtimes.installed(name), reason=f"extra [{name}] not installed"))
+            for name in ("onnx", "openvino")]
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path_factory, monkeypatch):
+    """Exports go to a cache of this module's own, never the user's ~/.cache."""
+    monkeypatch.setenv("TAGGER_CACHE", str(tmp_path_factory.getbasetemp() / "runtime-cache"))
+
+
+@pytest.fixture(scope="module")
+def photos() -> list[bytes]:
+    return [photo_like(seed, (450, 600)) for seed in range(24)]
+
+
+@pytest.fixture(scope="module")
+def driven_bundle(tiny_bundle, photos, tmp_path_factory) -> str:
+    """The tiny bundle with image-driven heads (see image_driven), saved as a bundle of its own: the
+    exported runtimes read bundles, and random heads would make every label a near-tie."""
+    bundle = load_bundle(tiny_bundle)
+    images = batch([decode_image(d, bundle.input_size) for d in photos])
+    net = image_driven(tiny_bundle, images).net.to(memory_format=torch.contiguous_format)
+    out = tmp_path_factory.mktemp("driven") / "bundle"
+    save_bundle(net, str(out), backbone=bundle.backbone, labels={a.name: list(a.labels) for a in bundle.attributes},
+                training={"note": "tests: image-driven heads"})
+    return str(out)
+
+
+def compare(got, expected, probabilities: dict[str, np.ndarray], score_tolerance: float, tie: float) -> int:
+    """Asserts the tolerance; returns how many top labels differ (all of them near-ties)."""
+    flipped = 0
+    for name, probs in probabilities.items():
+        assert len(set(expected.indices[name])) > 1, name  # the labels do depend on the image
+        top2 = np.sort(probs, axis=1)[:, -2:]
+        margin = top2[:, 1] - top2[:, 0]
+        same = got.indices[name] == expected.indices[name]
+        assert (margin[~same] < tie).all(), (name, margin[~same])
+        assert np.abs(got.scores[name] - expected.scores[name]).max() <= score_tolerance, name
+        flipped += int((~same).sum())
+    return flipped
+
+
+@pytest.mark.parametrize("runtime", EXPORTED)
+def test_exported_runtime_equals_pytorch_fp32(driven_bundle, photos, runtime):
+    bundle = load_bundle(driven_bundle)
+    images = batch([decode_image(d, bundle.input_size) for d in photos])
+    expected = Predictor(bundle, CPU, precision="fp32", runtime="torch")(images, probabilities=True)
+    predictor = Predictor(bundle, CPU, precision="fp32", runtime=runtime)
+    assert predictor.runtime.name == runtime and predictor.precision_name == "fp32" and predictor.net is None
+    got = predictor(images, probabilities=True)
+    compare(got, expected, expected.probabilities, FP32_SCORE, TIE_MARGIN)
+    for name, probs in expected.probabilities.items():
+        assert np.abs(got.probabilities[name] - probs).max() <= FP32_SCORE
+    # Batches of another size (the last batch of a run) go through the same dynamic-batch graph.
+    odd = predictor(images[:5])
+    for name in expected.indices:
+        assert np.array_equal(odd.indices[name], got.indices[name][:5])
+    assert predictor.labels(got)["gender"].dtype == object
+
+
+@pytest.mark.skipif(not (runtimes.installed("openvino") and runtimes.cpu_has_bf16()), reason="needs openvino and a CPU with native bfloat16")
+def test_openvino_bf16_within_the_bf16_tolerance(driven_bundle, photos):
+    bundle = load_bundle(driven_bundle)
+    images = batch([decode_image(d, bundle.input_size) for d in photos])
+    expected = Predictor(bundle, CPU, precision="fp32", runtime="torch")(images, probabilities=True)
+    predictor = Predictor(bundle, CPU, precision="bf16", runtime="openvino")
+    assert predictor.precision_name == "bf16"
+    compare(predictor(images), expected, expected.probabilities, BF16_SCORE, BF16_TIE)
+
+
+@pytest.mark.skipif(not runtimes.installed("onnx"), reason="extra [onnx] not installed")
+def test_export_is_cached_by_model_version_and_checked(driven_bundle, tmp_path, monkeypatch, caplog):
+    bundle = load_bundle(driven_bundle)
+    cache = tmp_path / "cache"
+    path = runtimes.onnx_model(bundle, cache)
+    record = json.loads((cache / bundle.model_version / "export.json").read_text())
+    assert record["model_version"] == bundle.model_version and record["file"] == path.name
+    assert record["check"]["max_probability_difference"] <= runtimes.EXPORT_TOLERANCE
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("exported again although the cache is valid")
+
+    monkeypatch.setattr(torch.onnx, "export", no_export)
+    assert runtimes.onnx_model(bundle, cache) == path  # found, hash checked, not exported again
+    monkeypatch.undo()
+
+    # A file that no longer matches its recorded hash is never used: exported again, with a warning.
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="tagger.runtimes"):
+        again = runtimes.onnx_model(bundle, cache)
+    assert "does not match the sha256" in caplog.text
+    assert runtimes._sha256(again) == json.loads((cache / bundle.model_version / "export.json").read_text())["sha256"]
+
+    # A record made for another model (here: claims another model_version) is not trusted either.
+    record_file = cache / bundle.model_version / "export.json"
+    record = json.loads(record_file.read_text())
+    record["model_version"] = "0" * 16
+    record_file.write_text(json.dumps(record))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="tagger.runtimes"):
+        runtimes.onnx_model(bundle, cache)
+    assert "model_version differ" in caplog.text
+    assert json.loads(record_file.read_text())["model_version"] == bundle.model_version
+
+
+@pytest.mark.skipif(not runtimes.installed("onnx"), reason="extra [onnx] not installed")
+def test_a_wrong_export_is_refused(driven_bundle, tmp_path, monkeypatch):
+    """The check against PyTorch catches an export that computes something else (here: a broken exporter)."""
+    bundle = load_bundle(driven_bundle)
+    real_export = torch.onnx.export
+
+    def export_other_weights(module, *args, **kwargs):
+        other = copy.deepcopy(module)  # the graph written differs from the network that is checked against
+        with torch.no_grad():
+            for head in other.net.heads.values():
+                head.bias.add_(3.0 * torch.arange(head.bias.numel()))
+        return real_export(other, *args, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", export_other_weights)
+    with pytest.raises(RuntimeError, match="does not compute what PyTorch computes"):
+        runtimes.onnx_model(bundle, tmp_path / "cache")
+    assert not list((tmp_path / "cache" / bundle.model_version).glob("export.json"))
+
+
+def test_auto_chooses_by_device_precision_and_what_is_installed(monkeypatch, caplog):
+    assert choose_runtime("auto", torch.device("cuda")).name == "torch"
+    with pytest.raises(RuntimeSettingError, match="CPU only"):
+        choose_runtime("onnx", torch.device("cuda"))
+    monkeypatch.setattr(runtimes, "installed", lambda name: True)
+    monkeypatch.setattr(runtimes, "cpu_has_bf16", lambda: True)
+    assert choose_runtime("auto", CPU).name == runtimes.CPU_PREFERENCE["native_bf16"][0]
+    assert choose_runtime("auto", CPU, "bf16").name == "openvino"  # ONNX Runtime's CPU provider has no bf16
+    monkeypatch.setattr(runtimes, "cpu_has_bf16", lambda: False)
+    assert choose_runtime("auto", CPU).name == runtimes.CPU_PREFERENCE["no_bf16"][0]
+    # Not installed: skipped, and the log names the extra that would have given the faster runtime.
+    monkeypatch.setattr(runtimes, "installed", lambda name: name == "torch")
+    with caplog.at_level(logging.WARNING, logger="tagger.runtimes"):
+        choice = choose_runtime("auto", CPU)
+    assert choice.name == "torch" and "not installed" in choice.reason
+    assert "fashion-tagger[onnx,openvino]" in caplog.text
+
+
+def test_a_runtime_that_is_not_installed_is_an_error_naming_the_extra(monkeypatch):
+    monkeypatch.setattr(runtimes, "installed", lambda name: name == "torch")
+    for runtime, extra in (("onnx", "onnx"), ("openvino", "openvino")):
+        with pytest.raises(RuntimeSettingError, match=rf"fashion-tagger\[{extra}\]"):
+            choose_runtime(runtime, CPU)
+
+
+def test_precision_per_runtime(monkeypatch):
+    monkeypatch.setattr(runtimes, "cpu_has_bf16", lambda: False)
+    assert precision_settings("auto", CPU, "onnx") == {"amp": False}
+    assert precision_settings("auto", CPU, "openvino") == {"amp": False}
+    with pytest.raises(ValueError, match="not available with --runtime onnx"):
+        precision_settings("bf16", CPU, "onnx")
+    with pytest.raises(ValueError, match="fp16 is for CUDA"):
+        precision_settings("fp16", CPU, "openvino")
+    monkeypatch.setattr(runtimes, "cpu_has_bf16", lambda: True)
+    assert precision_settings("auto", CPU, "onnx") == {"amp": False}
+    assert precision_settings("auto", CPU, "openvino") == {"amp": True, "amp_dtype": torch.bfloat16}
+
+
+def test_a_bare_network_runs_only_with_torch(tiny_bundle):
+    net = load_bundle(tiny_bundle).build_net()
+    with pytest.raises(ValueError, match="bare network"):
+        Predictor(net, CPU, runtime=RuntimeChoice("onnx", "test"))
+
+
+@pytest.mark.parametrize("runtime", EXPORTED)
+def test_tag_job_records_the_runtime_and_writes_the_same_tags(demo, driven_bundle, tmp_path, runtime):
+    from tests.test_tag import read, tag
+
+    outs = {}
+    for name in ("torch", runtime):
+        out = tmp_path / name
+        result = tag("--catalog", str(demo.catalog), "--model", driven_bundle, "--out", str(out), "--run-date", "2026-01-02",
+                     "--runtime", name, "--precision", "fp32")
+        assert result.exit_code == 0, result.output
+        summary = json.loads((out / "_runs" / "run_date=2026-01-02" / "summary.json").read_text())
+        assert summary["this_process"]["runtime"]["name"] == name
+        assert summary["this_process"]["runtime"]["precision"] == "fp32"
+        assert summary["arguments"]["runtime"] == name
+        outs[name] = read(out, "tags").sort("product_id")
+    plain, other = outs["torch"], outs[runtime]
+    assert plain["product_id"].to_list() == other["product_id"].to_list()
+    for attribute in load_bundle(driven_bundle).attribute_names:
+        scores = np.abs(plain[f"{attribute}_score"].to_numpy() - other[f"{attribute}_score"].to_numpy())
+        assert scores.max() <= FP32_SCORE, attribute
+        # Labels may differ only where the scores say near-tie (the top score itself is then < 1/2 + tie).
+        differ = plain[attribute].to_numpy() != other[attribute].to_numpy()
+        assert (plain[f"{attribute}_score"].to_numpy()[differ] < 0.5 + TIE_MARGIN).all(), attribute
+
+
+def test_tag_job_refuses_a_missing_runtime_with_exit_2(demo, tiny_bundle, tmp_path, monkeypatch):
+    from tests.test_tag import tag
+
+    monkeypatch.setattr(runtimes, "installed", lambda name: name == "torch")
+    out = tmp_path / "out"
+    result = tag("--catalog", str(demo.catalog), "--model", tiny_bundle, "--out", str(out), "--runtime", "onnx")
+    assert result.exit_code == 2, result.output
+    assert "fashion-tagger[onnx]" in result.output
+    assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.skipif(not runtimes.installed("onnx"), reason="extra [onnx] not installed")
+def test_tag_job_refuses_bf16_with_onnx_with_exit_2(demo, tiny_bundle, tmp_path):
+    from tests.test_tag import tag
+
+    result = tag("--catalog", str(demo.catalog), "--model", tiny_bundle, "--out", str(tmp_path / "o"),
+                 "--runtime", "onnx", "--precision", "bf16")
+    assert result.exit_code == 2, result.output
+    assert "not available with --runtime onnx" in result.output
