@@ -24,7 +24,8 @@ EXIT_OK, EXIT_CRASH, EXIT_INVALID_INPUT, EXIT_STORAGE = 0, 1, 2, 4
 
 @click.command("evaluate")
 @click.option("--model", required=True, envvar="TAGGER_MODEL", help="Model bundle folder (model.json + model.safetensors [+ split.parquet]), local or s3://.")
-@click.option("--data", required=True, help="Kaggle-layout folder (styles.csv + images/), local or s3://.")
+@click.option("--data", required=True, multiple=True,
+              help="Kaggle-layout folder (styles.csv + images/), local or s3://; repeat it for data trained on several folders.")
 @click.option("--split", type=click.Choice(["test", "val", "train", "all"]), default="test", show_default=True,
               help="Rows to evaluate, by id from the bundle's split.parquet; 'all': every row of --data with an image "
               "(an external test set; needs no split.parquet).")
@@ -55,6 +56,7 @@ def evaluate(**options) -> None:
     from tagger.evaluation.evaluate import EvaluateConfig
 
     options["storage_options"] = parse_storage_options(options["storage_options"])
+    options["data"] = options["data"][0] if len(options["data"]) == 1 else list(options["data"])
     sys.exit(execute(EvaluateConfig(**options)))
 
 

@@ -80,6 +80,7 @@ def retrain(storage_options: tuple[str, ...], **options) -> None:
     from tagger.model import PretrainedWeightsUnavailable
     from tagger.training.kaggle import DataError
 
+    options["data"] = options["data"][0] if len(options["data"]) == 1 else list(options["data"])
     config = RetrainConfig(**options, storage_options=parse_storage_options(storage_options))
     try:
         config.validate()

@@ -647,17 +647,22 @@ _DRAWERS = {
 
 
 def score_against_truth(tags, truth_csv: str | Path) -> dict[str, float]:
-    """Share of catalog products whose predicted label equals the drawn one, per attribute, plus
-    ``all``: the share with every attribute right. ``tags`` is a polars frame of the tags table."""
+    """Share of catalog products whose predicted label equals the true one, per attribute, plus
+    ``all``: the share with every attribute right. ``tags`` is a polars frame of the tags table.
+
+    A product without a true value for an attribute (real catalogs leave season or usage empty) is
+    left out of that attribute's share, and ``all`` asks only for the attributes it has; a product
+    that was not tagged at all counts as wrong everywhere."""
     import polars as pl
 
-    truth = pl.read_csv(truth_csv, schema_overrides={"product_id": pl.String})
+    truth = pl.read_csv(truth_csv, schema_overrides={name: pl.String for name in ("product_id", *ATTRIBUTES)})
     joined = truth.join(tags, on="product_id", how="left", suffix="_predicted")
     scores = {}
     every = pl.lit(True)
     for name in ATTRIBUTES:
-        right = pl.col(name) == pl.col(f"{name}_predicted")
-        scores[name] = float(joined.select(right.fill_null(False).mean()).item())
-        every = every & right.fill_null(False)
+        right = (pl.col(name) == pl.col(f"{name}_predicted")).fill_null(False)
+        known = pl.col(name).is_not_null()
+        scores[name] = float(joined.filter(known).select(right.mean()).item())
+        every = every & (right | ~known)
     scores["all"] = float(joined.select(every.mean()).item())
     return scores

@@ -16,6 +16,9 @@ os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing-key-id")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing-secret-value")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.pop("AWS_PROFILE", None)
+# No test may reach the Hugging Face hub; huggingface_hub reads this once, at import, so it is set here,
+# before anything imports timm. Pretrained weights then come from the installed packages at once.
+os.environ["HF_HUB_OFFLINE"] = "1"
 
 
 @pytest.fixture(scope="session")

@@ -97,6 +97,15 @@ def test_retrain_with_a_frozen_trunk_trains_only_the_tail(two_folders, tmp_path)
             assert torch.equal(value, start), name  # weights and BatchNorm statistics alike
     assert not torch.equal(net.backbone.conv_head.weight, initial.conv_head.weight)
 
+    # evaluate takes the same folders and finds the bundle's test rows in them.
+    from jobs.cli import cli as main
+
+    report = tmp_path / "report"
+    result = CliRunner().invoke(main, ["evaluate", "--model", str(out), "--data", str(first), "--data", str(second),
+                                       "--split", "test", "--out", str(report), "--workers", "0", "--no-plots"])
+    assert result.exit_code == 0, result.output
+    assert (report / "metrics.parquet").is_file()
+
 
 def test_freeze_stages_is_checked_against_the_backbone(two_folders, tmp_path):
     first, _ = two_folders
@@ -107,7 +116,7 @@ def test_freeze_stages_is_checked_against_the_backbone(two_folders, tmp_path):
 
 
 def test_cli_takes_several_data_folders(two_folders, tmp_path):
-    from jobs.cli import main
+    from jobs.cli import cli as main
 
     first, second = two_folders
     result = CliRunner().invoke(main, ["retrain", "--data", str(first), "--data", str(second), "--out", str(tmp_path / "b"),

@@ -43,7 +43,7 @@ MAJORITY_SOURCES = {
 @dataclass
 class EvaluateConfig:
     model: str  # bundle folder, local or s3://
-    data: str  # Kaggle layout: styles.csv + images/, local or s3://
+    data: str | list[str]  # Kaggle layout: styles.csv + images/, local or s3://; several folders are one data set
     split: str = "test"  # test | val | train | all
     out: str | None = None  # report folder; None: out/evaluate/<model_version>-<split>
     batch_size: int = 64
@@ -56,6 +56,10 @@ class EvaluateConfig:
     unknown_labels: str = "exclude"  # labels the bundle does not know: exclude | other
     max_confusion_classes: int = 20  # confusion matrices only for attributes with at most this many classes
     plots: bool = True
+
+    @property
+    def data_text(self) -> str:
+        return self.data if isinstance(self.data, str) else " + ".join(self.data)
 
     def validate(self) -> EvaluateConfig:
         if not self.model:
@@ -165,7 +169,7 @@ def evaluate(config: EvaluateConfig) -> Evaluation:
 
     ids = selected["id"].to_list()
     urls = selected["image"].to_list()
-    log.info("evaluating %s on %d %s rows of %s (%s)", config.model, len(ids), config.split, config.data, device)
+    log.info("evaluating %s on %d %s rows of %s (%s)", config.model, len(ids), config.split, config.data_text, device)
     from .inference import progress_logger, run_model
 
     outputs = run_model(
@@ -210,7 +214,7 @@ def _select_rows(config: EvaluateConfig, all_ids: list[str], split_map: dict[str
         wanted = sum(1 for s in split_map.values() if s == config.split)
         if not keep.any():
             raise EvaluationError(
-                f"none of the {wanted} {config.split} ids in {split_url} is a row with an image in {config.data}; "
+                f"none of the {wanted} {config.split} ids in {split_url} is a row with an image in {config.data_text}; "
                 "--data must be the folder the bundle was trained on (or use --split all for other data)"
             )
         if keep.sum() < wanted:

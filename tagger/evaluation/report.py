@@ -130,7 +130,7 @@ def _metadata(evaluation: Evaluation) -> dict[str, str]:
     return {
         "tagger.model": storage.redact(evaluation.config.model),
         "tagger.model_version": evaluation.bundle.model_version,
-        "tagger.data": evaluation.config.data,
+        "tagger.data": evaluation.config.data_text,
         "tagger.data_fingerprint": evaluation.data_fingerprint,
         "tagger.split": evaluation.split,
     }
@@ -227,7 +227,7 @@ def headline(evaluation: Evaluation) -> str:
     b = evaluation.bundle
     return (
         f"model {evaluation.config.model} (model_version {b.model_version}, {b.backbone} @ {b.input_size}px) on "
-        f"{evaluation.config.data}, split {evaluation.split}: {evaluation.n_rows} rows, "
+        f"{evaluation.config.data_text}, split {evaluation.split}: {evaluation.n_rows} rows, "
         f"{evaluation.n_unreadable} unreadable, {evaluation.seconds:.1f}s on {evaluation.device}"
     )
 
