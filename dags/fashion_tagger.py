@@ -14,6 +14,8 @@ Exit codes of ``tagger`` decide what Airflow does (README, "Exit codes"):
     2 (invalid input), 3 (too many error rows)  -> AirflowFailException: fail now, never retried
     4 (storage down), 143 (SIGTERM/SIGINT)      -> retried with exponential back-off; committed shards are
                                                    kept and the same command resumes
+    5 (another live run owns the date)          -> retried the same way: by then that run has ended, or its
+                                                   lease has expired and is taken over
     anything else (1: crash, killed by a signal) -> retried the same way (a worker killed by the OOM killer
                                                    may pass next time; a bug fails after the last retry)
 
@@ -67,7 +69,8 @@ DEFAULTS: dict[str, Any] = {
 }
 
 NO_RETRY_EXIT_CODES = {2: "invalid input", 3: "more error rows than --max-error-rate"}
-RETRY_EXIT_CODES = {4: "storage unavailable", 143: "stopped by SIGTERM/SIGINT"}
+RETRY_EXIT_CODES = {4: "storage unavailable", 5: "partition busy: another run owns the date",
+                    143: "stopped by SIGTERM/SIGINT"}
 STOP_GRACE_SECONDS = float(os.environ.get("FASHION_TAGGER_STOP_GRACE_SECONDS", "60"))
 
 

@@ -71,7 +71,7 @@ def test_the_dag_parses_with_its_schedule_mapping_retries_and_timeouts(dag_modul
     assert set(dag.params) >= {"catalog", "model", "out", "num_shards", "shard_size", "incremental", "tagger"}
 
 
-@pytest.mark.parametrize("code, retried", [(2, False), (3, False), (4, True), (143, True), (1, True)])
+@pytest.mark.parametrize("code, retried", [(2, False), (3, False), (4, True), (5, True), (143, True), (1, True)])
 def test_exit_codes_map_to_fail_now_or_retry(dag_module, code, retried):
     with pytest.raises(AirflowException) as raised:
         dag_module.run_tagger("/bin/sh", ["-c", f"echo 'tagger tag: the last line'; exit {code}"])
