@@ -14,6 +14,7 @@ from .options import (
     max_image_pixels_option,
     parse_storage_options,
     precision_option,
+    runtime_option,
     storage_option,
 )
 
@@ -37,6 +38,7 @@ EXIT_OK, EXIT_CRASH, EXIT_INVALID_INPUT, EXIT_STORAGE = 0, 1, 2, 4
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
               help="auto uses CUDA when a GPU is visible.")
 @precision_option
+@runtime_option
 @max_image_bytes_option
 @max_image_pixels_option
 @click.option("--unknown-labels", type=click.Choice(["exclude", "other"]), default="exclude", show_default=True,

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from tagger.config import DEFAULT_MAX_IMAGE_BYTES, PRECISIONS
+from tagger.config import DEFAULT_MAX_IMAGE_BYTES, PRECISIONS, RUNTIMES
 from tagger.images import DEFAULT_MAX_IMAGE_PIXELS
 
 
@@ -45,6 +45,11 @@ storage_option = click.option(
 precision_option = click.option(
     "--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
     help="Model arithmetic, as `tagger tag --precision`: use the tag job's setting to see the scores it writes.",
+)
+runtime_option = click.option(
+    "--runtime", type=click.Choice(RUNTIMES), default="auto", show_default=True,
+    help="What runs the model, as `tagger tag --runtime` (auto: PyTorch on CUDA, on the CPU the fastest installed "
+    "runtime): use the tag job's setting to see the scores it writes.",
 )
 max_image_bytes_option = click.option(
     "--max-image-bytes", type=click.IntRange(min=1), default=DEFAULT_MAX_IMAGE_BYTES, show_default=True,

@@ -15,6 +15,7 @@ from .options import (
     max_image_pixels_option,
     parse_storage_options,
     precision_option,
+    runtime_option,
     storage_option,
 )
 
@@ -39,6 +40,7 @@ def _out_format(ctx: click.Context, param: click.Parameter, value: str) -> str:
 @click.option("--top-k", type=click.IntRange(1, 20), default=3, show_default=True, help="Labels shown per attribute.")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @precision_option
+@runtime_option
 @max_image_bytes_option
 @max_image_pixels_option
 @click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
@@ -49,7 +51,7 @@ def _out_format(ctx: click.Context, param: click.Parameter, value: str) -> str:
 @click.option("--table/--no-table", default=True, show_default=True,
               help="Also write the predictions as Parquet beside --out (sheet.png -> sheet.parquet).")
 @storage_option
-def predict(images: tuple[str, ...], model: str, out: str, top_k: int, device: str, precision: str, max_image_bytes: int,
+def predict(images: tuple[str, ...], model: str, out: str, top_k: int, device: str, precision: str, runtime: str, max_image_bytes: int,
             max_image_pixels: int, batch_size: int, workers: int | None, thumb_size: int, per_page: int, table: bool,
             storage_options: tuple[str, ...]) -> None:
     """Predict tags for IMAGES (files, or folders searched recursively for jpg/jpeg/png/webp/gif) and show
@@ -62,13 +64,15 @@ def predict(images: tuple[str, ...], model: str, out: str, top_k: int, device: s
     from tagger.evaluation import gallery
     from tagger.evaluation.inference import progress_logger, run_model
     from tagger.inference import precision_settings, resolve_device
+    from tagger.runtimes import choose_runtime
 
     try:
         bundle = load_bundle(model, parse_storage_options(storage_options))
         paths = gallery.collect_images(images)
         try:
             chosen = resolve_device(device)
-            precision_settings(precision, chosen)  # fp16 is for CUDA: say so before any image is read
+            chosen_runtime = choose_runtime(runtime, chosen, precision)  # a runtime not installed: say so now
+            precision_settings(precision, chosen, chosen_runtime.name)  # fp16 is for CUDA: say so before any image is read
         except (RuntimeError, ValueError) as exc:
             raise EvaluationError(str(exc)) from None
     except (BundleError, EvaluationError) as exc:
@@ -77,7 +81,7 @@ def predict(images: tuple[str, ...], model: str, out: str, top_k: int, device: s
         workers = 0 if len(paths) < AUTO_WORKERS_FROM else default_workers()
     try:
         outputs = run_model(
-            bundle, paths, device=chosen, precision=precision, batch_size=batch_size, workers=workers,
+            bundle, paths, device=chosen, precision=precision, runtime=chosen_runtime, batch_size=batch_size, workers=workers,
             thumb_size=thumb_size, max_bytes=max_image_bytes, max_pixels=max_image_pixels, on_batch=progress_logger("predict"),
         )
         results = gallery.image_predictions(bundle, paths, outputs, top_k)

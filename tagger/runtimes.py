@@ -43,15 +43,12 @@ EXPORT_PACKAGE = "onnx"
 OPSET = 17
 EXPORT_FORMAT = 1  # bump when the exported graph's contract (inputs, outputs, names) changes
 
-# What `auto` prefers on a CPU, fastest first, from docs/benchmarks.md (efficientnet_b3 at 300 px, model
-# only, batch 32): on CPUs with native bfloat16 (AVX512-BF16/AMX) ONNX Runtime fp32 21.7 img/s, OpenVINO bf16
-# 20.7, PyTorch bf16 13.5; on CPUs without it (AVX2/AVX-512 without BF16) OpenVINO and ONNX Runtime both
-# ahead of PyTorch fp32 channels-last (see the runtime table there). A runtime that is not installed is
-# skipped, and the log says which extra would have given the faster one.
-CPU_PREFERENCE = {
-    "native_bf16": ("onnx", "openvino", "torch"),
-    "no_bf16": ("openvino", "onnx", "torch"),
-}
+# What `auto` prefers on a CPU, fastest first (efficientnet_b3 at 300 px, model only; docs/benchmarks.md):
+# ONNX Runtime fp32 leads both on a CPU with native bfloat16 (21.7 img/s against OpenVINO bf16 20.7 and
+# PyTorch bf16 autocast 13.5) and on one without (here, AVX-512 without BF16: 3.5x PyTorch fp32 channels-last,
+# OpenVINO fp32 1.4x). With --precision bf16 ONNX Runtime is out (no bf16 kernels on its CPU provider).
+# A runtime that is not installed is skipped, and the log names the extra that would have given it.
+CPU_PREFERENCE = ("onnx", "openvino", "torch")
 # Which precisions each runtime computes on the CPU (fp16 is CUDA-only everywhere).
 CPU_PRECISIONS = {"torch": ("fp32", "bf16"), "onnx": ("fp32",), "openvino": ("fp32", "bf16")}
 
@@ -111,13 +108,13 @@ def choose_runtime(requested: str, device: torch.device, precision: str = "auto"
         if requested != "torch":
             _require(requested)
         return RuntimeChoice(requested, "asked for with --runtime")
-    machine = "native_bf16" if cpu_has_bf16() else "no_bf16"
+    native = cpu_has_bf16()
     wanted = "bf16" if precision == "bf16" else "fp32"  # auto precision: every runtime has fp32 on any CPU
-    candidates = [r for r in CPU_PREFERENCE[machine] if wanted in CPU_PRECISIONS[r]]
+    candidates = [r for r in CPU_PREFERENCE if wanted in CPU_PRECISIONS[r]]
     skipped = []
     for runtime in candidates:
         if installed(runtime):
-            reason = f"fastest installed on this CPU ({'native' if machine == 'native_bf16' else 'no native'} bfloat16"
+            reason = f"fastest installed on this CPU ({'native' if native else 'no native'} bfloat16"
             reason += f", precision {precision})" + (f"; not installed: {', '.join(skipped)}" if skipped else "")
             if skipped:
                 extras = sorted({PACKAGES[s][1] for s in skipped})

@@ -166,10 +166,13 @@ def test_auto_chooses_by_device_precision_and_what_is_installed(monkeypatch, cap
         choose_runtime("onnx", torch.device("cuda"))
     monkeypatch.setattr(runtimes, "installed", lambda name: True)
     monkeypatch.setattr(runtimes, "cpu_has_bf16", lambda: True)
-    assert choose_runtime("auto", CPU).name == runtimes.CPU_PREFERENCE["native_bf16"][0]
+    assert choose_runtime("auto", CPU).name == "onnx"
     assert choose_runtime("auto", CPU, "bf16").name == "openvino"  # ONNX Runtime's CPU provider has no bf16
     monkeypatch.setattr(runtimes, "cpu_has_bf16", lambda: False)
-    assert choose_runtime("auto", CPU).name == runtimes.CPU_PREFERENCE["no_bf16"][0]
+    assert choose_runtime("auto", CPU).name == "onnx"
+    monkeypatch.setattr(runtimes, "installed", lambda name: name != "onnx")
+    assert choose_runtime("auto", CPU).name == "openvino"
+    monkeypatch.setattr(runtimes, "installed", lambda name: True)
     # Not installed: skipped, and the log names the extra that would have given the faster runtime.
     monkeypatch.setattr(runtimes, "installed", lambda name: name == "torch")
     with caplog.at_level(logging.WARNING, logger="tagger.runtimes"):

@@ -18,7 +18,7 @@ import numpy as np
 
 from .. import storage
 from ..bundle import ModelBundle, load_bundle
-from ..config import DEFAULT_MAX_IMAGE_BYTES, DEVICES, PRECISIONS
+from ..config import DEFAULT_MAX_IMAGE_BYTES, DEVICES, PRECISIONS, RUNTIMES
 from ..images import DEFAULT_MAX_IMAGE_PIXELS
 from ..training.labels import UNKNOWN_LABEL_POLICIES, LabelMapping, encode_labels
 from ..training.split import SPLIT_FILE
@@ -50,6 +50,7 @@ class EvaluateConfig:
     workers: int = 0
     device: str = "auto"
     precision: str = "auto"  # as the tag job's --precision: evaluate measures what the catalog gets
+    runtime: str = "auto"  # as the tag job's --runtime, for the same reason
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     storage_options: dict[str, Any] = field(default_factory=dict)
@@ -74,6 +75,8 @@ class EvaluateConfig:
             raise EvaluationError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.precision not in PRECISIONS:
             raise EvaluationError(f"--precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.runtime not in RUNTIMES:
+            raise EvaluationError(f"--runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
         if self.max_image_bytes < 1 or self.max_image_pixels < 1:
             raise EvaluationError("--max-image-bytes and --max-image-pixels must be >= 1")
         if self.unknown_labels not in UNKNOWN_LABEL_POLICIES:
@@ -146,7 +149,7 @@ def evaluate(config: EvaluateConfig) -> Evaluation:
             f"{config.model} has no {SPLIT_FILE}, so its {config.split} rows are unknown (bundles written by "
             "`tagger retrain` carry one). Use --split all to evaluate every row of --data, e.g. an external test set."
         )
-    device = _device(config.device, config.precision)
+    device, runtime = _device(config.device, config.precision, config.runtime)
 
     kaggle = load_kaggle(config.data, options)
     table = kaggle.table
@@ -173,7 +176,7 @@ def evaluate(config: EvaluateConfig) -> Evaluation:
     from .inference import progress_logger, run_model
 
     outputs = run_model(
-        bundle, urls, device=device, precision=config.precision, batch_size=config.batch_size, workers=config.workers,
+        bundle, urls, device=device, precision=config.precision, runtime=runtime, batch_size=config.batch_size, workers=config.workers,
         storage_options=options, max_bytes=config.max_image_bytes, max_pixels=config.max_image_pixels,
         on_batch=progress_logger("evaluate"),
     )
@@ -256,16 +259,19 @@ def _read_split(url: str, options: Mapping[str, Any]) -> dict[str, str]:
         raise EvaluationError(f"{url}: not a readable split file ({type(exc).__name__}: {exc})") from None
 
 
-def _device(requested: str, precision: str):
-    """The device, with the precision checked against it (fp16 is for CUDA) before any image is read."""
+def _device(requested: str, precision: str, runtime: str = "auto"):
+    """The device and runtime, with the precision checked against them (fp16 is for CUDA, ONNX Runtime is
+    fp32) and the runtime's package against what is installed, before any image is read."""
     from ..inference import precision_settings, resolve_device
+    from ..runtimes import choose_runtime
 
     try:
         device = resolve_device(requested)
-        precision_settings(precision, device)
+        chosen = choose_runtime(runtime, device, precision)
+        precision_settings(precision, device, chosen.name)
     except (RuntimeError, ValueError) as exc:
         raise EvaluationError(str(exc)) from None
-    return device
+    return device, chosen
 
 
 def _majorities(bundle, table, all_ids, split_map, targets, vocab, unknown_labels) -> dict[str, tuple[str | None, str]]:

@@ -76,6 +76,7 @@ def run_model(
     *,
     device: Any,
     precision: str = "auto",
+    runtime: Any = "torch",
     batch_size: int = 64,
     workers: int = 0,
     storage_options: Mapping[str, Any] | None = None,
@@ -105,7 +106,7 @@ def run_model(
     outputs = ModelOutputs(probs, top_index, top_score, np.zeros(n, dtype=bool))
     if n == 0:
         return outputs
-    predictor = Predictor(bundle, device, precision=precision)
+    predictor = Predictor(bundle, device, precision=precision, runtime=runtime)
     dataset = ImageRows.from_locations(
         locations, bundle.input_size, storage_options=storage_options, max_pixels=max_pixels,
         max_bytes=max_bytes,
