@@ -1,4 +1,8 @@
-"""``tagger demo-data``: the generated Kaggle-layout dataset and catalog behind ``make tag``."""
+"""``tagger demo-check``: the built-in demo's tags against the true labels; ``tagger demo-data``: drawn test data.
+
+``make tag`` tags demo/catalog.csv (real product photos) with the shipped model and runs ``demo-check``.
+``demo-data`` draws a synthetic Kaggle-layout data set (shapes in named colours) for tests and experiments.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +13,13 @@ import click
 
 
 @click.command("demo-data")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("data/demo"), show_default=True)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("data/drawn"), show_default=True)
 @click.option("--n-train", type=click.IntRange(min=18), default=1200, show_default=True, help="Labelled products in styles.csv.")
 @click.option("--n-catalog", type=click.IntRange(min=1), default=200, show_default=True, help="Held-back products in catalog.csv.")
 @click.option("--n-bad", type=click.IntRange(min=0), default=2, show_default=True, help="Deliberately bad catalog rows (missing, corrupt).")
 @click.option("--seed", type=int, default=0, show_default=True)
 def demo_data(out: Path, n_train: int, n_catalog: int, n_bad: int, seed: int) -> None:
-    """Draw the demo products: styles.csv + images/ for retrain, catalog.csv (+ truth) for tag."""
+    """Draw synthetic products: styles.csv + images/ for retrain, catalog.csv (+ truth) for tag (tests, experiments)."""
     from tagger.demo import make_demo_dataset
 
     started = time.time()
@@ -26,9 +30,10 @@ def demo_data(out: Path, n_train: int, n_catalog: int, n_bad: int, seed: int) ->
 @click.command("demo-check")
 @click.option("--out", default="out/demo", show_default=True, help="The tag job's output root.")
 @click.option("--run-date", default=None, help="Partition to check (default: the latest complete one).")
-@click.option("--truth", type=click.Path(exists=True, dir_okay=False), default="data/demo/catalog_truth.csv", show_default=True)
+@click.option("--truth", type=click.Path(exists=True, dir_okay=False), default="demo/truth.csv", show_default=True,
+              help="CSV of product_id + the seven attributes (an empty cell: no true value, not scored).")
 def demo_check(out: str, run_date: str | None, truth: str) -> None:
-    """How often the demo tags equal what was drawn: accuracy per attribute on the held-back catalog."""
+    """How often the demo tags equal the true labels: accuracy per attribute on the demo catalog."""
     import polars as pl
 
     from tagger.demo import score_against_truth
@@ -40,6 +45,6 @@ def demo_check(out: str, run_date: str | None, truth: str) -> None:
     name = f"run_date={run_date}" if run_date else partitions[-1]
     tags = pl.from_arrow(read_complete_partition(str(Path(out, "tags", name))))
     scores = score_against_truth(tags, truth)
-    click.echo(f"demo tags vs drawn labels ({name}, {len(tags)} tagged products):")
+    click.echo(f"demo tags vs true labels ({name}, {len(tags)} tagged products):")
     for attribute, value in scores.items():
         click.echo(f"  {attribute:<15} {value:6.1%}")

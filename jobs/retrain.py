@@ -57,6 +57,8 @@ def _flag(option: str) -> str:
               help="Keep the stem and the first N block stages at their pretrained weights and cache their output once "
                    "(photo + mirror image), so that each epoch trains only the rest: many more epochs per CPU hour, "
                    "at the cost of crop/rotation augmentation. EfficientNet-family backbones; 0 = fine-tune everything.")
+@click.option("--cache-mirror/--no-cache-mirror", default=D["cache_mirror"], show_default=True,
+              help="With --freeze-stages: also cache each photo's mirror image (flip augmentation; twice the one-off pass).")
 @click.option("--grad-clip", type=click.FloatRange(min=0), default=D["grad_clip"], show_default=True, help="Max gradient norm; 0 = off.")
 @click.option("--seed", type=click.IntRange(min=0), default=D["seed"], show_default=True)
 @click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=D["val_fraction"], show_default=True)

@@ -204,3 +204,46 @@ def test_every_label_changes_the_picture(attribute):
 def test_rejects_bad_counts(tmp_path):
     with pytest.raises(ValueError):
         make_demo_dataset(tmp_path, n_train=0)
+
+
+def test_demo_check_scores_only_known_truth_and_counts_untagged_as_wrong(tmp_path):
+    import polars as pl
+
+    from tagger.attributes import ATTRIBUTES
+    from tagger.demo import score_against_truth
+
+    truth = tmp_path / "truth.csv"
+    header = ",".join(["product_id", *ATTRIBUTES])
+    truth.write_text(
+        f"{header}\n"
+        "p1,Men,Apparel,Topwear,Tshirts,Black,Summer,Casual\n"
+        "p2,Women,Apparel,Topwear,Tops,White,,\n"  # no true season or usage: not scored there
+        "p3,Men,Footwear,Shoes,Casual Shoes,Brown,Fall,Casual\n"  # never tagged: wrong everywhere
+    )
+    predicted = {
+        "p1": ["Men", "Apparel", "Topwear", "Tshirts", "Black", "Winter", "Casual"],
+        "p2": ["Women", "Apparel", "Topwear", "Tops", "White", "Summer", "Sports"],
+    }
+    tags = pl.DataFrame({"product_id": list(predicted), **{a: [v[i] for v in predicted.values()] for i, a in enumerate(ATTRIBUTES)}})
+    scores = score_against_truth(tags, truth)
+    assert scores["gender"] == pytest.approx(2 / 3)
+    assert scores["season"] == pytest.approx(0 / 2)  # p1 wrong, p3 untagged; p2 has no true season
+    assert scores["usage"] == pytest.approx(1 / 2)
+    assert scores["all"] == pytest.approx(1 / 3)  # p2: every attribute it has is right
+
+
+def test_the_committed_demo_catalog_comes_from_the_shipped_models_test_split():
+    """make tag's figures are honest only if the demo photos were never trained or calibrated on."""
+    import csv
+    from pathlib import Path
+
+    from tagger.training.split import read_split
+
+    root = Path(__file__).resolve().parent.parent
+    split = read_split(str(root / "models" / "fashion-lite0" / "split.parquet"))
+    with open(root / "demo" / "catalog.csv", newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    products = [r for r in rows if not r["product_id"].startswith("broken-")]
+    assert len(products) >= 100 and len(rows) - len(products) == 2
+    assert all(split.get(r["product_id"]) == "test" for r in products)
+    assert all((root / "demo" / r["image"]).is_file() for r in products)

@@ -46,6 +46,7 @@ class RetrainConfig:
     patience: int = 5  # epochs without a better val/score before early stopping
     freeze_backbone_epochs: int = 0  # train only the heads for this many epochs first
     freeze_stages: int = 0  # keep stem + this many block stages frozen; their features are cached once (CPU recipe)
+    cache_mirror: bool = True  # with freeze_stages: also cache the mirror image's features (flip augmentation, 2x the pass)
     grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
     seed: int = 0  # split, init, shuffling, augmentation
     val_fraction: float = 0.1

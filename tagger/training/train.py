@@ -160,7 +160,7 @@ def retrain(config: RetrainConfig) -> ModelBundle:
         net.eval()
         datamodule.cache_trunk(
             lambda images: net.trunk(images, config.freeze_stages),
-            batch_size=config.batch_size,
+            mirror=config.cache_mirror,
             autocast_dtype=None,  # fp32 like the rest of CPU training (bf16 autocast without native bf16 is emulated: ~4x slower here)
         )
         net.train()
@@ -281,6 +281,7 @@ def retrain(config: RetrainConfig) -> ModelBundle:
         "backbone": config.backbone,
         "weights_init": weights_source.describe(),
         "freeze_stages": config.freeze_stages,
+        "cache_mirror": config.cache_mirror if config.freeze_stages else None,
         "input_size": data_config.input_size,
         "epochs": int(trainer.current_epoch),
         "best_epoch": best_epoch,
