@@ -254,6 +254,18 @@ def model_rates(bundle_path: str, cfg: dict, device) -> dict:
         resident = host.to(device)
         row["device_resident_images_per_s"] = round(_timed(predictor, resident, cfg["model_seconds"], sync), 1)
         out["per_batch"][str(batch)] = row
+    # cuDNN's autotuner picks the fastest convolution algorithms for the fixed batch shape; not on in the job
+    # (unmeasured on hardware so far): measured here as a lever for the largest batch.
+    batch = cfg["batch_sizes"][0]
+    host = torch.randint(0, 256, (batch, cfg["size"], cfg["size"], 3), dtype=torch.uint8).permute(0, 3, 1, 2)
+    if device.type == "cuda":
+        host = host.pin_memory()
+    previous = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        out["cudnn_benchmark"] = {"batch": batch, "host_batches_images_per_s": round(_timed(predictor, host, cfg["model_seconds"], sync), 1)}
+    finally:
+        torch.backends.cudnn.benchmark = previous
     return out
 
 
@@ -386,6 +398,10 @@ def markdown(r: dict) -> str:
             lines.append(f"| model only, batch {batch}, host uint8 batches ({m['runtime']}, {m['precision']}, channels-last) | "
                          f"**{row['host_batches_images_per_s']:.0f}** | Predictor as the job calls it |")
             lines.append(f"| model only, batch {batch}, batch already on the device | {row['device_resident_images_per_s']:.0f} | no transfer: the ceiling |")
+        if m.get("cudnn_benchmark"):
+            cb = m["cudnn_benchmark"]
+            lines.append(f"| model only, batch {cb['batch']}, host batches, torch.backends.cudnn.benchmark on | {cb['host_batches_images_per_s']:.0f} | "
+                         "a lever, not in the job yet |")
     c = r.get("compile")
     if c:
         lines.append(f"| torch.compile ({c['mode']}), batch {c['batch']} | {c['images_per_s']:.0f} | {c['vs_eager']:.2f}x eager; compile "

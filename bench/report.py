@@ -25,7 +25,26 @@ def throughput_markdown(r: dict) -> str:
         f"Model: {r['model']}; batch size {r['batch_size']}, {r['workers']} workers on both sides; "
         f"{r['rounds']} rounds, alternating.  ",
     ]
-    if r["comparisons"]:
+    if r["comparisons"] and "tagger-torch" in r["comparisons"][0]["runs"]:
+        runtime = r["comparisons"][0].get("runtime") or {}
+        lines.append(f"Baseline transform (timm's eval transform): `{r['comparisons'][0].get('transform')}`  ")
+        lines.append(f"`tagger` = the job as shipped, `--runtime auto`, which chose **{runtime.get('name')}** "
+                     f"({runtime.get('precision')}; {runtime.get('reason')}); `tagger --runtime torch` = the same job on PyTorch.")
+        lines += ["", "| catalog | images | mean file | tagger img/s (runs) | tagger --runtime torch img/s (runs) | baseline img/s (runs) | "
+                      "tagger vs torch (median) | tagger vs baseline (median) | CPU ms/img tagger / torch / baseline | peak PSS tagger / torch / baseline |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for c in r["comparisons"]:
+            runs = {v: ", ".join(f"{x['images_per_s']:.2f}" for x in rs) for v, rs in c["runs"].items()}
+            size = "1800x2400" if c["catalog"] == "large" else "225x300"
+            med, cpu, pss = c["median_images_per_s"], c["median_cpu_ms_per_image"], c["peak_pss_mib"]
+            lines.append(
+                f"| {c['catalog']} ({size}) | {c['images']} | {c['mean_file_kb']:.0f} KB | **{med['tagger']:.2f}** ({runs['tagger']}) | "
+                f"{med['tagger-torch']:.2f} ({runs['tagger-torch']}) | {med['baseline']:.2f} ({runs['baseline']}) | "
+                f"**{c['ratio_vs_torch_median']:.2f}x** ({', '.join(f'{x:.2f}' for x in c['ratio_vs_torch_per_round'])}) | "
+                f"**{c['ratio_median']:.2f}x** | {cpu['tagger']:.0f} / {cpu['tagger-torch']:.0f} / {cpu['baseline']:.0f} | "
+                f"{pss['tagger']:.0f} / {pss['tagger-torch']:.0f} / {pss['baseline']:.0f} MiB |"
+            )
+    elif r["comparisons"]:  # results from before --runtime: two sides
         lines.append(f"Baseline transform (timm's eval transform): `{r['comparisons'][0].get('transform')}`")
         lines += ["", "| catalog | images | mean file | tagger img/s (runs) | baseline img/s (runs) | ratio per round | ratio (median) | CPU ms/img tagger / baseline (ratio) | peak RSS tagger / baseline | peak PSS tagger / baseline |",
                   "|---|---|---|---|---|---|---|---|---|---|"]

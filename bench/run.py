@@ -6,9 +6,12 @@
 Two catalogs are built from the real Kaggle sample (``$FASHION_SAMPLE_DIR``, default
 ``../shared/data/fashion-sample``; skipped with a message when absent): the sample as it is (225x300), and
 the same photos re-encoded at the originals' 1800x2400 (under bench/work/, once). On each, ``tagger``
-(the real job, see bench/child.py) and ``baseline`` (timm's inference.py loop) run in turn, A B A B, each
-in a fresh process whose tree's peak memory is sampled from /proc: same images, same model
-(efficientnet_b3 at 300 px, random init), same batch size and worker count.
+(the real job as shipped, ``--runtime auto``, see bench/child.py), ``tagger-torch`` (the same job with
+``--runtime torch``: the job before the exported runtimes) and ``baseline`` (timm's inference.py loop) run
+in turn, order reversed every other round, each in a fresh process whose tree's peak memory is sampled
+from /proc: same images, same model (efficientnet_b3 at 300 px, random init), same batch size and worker
+count. The ONNX export is made once per model_version and cached (tagger.runtimes), so a first run of
+``tagger`` includes it and later runs do not: run ``python -m bench.runtimes`` once before to warm it.
 
 ``--levers`` then measures each speed lever of the job on the large catalog against the job as shipped
 (order default, L1..Lk, then reversed, to cancel drift). Figures go to docs/benchmarks.md (between the
@@ -28,13 +31,16 @@ from pathlib import Path
 
 from . import catalogs, procmem, report
 
+# Levers of the PyTorch runtime (channels-last, autocast, torch.compile) are measured with --runtime torch:
+# under the exported runtimes they do not apply.
 LEVERS: dict[str, dict] = {
     "no draft decode": {"draft": False},
-    "no channels-last": {"channels_last": False},
-    "fp32, no autocast (--precision fp32)": {"precision": "fp32"},
+    "PyTorch runtime (--runtime torch)": {"runtime": "torch"},
+    "PyTorch, no channels-last": {"runtime": "torch", "channels_last": False},
+    "PyTorch, fp32, no autocast (--precision fp32)": {"runtime": "torch", "precision": "fp32"},
     "torch threads 1 in main (--threads 1)": {"threads": 1},
     "workers 1": {"workers": 1},
-    "torch.compile (bf16)": {"compile": True},
+    "PyTorch, torch.compile": {"runtime": "torch", "compile": True},
 }
 
 
@@ -55,15 +61,25 @@ def measure(spec: dict, label: str) -> dict:
     return result
 
 
+# The three sides of the comparison: the job as shipped (--runtime auto), the job on PyTorch (--runtime torch,
+# the job before runtimes existed), and the plain loop.
+SIDES = {"tagger": {"variant": "tagger"}, "tagger-torch": {"variant": "tagger", "runtime": "torch"},
+         "baseline": {"variant": "baseline"}}
+
+
 def ab(catalog: Path, model: Path, args, name: str) -> dict:
     base = {"catalog": str(catalog), "model": str(model), "batch_size": args.batch_size, "workers": args.workers}
-    runs: dict[str, list[dict]] = {"tagger": [], "baseline": []}
+    runs: dict[str, list[dict]] = {side: [] for side in SIDES}
     for r in range(args.rounds):
-        for variant in ("tagger", "baseline") if r % 2 == 0 else ("baseline", "tagger"):
-            runs[variant].append(measure({**base, "variant": variant}, f"{name} round {r + 1} {variant}"))
+        for side in list(SIDES) if r % 2 == 0 else list(reversed(SIDES)):
+            runs[side].append(measure({**base, **SIDES[side]}, f"{name} round {r + 1} {side}"))
     ratios = [t["images_per_s"] / b["images_per_s"] for t, b in zip(runs["tagger"], runs["baseline"])]
+    vs_torch = [t["images_per_s"] / b["images_per_s"] for t, b in zip(runs["tagger"], runs["tagger-torch"])]
     cpu = {v: statistics.median(x["cpu_ms_per_image"] for x in rs) for v, rs in runs.items()}
     return {
+        "runtime": runs["tagger"][0].get("runtime"),
+        "ratio_vs_torch_per_round": [round(x, 3) for x in vs_torch],
+        "ratio_vs_torch_median": round(statistics.median(vs_torch), 3),
         "catalog": name,
         "images": args.images,
         "runs": runs,

@@ -61,13 +61,16 @@ def model_only(bundle_path: str, names: list[str], batch_size: int, batches: int
     for r in range(rounds):
         order = names if r % 2 == 0 else list(reversed(names))
         for name in order:
+            cpu = time.process_time()  # every thread of this process: the engine's pool included
             started = time.perf_counter()
             for _ in range(batches):
                 predictors[name](images)
             rate = batches * batch_size / (time.perf_counter() - started)
             results[name]["rounds"].append(round(rate, 2))
+            results[name].setdefault("cpu_ms_per_image", []).append(round(1000 * (time.process_time() - cpu) / (batches * batch_size), 1))
         print("  round", r + 1, {n: results[n]["rounds"][-1] for n in names}, file=sys.stderr, flush=True)
     for row in results.values():
+        row["median_cpu_ms_per_image"] = statistics.median(row["cpu_ms_per_image"])
         row["best_images_per_s"] = max(row["rounds"])
         row["median_images_per_s"] = round(statistics.median(row["rounds"]), 2)
     return results
@@ -101,14 +104,14 @@ def markdown(r: dict) -> str:
         f"Model: {r['model']}; batch {r['batch_size']} (random uint8), {r['batches']} batches per round, {r['rounds']} rounds "
         "in alternating order, after one warm-up batch; torch threads "
         f"{r['machine'].get('torch_threads')}. `auto` chooses **{r['auto']}** here ({r['auto_reason']}).",
-        "", "| runtime | computes | img/s best round | img/s median | rounds | vs torch fp32 channels-last (best) | set-up s (export from cache) |",
-        "|---|---|---|---|---|---|---|",
+        "", "| runtime | computes | img/s best round | img/s median | rounds | vs torch fp32 channels-last (best) | CPU ms/img (median) | set-up s (export from cache) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     ref = r["model_only"].get("torch fp32 channels-last", {}).get("best_images_per_s")
     for name, row in r["model_only"].items():
         ratio = f"{row['best_images_per_s'] / ref:.2f}x" if ref else "-"
         lines.append(f"| {name} | {row['precision']} | **{row['best_images_per_s']:.2f}** | {row['median_images_per_s']:.2f} | "
-                     f"{', '.join(f'{x:.2f}' for x in row['rounds'])} | {ratio} | {row['setup_s']} |")
+                     f"{', '.join(f'{x:.2f}' for x in row['rounds'])} | {ratio} | {row.get('median_cpu_ms_per_image', float('nan')):.0f} | {row['setup_s']} |")
     if r.get("decode"):
         d = r["decode"]
         lines += ["", f"Decode (the job's reader: read + draft decode + letterbox to {d['size']} px) of {d['images']} 1800x2400 "
@@ -126,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--runtimes", default=",".join(VARIANTS), help="comma-separated names of " + "; ".join(VARIANTS))
     parser.add_argument("--decode-images", type=int, default=48)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (and so every runtime's); 0: torch's default")
     parser.add_argument("--section", default="runtimes", help="docs/benchmarks.md section to rewrite")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args(argv)
@@ -140,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     from tagger.bundle import load_bundle
     from tagger.runtimes import choose_runtime, cpu_has_bf16
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     started = time.time()
     if args.model:
         model_path = args.model

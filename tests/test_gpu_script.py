@@ -36,7 +36,7 @@ def test_dry_run_measures_every_step_and_writes_its_report(tmp_path):
     assert results["gpu_decode"]["images"] == gpu.DRY["gpu_decode_images"]
     assert results["compile"]["images_per_s"] > 0
     text = (tmp_path / "out" / "gpu-bench.md").read_text()
-    for words in ("CPU decode, 2 processes", "model only, batch", "`tagger tag` end to end", "-bound", "GPU decode + resize + model", "torch.compile"):
+    for words in ("CPU decode, 2 processes", "model only, batch", "cudnn.benchmark on", "`tagger tag` end to end", "-bound", "GPU decode + resize + model", "torch.compile"):
         assert words in text, words
 
 
