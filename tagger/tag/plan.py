@@ -1,0 +1,144 @@
+"""The typed plan of a run date: which manifest and model it tags, cut into how many shards, under which
+run id. Stored as ``_runs/run_date=.../plan.json``; a resumed run and every ``--shard I/N`` task read it back.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass, fields
+from datetime import datetime, timezone
+from typing import Any
+
+from .. import storage
+from ..bundle import ModelBundle
+from ..config import TagConfig
+from ..manifest import Manifest
+from ..partition import Partition
+
+log = logging.getLogger("tagger.runner")  # the name the job's log lines have always shown
+
+PLAN_FORMAT = 1
+
+
+class PlanMismatch(RuntimeError):
+    """The partition holds no plan this run may continue (exit 2)."""
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def plan_key(config: TagConfig, manifest: Manifest, bundle: ModelBundle) -> dict[str, Any]:
+    """What a run's output depends on: a partition planned under another key is not resumed."""
+    return {
+        "format": PLAN_FORMAT,
+        "manifest": manifest.fingerprint,
+        "model_version": bundle.model_version,
+        "shard_size": config.shard_size,
+        "since": config.since,
+        "max_image_pixels": config.max_image_pixels,
+    }
+
+
+@dataclass(frozen=True)
+class Plan:
+    key: dict[str, Any]  # plan_key(): compared whole, never taken apart
+    run_id: str
+    rows: int
+    num_shards: int
+    shard_size: int
+    catalog: str
+    model: str
+    model_version: str
+    attributes: list[str]
+    created_at: str
+    since: dict[str, Any] | None = None  # tagger.incremental.plan_reuse's facts, for --since runs
+
+    @classmethod
+    def from_dict(cls, body: dict[str, Any]) -> Plan:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in body.items() if k in names})
+
+    def to_dict(self) -> dict[str, Any]:
+        body = {f.name: getattr(self, f.name) for f in fields(self)}
+        if self.since is None:
+            del body["since"]
+        return body
+
+    @classmethod
+    def read(cls, partition: Partition) -> Plan | None:
+        body = partition.read_plan()
+        return None if body is None else cls.from_dict(body)
+
+    def write(self, partition: Partition) -> None:
+        partition.write_plan(self.to_dict())
+
+    @property
+    def reuses(self) -> bool:
+        """Some rows carry their tags over from ``--since``'s partition (tagger.incremental)."""
+        return bool((self.since or {}).get("reused"))
+
+    def shard_of(self, row: int) -> int:
+        return row // self.shard_size
+
+    def shards(self, fanout: tuple[int, int] | None = None) -> range:
+        """Every shard, or those of task I of N (``--shard I/N``): I, I+N, I+2N..."""
+        return range(self.num_shards) if fanout is None else range(fanout[0], self.num_shards, fanout[1])
+
+    def facts(self) -> dict[str, Any]:
+        """What the run summary says of the plan."""
+        facts = {"run_id": self.run_id, "rows": self.rows, "num_shards": self.num_shards, "model_version": self.model_version}
+        if self.since:
+            facts["since"] = self.since
+        return facts
+
+
+def make_plan(config: TagConfig, partition: Partition, manifest: Manifest, bundle: ModelBundle) -> Plan:
+    """The plan to run: the partition's own when it may be resumed (or, for ``--shard`` tasks, must be),
+    else a new one, for which the partition is wiped first."""
+    options = config.storage_options
+    key = plan_key(config, manifest, bundle)
+    existing = Plan.read(partition)
+    complete = partition.is_complete()
+    if config.fanout is not None and not config.plan_only:
+        if existing is None or existing.key != key or complete:
+            raise PlanMismatch(
+                f"{partition.state}: no open plan for this manifest and model; before the --shard I/N "
+                "tasks, run the same command once with --plan-only (and without --shard)"
+            )
+        return existing
+    if existing is not None and existing.key == key and not complete and not config.plan_only:
+        log.info("resuming run %s: the partition has an unfinished plan for this manifest and model", existing.run_id)
+        return existing
+    previous = None
+    if config.since:
+        from ..incremental import find_previous
+
+        # Before the wipe: a --since that cannot be used must leave the date's partition as it was.
+        previous = find_previous(config.since, config.run_date, options, current_out=config.out)
+    if existing is not None or complete or storage.exists(partition.tags, options):
+        log.info("replacing partition run_date=%s under %s", config.run_date, config.out)
+    partition.wipe()
+    created_at, since = now_iso(), None
+    if config.since:
+        from ..incremental import plan_reuse
+
+        # Decided once, stored beside the plan: resumed runs and --shard tasks reuse the same rows.
+        since = plan_reuse(manifest, bundle.model_version, bundle.attribute_names, config.since, previous,
+                           partition, config.shard_size, options)
+    plan = Plan(
+        key=key,
+        run_id=config.run_id or f"{config.run_date}-{uuid.uuid4().hex[:8]}",
+        rows=manifest.num_rows,
+        num_shards=max(1, -(-manifest.num_rows // config.shard_size)),
+        shard_size=config.shard_size,
+        catalog=config.catalog,
+        model=config.model,
+        model_version=bundle.model_version,
+        attributes=bundle.attribute_names,
+        created_at=created_at,
+        since=since,
+    )
+    plan.write(partition)
+    return plan

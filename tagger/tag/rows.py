@@ -1,0 +1,106 @@
+"""Rows into the open shard's parts: the rows the manifest check already judged and the ``--since`` rows
+carried over when a shard opens, then each batch's tags and errors, keyed by manifest row.
+
+Columnar throughout (Arrow ``take`` by row, numpy masks): nothing here runs Python per row.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .. import storage, writers
+from ..manifest import Manifest
+from ..partition import Partition
+from ..reader import Batch
+from .plan import Plan
+from .shards import ShardCursor, ShardOutput
+
+
+class ShardRows:
+    """Writes one run's rows into its shards' parts (``attributes``, ``model_version``: the bundle's)."""
+
+    def __init__(self, partition: Partition, plan: Plan, manifest: Manifest, attributes: list[str], model_version: str,
+                 options: dict[str, Any] | None = None):
+        self.partition, self.plan, self.manifest, self.options = partition, plan, manifest, options
+        self.attributes, self.model_version = attributes, model_version
+        self.schema = writers.tags_schema(attributes)
+
+    def open(self, shard: int, reads: int) -> ShardOutput:
+        """The shard's parts, ``reads`` rows still to come from the DataLoader."""
+        name = writers.part_name(shard)
+        output = ShardOutput(
+            index=shard,
+            tags=writers.PartWriter(storage.join(self.partition.tags, name), self.schema, self.options),
+            errors=writers.PartWriter(storage.join(self.partition.errors, name), writers.ERRORS_SCHEMA, self.options),
+            remaining=reads,
+        )
+        # Rows already judged by the manifest check (empty id or image, repeated id) go out first.
+        start, stop = shard * self.plan.shard_size, (shard + 1) * self.plan.shard_size
+        rows = self.manifest.table.slice(start, stop - start)
+        rejected = rows.filter(pc.not_equal(rows.column("status"), ""))
+        if rejected.num_rows:
+            output.errors.write(self._errors(rejected, rejected.column("status"), rejected.column("message")))
+            output.error_types.update(rejected.column("status").to_pylist())
+        if self.plan.reuses:
+            from ..incremental import read_reused
+
+            reused = read_reused(self.partition, start, stop, self.options)
+            if reused.num_rows:
+                output.tags.write(reused.drop_columns(["row"]))
+                output.reused = reused.num_rows
+        return output
+
+    def write_batch(self, cursor: ShardCursor, batch: Batch, predictions: Any, labels: dict[str, np.ndarray] | None,
+                    tagged_at: datetime) -> None:
+        """A batch's rows into the open shard; batches arrive in row order and may straddle a shard boundary."""
+        shard_size = self.plan.shard_size
+        for shard in np.unique(np.concatenate([batch.rows, batch.error_rows]) // shard_size):
+            output = cursor.current
+            if output is None or output.index != shard:
+                raise RuntimeError(f"rows of shard {shard} arrived while shard {output and output.index} was open")
+            good = batch.rows // shard_size == shard
+            bad = batch.error_rows // shard_size == shard
+            self._write_tags(output, batch, good, predictions, labels, tagged_at)
+            self._write_errors(output, batch, bad)
+            cursor.consumed(int(good.sum() + bad.sum()))
+
+    def _write_tags(self, output: ShardOutput, batch: Batch, mask: np.ndarray, predictions: Any,
+                    labels: dict[str, np.ndarray] | None, tagged_at: datetime) -> None:
+        if predictions is None or not mask.any():
+            return
+        rows = batch.rows[mask]
+        source = self.manifest.table.take(pa.array(rows))
+        columns: dict[str, Any] = {"product_id": source.column("product_id"), "image": source.column("image")}
+        for name in self.attributes:
+            columns[name] = pa.array(labels[name][mask], pa.string())
+            columns[f"{name}_score"] = pa.array(predictions.scores[name][mask], pa.float32())
+        n = len(rows)
+        columns["image_version"] = pa.array([v for v, keep in zip(batch.versions, mask) if keep], pa.string())
+        columns["model_version"] = pa.array([self.model_version] * n, pa.string())
+        columns["run_id"] = pa.array([self.plan.run_id] * n, pa.string())
+        columns["tagged_at"] = pa.array([tagged_at] * n, pa.timestamp("us", tz="UTC"))
+        output.tags.write(pa.table(columns))
+        output.tagged += n
+
+    def _write_errors(self, output: ShardOutput, batch: Batch, mask: np.ndarray) -> None:
+        if not mask.any():
+            return
+        source = self.manifest.table.take(pa.array(batch.error_rows[mask]))
+        types = [t for t, keep in zip(batch.error_types, mask) if keep]
+        messages = [m for m, keep in zip(batch.error_messages, mask) if keep]
+        output.errors.write(self._errors(source, pa.array(types, pa.string()), pa.array(messages, pa.string())))
+        output.error_types.update(types)
+
+    def _errors(self, source: pa.Table, types: Any, messages: Any) -> pa.Table:
+        return pa.table({
+            "product_id": source.column("product_id"),
+            "image": source.column("image"),
+            "error_type": types,
+            "message": messages,
+            "run_id": pa.array([self.plan.run_id] * source.num_rows, pa.string()),
+        })

@@ -1,0 +1,173 @@
+"""Shards: the partition's lease, each shard's open parts, their commit (parts, then the done marker),
+fencing before every commit, and ``_SUCCESS`` once every shard of the plan is done.
+
+A shard's parts are visible only once committed; its stats JSON (the done marker) follows them, and
+``_SUCCESS`` comes last of all. Before each commit this run checks that it still owns the date (the lease)
+and that the partition still holds its plan, so a run that was replaced never commits over its successor.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import writers
+from ..config import TagConfig
+from ..lease import Lease, LeaseHeld, LeaseLost, lease_folder
+from ..partition import Partition
+from .plan import Plan, PlanMismatch, now_iso
+
+
+@dataclass
+class ShardOutput:
+    """The open parts of one shard while its rows stream through."""
+
+    index: int
+    tags: writers.PartWriter
+    errors: writers.PartWriter
+    remaining: int  # rows still to come from the DataLoader
+    started: float = field(default_factory=time.time)
+    error_types: Counter = field(default_factory=Counter)
+    tagged: int = 0
+    reused: int = 0
+
+    def stats(self, run_id: str) -> dict[str, Any]:
+        """The done marker's body."""
+        errors = sum(self.error_types.values())
+        return {
+            "shard": self.index,
+            "run_id": run_id,
+            "rows": self.tagged + self.reused + errors,
+            "tagged": self.tagged,
+            "reused": self.reused,
+            "errors": errors,
+            "error_types": dict(self.error_types),
+            "parts": {"tags": {writers.part_name(self.index): self.tags.rows},
+                      "errors": {writers.part_name(self.index): self.errors.rows}},
+            "seconds": round(time.time() - self.started, 3),
+            "finished_at": now_iso(),
+        }
+
+
+class ShardCursor:
+    """Walks the pending shards in order: the shard being filled, committed the moment it is full.
+
+    A shard whose rows were all settled by the manifest check (nothing to read) commits on the spot.
+    """
+
+    def __init__(self, pending: list[int], open_shard: Callable[[int], ShardOutput],
+                 commit_shard: Callable[[ShardOutput], None]):
+        self._pending = iter(pending)
+        self._open, self._commit = open_shard, commit_shard
+        self.current: ShardOutput | None = None
+
+    def advance(self) -> None:
+        self.current = None
+        for shard in self._pending:
+            output = self._open(shard)
+            if output.remaining:
+                self.current = output
+                return
+            self._commit(output)
+
+    def consumed(self, rows: int) -> None:
+        assert self.current is not None
+        self.current.remaining -= rows
+        if self.current.remaining == 0:
+            self._commit(self.current)
+            self.advance()
+
+    def abort(self) -> None:
+        if self.current is not None:
+            self.current.tags.abort()
+            self.current.errors.abort()
+            self.current = None
+
+
+@contextmanager
+def owning_partition(config: TagConfig, interrupted: Callable[[], None] = lambda: None) -> Iterator[Lease | None]:
+    """The date's lease around everything that writes, for a whole run or a --plan-only run (yields it).
+
+    ``--shard I/N`` tasks share the partition of one plan: they take no lease (yield None), but refuse to
+    start while a whole run owns the date, and are fenced by the plan's run_id (:meth:`ShardCommitter.fence`).
+    """
+    lease = Lease(lease_folder(config.out, config.run_date), config.storage_options, ttl=config.lease_ttl,
+                  run=config.run_id or "")
+    if config.fanout is not None:
+        generation, holder = lease.current()
+        if lease.vacancy(holder) == "":
+            raise LeaseHeld(f"{lease.folder}: a whole run owns the partition: {Lease.describe(holder)}; "
+                            "the --shard tasks run after it has ended")
+        yield None
+        return
+    lease.acquire(wait=config.lease_wait, interrupted=interrupted)
+    try:
+        yield lease
+    finally:
+        lease.release()
+
+
+class ShardCommitter:
+    """Commits this run's shards and, once all are done, the partition, each behind the fence."""
+
+    def __init__(self, partition: Partition, plan: Plan, lease: Lease | None = None):
+        self.partition, self.plan, self.lease = partition, plan, lease
+        self.committed = 0  # shards committed by this process
+
+    def fence(self) -> None:
+        """Before each commit: this run still owns the partition, and the partition still holds its plan."""
+        if self.lease is not None:
+            self.lease.check()
+        current = self.partition.read_plan()
+        if current is None or current.get("run_id") != self.plan.run_id:
+            theirs = current.get("run_id") if current else None
+            raise LeaseLost(f"{self.partition.state}: the partition now holds run {theirs}, not this run "
+                            f"{self.plan.run_id} (another run replaced it); nothing more is committed by this run")
+
+    def commit(self, output: ShardOutput) -> None:
+        """The shard's parts, then its done marker."""
+        self.fence()
+        output.tags.commit()
+        output.errors.commit()
+        self.partition.mark_shard_done(output.index, output.stats(self.plan.run_id))
+        self.committed += 1
+
+    def pending(self, fanout: tuple[int, int] | None) -> tuple[range, list[int]]:
+        """This task's shards, and those of them not done yet."""
+        mine = self.plan.shards(fanout)
+        done = self.partition.done_shards()
+        return mine, [s for s in mine if s not in done]
+
+    def all_done(self) -> bool:
+        return self.partition.done_shards() >= set(range(self.plan.num_shards))
+
+    def shard_stats(self) -> list[dict[str, Any]]:
+        """Every shard's stats, once all are done and all by this run."""
+        plan = self.plan
+        missing = sorted(set(range(plan.num_shards)) - self.partition.done_shards())
+        if missing:
+            shown = ", ".join(map(str, missing[:20])) + (", ..." if len(missing) > 20 else "")
+            raise PlanMismatch(
+                f"{self.partition.state}: shard(s) {shown} of {plan.num_shards} not done; run the --shard tasks "
+                "that own them (or the same command without --shard) first, nothing was committed"
+            )
+        stats = self.partition.read_shard_stats(range(plan.num_shards))
+        foreign = [s["shard"] for s in stats if s.get("run_id") != plan.run_id]
+        if foreign:
+            raise LeaseLost(f"{self.partition.state}: shard(s) {foreign[:20]} were committed by another run than "
+                            f"{plan.run_id}; not committing a partition that mixes runs. Re-run the date.")
+        return stats
+
+    def commit_partition(self, stats: list[dict[str, Any]]) -> None:
+        """``_SUCCESS``, listing every shard's parts, behind the fence."""
+        self.fence()
+        parts: dict[str, dict[str, int]] = {"tags": {}, "errors": {}}
+        for s in stats:
+            for table in parts:
+                parts[table].update(s["parts"][table])
+        self.partition.commit(parts["tags"], parts["errors"],
+                              {"run_id": self.plan.run_id, "model_version": self.plan.model_version, "committed_at": now_iso()})

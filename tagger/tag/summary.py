@@ -1,0 +1,109 @@
+"""The run summary: ``_runs/run_date=.../summary.json`` and the one line on stderr.
+
+The partition's counts come from the shards' stats (every task of a fan-out contributes); what this
+process did (images read, shards committed, speed, device, runtime, durations) from :class:`ProcessFacts`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config import TagConfig
+from ..partition import Partition
+from .plan import Plan, now_iso
+
+log = logging.getLogger("tagger.runner")  # the name the job's log lines have always shown
+
+
+@dataclass
+class RunResult:
+    exit_code: int
+    summary: dict[str, Any]
+    summary_line: str
+
+
+@dataclass
+class ProcessFacts:
+    """What this process did, for the summary's ``this_process`` and ``durations_s``."""
+
+    timings: dict[str, float] = field(default_factory=dict)
+    images: int = 0
+    shards: int = 0
+    device: str | None = None
+    runtime: dict[str, Any] | None = None
+
+    def timed(self, name: str, since: float) -> None:
+        self.timings[name] = time.time() - since
+
+
+def partition_counts(plan: Plan, stats: list[dict[str, Any]]) -> dict[str, Any]:
+    """The partition's counts from every shard's stats; they must account for every manifest row."""
+    rows = sum(s["rows"] for s in stats)
+    errors = sum(s["errors"] for s in stats)
+    error_types: Counter = Counter()
+    for s in stats:
+        error_types.update(s["error_types"])
+    if rows != plan.rows:
+        raise RuntimeError(f"shards account for {rows} rows but the manifest has {plan.rows}; not committing")
+    return {
+        **plan.facts(),
+        "tagged": sum(s["tagged"] for s in stats),
+        "reused": sum(s["reused"] for s in stats),
+        "errors": errors,
+        "error_types": dict(sorted(error_types.items())),
+        "error_rate": round(errors / rows if rows else 0.0, 6),
+    }
+
+
+def over_error_rate(counts: dict[str, Any], max_error_rate: float) -> str:
+    """Why the run fails the ``--max-error-rate`` gate, or "" when it passes."""
+    rows, errors = counts["rows"], counts["errors"]
+    error_rate = errors / rows if rows else 0.0
+    if error_rate <= max_error_rate:
+        return ""
+    return (f"{errors} of {rows} rows ({error_rate:.1%}) are errors, over --max-error-rate "
+            f"{max_error_rate:.1%}; see the errors table, no _SUCCESS written")
+
+
+def write_summary(partition: Partition, config: TagConfig, code: int, facts: dict[str, Any], started: float,
+                  process: ProcessFacts) -> RunResult:
+    elapsed = time.time() - started
+    tagging = process.timings.get("tagging_s", 0.0)
+    summary = {
+        "run_date": config.run_date,
+        "exit_code": code,
+        **facts,
+        "this_process": {
+            "images_read": process.images,
+            "shards_committed": process.shards,
+            "images_per_second": round(process.images / tagging, 2) if tagging > 0 else None,
+            "device": process.device,
+            "runtime": process.runtime,
+        },
+        "durations_s": {k: round(v, 3) for k, v in {**process.timings, "total_s": elapsed}.items()},
+        "finished_at": now_iso(),
+        "arguments": config.public_dict(),
+    }
+    summary_url = partition.write_summary(summary)
+    line = summary_line(summary)
+    log.info("run summary written to %s", summary_url)
+    return RunResult(code, summary, line)
+
+
+def summary_line(summary: dict[str, Any]) -> str:
+    status = summary.get("status", "?")
+    parts = [f"{status}: run_date={summary.get('run_date')}", f"rows={summary.get('rows')}"]
+    for key in ("tagged", "reused", "errors"):
+        if key in summary:
+            parts.append(f"{key}={summary[key]}")
+    rate = summary.get("this_process", {}).get("images_per_second")
+    if rate:
+        parts.append(f"{rate:.1f} img/s")
+    parts.append(f"{summary['durations_s']['total_s']:.1f}s")
+    if summary.get("message"):
+        parts.append(f"- {summary['message']}")
+    return " ".join(parts)
