@@ -55,10 +55,17 @@ log = logging.getLogger(__name__)
 DAG_ID = "fashion_tagger"
 REPO = Path(__file__).resolve().parents[1]
 
-# Built-in defaults: this repository's demo (`make tag`), so the example runs as shipped.
+
+def _repo_path(*candidates: str) -> str:
+    """The first of `candidates` (relative to this repository) that exists, else the first."""
+    return str(next((REPO / c for c in candidates if (REPO / c).exists()), REPO / candidates[0]))
+
+
+# Built-in defaults: this repository's demo catalog and shipped model (`make tag`), so the example runs as
+# shipped (older checkouts generate the demo into data/demo and models/demo).
 DEFAULTS: dict[str, Any] = {
-    "catalog": str(REPO / "data/demo/catalog.csv"),
-    "model": str(REPO / "models/demo"),
+    "catalog": _repo_path("demo/catalog.csv", "data/demo/catalog.csv"),
+    "model": _repo_path("models/fashion-lite0", "models/demo"),
     "out": str(REPO / "out/airflow"),
     "tagger": shutil.which("tagger") or str(REPO / ".venv/bin/tagger"),
     "num_shards": 4,

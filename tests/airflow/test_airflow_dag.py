@@ -25,7 +25,7 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException  # noq
 
 REPO = Path(__file__).resolve().parents[2]
 NIGHT_1, NIGHT_2 = "2026-11-26", "2026-11-27"
-SHARD_SIZE = 50  # the demo's 202 rows -> 5 committed shards over the 2 mapped tasks
+SHARD_SIZE = 50  # the demo's rows (150-200 + 2 broken) -> 4-5 committed shards over the 2 mapped tasks
 
 
 def _dag_module():
@@ -184,7 +184,7 @@ def test_two_nights_with_two_mapped_shards_equal_single_runs(dag_module, job, tm
         success = out / table / f"run_date={NIGHT_1}" / "_SUCCESS"
         assert success.is_file(), f"{success} missing"
     summary = json.loads((out / "_runs" / f"run_date={NIGHT_1}" / "summary.json").read_text())
-    assert summary["status"] == "succeeded" and summary["num_shards"] == 5, summary
+    assert summary["status"] == "succeeded" and summary["num_shards"] == -(-summary["rows"] // SHARD_SIZE) > 2, summary
     assert summary["rows"] == summary["tagged"] + summary["reused"] + summary["errors"]
 
     _tag_single(job, single, NIGHT_1)
