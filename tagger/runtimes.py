@@ -219,6 +219,16 @@ def onnx_model(bundle: ModelBundle, cache_dir: str | Path | None = None) -> Path
         return path
     if why != "no export yet":
         log.warning("ONNX export of model %s not trusted: %s; exporting again", bundle.model_version, why)
+    try:
+        return _export(bundle, folder)
+    except OSError as exc:  # e.g. a container whose HOME is read-only: say what to set, not a bare errno
+        raise RuntimeSettingError(
+            f"cannot write the ONNX export of model {bundle.model_version} under {folder} ({exc}); set TAGGER_CACHE "
+            "to a writable folder (the export is made once per model_version), or use --runtime torch"
+        ) from None
+
+
+def _export(bundle: ModelBundle, folder: Path) -> Path:
     started = time.time()
     log.info("exporting model %s (%s @ %d px) to ONNX, once for this model_version: %s",
              bundle.model_version, bundle.backbone, bundle.input_size, folder)

@@ -251,3 +251,11 @@ def test_tag_job_refuses_bf16_with_onnx_with_exit_2(demo, tiny_bundle, tmp_path)
                  "--runtime", "onnx", "--precision", "bf16")
     assert result.exit_code == 2, result.output
     assert "not available with --runtime onnx" in result.output
+
+
+@pytest.mark.skipif(not runtimes.installed("onnx"), reason="extra [onnx] not installed")
+def test_an_unwritable_cache_is_an_error_saying_what_to_set(driven_bundle, tmp_path):
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the cache folder would go")
+    with pytest.raises(RuntimeSettingError, match="set TAGGER_CACHE to a writable folder"):
+        runtimes.onnx_model(load_bundle(driven_bundle), blocked / "onnx")
