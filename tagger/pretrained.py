@@ -17,7 +17,6 @@ Nothing found is an error that names the options; a random initialisation is onl
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import logging
 import os
@@ -132,7 +131,9 @@ def packaged_weights_file(arch: str, cache_dir: str | Path | None = None) -> tup
         ) from None
     if not source.is_file():
         raise PretrainedWeightsUnavailable(f"{packaged.package} is installed but its weights file {source} is missing; reinstall it")
-    digest = _sha256(source)
+    from .storage import file_sha256
+
+    digest = file_sha256(source)
     target = Path(cache_dir or weights_cache_dir()) / f"{arch}-{digest[:16]}.safetensors"
     if not target.is_file():
         convert_reference_weights(arch, source, target)
@@ -140,11 +141,10 @@ def packaged_weights_file(arch: str, cache_dir: str | Path | None = None) -> tup
 
 
 def weights_cache_dir() -> Path:
-    """``$TAGGER_CACHE/weights``, else ``$XDG_CACHE_HOME/fashion-tagger/weights`` (``~/.cache`` by default)."""
-    root = os.environ.get("TAGGER_CACHE")
-    if root:
-        return Path(root) / "weights"
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fashion-tagger" / "weights"
+    """``$TAGGER_CACHE/weights``, else ``~/.cache/fashion-tagger/weights`` (:func:`tagger.storage.user_cache_dir`)."""
+    from .storage import user_cache_dir
+
+    return Path(user_cache_dir("weights"))
 
 
 def convert_reference_weights(arch: str, source: str | Path, target: str | Path) -> Path:
@@ -209,10 +209,3 @@ def map_reference_keys(state: dict[str, torch.Tensor], model: nn.Module) -> dict
         raise ValueError(f"the weights file leaves {len(missing)} of timm's tensors unset, e.g. {', '.join(missing[:5])}")
     return mapped
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

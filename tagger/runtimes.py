@@ -13,7 +13,6 @@ error naming the extra, never a quiet switch to another runtime.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 
 from .config import RUNTIMES
+from .storage import file_sha256
 
 if TYPE_CHECKING:
     from .bundle import ModelBundle
@@ -143,10 +143,9 @@ def onnx_cache_dir() -> Path:
     """``$TAGGER_CACHE/onnx``, else ``$XDG_CACHE_HOME/fashion-tagger/onnx`` (``~/.cache`` by default): the
     convention of :func:`tagger.pretrained.weights_cache_dir`. A user cache rather than the bundle's folder,
     which may be on S3 or read-only."""
-    root = os.environ.get("TAGGER_CACHE")
-    if root:
-        return Path(root) / "onnx"
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fashion-tagger" / "onnx"
+    from .storage import user_cache_dir
+
+    return Path(user_cache_dir("onnx"))
 
 
 class _Logits(torch.nn.Module):
@@ -172,14 +171,6 @@ def _expected_record(bundle: ModelBundle) -> dict[str, Any]:
     }
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _trusted(folder: Path, bundle: ModelBundle) -> tuple[Path | None, str]:
     """The cached export for ``bundle`` if its record matches the bundle and its file matches its hash."""
     record_file = folder / "export.json"
@@ -194,7 +185,7 @@ def _trusted(folder: Path, bundle: ModelBundle) -> tuple[Path | None, str]:
         path = folder / str(record["file"])
         if path.name != record["file"] or not path.is_file():
             return None, f"{record_file} names {record['file']!r}, which is not there"
-        if _sha256(path) != record["sha256"]:
+        if file_sha256(path) != record["sha256"]:
             return None, f"{path} does not match the sha256 in {record_file} (changed or cut short)"
     except (OSError, ValueError, KeyError, TypeError) as exc:
         return None, f"{record_file} is unreadable ({type(exc).__name__}: {exc})"
@@ -248,7 +239,7 @@ def _export(bundle: ModelBundle, folder: Path) -> Path:
             input_names=["images"], output_names=[f"logits_{i}" for i in range(len(names))],
             dynamic_axes={"images": {0: "batch"}, **{f"logits_{i}": {0: "batch"} for i in range(len(names))}},
         )
-    digest = _sha256(partial)
+    digest = file_sha256(partial)
     check = _check_export(net, names, partial)
     # Content-addressed file name: concurrent exports (fan-out tasks on one machine) never overwrite a
     # file another process is reading; the record is replaced atomically and always names a whole file.

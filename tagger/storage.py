@@ -358,3 +358,26 @@ def redact(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [redact(v) for v in value]
     return value
+
+
+def user_cache_dir(kind: str) -> "os.PathLike[str]":
+    """``$TAGGER_CACHE/<kind>``, else ``$XDG_CACHE_HOME/fashion-tagger/<kind>`` (``~/.cache`` by default):
+    where converted weights and runtime exports live, one folder per kind. A user cache rather than a
+    bundle's folder, which may be on S3 or read-only."""
+    from pathlib import Path
+
+    root = os.environ.get("TAGGER_CACHE")
+    if root:
+        return Path(root) / kind
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fashion-tagger" / kind
+
+
+def file_sha256(path: "str | os.PathLike[str]") -> str:
+    """Hex sha256 of a local file, read in 1 MiB blocks (weights and exports are tens of MB)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -127,7 +127,7 @@ def test_export_is_cached_by_model_version_and_checked(driven_bundle, tmp_path, 
     with caplog.at_level(logging.WARNING, logger="tagger.runtimes"):
         again = runtimes.onnx_model(bundle, cache)
     assert "does not match the sha256" in caplog.text
-    assert runtimes._sha256(again) == json.loads((cache / bundle.model_version / "export.json").read_text())["sha256"]
+    assert runtimes.file_sha256(again) == json.loads((cache / bundle.model_version / "export.json").read_text())["sha256"]
 
     # A record made for another model (here: claims another model_version) is not trusted either.
     record_file = cache / bundle.model_version / "export.json"
