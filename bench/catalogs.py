@@ -114,8 +114,8 @@ def bundle(backbone: str = "efficientnet_b3", size: int = 300) -> Path:
     """A randomly initialised (``--no-pretrained``-style) bundle of ``backbone`` at ``size`` px, built once."""
     import torch
 
-    from tagger.bundle import save_bundle
-    from tagger.model import create_tagger_net, resolve_data_config
+    from tagger.model.bundle import save_bundle
+    from tagger.model.network import create_tagger_net, resolve_data_config
 
     path = WORK / "models" / f"{backbone}-{size}"
     if not (path / "model.json").exists():

@@ -1,6 +1,6 @@
 """One measured run, in its own process: ``python -m bench.child '{"variant": ..., ...}'`` prints JSON.
 
-``tagger``: the real job, :class:`tagger.runner.TagRunner` on a manifest, exactly as ``tagger tag`` runs it.
+``tagger``: the real job, :class:`tagger.tag.runner.TagRunner` on a manifest, exactly as ``tagger tag`` runs it.
 ``baseline``: the loop a user would otherwise write, as timm's ``inference.py`` does it: PIL open +
 convert("RGB"), timm's eval transforms (torchvision Resize + CenterCrop, ToTensor, Normalize), a
 DataLoader, the model in eval mode under ``torch.no_grad()``, top label and score per attribute.
@@ -25,7 +25,7 @@ def _levers(spec: dict) -> None:
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
     if "channels_last" in spec or spec.get("compile") or "amp" in spec:
-        import tagger.inference as inference
+        import tagger.model.predictor as inference
 
         original = inference.Predictor.__init__
 
@@ -39,8 +39,8 @@ def _levers(spec: dict) -> None:
 
 
 def run_tagger(spec: dict) -> dict:
-    from tagger.config import TagConfig
-    from tagger.runner import TagRunner
+    from tagger.tag.config import TagConfig
+    from tagger.tag.runner import TagRunner
 
     _levers({k: v for k, v in spec.items() if k != "threads"})
     out = tempfile.mkdtemp(prefix="bench-out-", dir=spec.get("scratch"))
@@ -71,7 +71,7 @@ def run_baseline(spec: dict) -> dict:
     from PIL import Image
     from timm.data import create_transform, resolve_data_config
 
-    from tagger.bundle import load_bundle
+    from tagger.model.bundle import load_bundle
 
     _levers({k: v for k, v in spec.items() if k == "threads"})
     started = time.perf_counter()

@@ -31,10 +31,10 @@ def main() -> None:
     from sklearn.linear_model import LogisticRegression
 
     from tagger.attributes import ATTRIBUTES
-    from tagger.bundle import load_bundle
-    from tagger.model import TaggerNet, create_backbone
-    from tagger.reader import load_image
-    from tagger.training.kaggle import load_kaggle
+    from tagger.model.bundle import load_bundle
+    from tagger.model.network import TaggerNet, create_backbone
+    from tagger.data.reader import load_image
+    from tagger.data.kaggle import load_kaggle
     from tagger.training.split import read_split
 
     bundle = load_bundle(args.model)

@@ -8,7 +8,7 @@ What it measures, efficientnet_b3 at 300 px (random init: speed does not depend 
 
 1. ``images``: generates its own 1800x2400 product-like JPEGs (quality 90, camera grain, ~400 KB, as
    bench/catalogs.py's large catalog) with all cores, and a manifest that cycles through them.
-2. ``decode``: the job's own decode (tagger.reader.ImageRows: read, JPEG integrity check, draft decode,
+2. ``decode``: the job's own decode (tagger.data.reader.ImageRows: read, JPEG integrity check, draft decode,
    letterbox) in one process, and in ``--workers`` processes at once: the images/s the CPU workers can feed.
 3. ``model``: model-only images/s of the tag job's Predictor (AMP fp16, channels-last, uint8 host batches
    copied to the GPU, softmax/top label back on the host), per batch size; and with the batch already on
@@ -132,8 +132,8 @@ def bench_bundle(backbone: str, size: int) -> str:
     import torch
 
     from tagger.attributes import ATTRIBUTES
-    from tagger.bundle import save_bundle
-    from tagger.model import create_tagger_net, resolve_data_config
+    from tagger.model.bundle import save_bundle
+    from tagger.model.network import create_tagger_net, resolve_data_config
 
     path = ROOT / "bench" / "work" / "models" / f"gpu-{backbone}-{size}"
     if not (path / "model.json").exists():
@@ -201,7 +201,7 @@ def _decode_one(index: int) -> bool:
 def decode_rates(paths: list[str], size: int, workers: int, n: int) -> dict:
     """The job's reader on ``n`` images: one process, then ``workers`` forked processes sharing the list."""
     global _DATASET
-    from tagger.reader import ImageRows
+    from tagger.data.reader import ImageRows
 
     paths = [paths[i % len(paths)] for i in range(n)]
     _DATASET = ImageRows.from_locations(paths, size)
@@ -239,8 +239,8 @@ def _timed(predict, images, seconds: float, sync) -> float:
 def model_rates(bundle_path: str, cfg: dict, device) -> dict:
     import torch
 
-    from tagger.bundle import load_bundle
-    from tagger.inference import Predictor
+    from tagger.model.bundle import load_bundle
+    from tagger.model.predictor import Predictor
 
     bundle = load_bundle(bundle_path)
     predictor = Predictor(bundle, device, precision="auto", runtime=cfg["runtime"])
@@ -272,8 +272,8 @@ def model_rates(bundle_path: str, cfg: dict, device) -> dict:
 def compile_rates(bundle_path: str, cfg: dict, device, eager: dict) -> dict:
     import torch
 
-    from tagger.bundle import load_bundle
-    from tagger.inference import Predictor
+    from tagger.model.bundle import load_bundle
+    from tagger.model.predictor import Predictor
 
     predictor = Predictor(load_bundle(bundle_path), device, precision="auto", runtime=cfg["runtime"])
     if predictor.net is None:
@@ -334,8 +334,8 @@ def gpu_decode_rates(paths: list[str], bundle_path: str, cfg: dict, device) -> d
     import torchvision
     from torchvision.io import decode_jpeg
 
-    from tagger.bundle import load_bundle
-    from tagger.inference import Predictor
+    from tagger.model.bundle import load_bundle
+    from tagger.model.predictor import Predictor
 
     size, batch = cfg["size"], cfg["batch_sizes"][0]
     paths = [paths[i % len(paths)] for i in range(cfg["gpu_decode_images"])]

@@ -2,7 +2,7 @@
 
     python -m bench.memory [--rows 10000,1000000] [--pool 2000] [--workers 2] [--batch-size 256] [--no-write]
 
-Rows reuse a pool of small generated product photos (64x85 JPEGs drawn by tagger.demo, under
+Rows reuse a pool of small generated product photos (64x85 JPEGs drawn by tagger.demo.drawn, under
 bench/work/memory/), and the model is the tests' tiny backbone (timm's test_efficientnet at 32 px, random
 init): what is measured is the job's bookkeeping per row, not the network. Every row is really read,
 decoded, predicted and written: no time budget, no sampling of rows. Each run is its own process; the
@@ -30,7 +30,7 @@ WORK = catalogs.WORK / "memory"
 
 
 def image_pool(n: int) -> list[str]:
-    from tagger.demo import _sample_labels, render_product
+    from tagger.demo.drawn import _sample_labels, render_product
 
     import numpy as np
 
@@ -62,9 +62,9 @@ def manifest(rows: int, pool: list[str]) -> str:
 def tiny_bundle() -> str:
     import torch
 
-    from tagger.bundle import save_bundle
-    from tagger.demo import CLASSES
-    from tagger.model import create_tagger_net, resolve_data_config
+    from tagger.model.bundle import save_bundle
+    from tagger.demo.drawn import CLASSES
+    from tagger.model.network import create_tagger_net, resolve_data_config
 
     path = WORK / "model-test_efficientnet-32"
     if not (path / "model.json").exists():

@@ -8,7 +8,7 @@ same generated batch, rounds alternating in order; plus the decode rate of the i
 Each runtime runs ``--batches`` batches per round after one warm-up batch (the ONNX export is made, or
 found in the cache, before anything is timed). The figure is the best round (least disturbed by the
 neighbours on a shared machine) and the median. ``--decode-images`` > 0 also times the job's decode
-(read + draft decode + resize, :class:`tagger.reader.ImageRows`) of that many 1800x2400 catalog photos
+(read + draft decode + resize, :class:`tagger.data.reader.ImageRows`) of that many 1800x2400 catalog photos
 in one process: the rate one worker adds. The section ``bench:runtimes`` of docs/benchmarks.md is
 rewritten (unless ``--no-write``); raw JSON goes to bench/results/raw/.
 """
@@ -38,9 +38,9 @@ VARIANTS = {
 def model_only(bundle_path: str, names: list[str], batch_size: int, batches: int, rounds: int) -> dict:
     import torch
 
-    from tagger.bundle import load_bundle
-    from tagger.inference import Predictor
-    from tagger.runtimes import choose_runtime
+    from tagger.model.bundle import load_bundle
+    from tagger.model.predictor import Predictor
+    from tagger.model.runtimes import choose_runtime
 
     bundle = load_bundle(bundle_path)
     size = bundle.input_size
@@ -80,7 +80,7 @@ def decode_rate(n: int, size: int) -> dict:
     """One process decoding the large catalog as a worker does: images/s and CPU ms per image."""
     import resource
 
-    from tagger.reader import ImageRows
+    from tagger.data.reader import ImageRows
 
     catalog, images = catalogs.large_catalog(n)
     dataset = ImageRows.from_locations([str(p) for p in images], size)
@@ -141,8 +141,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from tagger.bundle import load_bundle
-    from tagger.runtimes import choose_runtime, cpu_has_bf16
+    from tagger.model.bundle import load_bundle
+    from tagger.model.runtimes import choose_runtime, cpu_has_bf16
 
     if args.threads:
         torch.set_num_threads(args.threads)

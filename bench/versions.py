@@ -3,7 +3,7 @@
     python -m bench.versions [--repeat 3] [--no-write]
 
 Local: ``os.stat`` of every sample image, one by one and through the thread pool of
-:func:`tagger.incremental.current_versions`. S3: the sample uploaded to moto's S3 server on loopback, then
+:func:`tagger.tag.incremental.current_versions`. S3: the sample uploaded to moto's S3 server on loopback, then
 versions found by listing the folder (one LIST per 1,000 keys) and by a HEAD per object. Loopback moto
 answers in well under a millisecond, so the S3 figures count requests more than they show real S3 latency
 (tens of ms per request, which the thread pool overlaps for HEADs); the request counts are what carry over.
@@ -45,8 +45,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import pyarrow as pa
 
-    from tagger import incremental
-    from tagger.reader import local_version, read_image
+    from tagger.tag import incremental
+    from tagger.data.reader import local_version, read_image
 
     paths = [str(p) for p in images]
     rows = []

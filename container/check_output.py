@@ -14,8 +14,8 @@ import math
 import sys
 from pathlib import Path
 
-from tagger.manifest import read_manifest
-from tagger.writers import read_complete_partition
+from tagger.data.manifest import read_manifest
+from tagger.tag.writers import read_complete_partition
 
 
 def main() -> int:

@@ -29,7 +29,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).parent))
     args = parser.parse_args()
 
-    from tagger.training.kaggle import load_kaggle
+    from tagger.data.kaggle import load_kaggle
     from tagger.training.split import read_split
 
     split = read_split(str(Path(args.model, "split.parquet")))

@@ -20,7 +20,7 @@ import click
 @click.option("--seed", type=int, default=0, show_default=True)
 def demo_data(out: Path, n_train: int, n_catalog: int, n_bad: int, seed: int) -> None:
     """Draw synthetic products: styles.csv + images/ for retrain, catalog.csv (+ truth) for tag (tests, experiments)."""
-    from tagger.demo import make_demo_dataset
+    from tagger.demo.drawn import make_demo_dataset
 
     started = time.time()
     demo = make_demo_dataset(out, n_train=n_train, n_catalog=n_catalog, n_bad=n_bad, seed=seed)
@@ -36,8 +36,8 @@ def demo_check(out: str, run_date: str | None, truth: str) -> None:
     """How often the demo tags equal the true labels: accuracy per attribute on the demo catalog."""
     import polars as pl
 
-    from tagger.demo import score_against_truth
-    from tagger.writers import read_complete_partition
+    from tagger.demo.drawn import score_against_truth
+    from tagger.tag.writers import read_complete_partition
 
     partitions = sorted(p.name for p in Path(out, "tags").glob("run_date=*") if (p / "_SUCCESS").exists())
     if not partitions:

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from tagger.config import DEVICES, default_workers
+from tagger.tag.config import DEVICES, default_workers
 
 from .options import (
     max_image_bytes_option,
@@ -64,12 +64,12 @@ def evaluate(**options) -> None:
 
 def execute(config) -> int:
     from tagger import storage
-    from tagger.bundle import BundleError
+    from tagger.model.bundle import BundleError
     from tagger.evaluation import EvaluationError
     from tagger.evaluation.evaluate import evaluate as run
     from tagger.evaluation.report import summary_text, write_report
-    from tagger.reader import StorageUnavailable
-    from tagger.training.kaggle import DataError
+    from tagger.data.reader import StorageUnavailable
+    from tagger.data.kaggle import DataError
 
     try:
         evaluation = run(config)

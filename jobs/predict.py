@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from tagger.config import DEVICES, default_workers
+from tagger.tag.config import DEVICES, default_workers
 
 from .options import (
     max_image_bytes_option,
@@ -59,12 +59,12 @@ def predict(images: tuple[str, ...], model: str, out: str, top_k: int, device: s
 
     Exit codes: 0 done (unreadable images included); 2 invalid input (bundle, paths, options); 1 any other failure.
     """
-    from tagger.bundle import BundleError, load_bundle
+    from tagger.model.bundle import BundleError, load_bundle
     from tagger.evaluation import EvaluationError
-    from tagger.evaluation import gallery
-    from tagger.evaluation.inference import progress_logger, run_model
-    from tagger.inference import precision_settings, resolve_device
-    from tagger.runtimes import choose_runtime
+    from tagger.predict import gallery
+    from tagger.model.scoring import progress_logger, run_model
+    from tagger.model.predictor import precision_settings, resolve_device
+    from tagger.model.runtimes import choose_runtime
 
     try:
         bundle = load_bundle(model, parse_storage_options(storage_options))
@@ -95,7 +95,7 @@ def predict(images: tuple[str, ...], model: str, out: str, top_k: int, device: s
 
 def write_outputs(bundle, results, out: str, *, thumb_size: int, per_page: int, table: bool) -> list[str]:
     from tagger import storage
-    from tagger.evaluation import gallery
+    from tagger.predict import gallery
 
     written = []
     if FORMATS[os.path.splitext(out)[1].lower()] == "png":

@@ -79,8 +79,8 @@ def _flag(option: str) -> str:
 @storage_option
 def retrain(storage_options: tuple[str, ...], **options) -> None:
     """Train a tagger on Kaggle-layout data and write a model bundle to --out."""
-    from tagger.model import PretrainedWeightsUnavailable
-    from tagger.training.kaggle import DataError
+    from tagger.model.pretrained import PretrainedWeightsUnavailable
+    from tagger.data.kaggle import DataError
 
     options["data"] = options["data"][0] if len(options["data"]) == 1 else list(options["data"])
     config = RetrainConfig(**options, storage_options=parse_storage_options(storage_options))

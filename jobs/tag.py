@@ -7,8 +7,8 @@ import sys
 
 import click
 
-from tagger.config import DEVICES, PROGRESS_MODES, RUNTIMES, START_METHODS, TagConfig, default_workers, parse_shard, today_utc
-from tagger.images import DEFAULT_MAX_IMAGE_PIXELS
+from tagger.tag.config import DEVICES, PROGRESS_MODES, RUNTIMES, START_METHODS, TagConfig, default_workers, parse_shard, today_utc
+from tagger.data.decode import DEFAULT_MAX_IMAGE_PIXELS
 
 from .options import parse_storage_options, storage_option
 
@@ -119,7 +119,7 @@ def finalize(out: str, run_date: str, storage_options: tuple[str, ...], max_erro
 
 def execute(config: TagConfig, *, finalize_only: bool = False) -> int:
     """Run and turn every outcome into an exit code and one line on stderr."""
-    from tagger.runner import EXIT_INTERRUPTED, Interrupted, StopFlag
+    from tagger.tag.runner import EXIT_INTERRUPTED, Interrupted, StopFlag
 
     global RAN
     RAN = True
@@ -141,13 +141,13 @@ RAN = False
 def _execute(config, stop, finalize_only: bool) -> int:
     import time
 
-    from tagger.bundle import BundleError
-    from tagger.incremental import SinceError
-    from tagger.lease import LeaseHeld, LeaseLost
-    from tagger.manifest import ManifestError
-    from tagger.reader import StorageUnavailable
-    from tagger.runtimes import RuntimeSettingError
-    from tagger.runner import (EXIT_CRASH, EXIT_INTERRUPTED, EXIT_INVALID_INPUT, EXIT_PARTITION_BUSY, EXIT_STORAGE,
+    from tagger.model.bundle import BundleError
+    from tagger.tag.incremental import SinceError
+    from tagger.tag.lease import LeaseHeld, LeaseLost
+    from tagger.data.manifest import ManifestError
+    from tagger.data.reader import StorageUnavailable
+    from tagger.model.runtimes import RuntimeSettingError
+    from tagger.tag.runner import (EXIT_CRASH, EXIT_INTERRUPTED, EXIT_INVALID_INPUT, EXIT_PARTITION_BUSY, EXIT_STORAGE,
                                Interrupted, NonFiniteScores, PlanMismatch, TagRunner, WorkerFailure)
     from tagger.storage import OutputLocationError, StorageConfigError, is_permanent, is_unavailable
 

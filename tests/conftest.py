@@ -24,7 +24,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 @pytest.fixture(scope="session")
 def demo(tmp_path_factory):
     """A small generated Kaggle-layout dataset with a catalog (2 bad rows at the end)."""
-    from tagger.demo import make_demo_dataset
+    from tagger.demo.drawn import make_demo_dataset
 
     return make_demo_dataset(tmp_path_factory.mktemp("demo"), n_train=60, n_catalog=48, image_size=(60, 80), n_bad=2)
 
@@ -34,9 +34,9 @@ def tiny_bundle(tmp_path_factory) -> str:
     """A randomly initialised but deterministic bundle: enough to test plumbing, not accuracy."""
     import torch
 
-    from tagger.bundle import save_bundle
-    from tagger.demo import CLASSES
-    from tagger.model import create_tagger_net, resolve_data_config
+    from tagger.model.bundle import save_bundle
+    from tagger.demo.drawn import CLASSES
+    from tagger.model.network import create_tagger_net, resolve_data_config
 
     torch.manual_seed(0)
     labels = {name: list(values) for name, values in CLASSES.items()}

@@ -24,9 +24,9 @@ import pytest
 import torch
 from PIL import Image, ImageDraw, ImageFilter
 
-from tagger.bundle import load_bundle
-from tagger.images import decode_image
-from tagger.inference import Predictor
+from tagger.model.bundle import load_bundle
+from tagger.data.decode import decode_image
+from tagger.model.predictor import Predictor
 
 MEAN_GREY = 3.0
 AGREE_LARGE = 0.95

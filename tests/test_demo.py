@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from tagger.demo import (
+from tagger.demo.drawn import (
     ARTICLES,
     ATTRIBUTES,
     CLASSES,
@@ -210,7 +210,7 @@ def test_demo_check_scores_only_known_truth_and_counts_untagged_as_wrong(tmp_pat
     import polars as pl
 
     from tagger.attributes import ATTRIBUTES
-    from tagger.demo import score_against_truth
+    from tagger.demo.drawn import score_against_truth
 
     truth = tmp_path / "truth.csv"
     header = ",".join(["product_id", *ATTRIBUTES])

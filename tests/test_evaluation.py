@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from jobs.cli import cli
-from tagger.demo import CLASSES, make_demo_dataset
+from tagger.demo.drawn import CLASSES, make_demo_dataset
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -44,8 +44,8 @@ def constant_bundle(out: Path, *, thresholds=None, training=None, bias: float = 
     """A bundle whose every head always answers its first label with the same score: hand-checkable."""
     import torch
 
-    from tagger.bundle import save_bundle
-    from tagger.model import create_tagger_net, resolve_data_config
+    from tagger.model.bundle import save_bundle
+    from tagger.model.network import create_tagger_net, resolve_data_config
 
     torch.manual_seed(0)
     labels = {name: list(values) for name, values in CLASSES.items()}
@@ -163,7 +163,7 @@ def test_retrains_running_validation_metric_is_evaluates_definition():
 
 
 def test_labels_are_mapped_like_retrain_made_its_targets():
-    from tagger.training.labels import encode_labels
+    from tagger.data.labels import encode_labels
 
     vocab = {"articleType": ["Shirts", "Tshirts", "Other"], "baseColour": ["Black", "Blue"]}
     training = {"data": {"folded": {"articleType": {"Jeans": 3}, "baseColour": {"Red": 2}},
@@ -190,7 +190,7 @@ def test_labels_are_mapped_like_retrain_made_its_targets():
 
 
 def test_evaluate_writes_the_report_and_reproduces_retrains_test_metrics(retrained, data, tmp_path):
-    from tagger.bundle import load_bundle
+    from tagger.model.bundle import load_bundle
     from tagger.evaluation.report import METRICS_SCHEMA
 
     out = tmp_path / "report"
@@ -270,7 +270,7 @@ def test_a_constant_model_scores_what_a_hand_count_says(data, tmp_path):
 
 
 def test_split_all_evaluates_an_external_folder(retrained, external, tmp_path):
-    from tagger.bundle import load_bundle
+    from tagger.model.bundle import load_bundle
 
     bundle = load_bundle(retrained)
     out = tmp_path / "report"

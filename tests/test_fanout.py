@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from jobs.cli import cli
-from tagger.writers import read_complete_partition
+from tagger.tag.writers import read_complete_partition
 
 DATE = "2026-03-04"
 SHARD_SIZE = "7"  # 50 catalog rows -> 8 shards, spread over 3 tasks as {0,3,6}, {1,4,7}, {2,5}

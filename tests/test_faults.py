@@ -25,7 +25,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from jobs.cli import cli
-from tagger.writers import SUCCESS_FILE, read_complete_partition, write_success
+from tagger.tag.writers import SUCCESS_FILE, read_complete_partition, write_success
 
 from .conftest import upload_tree
 from .faults import S3FaultProxy, children, kill_quietly, wait_for

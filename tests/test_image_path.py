@@ -14,9 +14,9 @@ from click.testing import CliRunner
 from PIL import Image
 
 from jobs.cli import cli
-from tagger import reader
-from tagger.images import ImageError
-from tagger.reader import ImageRows, StorageUnavailable, collate, fetch_image, load_image
+from tagger.data import reader
+from tagger.data.decode import ImageError
+from tagger.data.reader import ImageRows, StorageUnavailable, collate, fetch_image, load_image
 
 
 def jpeg_bytes(colour=(200, 30, 30), size=(40, 60)) -> bytes:
@@ -130,8 +130,8 @@ def test_a_failing_store_is_storage_unavailable_never_an_error_row(tmp_path, mon
 
 
 def test_predictor_probabilities_agree_with_its_top_labels(tiny_bundle):
-    from tagger.bundle import load_bundle
-    from tagger.inference import Predictor
+    from tagger.model.bundle import load_bundle
+    from tagger.model.predictor import Predictor
 
     bundle = load_bundle(tiny_bundle)
     predictor = Predictor(bundle, torch.device("cpu"), precision="fp32")
@@ -152,8 +152,8 @@ def test_predictor_probabilities_agree_with_its_top_labels(tiny_bundle):
 
 
 def test_a_training_net_runs_through_the_predictor_and_keeps_its_mode(tiny_bundle):
-    from tagger.bundle import load_bundle
-    from tagger.evaluation.inference import predict_batches
+    from tagger.model.bundle import load_bundle
+    from tagger.model.scoring import predict_batches
 
     bundle = load_bundle(tiny_bundle)
     net = bundle.build_net().train()
@@ -191,7 +191,7 @@ def test_evaluate_scores_exactly_what_tag_writes(demo, tiny_bundle, tmp_path, pr
     predictions = pq.read_table(tmp_path / "eval" / "predictions.parquet").to_pylist()
     assert len(tags) == len(predictions) == len(ids)
     by_id = {row["product_id"]: row for row in tags}
-    from tagger.bundle import load_bundle
+    from tagger.model.bundle import load_bundle
 
     for row in predictions:
         tag = by_id[row["id"]]
@@ -201,8 +201,8 @@ def test_evaluate_scores_exactly_what_tag_writes(demo, tiny_bundle, tmp_path, pr
 
 def test_run_model_gives_the_same_with_worker_processes(demo, tiny_bundle, tmp_path):
     """The in-memory rows and the preview function travel to worker processes; results are per input, in order."""
-    from tagger.bundle import load_bundle
-    from tagger.evaluation.inference import run_model
+    from tagger.model.bundle import load_bundle
+    from tagger.model.scoring import run_model
 
     bundle = load_bundle(tiny_bundle)
     (tmp_path / "bad.jpg").write_bytes(b"not an image")

@@ -1,6 +1,6 @@
 """Bad and unusual product images: each one tagged correctly, or exactly one error row saying why.
 
-First at the level of :func:`tagger.images.decode_image` (pixels checked), then end to end through
+First at the level of :func:`tagger.data.decode.decode_image` (pixels checked), then end to end through
 ``tagger tag``: every kind of image in one catalog, checked against a clean run of the good products.
 """
 
@@ -20,8 +20,8 @@ from PIL import Image
 
 from jobs.cli import cli
 from tagger.attributes import ATTRIBUTES
-from tagger.images import ImageError, decode_image
-from tagger.writers import read_complete_partition
+from tagger.data.decode import ImageError, decode_image
+from tagger.tag.writers import read_complete_partition
 
 from .faults import S3FaultProxy
 
@@ -199,7 +199,7 @@ def test_decompression_bomb_is_refused_from_the_header(monkeypatch):
 
 
 def test_draft_decoding_matches_a_full_decode():
-    from tagger.demo import CLASSES, render_product
+    from tagger.demo.drawn import CLASSES, render_product
 
     labels = {name: values[0] for name, values in CLASSES.items()}
     data = encode(render_product(labels, (600, 800), seed=(0, 1)), "JPEG", quality=90)

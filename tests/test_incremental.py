@@ -18,10 +18,10 @@ import pytest
 from click.testing import CliRunner
 
 from jobs.cli import cli
-from tagger import incremental
+from tagger.tag import incremental
 from tagger.attributes import ATTRIBUTES
-from tagger.reader import read_image
-from tagger.writers import read_complete_partition
+from tagger.data.reader import read_image
+from tagger.tag.writers import read_complete_partition
 
 from .conftest import upload_tree
 
@@ -154,7 +154,7 @@ def test_a_third_night_chains_from_the_second(catalog, tiny_bundle, tmp_path):
 def test_another_model_version_reuses_nothing(catalog, tiny_bundle, tmp_path):
     import torch
 
-    from tagger.bundle import load_bundle, save_bundle
+    from tagger.model.bundle import load_bundle, save_bundle
 
     bundle = load_bundle(tiny_bundle)
     net = bundle.build_net()

@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from jobs.cli import cli
-from tagger.writers import read_complete_partition
+from tagger.tag.writers import read_complete_partition
 
 DATE = "2026-04-05"
 

@@ -21,8 +21,8 @@ import pytest
 from click.testing import CliRunner
 
 from jobs.cli import cli
-from tagger.bundle import BundleError, compute_model_version, load_bundle
-from tagger.writers import SUCCESS_FILE, read_complete_partition
+from tagger.model.bundle import BundleError, compute_model_version, load_bundle
+from tagger.tag.writers import SUCCESS_FILE, read_complete_partition
 
 from .conftest import upload_tree
 from .faults import S3FaultProxy, wait_for
@@ -137,9 +137,9 @@ def test_a_bundle_with_a_number_out_of_range_is_refused(demo, tiny_bundle, compl
 
 
 def test_nan_scores_fail_the_run_and_are_never_written(demo, tiny_bundle, tmp_path, monkeypatch):
-    from tagger import inference
+    from tagger.model.predictor import Predictor
 
-    real = inference.Predictor.__call__
+    real = Predictor.__call__
 
     def poisoned(self, images):
         predictions = real(self, images)
@@ -147,7 +147,7 @@ def test_nan_scores_fail_the_run_and_are_never_written(demo, tiny_bundle, tmp_pa
         predictions.scores[name][-1] = np.nan  # e.g. an fp16 overflow on a GPU
         return predictions
 
-    monkeypatch.setattr(inference.Predictor, "__call__", poisoned)
+    monkeypatch.setattr(Predictor, "__call__", poisoned)
     out = tmp_path / "out"
     result = tag("--catalog", str(demo.catalog), "--model", tiny_bundle, "--out", str(out), "--batch-size", "8")
     assert result.exit_code == 1

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tagger.bundle import compute_model_version
+from tagger.model.bundle import compute_model_version
 
 pytestmark = pytest.mark.slow
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tagger.images import ALLOWED_FORMATS, ImageError, decode_image
+from tagger.data.decode import ALLOWED_FORMATS, ImageError, decode_image
 
 
 def photo(size=(200, 300), progressive=False) -> bytes:

@@ -1,6 +1,6 @@
 """Issue 12, failure 1: a run owns its partition. Two runs of one --out and --run-date never both commit.
 
-The lease itself (tagger.lease) on local disk and on S3 (moto: conditional PUT), then real concurrent
+The lease itself (tagger.tag.lease) on local disk and on S3 (moto: conditional PUT), then real concurrent
 ``tagger tag`` processes: the loser changes nothing and exits 5; a run whose lease is taken over mid-run stops
 at its next commit (fencing) and never writes ``_SUCCESS``.
 """
@@ -18,8 +18,8 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from tagger.lease import Lease, LeaseHeld, LeaseLost, lease_folder
-from tagger.writers import SUCCESS_FILE, read_complete_partition
+from tagger.tag.lease import Lease, LeaseHeld, LeaseLost, lease_folder
+from tagger.tag.writers import SUCCESS_FILE, read_complete_partition
 
 from .faults import wait_for
 

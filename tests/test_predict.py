@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from jobs.cli import cli
-from tagger.demo import CLASSES
+from tagger.demo.drawn import CLASSES
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -51,8 +51,8 @@ def strict_bundle(tmp_path_factory) -> str:
     """Review thresholds of 1.0 (review everything): every tag must be marked low-confidence."""
     import torch
 
-    from tagger.bundle import save_bundle
-    from tagger.model import create_tagger_net, resolve_data_config
+    from tagger.model.bundle import save_bundle
+    from tagger.model.network import create_tagger_net, resolve_data_config
 
     torch.manual_seed(1)
     labels = {name: list(values) for name, values in CLASSES.items()}
@@ -63,7 +63,7 @@ def strict_bundle(tmp_path_factory) -> str:
 
 
 def test_collect_images_walks_folders_and_keeps_files_once(images):
-    from tagger.evaluation.gallery import collect_images
+    from tagger.predict.gallery import collect_images
 
     root, expected = images
     assert collect_images([str(root)]) == expected

@@ -11,7 +11,7 @@ import importlib
 import pytest
 import torch
 
-from tagger.pretrained import (
+from tagger.model.pretrained import (
     PACKAGED_WEIGHTS,
     PretrainedWeightsUnavailable,
     create_pretrained_backbone,

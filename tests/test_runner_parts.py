@@ -10,14 +10,14 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from tagger import writers
-from tagger.lease import LeaseLost
-from tagger.manifest import Manifest
-from tagger.partition import Partition
-from tagger.reader import TRANSIENT, Batch, StorageUnavailable
+from tagger.tag import writers
+from tagger.tag.lease import LeaseLost
+from tagger.data.manifest import Manifest
+from tagger.tag.partition import Partition
+from tagger.data.reader import TRANSIENT, Batch, StorageUnavailable
 from tagger.tag.loader import WorkerFailure, check_transient, loop_failure, rows_to_read, write_rows
 from tagger.tag.plan import Plan, PlanMismatch
-from tagger.tag.predictor import NonFiniteScores, refuse_non_finite
+from tagger.tag.model_part import NonFiniteScores, refuse_non_finite
 from tagger.tag.rows import ShardRows
 from tagger.tag.shards import ShardCommitter, ShardCursor
 from tagger.tag.stop import Interrupted, StopFlag

@@ -22,11 +22,11 @@ import numpy as np
 import pytest
 import torch
 
-from tagger import runtimes
-from tagger.bundle import load_bundle, save_bundle
-from tagger.images import decode_image
-from tagger.inference import Predictor, precision_settings
-from tagger.runtimes import RuntimeChoice, RuntimeSettingError, choose_runtime
+from tagger.model import runtimes
+from tagger.model.bundle import load_bundle, save_bundle
+from tagger.data.decode import decode_image
+from tagger.model.predictor import Predictor, precision_settings
+from tagger.model.runtimes import RuntimeChoice, RuntimeSettingError, choose_runtime
 from tests.test_decode_equivalence import batch, image_driven, photo_like
 
 FP32_SCORE = 1e-4
@@ -124,7 +124,7 @@ def test_export_is_cached_by_model_version_and_checked(driven_bundle, tmp_path, 
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
-    with caplog.at_level(logging.WARNING, logger="tagger.runtimes"):
+    with caplog.at_level(logging.WARNING, logger="tagger.model.runtimes"):
         again = runtimes.onnx_model(bundle, cache)
     assert "does not match the sha256" in caplog.text
     assert runtimes.file_sha256(again) == json.loads((cache / bundle.model_version / "export.json").read_text())["sha256"]
@@ -135,7 +135,7 @@ def test_export_is_cached_by_model_version_and_checked(driven_bundle, tmp_path, 
     record["model_version"] = "0" * 16
     record_file.write_text(json.dumps(record))
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="tagger.runtimes"):
+    with caplog.at_level(logging.WARNING, logger="tagger.model.runtimes"):
         runtimes.onnx_model(bundle, cache)
     assert "model_version differ" in caplog.text
     assert json.loads(record_file.read_text())["model_version"] == bundle.model_version
@@ -175,7 +175,7 @@ def test_auto_chooses_by_device_precision_and_what_is_installed(monkeypatch, cap
     monkeypatch.setattr(runtimes, "installed", lambda name: True)
     # Not installed: skipped, and the log names the extra that would have given the faster runtime.
     monkeypatch.setattr(runtimes, "installed", lambda name: name == "torch")
-    with caplog.at_level(logging.WARNING, logger="tagger.runtimes"):
+    with caplog.at_level(logging.WARNING, logger="tagger.model.runtimes"):
         choice = choose_runtime("auto", CPU)
     assert choice.name == "torch" and "not installed" in choice.reason
     assert "fashion-tagger[onnx,openvino]" in caplog.text

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from jobs.cli import cli
-from tagger.writers import read_complete_partition
+from tagger.tag.writers import read_complete_partition
 
 from .conftest import upload_tree
 

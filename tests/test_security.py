@@ -20,8 +20,8 @@ import torch
 from click.testing import CliRunner
 
 from jobs.cli import cli
-from tagger.bundle import BundleError, compute_model_version, load_bundle, state_dict_from_checkpoint
-from tagger.writers import read_complete_partition
+from tagger.model.bundle import BundleError, compute_model_version, load_bundle, state_dict_from_checkpoint
+from tagger.tag.writers import read_complete_partition
 
 DATE = "2026-06-07"
 TAGGER = str(Path(sys.executable).parent / "tagger")

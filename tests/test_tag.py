@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from jobs.cli import cli
 from tagger.attributes import ATTRIBUTES
-from tagger.writers import ERRORS_SCHEMA, read_complete_partition, tags_schema
+from tagger.tag.writers import ERRORS_SCHEMA, read_complete_partition, tags_schema
 
 DATE = "2026-01-02"
 

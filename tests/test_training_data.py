@@ -12,8 +12,8 @@ from PIL import Image
 
 from tagger.attributes import ATTRIBUTES
 from tagger.training.datamodule import FashionDataModule, train_transform
-from tagger.training.kaggle import DataError, load_kaggle, parse_styles
-from tagger.training.labels import OTHER, build_vocabularies, encode_targets, fold_rare_labels, resolve_min_label_count
+from tagger.data.kaggle import DataError, load_kaggle, parse_styles
+from tagger.data.labels import OTHER, build_vocabularies, encode_targets, fold_rare_labels, resolve_min_label_count
 from tagger.training.split import SPLITS, read_split, stratified_split, write_split
 
 HEADER = "id,gender,masterCategory,subCategory,articleType,baseColour,season,year,usage,productDisplayName"

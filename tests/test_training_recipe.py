@@ -9,16 +9,16 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from tagger.bundle import load_bundle
-from tagger.model import create_tagger_net, resolve_data_config
+from tagger.model.bundle import load_bundle
+from tagger.model.network import create_tagger_net, resolve_data_config
 from tagger.training import ConfigError, RetrainConfig, retrain
-from tagger.training.kaggle import load_kaggle
+from tagger.data.kaggle import load_kaggle
 
 
 @pytest.fixture(scope="module")
 def two_folders(tmp_path_factory) -> tuple[Path, Path]:
     """One generated data set cut in two folders, each with the full styles.csv, like fashion-sample/-more."""
-    from tagger.demo import make_demo_dataset
+    from tagger.demo.drawn import make_demo_dataset
 
     demo = make_demo_dataset(tmp_path_factory.mktemp("kaggle"), n_train=120, n_catalog=0, n_bad=0, image_size=(48, 64))
     second = tmp_path_factory.mktemp("more")
@@ -83,7 +83,7 @@ def test_retrain_with_a_frozen_trunk_trains_only_the_tail(two_folders, tmp_path)
         batch_size=16, max_epochs=2, lr=5e-3, freeze_stages=3, progress=False, threads=1, seed=0,
         log_dir=str(tmp_path / "logs"),
     )
-    from tagger.model import create_backbone
+    from tagger.model.network import create_backbone
 
     torch.manual_seed(config.seed)  # what retrain's seed_everything does before it creates the backbone
     initial = create_backbone("test_efficientnet")

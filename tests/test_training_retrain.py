@@ -12,7 +12,7 @@ import torch
 from click.testing import CliRunner
 
 from tagger.attributes import ATTRIBUTES
-from tagger.bundle import load_bundle
+from tagger.model.bundle import load_bundle
 from tagger.training import ConfigError, RetrainConfig, retrain
 from tagger.training.split import read_split
 
@@ -31,7 +31,7 @@ def one_thread():
 def kaggle(tmp_path_factory) -> Path:
     """The demo generator's layout, plus the warts of the real file: a line with unquoted commas in
     productDisplayName, a row without an image, and an image that does not decode."""
-    from tagger.demo import make_demo_dataset
+    from tagger.demo.drawn import make_demo_dataset
 
     demo = make_demo_dataset(tmp_path_factory.mktemp("kaggle"), n_train=150, n_catalog=0, n_bad=0, image_size=(48, 64))
     lines = demo.styles_csv.read_text(encoding="utf-8").splitlines()

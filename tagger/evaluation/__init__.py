@@ -1,15 +1,15 @@
 """How good is a model bundle, and what does it say about images it has never seen.
 
-- :mod:`.inference`: images (files or URLs) -> softmax probabilities per attribute, errors kept per image,
-  through the tag job's reader and Predictor; retrain's val/test scoring through the same Predictor.
 - :mod:`.metrics`: the one definition of the numbers (retrain's too): per-attribute and per-class metrics
   from confusion matrices, majority baseline, review thresholds and coverage.
 - :mod:`.evaluate`: ``tagger evaluate``: bundle + Kaggle-layout data + split -> a report folder.
 - :mod:`.report`: the report's Parquet tables, ``report.md`` and the stdout summary.
 - :mod:`.plots`: per-class F1 bars, row-normalised confusion matrices, model vs baseline (PNG, Agg).
-- :mod:`.gallery`: ``tagger predict``'s contact sheet (PNG) and self-contained HTML gallery.
 
-Label strings become targets through :func:`tagger.training.labels.encode_labels`, as in retrain.
+Images become probabilities through :mod:`tagger.model.scoring` (the tag job's reader and Predictor).
+
+Label strings become targets through :func:`tagger.data.labels.encode_labels`, as in retrain.
+
 Importing this package is cheap: torch and matplotlib load inside the modules and functions that use them.
 """
 

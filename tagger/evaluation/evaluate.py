@@ -1,10 +1,11 @@
 """``evaluate(config)``: a model bundle + Kaggle-layout data (+ the bundle's split) -> an :class:`Evaluation`.
 
-The rows: ``styles.csv`` parsed by retrain's own parser, rows without an image dropped (as in
-training), then the split's rows by id from the bundle's ``split.parquet`` (``split="all"``: every row,
-so any Kaggle-layout folder serves as an external test set). Labels become targets as retrain made
-them (:func:`tagger.training.labels.encode_labels`), the images go through the tag job's reader and
-Predictor (:mod:`.inference`), and :mod:`.metrics` does the arithmetic retrain does. :func:`tagger.evaluation.report.write_report` turns the result into files.
+The rows: ``styles.csv`` parsed by retrain's own parser (:mod:`tagger.data.kaggle`), rows without an
+image dropped (as in training), then the split's rows by id from the bundle's ``split.parquet``
+(``split="all"``: every row, so any Kaggle-layout folder serves as an external test set). Labels become
+targets as retrain made them (:func:`tagger.data.labels.encode_labels`), the images go through the tag
+job's reader and Predictor (:mod:`tagger.model.scoring`), and :mod:`.metrics` does the arithmetic
+retrain does. :func:`tagger.evaluation.report.write_report` turns the result into files.
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ from typing import Any
 import numpy as np
 
 from .. import storage
-from ..bundle import ModelBundle, load_bundle
-from ..config import DEFAULT_MAX_IMAGE_BYTES, DEVICES, PRECISIONS, RUNTIMES
-from ..images import DEFAULT_MAX_IMAGE_PIXELS
-from ..training.labels import UNKNOWN_LABEL_POLICIES, LabelMapping, encode_labels
+from ..model.bundle import ModelBundle, load_bundle
+from ..tag.config import DEFAULT_MAX_IMAGE_BYTES, DEVICES, PRECISIONS, RUNTIMES
+from ..data.decode import DEFAULT_MAX_IMAGE_PIXELS
+from ..data.labels import UNKNOWN_LABEL_POLICIES, LabelMapping, encode_labels
 from ..training.split import SPLIT_FILE
 from . import EvaluationError
-from .inference import ModelOutputs
+from ..model.scoring import ModelOutputs
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +137,7 @@ def evaluate(config: EvaluateConfig) -> Evaluation:
     the data's own ``BundleError`` / ``DataError``) for input that cannot be evaluated, before the model runs."""
     import time
 
-    from ..training.kaggle import load_kaggle
+    from ..data.kaggle import load_kaggle
 
     config.validate()
     started = time.monotonic()
@@ -173,7 +174,7 @@ def evaluate(config: EvaluateConfig) -> Evaluation:
     ids = selected["id"].to_list()
     urls = selected["image"].to_list()
     log.info("evaluating %s on %d %s rows of %s (%s)", config.model, len(ids), config.split, config.data_text, device)
-    from .inference import progress_logger, run_model
+    from ..model.scoring import progress_logger, run_model
 
     outputs = run_model(
         bundle, urls, device=device, precision=config.precision, runtime=runtime, batch_size=config.batch_size, workers=config.workers,
@@ -262,8 +263,8 @@ def _read_split(url: str, options: Mapping[str, Any]) -> dict[str, str]:
 def _device(requested: str, precision: str, runtime: str = "auto"):
     """The device and runtime, with the precision checked against them (fp16 is for CUDA, ONNX Runtime is
     fp32) and the runtime's package against what is installed, before any image is read."""
-    from ..inference import precision_settings, resolve_device
-    from ..runtimes import choose_runtime
+    from ..model.predictor import precision_settings, resolve_device
+    from ..model.runtimes import choose_runtime
 
     try:
         device = resolve_device(requested)

@@ -1,4 +1,4 @@
-"""The reader part of the tag run: which rows are read, the DataLoader over :class:`tagger.reader.ImageRows`
+"""The reader part of the tag run: which rows are read, the DataLoader over :class:`tagger.data.reader.ImageRows`
 that reads and decodes them in worker processes, and its faults turned into typed errors.
 
 torch reports a dead worker, a stuck store or a broken pipe as a ``RuntimeError`` (or ``ConnectionError``)
@@ -21,14 +21,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .. import storage
-from ..config import TagConfig
-from ..manifest import Manifest
-from ..partition import Partition
-from ..reader import TRANSIENT, Batch, ImageRows, StorageUnavailable, collate, worker_context
+from .config import TagConfig
+from ..data.manifest import Manifest
+from .partition import Partition
+from ..data.reader import TRANSIENT, Batch, ImageRows, StorageUnavailable, collate, worker_context
 from .plan import Plan
 from .stop import Interrupted, StopFlag
 
-log = logging.getLogger("tagger.runner")  # the name the job's log lines have always shown
+log = logging.getLogger("tagger.tag.runner")  # the runner's logger: the run's lines show one name
 
 
 class WorkerFailure(RuntimeError):
@@ -44,7 +44,7 @@ def rows_to_read(manifest: Manifest, plan: Plan, pending: list[int], partition: 
     readable = np.isin(shard_of_row, np.asarray(pending, dtype=np.int64))
     readable &= pc.equal(table.column("status"), "").to_numpy(zero_copy_only=False)
     if plan.reuses:
-        from ..incremental import reused_rows
+        from .incremental import reused_rows
 
         readable[reused_rows(partition, options)] = False  # carried over, not read again
     return readable, np.bincount(shard_of_row[readable], minlength=plan.num_shards)

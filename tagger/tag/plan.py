@@ -11,12 +11,12 @@ from datetime import datetime, timezone
 from typing import Any
 
 from .. import storage
-from ..bundle import ModelBundle
-from ..config import TagConfig
-from ..manifest import Manifest
-from ..partition import Partition
+from ..model.bundle import ModelBundle
+from .config import TagConfig
+from ..data.manifest import Manifest
+from .partition import Partition
 
-log = logging.getLogger("tagger.runner")  # the name the job's log lines have always shown
+log = logging.getLogger("tagger.tag.runner")  # the runner's logger: the run's lines show one name
 
 PLAN_FORMAT = 1
 
@@ -53,7 +53,7 @@ class Plan:
     model_version: str
     attributes: list[str]
     created_at: str
-    since: dict[str, Any] | None = None  # tagger.incremental.plan_reuse's facts, for --since runs
+    since: dict[str, Any] | None = None  # tagger.tag.incremental.plan_reuse's facts, for --since runs
 
     @classmethod
     def from_dict(cls, body: dict[str, Any]) -> Plan:
@@ -76,7 +76,7 @@ class Plan:
 
     @property
     def reuses(self) -> bool:
-        """Some rows carry their tags over from ``--since``'s partition (tagger.incremental)."""
+        """Some rows carry their tags over from ``--since``'s partition (tagger.tag.incremental)."""
         return bool((self.since or {}).get("reused"))
 
     def shard_of(self, row: int) -> int:
@@ -113,7 +113,7 @@ def make_plan(config: TagConfig, partition: Partition, manifest: Manifest, bundl
         return existing
     previous = None
     if config.since:
-        from ..incremental import find_previous
+        from .incremental import find_previous
 
         # Before the wipe: a --since that cannot be used must leave the date's partition as it was.
         previous = find_previous(config.since, config.run_date, options, current_out=config.out)
@@ -122,7 +122,7 @@ def make_plan(config: TagConfig, partition: Partition, manifest: Manifest, bundl
     partition.wipe()
     created_at, since = now_iso(), None
     if config.since:
-        from ..incremental import plan_reuse
+        from .incremental import plan_reuse
 
         # Decided once, stored beside the plan: resumed runs and --shard tasks reuse the same rows.
         since = plan_reuse(manifest, bundle.model_version, bundle.attribute_names, config.since, previous,

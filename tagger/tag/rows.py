@@ -13,10 +13,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .. import storage, writers
-from ..manifest import Manifest
-from ..partition import Partition
-from ..reader import Batch
+from .. import storage
+from . import writers
+from ..data.manifest import Manifest
+from .partition import Partition
+from ..data.reader import Batch
 from .plan import Plan
 from .shards import ShardCursor, ShardOutput
 
@@ -47,7 +48,7 @@ class ShardRows:
             output.errors.write(self._errors(rejected, rejected.column("status"), rejected.column("message")))
             output.error_types.update(rejected.column("status").to_pylist())
         if self.plan.reuses:
-            from ..incremental import read_reused
+            from .incremental import read_reused
 
             reused = read_reused(self.partition, start, stop, self.options)
             if reused.num_rows:

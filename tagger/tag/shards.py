@@ -15,10 +15,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from .. import writers
-from ..config import TagConfig
-from ..lease import Lease, LeaseHeld, LeaseLost, lease_folder
-from ..partition import Partition
+from . import writers
+from .config import TagConfig
+from .lease import Lease, LeaseHeld, LeaseLost, lease_folder
+from .partition import Partition
 from .plan import Plan, PlanMismatch, now_iso
 
 

@@ -12,11 +12,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import TagConfig
-from ..partition import Partition
+from .config import TagConfig
+from .partition import Partition
 from .plan import Plan, now_iso
 
-log = logging.getLogger("tagger.runner")  # the name the job's log lines have always shown
+log = logging.getLogger("tagger.tag.runner")  # the runner's logger: the run's lines show one name
 
 
 @dataclass

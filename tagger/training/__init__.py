@@ -1,12 +1,12 @@
 """Retraining: Kaggle "Fashion Product Images" data -> a model bundle the tag job can load.
 
-- :mod:`.kaggle`: parse styles.csv (repairing its unquoted commas), match rows to images/.
-- :mod:`.labels`: fold rare labels into ``Other``, encode label strings as class indices (evaluate too).
+- styles.csv and images/ (:mod:`tagger.data.kaggle`), rare labels and label encoding
+  (:mod:`tagger.data.labels`): in :mod:`tagger.data`, shared with evaluate.
 - :mod:`.split`: seeded train/val/test split stratified on all attributes; split.parquet.
 - :mod:`.datamodule`: the LightningDataModule (decode, cache, augment, batch).
 - :mod:`.module`: the LightningModule (masked loss, optimiser, schedule, metrics).
 - metrics, majority baseline and review thresholds: :mod:`tagger.evaluation.metrics`, shared with evaluate;
-  val/test predictions: :func:`tagger.evaluation.inference.predict_batches` (the tag job's Predictor).
+  val/test predictions: :func:`tagger.model.scoring.predict_batches` (the tag job's Predictor).
 - :mod:`.config`: :class:`RetrainConfig`, every setting and its default.
 - :mod:`.train`: :func:`retrain`.
 

@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import DEVICES  # the tag job's device names: one list for every command
+from ..tag.config import DEVICES  # the tag job's device names: one list for every command
 
 CACHE_MODES: tuple[str, ...] = ("auto", "on", "off")
 
@@ -51,7 +51,7 @@ class RetrainConfig:
     seed: int = 0  # split, init, shuffling, augmentation
     val_fraction: float = 0.1
     test_fraction: float = 0.1
-    min_label_count: int | str = "auto"  # see tagger.training.labels.resolve_min_label_count
+    min_label_count: int | str = "auto"  # see tagger.data.labels.resolve_min_label_count
     cache_images: str = "auto"  # auto: decode once into memory when it fits in cache_max_gb
     cache_max_gb: float = 4.0
     target_precision: float = 0.9  # for the review thresholds (THRESHOLD_RULE)
@@ -101,7 +101,7 @@ class RetrainConfig:
             value = getattr(self, name)
             need(_finite(value) and 0 < value < 1, name, f"{name} must be in (0, 1), got {value!r}")
         need(self.val_fraction + self.test_fraction < 1, "val_fraction", f"val_fraction + test_fraction must leave rows to train on, got {self.val_fraction} + {self.test_fraction}")
-        from .labels import resolve_min_label_count
+        from ..data.labels import resolve_min_label_count
 
         try:
             resolve_min_label_count(self.min_label_count, 1)

@@ -4,7 +4,7 @@ It owns the whole way from files to batches (parse, drop rows without a usable i
 labels, encode, split, decode, augment) so that training, evaluation and the saved split all come
 from one place. Targets are ``(N, n_attributes)`` class indices with -1 for "unknown".
 
-Pixels go through :func:`tagger.images.decode_image` at the model's input size, exactly as the tag
+Pixels go through :func:`tagger.data.decode.decode_image` at the model's input size, exactly as the tag
 job prepares them; augmentation then works on that decoded square, so what the network sees at
 training time differs from tagging only by the augmentation itself.
 """
@@ -24,11 +24,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..attributes import ATTRIBUTES
-from ..images import ImageError
-from ..reader import load_image
+from ..data.decode import ImageError
+from ..data.reader import load_image
 from .config import CACHE_MODES
-from .kaggle import DataError, DataReport, load_kaggle
-from .labels import build_vocabularies, encode_targets, fold_rare_labels, resolve_min_label_count
+from ..data.kaggle import DataError, DataReport, load_kaggle
+from ..data.labels import build_vocabularies, encode_targets, fold_rare_labels, resolve_min_label_count
 from .split import SPLITS, stratified_split
 
 log = logging.getLogger(__name__)

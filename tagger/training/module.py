@@ -19,7 +19,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from ..evaluation.metrics import confusion_scores
-from ..model import TaggerNet
+from ..model.network import TaggerNet
 
 SCORE_METRIC = "val/score"  # mean macro-F1 over attributes: what early stopping and checkpoints watch
 LABELS_KEY = "tagger_labels"  # checkpoint entry that lets --resume refuse a checkpoint of other labels

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..bundle import ModelBundle
+from ..model.bundle import ModelBundle
 
 
 def _pct(value: Any) -> str:

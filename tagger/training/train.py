@@ -16,10 +16,10 @@ import torch
 
 from .. import storage
 from ..attributes import ATTRIBUTES
-from ..bundle import ModelBundle, save_bundle
-from ..evaluation.inference import predict_batches
+from ..model.bundle import ModelBundle, save_bundle
+from ..model.scoring import predict_batches
 from ..evaluation.metrics import calibrate_thresholds, coverage, majority_baseline, split_metrics
-from ..model import TaggerNet, create_backbone_with_source, resolve_data_config
+from ..model.network import TaggerNet, create_backbone_with_source, resolve_data_config
 from .config import ConfigError, RetrainConfig
 from .datamodule import FashionDataModule
 from .module import LABELS_KEY, SCORE_METRIC, TaggerModule
@@ -35,7 +35,7 @@ THRESHOLD_RULE = (
 
 def resolve_device(requested: str) -> str:
     """The tag job's device rule (``auto`` says which it picked), as a ``--device`` error here."""
-    from ..inference import resolve_device as resolve_torch_device
+    from ..model.predictor import resolve_device as resolve_torch_device
 
     try:
         return resolve_torch_device(requested).type

@@ -13,7 +13,7 @@ import sys
 
 import polars as pl
 
-from tagger.writers import read_complete_partition
+from tagger.tag.writers import read_complete_partition
 
 RUN_SPECIFIC = ("run_id", "tagged_at")
 

@@ -1,7 +1,7 @@
 """``tagger predict``: external images -> their predicted tags, shown beside them.
 
 - :func:`collect_images`: files and folders (recursive) -> image paths, in a stable order;
-- :func:`image_predictions`: the model's outputs for the paths (:func:`tagger.evaluation.inference.run_model`)
+- :func:`image_predictions`: the model's outputs for the paths (:func:`tagger.model.scoring.run_model`)
   -> one :class:`ImagePrediction` per path, an unreadable one with its error;
 - :func:`sheet_pngs`: a contact sheet (thumbnail left, tags and scores right), paged;
 - :func:`gallery_html`: one self-contained HTML file (thumbnails embedded as base64 JPEG);
@@ -24,10 +24,10 @@ from typing import Any
 
 import numpy as np
 
-from ..bundle import ModelBundle
-from ..training.kaggle import IMAGE_EXTENSIONS
-from . import EvaluationError
-from .inference import ModelOutputs
+from ..model.bundle import ModelBundle
+from ..data.kaggle import IMAGE_EXTENSIONS
+from ..evaluation import EvaluationError
+from ..model.scoring import ModelOutputs
 
 
 @dataclass
@@ -77,7 +77,7 @@ def collect_images(inputs: Sequence[str], extensions: Sequence[str] = IMAGE_EXTE
 
 
 def image_predictions(bundle: ModelBundle, paths: Sequence[str], outputs: ModelOutputs, top_k: int = 3) -> list[ImagePrediction]:
-    """One entry per path, in order, from :func:`tagger.evaluation.inference.run_model`'s outputs: top-k
+    """One entry per path, in order, from :func:`tagger.model.scoring.run_model`'s outputs: top-k
     tags and review marks, or the error that kept the image from the model."""
     results = []
     for i, path in enumerate(paths):

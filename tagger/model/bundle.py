@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from . import storage
-from .model import DataConfig, TaggerNet
+from .. import storage
+from .network import DataConfig, TaggerNet
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -81,7 +81,7 @@ class ModelBundle:
     def _build(self) -> TaggerNet:
         from safetensors.torch import load as load_safetensors
 
-        from .model import create_backbone
+        from .network import create_backbone
 
         try:
             net = TaggerNet(create_backbone(self.backbone), self.label_counts(), self.data_config)

@@ -22,7 +22,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import storage
+from .. import storage
 
 SUCCESS_FILE = "_SUCCESS"
 

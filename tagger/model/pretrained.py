@@ -131,7 +131,7 @@ def packaged_weights_file(arch: str, cache_dir: str | Path | None = None) -> tup
         ) from None
     if not source.is_file():
         raise PretrainedWeightsUnavailable(f"{packaged.package} is installed but its weights file {source} is missing; reinstall it")
-    from .storage import file_sha256
+    from ..storage import file_sha256
 
     digest = file_sha256(source)
     target = Path(cache_dir or weights_cache_dir()) / f"{arch}-{digest[:16]}.safetensors"
@@ -142,7 +142,7 @@ def packaged_weights_file(arch: str, cache_dir: str | Path | None = None) -> tup
 
 def weights_cache_dir() -> Path:
     """``$TAGGER_CACHE/weights``, else ``~/.cache/fashion-tagger/weights`` (:func:`tagger.storage.user_cache_dir`)."""
-    from .storage import user_cache_dir
+    from ..storage import user_cache_dir
 
     return Path(user_cache_dir("weights"))
 

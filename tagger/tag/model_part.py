@@ -1,5 +1,5 @@
 """The model part of the tag run: device, runtime and precision resolved before the partition is touched
-(a bad choice is exit 2 with nothing changed), then the :class:`tagger.inference.Predictor` that labels
+(a bad choice is exit 2 with nothing changed), then the :class:`tagger.model.predictor.Predictor` that labels
 each batch, with a NaN or infinite score refused loudly instead of written.
 """
 
@@ -12,10 +12,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from ..bundle import ModelBundle
-from ..config import TagConfig
-from ..manifest import Manifest
-from ..reader import Batch
+from ..model.bundle import ModelBundle
+from .config import TagConfig
+from ..data.manifest import Manifest
+from ..data.reader import Batch
 
 
 class NonFiniteScores(RuntimeError):
@@ -26,8 +26,8 @@ class ModelSettings:
     """``--device``, ``--runtime`` and ``--precision``, resolved and checked against each other."""
 
     def __init__(self, config: TagConfig):
-        from ..inference import precision_settings, resolve_device
-        from ..runtimes import RuntimeSettingError, choose_runtime
+        from ..model.predictor import precision_settings, resolve_device
+        from ..model.runtimes import RuntimeSettingError, choose_runtime
 
         self.threads = config.threads
         self.device = resolve_device(config.device)
@@ -38,7 +38,7 @@ class ModelSettings:
             raise RuntimeSettingError(str(exc)) from None
 
     def load(self, bundle: ModelBundle, manifest: Manifest) -> BatchModel:
-        from ..inference import Predictor
+        from ..model.predictor import Predictor
 
         return BatchModel(Predictor(bundle, self.device, runtime=self.runtime, **self.precision), manifest)
 

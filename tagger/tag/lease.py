@@ -32,7 +32,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from . import storage
+from .. import storage
 
 log = logging.getLogger(__name__)
 

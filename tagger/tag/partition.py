@@ -11,7 +11,8 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from . import storage, writers
+from .. import storage
+from . import writers
 
 
 class Partition:

@@ -2,7 +2,7 @@
 
 A manifest row is *reused* when its product_id, image location, image_version and the model_version all
 equal those of a row of the previous output's latest complete (``_SUCCESS``) partition. The current
-image_version is learnt without decoding anything, the way :func:`tagger.reader.read_image` would
+image_version is learnt without decoding anything, the way :func:`tagger.data.reader.read_image` would
 report it: local files are ``stat``-ed (a thread pool), S3 objects are listed per folder (one LIST
 request per 1,000 keys instead of a HEAD per image), with a HEAD per object where a folder holds only a
 few of the wanted keys or listing is refused (s3:ListBucket is not always granted).
@@ -35,9 +35,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import storage, writers
+from .. import storage
+from . import writers
 from .partition import Partition
-from .reader import READABLE_PROTOCOLS, StorageUnavailable, local_version, remote_version
+from ..data.reader import READABLE_PROTOCOLS, StorageUnavailable, local_version, remote_version
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +126,7 @@ def plan_reuse(
     """
     import polars as pl
 
-    from .manifest import resolve_locations
+    from ..data.manifest import resolve_locations
 
     started = time.time()
     facts: dict[str, Any] = {"since": since, "previous": None, "candidates": 0, "reused": 0}

@@ -1,7 +1,7 @@
 """Images -> softmax probabilities per attribute, through the tag job's own corridor.
 
-- :func:`run_model` (evaluate, predict): locations -> :class:`tagger.reader.ImageRows` (the tag job's
-  read, deadline, byte and pixel caps, decode, per-row errors) -> :class:`tagger.inference.Predictor`
+- :func:`run_model` (evaluate, predict): locations -> :class:`tagger.data.reader.ImageRows` (the tag job's
+  read, deadline, byte and pixel caps, decode, per-row errors) -> :class:`tagger.model.predictor.Predictor`
   (its device, precision, channels-last) -> one result or one error per location, nothing dropped. The
   top label and score are the Predictor's own, so evaluate scores exactly what ``tagger tag`` writes.
 - :func:`predict_batches` (retrain's val/test scoring): decoded ``(images, targets)`` batches through
@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from ..bundle import ModelBundle
-from ..config import DEFAULT_MAX_IMAGE_BYTES
-from ..images import DEFAULT_MAX_IMAGE_PIXELS
+from .bundle import ModelBundle
+from ..tag.config import DEFAULT_MAX_IMAGE_BYTES
+from ..data.decode import DEFAULT_MAX_IMAGE_PIXELS
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def thumbnail(data: bytes, size: int) -> np.ndarray | None:
 
     from PIL import Image, ImageOps
 
-    from ..images import to_rgb
+    from ..data.decode import to_rgb
 
     try:
         with warnings.catch_warnings():
@@ -87,15 +87,15 @@ def run_model(
 ) -> ModelOutputs:
     """Decode and predict every location; a failed image becomes an entry in ``errors``, never a gap.
 
-    Raises :class:`tagger.reader.StorageUnavailable` when the store fails (after retries): numbers over
+    Raises :class:`tagger.data.reader.StorageUnavailable` when the store fails (after retries): numbers over
     the images that happened to load would be numbers over an arbitrary subset.
     """
     import torch
     from torch.utils.data import DataLoader
 
     from .. import storage
-    from ..inference import Predictor
-    from ..reader import TRANSIENT, ImageRows, StorageUnavailable, collate, worker_context
+    from .predictor import Predictor
+    from ..data.reader import TRANSIENT, ImageRows, StorageUnavailable, collate, worker_context
 
     started = time.monotonic()
     device = torch.device(device)
@@ -155,7 +155,7 @@ def predict_batches(
     review thresholds are calibrated on these scores). ``net`` is left in the mode it was in."""
     import torch
 
-    from ..inference import Predictor
+    from .predictor import Predictor
 
     was_training = net.training
     predictor = Predictor(net, torch.device(device), precision=precision)

@@ -13,8 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-
-from .pretrained import PretrainedWeightsUnavailable, WeightsSource  # noqa: F401  (re-exported for callers)
+from .pretrained import WeightsSource
 
 
 @dataclass(frozen=True)
@@ -124,7 +123,7 @@ def create_backbone_with_source(
     name: str, *, pretrained: bool = False, init_weights: str | Path | None = None
 ) -> tuple[nn.Module, WeightsSource]:
     """The backbone and the source of its weights: ``--init-weights``, timm's hub or cache, an installed
-    weights package (:mod:`tagger.pretrained`), or a random init when ``pretrained`` is off."""
+    weights package (:mod:`tagger.model.pretrained`), or a random init when ``pretrained`` is off."""
     import timm
 
     from .pretrained import create_pretrained_backbone

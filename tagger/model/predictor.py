@@ -2,7 +2,7 @@
 
 The one forward pass of tag, evaluate, predict and retrain's val/test scoring: the same device rule,
 runtime (``--runtime``: PyTorch, or the exported network in ONNX Runtime or OpenVINO, see
-:mod:`tagger.runtimes`), precision (``--precision``), channels-last and uint8 input everywhere, and one
+:mod:`tagger.model.runtimes`), precision (``--precision``), channels-last and uint8 input everywhere, and one
 softmax/top-label step after whichever runtime produced the logits, so that evaluate and the review
 thresholds measure exactly what the tag job writes. Pure compute; the only I/O is the ONNX export cache.
 """
@@ -17,8 +17,8 @@ import torch
 
 from . import runtimes
 from .bundle import ModelBundle
-from .config import PRECISIONS
-from .model import TaggerNet
+from ..tag.config import PRECISIONS
+from .network import TaggerNet
 from .runtimes import RuntimeChoice, choose_runtime
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ def precision_settings(precision: str, device: torch.device, runtime: str = "tor
     figures). ``fp32`` turns autocast off.
 
     ``runtime`` onnx/openvino (CPU only): the same words, checked against what that runtime computes
-    (:func:`tagger.runtimes.cpu_precision`: ONNX Runtime fp32 only, OpenVINO fp32 or bf16, ``auto`` bf16
+    (:func:`tagger.model.runtimes.cpu_precision`: ONNX Runtime fp32 only, OpenVINO fp32 or bf16, ``auto`` bf16
     only where the CPU has it natively); the result is passed on as ``amp``/``amp_dtype`` like PyTorch's.
     """
     if precision not in PRECISIONS:
@@ -92,7 +92,7 @@ class Predictor:
     val/test scoring, before any bundle exists; it is put in eval mode and left on ``device``).
     ``precision``: ``auto``/``fp32``/``bf16``/``fp16``, as :func:`precision_settings` resolves it; or
     give ``amp``/``amp_dtype`` directly. Neither: autocast (fp16) on CUDA only.
-    ``runtime``: ``torch`` (default), ``onnx``, ``openvino`` or ``auto`` (:func:`tagger.runtimes.choose_runtime`),
+    ``runtime``: ``torch`` (default), ``onnx``, ``openvino`` or ``auto`` (:func:`tagger.model.runtimes.choose_runtime`),
     or a :class:`RuntimeChoice` made earlier; the exported runtimes need a bundle (the export is cached
     by its ``model_version``). ``runtime_cache``: where exports are cached (default: the user cache).
     """

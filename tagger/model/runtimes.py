@@ -1,7 +1,7 @@
 """Which engine runs the network: PyTorch itself, or the bundle's network exported to ONNX and run by
 ONNX Runtime or OpenVINO (``--runtime``).
 
-:class:`tagger.inference.Predictor` is still the one place the model runs: it asks an engine from here for
+:class:`tagger.model.predictor.Predictor` is still the one place the model runs: it asks an engine from here for
 the logits of a batch of uint8 NCHW images and does the softmax, top label and score itself, the same
 for every runtime. This module holds what differs: the choice (:func:`choose_runtime`), the ONNX export
 and its cache (:func:`onnx_model`), and one small class per non-PyTorch engine.
@@ -27,12 +27,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .config import RUNTIMES
-from .storage import file_sha256
+from ..tag.config import RUNTIMES
+from ..storage import file_sha256
 
 if TYPE_CHECKING:
     from .bundle import ModelBundle
-    from .model import TaggerNet
+    from .network import TaggerNet
 
 log = logging.getLogger(__name__)
 
@@ -141,9 +141,9 @@ def cpu_precision(runtime: str, precision: str) -> str:
 
 def onnx_cache_dir() -> Path:
     """``$TAGGER_CACHE/onnx``, else ``$XDG_CACHE_HOME/fashion-tagger/onnx`` (``~/.cache`` by default): the
-    convention of :func:`tagger.pretrained.weights_cache_dir`. A user cache rather than the bundle's folder,
+    convention of :func:`tagger.model.pretrained.weights_cache_dir`. A user cache rather than the bundle's folder,
     which may be on S3 or read-only."""
-    from .storage import user_cache_dir
+    from ..storage import user_cache_dir
 
     return Path(user_cache_dir("onnx"))
 

@@ -28,7 +28,7 @@ Layout written by :func:`make_demo_dataset`::
 The last ``n_bad`` catalog rows are broken on purpose (a missing file, a truncated JPEG)
 so that the tag job's error handling shows up in the demo.
 
-Run ``python -m tagger.demo ROOT`` to write a dataset from the command line.
+``tagger demo-data ROOT`` writes one from the command line.
 """
 
 from __future__ import annotations
@@ -41,18 +41,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-try:
-    from tagger.attributes import ATTRIBUTES
-except ImportError:  # keeps the demo usable on its own
-    ATTRIBUTES: tuple[str, ...] = (
-        "gender",
-        "masterCategory",
-        "subCategory",
-        "articleType",
-        "baseColour",
-        "season",
-        "usage",
-    )
+from ..attributes import ATTRIBUTES
 
 STYLES_HEADER: tuple[str, ...] = (
     "id",

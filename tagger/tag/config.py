@@ -8,12 +8,12 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from . import storage
-from .images import DEFAULT_MAX_IMAGE_PIXELS
+from .. import storage
+from ..data.decode import DEFAULT_MAX_IMAGE_PIXELS
 
 DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # what each means: tagger.inference.precision_settings
-RUNTIMES = ("auto", "torch", "onnx", "openvino")  # what runs the model: tagger.runtimes.choose_runtime
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # what each means: tagger.model.predictor.precision_settings
+RUNTIMES = ("auto", "torch", "onnx", "openvino")  # what runs the model: tagger.model.runtimes.choose_runtime
 # Image files larger than this are too_large errors, refused from their size (stat, S3 HEAD) before they
 # are read: a product photo is a few MB, so 50 MB leaves room for any honest image while a mislabelled
 # video or disk image cannot make a worker hold gigabytes. The byte twin of DEFAULT_MAX_IMAGE_PIXELS.
@@ -70,7 +70,7 @@ class TagConfig:
     progress: str = "auto"
     log_every: float = 30.0
     storage_options: dict[str, Any] = field(default_factory=dict)
-    # The date's lease (tagger.lease): its heartbeat is renewed every ttl/4 s and may be taken over once it is
+    # The date's lease (tagger.tag.lease): its heartbeat is renewed every ttl/4 s and may be taken over once it is
     # older than the ttl; a run that finds the lease held waits up to lease_wait s, then exits 5.
     lease_ttl: float = 120.0
     lease_wait: float = 0.0

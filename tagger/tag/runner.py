@@ -18,19 +18,19 @@ from typing import Any
 
 import pyarrow.compute as pc
 
-from . import storage
-from .bundle import ModelBundle, load_bundle
+from .. import storage
+from ..model.bundle import ModelBundle, load_bundle
 from .config import TagConfig
 from .lease import Lease
-from .manifest import Manifest, read_manifest
+from ..data.manifest import Manifest, read_manifest
 from .partition import Partition
-from .tag.loader import ImageLoader, WorkerFailure, check_transient, loop_failure, progress_meter, rows_to_read
-from .tag.plan import PLAN_FORMAT, Plan, PlanMismatch, make_plan, plan_key
-from .tag.predictor import BatchModel, ModelSettings, NonFiniteScores
-from .tag.rows import ShardRows
-from .tag.shards import ShardCommitter, ShardCursor, ShardOutput, owning_partition
-from .tag.stop import Interrupted, StopFlag
-from .tag.summary import ProcessFacts, RunResult, over_error_rate, partition_counts, summary_line, write_summary
+from .loader import ImageLoader, WorkerFailure, check_transient, loop_failure, progress_meter, rows_to_read
+from .plan import PLAN_FORMAT, Plan, PlanMismatch, make_plan, plan_key
+from .model_part import BatchModel, ModelSettings, NonFiniteScores
+from .rows import ShardRows
+from .shards import ShardCommitter, ShardCursor, ShardOutput, owning_partition
+from .stop import Interrupted, StopFlag
+from .summary import ProcessFacts, RunResult, over_error_rate, partition_counts, summary_line, write_summary
 
 __all__ = ["TagRunner", "RunResult", "StopFlag", "Interrupted", "PlanMismatch", "NonFiniteScores", "WorkerFailure",
            "Plan", "plan_key", "PLAN_FORMAT", "ShardCursor", "ShardOutput", "summary_line"]

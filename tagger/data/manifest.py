@@ -21,7 +21,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from . import storage
+from .. import storage
 
 FORMATS = {
     ".csv": "csv",

@@ -5,7 +5,7 @@
 - :func:`fetch_image`: the same with every failure typed: :class:`ImageError` for this image (``missing``,
   ``forbidden``, ``not_a_file``, ``invalid_location``, ``too_large``), :class:`StorageUnavailable` when
   the store itself is failing;
-- :func:`load_image`: fetch + :func:`tagger.images.decode_image` (retrain decodes through it);
+- :func:`load_image`: fetch + :func:`tagger.data.decode.decode_image` (retrain decodes through it);
 - :class:`ImageRows` + :func:`collate`: the DataLoader dataset and batches of tag, evaluate and predict;
   :func:`worker_context`: their worker processes' start method.
 
@@ -29,9 +29,9 @@ import pyarrow as pa
 import torch
 from fsspec.asyn import sync
 
-from . import storage
-from .config import DEFAULT_MAX_IMAGE_BYTES
-from .images import DEFAULT_MAX_IMAGE_PIXELS, ImageError, decode_image
+from .. import storage
+from ..tag.config import DEFAULT_MAX_IMAGE_BYTES
+from .decode import DEFAULT_MAX_IMAGE_PIXELS, ImageError, decode_image
 
 # Raised in the main process when a read failed for a reason that retrying later may fix (S3 down,
 # timeouts, throttling beyond botocore's retries). Such rows are never committed as errors.
@@ -146,7 +146,7 @@ def load_image(
     draft: bool = True,
 ) -> np.ndarray:
     """Location -> ``(size, size, 3)`` uint8 (read-only), exactly as the tag job prepares it; raises like
-    :func:`fetch_image` and :func:`tagger.images.decode_image`."""
+    :func:`fetch_image` and :func:`tagger.data.decode.decode_image`."""
     data, _ = fetch_image(location, options, max_bytes=max_bytes)
     return decode_image(data, size, source=location, max_pixels=max_pixels, draft=draft)
 
