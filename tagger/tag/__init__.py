@@ -14,5 +14,6 @@
 - :mod:`.lease`: who owns a run date: lease with heartbeat, takeover, fencing;
 - :mod:`.incremental`: ``--since``: current image versions and the rows to reuse;
 - :mod:`.summary`: the run summary (``summary.json``, the line on stderr);
-- :mod:`.stop`: SIGTERM/SIGINT, honoured from the first second.
+- :mod:`.stop`: SIGTERM/SIGINT, honoured from the first second;
+- :mod:`.ray`: ``--engine ray``, the tagging of the pending shards on Ray Data (the ``ray`` extra).
 """

@@ -12,6 +12,7 @@ from .. import storage
 from ..data.decode import DEFAULT_MAX_IMAGE_PIXELS
 
 DEVICES = ("auto", "cpu", "cuda")
+ENGINES = ("local", "ray")  # what tags the pending shards: this process and its DataLoader, or Ray Data (tagger.tag.ray)
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # what each means: tagger.model.predictor.precision_settings
 RUNTIMES = ("auto", "torch", "onnx", "openvino")  # what runs the model: tagger.model.runtimes.choose_runtime
 # Image files larger than this are too_large errors, refused from their size (stat, S3 HEAD) before they
@@ -74,6 +75,8 @@ class TagConfig:
     # older than the ttl; a run that finds the lease held waits up to lease_wait s, then exits 5.
     lease_ttl: float = 120.0
     lease_wait: float = 0.0
+    engine: str = "local"
+    ray_address: str | None = None  # --engine ray: the cluster to join; None: RAY_ADDRESS, else a local Ray
 
     def __post_init__(self) -> None:
         problems = []
@@ -96,6 +99,10 @@ class TagConfig:
             problems.append("max_error_rate must be in [0, 1]")
         if self.shard_size < 1:
             problems.append("shard_size must be >= 1")
+        if self.engine not in ENGINES:
+            problems.append(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if self.ray_address and self.engine != "ray":
+            problems.append("ray_address (--ray-address) is for --engine ray")
         if self.plan_only and self.fanout is not None:
             problems.append("plan_only (--plan-only) plans the whole date once; run it without --shard, then the --shard I/N tasks")
         if self.progress not in PROGRESS_MODES:

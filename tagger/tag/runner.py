@@ -53,16 +53,21 @@ class TagRunner:
         self.options = config.storage_options
         self.partition = Partition(config.out, config.run_date, self.options)
         self.facts = ProcessFacts()
-        self.model: ModelSettings | None = None
+        self.model: ModelSettings | None = None  # --engine ray: tagger.tag.ray.cluster.RayModelSettings
         self.lease: Lease | None = None
+        self.cluster = None  # --engine ray: the Ray this run uses (tagger.tag.ray.cluster.Cluster)
 
     def run(self) -> RunResult:
         """Everything is checked (output location, manifest, bundle with its weights loaded, device) before
         anything under ``--out`` changes; then the date's lease is taken, and only then the partition touched."""
         started = time.time()
-        manifest, bundle = self._checked_inputs()
-        with owning_partition(self.config, self.stop.check) as self.lease:
-            return self._run_owned(manifest, bundle, started)
+        try:
+            manifest, bundle = self._checked_inputs()
+            with owning_partition(self.config, self.stop.check) as self.lease:
+                return self._run_owned(manifest, bundle, started)
+        finally:
+            if self.cluster is not None:
+                self.cluster.close()
 
     def _checked_inputs(self) -> tuple[Manifest, ModelBundle]:
         config = self.config
@@ -82,8 +87,18 @@ class TagRunner:
         bundle.check_weights()  # weights that do not fit are refused here, before the partition is touched
         self.facts.timed("model_load_s", t)
         if not config.plan_only:
-            self.model = ModelSettings(config)
+            self.model = self._ray_settings() if config.engine == "ray" else ModelSettings(config)
         return manifest, bundle
+
+    def _ray_settings(self):
+        """--engine ray: Ray started or joined, and the model actors' device checked against the cluster, now."""
+        from .ray.cluster import RayModelSettings, connect
+
+        t = time.time()
+        self.cluster = connect(self.config.ray_address)
+        self.facts.timed("ray_start_s", t)
+        self.facts.engine = {"name": "ray", **self.cluster.facts()}
+        return RayModelSettings(self.config, self.cluster)
 
     def _run_owned(self, manifest: Manifest, bundle: ModelBundle, started: float) -> RunResult:
         config = self.config
@@ -108,6 +123,10 @@ class TagRunner:
         return self._result(EXIT_OK, {**status, **plan.facts()}, started)
 
     def _tag_shards(self, manifest: Manifest, bundle: ModelBundle, shards: ShardCommitter, pending: list[int]) -> None:
+        if self.config.engine == "ray":
+            from .ray.engine import tag_shards
+
+            return tag_shards(self, manifest, bundle, shards, pending)
         plan = shards.plan
         readable, reads = rows_to_read(manifest, plan, pending, self.partition, self.options)
         model = self.model.load(bundle, manifest)

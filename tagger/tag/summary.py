@@ -35,6 +35,7 @@ class ProcessFacts:
     shards: int = 0
     device: str | None = None
     runtime: dict[str, Any] | None = None
+    engine: dict[str, Any] = field(default_factory=lambda: {"name": "local"})  # --engine, and the Ray cluster used
 
     def timed(self, name: str, since: float) -> None:
         self.timings[name] = time.time() - since
@@ -83,6 +84,7 @@ def write_summary(partition: Partition, config: TagConfig, code: int, facts: dic
             "images_per_second": round(process.images / tagging, 2) if tagging > 0 else None,
             "device": process.device,
             "runtime": process.runtime,
+            "engine": process.engine,
         },
         "durations_s": {k: round(v, 3) for k, v in {**process.timings, "total_s": elapsed}.items()},
         "finished_at": now_iso(),

@@ -1,0 +1,158 @@
+"""Start a local Ray or join a cluster, and decide what the model actors run on, before the partition is touched.
+
+``--ray-address ADDR`` joins that cluster; without it ``ray.init()`` joins ``RAY_ADDRESS`` when it is set
+(what ``ray job submit`` sets for the job's driver) and otherwise starts a Ray for this process on this
+machine. A process already connected to Ray (a notebook, the tests) keeps its connection.
+
+The model actors' device is decided from the cluster's resources, not the driver's: a head node without a
+GPU may drive GPU workers. ``--device cuda`` on a cluster with no GPU fails here, at once: Ray would
+otherwise keep actors asking for ``num_gpus=1`` pending for ever (it only logs that the request is
+infeasible).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from ..config import TagConfig
+from . import RayEngineError
+
+log = logging.getLogger("tagger.runner")  # the name the job's log lines have always shown
+
+
+@dataclass
+class Cluster:
+    """The Ray this run uses: where, what it holds, and whether this process connected to it (and disconnects)."""
+
+    address: str
+    owned: bool  # this process called ray.init (a local Ray it started is stopped with it)
+    cpus: float
+    gpus: float
+    seconds: float
+
+    def facts(self) -> dict[str, Any]:
+        return {"address": self.address, "cpus": self.cpus, "gpus": self.gpus, "connect_s": round(self.seconds, 3)}
+
+    def close(self) -> None:
+        if not self.owned:
+            return
+        import ray
+
+        try:
+            ray.shutdown()
+        except Exception as exc:  # never turn a finished run into a failure
+            log.warning("ray.shutdown failed: %s", exc)
+        self.owned = False
+
+
+def connect(address: str | None) -> Cluster:
+    """``--ray-address``, else ``RAY_ADDRESS``, else a local Ray started for this process."""
+    started = time.time()
+    import ray
+
+    owned = False
+    if not ray.is_initialized():
+        where = address or os.environ.get("RAY_ADDRESS") or None
+        options: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
+        if where is None:
+            options["include_dashboard"] = False  # seconds of start-up and a web server nobody asked for
+        handlers = _signal_handlers()
+        try:
+            ray.init(address=where, **options)
+        except (ConnectionError, ValueError, RuntimeError, TimeoutError) as exc:
+            raise RayEngineError(f"cannot reach the Ray cluster at {where}: {type(exc).__name__}: {exc}. Check "
+                                 "--ray-address / RAY_ADDRESS (the head's GCS address, host:6379, or ray://host:10001), "
+                                 "or leave both unset to start a Ray on this machine") from None
+        finally:
+            _restore(handlers)  # ray.init installs its own SIGTERM handler; the job's (exit 143, shards kept) stays
+        owned = True
+    resources = ray.cluster_resources()
+    context = ray.get_runtime_context()
+    where = getattr(context, "gcs_address", None) or address or "local"
+    cluster = Cluster(address=str(where), owned=owned, cpus=float(resources.get("CPU", 0)),
+                      gpus=float(resources.get("GPU", 0)), seconds=time.time() - started)
+    log.info("ray: %s %s (%g CPU, %g GPU) in %.1fs", "connected to" if address or os.environ.get("RAY_ADDRESS") else
+             "using" if not owned else "started", cluster.address, cluster.cpus, cluster.gpus, cluster.seconds)
+    return cluster
+
+
+def _signal_handlers() -> dict[int, Any]:
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+
+def _restore(handlers: dict[int, Any]) -> None:
+    for sig, handler in handlers.items():
+        if handler is not None:
+            signal.signal(sig, handler)
+
+
+def actor_device(requested: str, cluster: Cluster) -> str:
+    """``--device`` against the cluster: ``cuda`` when asked for (and there is a GPU) or, for ``auto``, when
+    the cluster has one; ``cpu`` otherwise. Each GPU actor gets its own GPU from Ray (``cuda:N`` means cuda)."""
+    if requested.startswith("cuda"):
+        if cluster.gpus < 1:
+            raise RayEngineError(
+                f"--device {requested}: the Ray cluster ({cluster.address}) has no GPU ({cluster.cpus:g} CPU, 0 GPU); "
+                "model actors asking for num_gpus=1 would wait for ever. Use --device cpu or auto, or join a cluster "
+                "with GPU nodes (--ray-address)"
+            )
+        if requested != "cuda":
+            log.info("--device %s: with --engine ray each model actor gets its own GPU from Ray; using cuda", requested)
+        return "cuda"
+    if requested == "auto":
+        device = "cuda" if cluster.gpus >= 1 else "cpu"
+        log.info("device auto: the Ray cluster has %g GPU(s): model actors on %s", cluster.gpus, device)
+        return device
+    return "cpu"
+
+
+class RayModelSettings:
+    """What :class:`tagger.tag.model_part.ModelSettings` is for the local engine: device, runtime and precision
+    resolved and checked before the partition is touched, against the cluster instead of this machine."""
+
+    def __init__(self, config: TagConfig, cluster: Cluster):
+        import torch
+
+        from ...model.predictor import precision_settings
+        from ...model.runtimes import RuntimeSettingError, choose_runtime
+
+        self.cluster = cluster
+        self.device = torch.device(actor_device(config.device, cluster))
+        self.runtime = choose_runtime(config.runtime, self.device, config.precision)
+        try:
+            self.precision = precision_settings(config.precision, self.device, self.runtime.name)
+        except ValueError as exc:  # a precision this device or runtime does not compute: a bad option (exit 2)
+            raise RuntimeSettingError(str(exc)) from None
+        self.threads = config.threads
+
+    def actors(self) -> dict[str, Any]:
+        """The model actor pool: one actor per GPU of the cluster; on CPUs one actor per 4 CPUs (at least one,
+        autoscaled from one), each with ``--threads`` torch threads (default 1) and as many CPUs reserved, so
+        that decode tasks keep the rest."""
+        if self.device.type == "cuda":
+            count = max(1, int(self.cluster.gpus))
+            return {"min_size": count, "max_size": count, "num_gpus": 1, "num_cpus": 1, "threads": 0}
+        cpus = max(1, int(self.cluster.cpus))
+        threads = max(1, min(self.threads or 1, max(1, cpus - 1)))
+        return {"min_size": 1, "max_size": max(1, cpus // 4), "num_gpus": 0, "num_cpus": threads, "threads": threads}
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.runtime.name, "precision": _precision_name(self.precision, self.device.type),
+                "reason": self.runtime.reason}
+
+
+def _precision_name(settings: dict[str, Any], device: str) -> str:
+    import torch
+
+    amp = settings.get("amp", device == "cuda")
+    if not amp:
+        return "fp32"
+    return "bf16" if settings.get("amp_dtype", torch.bfloat16 if device == "cpu" else torch.float16) == torch.bfloat16 else "fp16"

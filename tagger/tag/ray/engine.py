@@ -1,0 +1,211 @@
+"""The Ray Data pipeline of one run: manifest rows -> decode (CPU tasks) -> model (actor pool) -> the sink.
+
+Called by :class:`tagger.tag.runner.TagRunner` for the pending shards, after the same checks, lease and plan
+as the local engine; the runner's finalize step (summary, error-rate gate, ``_SUCCESS``) follows as usual.
+
+The manifest is read and checked by the project's reader on the driver (:func:`tagger.data.manifest.read_manifest`:
+its up-front exit-2 checks, the repeated-id rule and the fingerprint need the whole column), then handed to
+Ray Data as Arrow blocks of ``(row, location)`` for the rows to read.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from ... import storage
+from ...data.manifest import Manifest
+from ...data.reader import StorageUnavailable
+from ...model.bundle import ModelBundle
+from ..loader import progress_meter, rows_to_read
+from ..model_part import NonFiniteScores
+from ..rows import ShardRows
+from ..shards import ShardCommitter
+from ..stop import Interrupted
+from . import RayEngineError
+from .sink import FragmentCommitter, ShardSink, fragments_root
+
+log = logging.getLogger("tagger.runner")  # the name the job's log lines have always shown
+
+# Write tasks retried on an I/O error (the fragment is written again under a new name; the committer takes
+# each row once): a store that throttles a PUT must not fail a long run.
+WRITE_RETRIES = 3
+DECODE_WORKER_BYTES = 512 * 2**20
+
+
+def tag_shards(runner: Any, manifest: Manifest, bundle: ModelBundle, shards: ShardCommitter, pending: list[int]) -> None:
+    """Tag the rows of ``pending`` shards on Ray and commit each shard as its rows land."""
+    import ray.data
+
+    config, partition, settings = runner.config, runner.partition, runner.model
+    plan = shards.plan
+    readable, reads = rows_to_read(manifest, plan, pending, partition, runner.options)
+    runner.facts.device, runner.facts.runtime = str(settings.device), settings.describe()
+    rows = ShardRows(partition, plan, manifest, bundle.attribute_names, bundle.model_version, runner.options)
+    root = fragments_root(partition)
+    # Fragments a killed run left: a whole run owns the date (the lease) and removes them all; a --shard I/N
+    # task shares the partition with the other tasks and touches its own attempt's folder only.
+    mine = root if config.fanout is None else None
+    if mine:
+        storage.remove_tree(mine, runner.options)
+    folder = storage.join(root, uuid.uuid4().hex[:12])
+    total = int(readable.sum())
+    progress = progress_meter(config, total)
+    committer = FragmentCommitter(folder, shards, rows, {s: int(reads[s]) for s in pending}, readable, runner.options,
+                                  progress)
+    sink = ShardSink(folder, plan.shard_size, bundle.attribute_names, runner.options,
+                     min_rows=min(plan.shard_size, max(config.batch_size, 1024)))
+    sink.committer = committer
+    try:
+        committer.sweep()  # shards with nothing to read (all settled by the manifest check or --since) commit now
+        if committer.open:
+            dataset = _pipeline(ray.data, runner, manifest, bundle, readable)
+            committer.start()
+            started = time.time()
+            dataset.write_datasink(sink, ray_remote_args={"max_retries": WRITE_RETRIES, "retry_exceptions": [OSError]})
+            log.info("ray: %d image(s) in %.1fs; %d duplicate row(s) of retried tasks dropped", committer.images,
+                     time.time() - started, committer.duplicates)
+    except BaseException as exc:
+        committer.stop()
+        failure = _failure(exc, committer, runner.stop.signal_name if runner.stop.event.is_set() else "")
+        if failure is exc:
+            raise
+        raise failure from exc
+    finally:
+        committer.stop()
+        progress.close()
+        runner.facts.images += committer.images
+        runner.facts.engine["duplicate_rows_dropped"] = committer.duplicates
+        runner.facts.shards = shards.committed
+        _remove_fragments(mine or folder, root, runner.options)
+
+
+def _remove_fragments(url: str, root: str, options: dict[str, Any]) -> None:
+    try:
+        storage.remove_tree(url, options)
+    except Exception as exc:  # the next run of the date removes them
+        log.warning("could not remove the Ray fragments under %s: %s", url, exc)
+    if url != root and not storage.is_remote(root):
+        try:
+            os.rmdir(root.removeprefix("file://"))  # empty now, unless other --shard tasks still run
+        except OSError:
+            pass
+
+
+def _pipeline(data: Any, runner: Any, manifest: Manifest, bundle: ModelBundle, readable: np.ndarray) -> Any:
+    from ray.data import ActorPoolStrategy, DataContext
+
+    from .stages import ModelActor, decode_rows
+
+    config, settings = runner.config, runner.model
+    context = DataContext.get_current()
+    context.max_errored_blocks = 0  # a block Ray gives up on fails the run; it never silently drops rows
+    # A stage's own exception (StorageUnavailable: exit 4, NonFiniteScores: exit 1), not a UserCodeException
+    # that keeps only its text: the driver maps it to the job's exit code.
+    context.raise_original_map_exception = True
+    progress = config.progress if config.progress != "auto" else ("bar" if _interactive() else "log")
+    context.enable_progress_bars = progress == "bar"  # Ray's bars on a terminal; our log lines otherwise
+    context.enable_operator_progress_bars = progress == "bar"
+    logging.getLogger("ray.data").setLevel(logging.INFO if progress == "bar" else logging.WARNING)
+    if progress != "bar":  # it would say, once per process, that the bars are off: that is the point
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
+
+    if settings.runtime.name in ("onnx", "openvino"):
+        from ...model.runtimes import onnx_model
+
+        onnx_model(bundle)  # exported once here, not raced by actors on this machine
+    actors = settings.actors()
+    dataset = data.from_arrow(_row_blocks(manifest, readable, max(config.batch_size, 64) * 4))
+    # Decode tasks: 1 CPU each, as many at once as the cluster has CPUs free; each reserves the memory of its
+    # worker (the reader's imports: ~470 MiB RSS measured) and of its batch of decoded images. (A reservation
+    # the actors do not have also keeps Ray from fusing decoding into the model actors, which it does for
+    # stages with equal resources: every image would then be decoded in an actor, behind the model.)
+    decode_memory = DECODE_WORKER_BYTES + 4 * config.batch_size * bundle.input_size ** 2 * 3
+    dataset = dataset.map_batches(
+        decode_rows, batch_size=config.batch_size, batch_format="pyarrow", num_cpus=1, memory=decode_memory,
+        udf_modifying_row_count=False,
+        fn_kwargs={"size": bundle.input_size, "storage_options": dict(config.storage_options),
+                   "max_pixels": config.max_image_pixels, "draft": config.draft_decode},
+    )
+    shipped = _shippable(bundle)
+    dataset = dataset.map_batches(
+        ModelActor, batch_size=config.batch_size, batch_format="numpy", udf_modifying_row_count=False,
+        compute=ActorPoolStrategy(min_size=actors["min_size"], max_size=actors["max_size"]),
+        num_cpus=actors["num_cpus"], num_gpus=actors["num_gpus"] or None,
+        fn_constructor_kwargs={"bundle": shipped, "device": settings.device.type, "runtime": settings.runtime,
+                               "precision": settings.precision, "threads": actors["threads"]},
+    )
+    log.info("ray: %d row(s) to read: decode tasks (1 CPU each) -> %d-%d model actor(s) on %s (%s) -> shard sink",
+             int(readable.sum()), actors["min_size"], actors["max_size"], settings.device.type, settings.runtime.name)
+    return dataset
+
+
+def _row_blocks(manifest: Manifest, readable: np.ndarray, block_rows: int, chunk: int = 65_536) -> list[pa.Table]:
+    """The rows to read, ``(row, location)``, cut into blocks: the decode stage's unit of parallelism."""
+    schema = pa.schema([("row", pa.int64()), ("location", pa.string())])
+    blocks = []
+    for start in range(0, manifest.num_rows, chunk):
+        rows = manifest.table.slice(start, chunk).filter(pa.array(readable[start:start + chunk])).select(["row", "image"])
+        if not rows.num_rows:
+            continue
+        table = pa.table({"row": rows.column("row"), "location": manifest.locations(rows)}, schema=schema).combine_chunks()
+        blocks += [table.slice(i, block_rows) for i in range(0, table.num_rows, block_rows)]
+    return blocks
+
+
+def _shippable(bundle: ModelBundle) -> ModelBundle:
+    """The bundle as the actors get it (weights included: the model need not be readable from the workers),
+    without the network the driver's weight check built."""
+    import dataclasses
+
+    return dataclasses.replace(bundle, _checked_net=[])
+
+
+def _interactive() -> bool:
+    import sys
+
+    return sys.stderr.isatty()
+
+
+def _failure(exc: BaseException, committer: FragmentCommitter, stopped_by: str) -> BaseException:
+    """What a failed Ray run is reported as: a stop request first (SIGTERM reaches Ray's processes of the same
+    process group too, and whatever that breaks is its consequence), the committer's own failure (a lost
+    lease, a store failing on commit), then the cause inside Ray's wrapping (a store that is down: exit 4;
+    a NaN score: exit 1), else a :class:`RayEngineError` naming the root cause."""
+    if isinstance(exc, Interrupted):
+        return exc
+    if stopped_by or isinstance(exc, KeyboardInterrupt):
+        return Interrupted(f"stopped by {stopped_by or 'SIGINT'}")
+    if committer.failure is not None:
+        return committer.failure
+    chain = _causes(exc)
+    for kind in (StorageUnavailable, NonFiniteScores):
+        found = [c for c in chain if isinstance(c, kind)]
+        if found:  # the innermost: Ray's wrappers subclass the cause's type, with a traceback in their text
+            return kind(_first_line(found[-1]))
+    root = chain[-1]
+    return RayEngineError(f"a Ray task failed: {type(root).__name__}: {_first_line(root)}. Committed shards are "
+                          "kept; the same command resumes after them")
+
+
+def _first_line(exc: BaseException) -> str:
+    """The exception's own message: Ray appends its retry advice on further lines."""
+    text = str(exc.args[0]) if exc.args else str(exc)
+    return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    """``exc`` and what it wraps: ``__cause__``/``__context__`` and a RayTaskError's ``cause``."""
+    seen, chain, current = set(), [], exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        chain.append(current)
+        inner = getattr(current, "cause", None)
+        current = inner if isinstance(inner, BaseException) else (current.__cause__ or current.__context__)
+    return chain

@@ -1,0 +1,105 @@
+"""The two Ray Data stages between the manifest rows and the sink: decode (CPU tasks) and the model (actors).
+
+Both keep every row: a row that cannot be read or decoded leaves the decode stage as an error row (its
+``error_type`` and ``message`` set, its pixels zero) and passes the model stage untouched, so that each
+stage returns exactly one row per row it was given, keyed by its manifest ``row`` throughout.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from ...data.reader import TRANSIENT, ImageRows, StorageUnavailable
+
+# Columns leaving the model stage, beside ``<attribute>`` and ``<attribute>_score``: what a fragment holds.
+ROW_COLUMNS = ("row", "image_version", "error_type", "message")
+
+
+def decode_rows(batch: pa.Table, *, size: int, storage_options: dict[str, Any], max_pixels: int,
+                draft: bool) -> dict[str, np.ndarray]:
+    """Rows ``(row, location)`` -> pixels or the row's typed error, through the project's one decode path
+    (:class:`tagger.data.reader.ImageRows`: fetch under the store's deadline, size caps, :func:`decode_image`).
+
+    A read that failed for a reason retrying later may fix (the store is down) raises
+    :class:`StorageUnavailable`: the run stops (exit 4) instead of committing it as an error row.
+    """
+    rows = ImageRows(batch.select(["row", "location"]), size, storage_options=storage_options, max_pixels=max_pixels,
+                     draft=draft)
+    n = len(rows)
+    pixels = np.zeros((n, size, size, 3), dtype=np.uint8)
+    versions, error_types, messages = [""] * n, [""] * n, [""] * n
+    row_numbers = np.empty(n, dtype=np.int64)
+    for index in range(n):
+        item = rows[index]
+        if item.error_type == TRANSIENT:
+            raise StorageUnavailable(
+                f"row {item.row + 1}: {item.message}. Storage looks unavailable; committed shards are kept, nothing "
+                "was written for the shards in flight, and running the same command again resumes."
+            )
+        row_numbers[index] = item.row
+        versions[index], error_types[index], messages[index] = item.version, item.error_type, item.message
+        if item.pixels is not None:
+            pixels[index] = item.pixels
+    return {
+        "row": row_numbers,
+        "image_version": np.array(versions, dtype=object),
+        "error_type": np.array(error_types, dtype=object),
+        "message": np.array(messages, dtype=object),
+        "pixels": pixels,
+    }
+
+
+class ModelActor:
+    """One model per actor (a :class:`tagger.model.predictor.Predictor` built once from the bundle), called on
+    batches: the decoded rows go through the network, every row comes out with its labels and scores (error
+    rows with empty labels, score 0, never read by the sink as tags)."""
+
+    def __init__(self, bundle: Any, device: str, runtime: Any, precision: dict[str, Any], threads: int = 0):
+        import torch
+
+        from ...model.predictor import Predictor
+
+        if device == "cpu" and threads > 0:
+            torch.set_num_threads(threads)
+        self.attributes = bundle.attribute_names
+        self.predictor = Predictor(bundle, torch.device(device), runtime=runtime, **precision)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        good = batch["error_type"] == ""
+        n = len(batch["row"])
+        out: dict[str, np.ndarray] = {name: batch[name] for name in ROW_COLUMNS}
+        for name in self.attributes:
+            out[name] = np.full(n, "", dtype=object)
+            out[f"{name}_score"] = np.zeros(n, dtype=np.float32)
+        if good.any():
+            # NHWC uint8 viewed as NCHW: channels-last strides, as the local engine's collate makes them.
+            images = torch.from_numpy(np.ascontiguousarray(batch["pixels"][good])).permute(0, 3, 1, 2)
+            predictions = self.predictor(images)
+            refuse_non_finite(predictions, batch["row"][good])
+            labels = self.predictor.labels(predictions)
+            for name in self.attributes:
+                out[name][good] = labels[name]
+                out[f"{name}_score"][good] = predictions.scores[name]
+        return out
+
+
+def refuse_non_finite(predictions: Any, rows: np.ndarray) -> None:
+    """A score is never NaN: as :func:`tagger.tag.model_part.refuse_non_finite`, by manifest row (the actor has
+    no manifest; the message names rows, which the driver's log ties to products)."""
+    from ..model_part import NonFiniteScores
+
+    bad = np.zeros(len(rows), dtype=bool)
+    for scores in predictions.scores.values():
+        bad |= ~np.isfinite(scores)
+    if bad.any():
+        shown = ", ".join(str(int(r) + 1) for r in rows[bad][:5])
+        raise NonFiniteScores(
+            f"the model produced NaN or infinite scores for {int(bad.sum())} image(s) of a batch (manifest rows {shown}); "
+            "nothing of those shards was committed. Try --precision fp32; if it persists, the model bundle is broken: "
+            "retrain or re-export it."
+        )
