@@ -44,7 +44,7 @@ def run_tagger(spec: dict) -> dict:
 
     _levers({k: v for k, v in spec.items() if k != "threads"})
     out = tempfile.mkdtemp(prefix="bench-out-", dir=spec.get("scratch"))
-    extra = {k: spec[k] for k in ("precision", "worker_start_method", "threads", "runtime") if k in spec}
+    extra = {k: spec[k] for k in ("precision", "worker_start_method", "threads", "runtime", "engine") if k in spec}
     config = TagConfig(
         catalog=spec["catalog"], model=spec["model"], out=out, run_date="2026-01-01", device="cpu",
         batch_size=spec["batch_size"], workers=spec["workers"], progress="none", draft_decode=spec.get("draft", True),
@@ -57,6 +57,7 @@ def run_tagger(spec: dict) -> dict:
     summary = result.summary
     return {
         "runtime": (summary.get("this_process") or {}).get("runtime"),
+        "engine": (summary.get("this_process") or {}).get("engine"),
         "exit_code": result.exit_code,
         "rows": summary.get("rows"),
         "tagged": summary.get("tagged"),
