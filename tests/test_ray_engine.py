@@ -41,7 +41,6 @@ pytest.importorskip("ray", reason="the ray extra (pip install '.[ray]') is not i
 pytestmark = pytest.mark.slow
 
 DATE = "2026-03-04"
-TAGGER = str(Path(sys.executable).parent / "tagger")
 ROWS = 120
 SHARD = 10
 SCORES = [f"{a}_score" for a in ATTRIBUTES]
@@ -292,29 +291,51 @@ def test_a_model_that_always_raises_fails_the_run(catalog, tiny_bundle, ray_addr
     assert not (out / "_runs" / f"run_date={DATE}" / "ray").exists(), "fragments left behind"
 
 
-def sigterm_at_first_marker(out: Path) -> threading.Thread:
-    """SIGTERM to this process (the in-process CLI's stop handler) once a shard is committed: what a scheduler
-    sends. Until the run's handler is installed, and after it is restored, a SIGTERM here is ignored."""
-    main = threading.main_thread().ident
+def sigterm_after_first_commit(monkeypatch) -> None:
+    """SIGTERM to this process (the in-process CLI's stop handler; what a scheduler sends) as soon as the driver
+    has committed a first shard. The driver's later commits wait until the run has taken the signal, so the
+    stop falls mid-run however fast or loaded the machine is."""
+    from tagger.tag.ray import sink
 
-    def send() -> None:
-        wait_for(lambda: markers(out), 240, 0.005, "a first shard marker")
-        signal.pthread_kill(main, signal.SIGTERM)
+    original = sink.FragmentCommitter._commit
+    sent: list[int] = []
 
-    thread = threading.Thread(target=send, daemon=True)
-    thread.start()
-    return thread
+    def commit(self, shard: int) -> None:
+        if sent and threading.current_thread() is not threading.main_thread():
+            self._stop.wait(60)  # the main thread takes the signal, then stops this thread
+        original(self, shard)
+        if not sent:
+            sent.append(shard)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(sink.FragmentCommitter, "_commit", commit)
+
+
+# The driver as another process, each shard's commit followed by a pause: a SIGKILL after its first new
+# commit then lands mid-run on any machine.
+PACED_DRIVER = """
+import sys, time
+from tagger.tag.ray import sink
+original = sink.FragmentCommitter._commit
+def commit(self, shard):
+    original(self, shard)
+    time.sleep(0.5)
+sink.FragmentCommitter._commit = commit
+from jobs.cli import main
+sys.argv[0] = "tagger"
+main()
+"""
 
 
 def test_sigterm_then_a_driver_killed_with_sigkill_then_a_rerun_equals_an_uninterrupted_run(
-        catalog, tiny_bundle, baseline, ray_address, tmp_path):
+        catalog, tiny_bundle, baseline, ray_address, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    # 1. SIGTERM mid-run: exit 143, committed shards kept, no _SUCCESS, no fragment left.
+    # 1. SIGTERM mid-run: exit 143, committed shards kept, no _SUCCESS, no fragment or torn part left.
     previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
-        sender = sigterm_at_first_marker(out)
-        result = ray_tag(*catalog_args(catalog, tiny_bundle, out))
-        sender.join(timeout=60)
+        with monkeypatch.context() as patch:
+            sigterm_after_first_commit(patch)
+            result = ray_tag(*catalog_args(catalog, tiny_bundle, out))
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert result.exit_code == 143, result.output
@@ -328,8 +349,8 @@ def test_sigterm_then_a_driver_killed_with_sigkill_then_a_rerun_equals_an_uninte
     # 2. The same command as another process, joining this Ray, killed with SIGKILL once it committed more.
     args = catalog_args(catalog, tiny_bundle, out, "--engine", "ray", "--progress", "none", "--run-date", DATE)
     log = tmp_path / "killed.log"
-    process = subprocess.Popen([TAGGER, "tag", *args, "--ray-address", ray_address], stdout=open(log, "w"),
-                               stderr=subprocess.STDOUT, start_new_session=True)
+    process = subprocess.Popen([sys.executable, "-c", PACED_DRIVER, "tag", *args, "--ray-address", ray_address],
+                               stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_for(lambda: len(markers(out)) > len(terminated) or process.poll() is not None, 240, 0.005, "a new marker")
         os.kill(process.pid, signal.SIGKILL)  # the driver only, as the out-of-memory killer would

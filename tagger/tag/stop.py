@@ -49,11 +49,11 @@ class StopFlag:
     def graceful(self):
         """While in this block a stop request only sets the flag, for the loop to check between batches."""
         self.check()
-        self._graceful = True
+        previous, self._graceful = self._graceful, True  # nestable: an inner block leaves the outer one graceful
         try:
             yield
         finally:
-            self._graceful = False
+            self._graceful = previous
 
     def check(self) -> None:
         if self.event.is_set():

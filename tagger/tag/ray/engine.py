@@ -58,7 +58,7 @@ def tag_shards(runner: Any, manifest: Manifest, bundle: ModelBundle, shards: Sha
     total = int(readable.sum())
     progress = progress_meter(config, total)
     committer = FragmentCommitter(folder, shards, rows, {s: int(reads[s]) for s in pending}, readable, runner.options,
-                                  progress)
+                                  progress, stop=runner.stop)
     sink = ShardSink(folder, plan.shard_size, bundle.attribute_names, runner.options,
                      min_rows=min(plan.shard_size, max(config.batch_size, 1024)))
     sink.committer = committer

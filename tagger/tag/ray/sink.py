@@ -42,6 +42,7 @@ from ...data.reader import Batch
 from ..partition import Partition
 from ..rows import ShardRows
 from ..shards import ShardCommitter, ShardCursor
+from ..stop import StopFlag
 from .stages import ROW_COLUMNS
 
 try:  # the sink is pickled to Ray's workers; outside the ray branch nothing here is used
@@ -163,9 +164,11 @@ class FragmentCommitter:
     """
 
     def __init__(self, folder: str, shards: ShardCommitter, rows: ShardRows, expected: dict[int, int],
-                 readable: np.ndarray, options: dict[str, Any] | None, progress: Any = None, poll: float = 0.5):
+                 readable: np.ndarray, options: dict[str, Any] | None, progress: Any = None, poll: float = 0.5,
+                 stop: StopFlag | None = None):
         self.folder, self.shards, self.rows, self.options = folder, shards, rows, dict(options or {})
         self.expected, self.readable, self.progress, self.poll = dict(expected), readable, progress, poll
+        self.stop_flag = stop  # the run's SIGTERM/SIGINT handling, for the commits made on the main thread
         self.shard_size = shards.plan.shard_size
         self.open: set[int] = set(self.expected)  # pending shards not committed yet
         self.fragments: dict[str, np.ndarray] = {}  # fragment name -> its rows (shard-local), for open shards
@@ -183,7 +186,7 @@ class FragmentCommitter:
         self._thread.start()
 
     def stop(self) -> None:
-        """Ends the thread after its current sweep (a commit in progress is finished, never cut)."""
+        """Ends the thread after the shard it is committing (a commit in progress is finished, never cut)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
@@ -225,8 +228,20 @@ class FragmentCommitter:
                     continue
                 self._add(name, shard)
             for shard in sorted(self.open):
+                if self._stop.is_set() and threading.current_thread() is self._thread:
+                    break  # the run is stopping (SIGTERM, a failure): no more commits from this thread
                 if int(self.covered.get(shard, np.zeros(0, bool)).sum()) == self.expected[shard]:
-                    self._commit(shard)
+                    self._commit_whole(shard)
+
+    def _commit_whole(self, shard: int) -> None:
+        """On the main thread a stop request raises at once (see :class:`~tagger.tag.stop.StopFlag`), which would
+        cut a part file mid-write: there a commit in hand is finished first, and the stop is honoured after it."""
+        if self.stop_flag is None or threading.current_thread() is not threading.main_thread():
+            self._commit(shard)
+            return
+        with self.stop_flag.graceful():
+            self._commit(shard)
+        self.stop_flag.check()
 
     def _add(self, name: str, shard: int) -> None:
         rows = read_fragment(storage.join(self.folder, name), self.options, ["row"]).column("row").to_numpy()
