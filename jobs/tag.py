@@ -108,7 +108,7 @@ def common_output_options(function):
               help="What tags the images: local (this process and its --workers) or ray (Ray Data: decode tasks and "
               "model actors over a Ray cluster; the extra fashion-tagger[ray]). Same tables, shards, resume and summary.")
 @click.option("--ray-address", default=None, metavar="ADDR",
-              help="--engine ray: the Ray cluster to join (host:6379 or ray://host:10001). Default: RAY_ADDRESS when "
+              help="--engine ray: the Ray cluster to join (the head's GCS address, host:6379). Default: RAY_ADDRESS when "
               "set (as under `ray job submit`), else a Ray started on this machine for the run.")
 def tag(**options) -> None:
     """Tag every product of a catalog manifest and write the date's Parquet partitions.

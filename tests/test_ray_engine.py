@@ -435,6 +435,13 @@ def test_engine_options_are_checked_at_the_boundary(demo, tiny_bundle, tmp_path,
     result = tag(*base, "--ray-address", "127.0.0.1:6379")
     assert result.exit_code == 2 and "--ray-address) is for --engine ray" in result.output
 
+    from .conftest import free_port
+
+    started = time.monotonic()
+    result = tag(*base, "--engine", "ray", "--ray-address", f"127.0.0.1:{free_port()}")  # nothing listens there
+    assert result.exit_code == 1 and "cannot reach the Ray cluster at 127.0.0.1:" in result.output, result.output
+    assert time.monotonic() - started < 60 and not (tmp_path / "out").exists()
+
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
     result = tag(*base, "--engine", "ray")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -57,17 +58,21 @@ def connect(address: str | None) -> Cluster:
     import ray
 
     owned = False
+    if address:
+        _check_reachable(address)  # named on the command line: it must answer, whatever this process holds
     if not ray.is_initialized():
         where = address or os.environ.get("RAY_ADDRESS") or None
         options: dict[str, Any] = {"logging_level": logging.WARNING, "log_to_driver": True}
         if where is None:
             options["include_dashboard"] = False  # seconds of start-up and a web server nobody asked for
+        elif where != address:
+            _check_reachable(where)  # RAY_ADDRESS
         handlers = _signal_handlers()
         try:
             ray.init(address=where, **options)
         except (ConnectionError, ValueError, RuntimeError, TimeoutError) as exc:
             raise RayEngineError(f"cannot reach the Ray cluster at {where}: {type(exc).__name__}: {exc}. Check "
-                                 "--ray-address / RAY_ADDRESS (the head's GCS address, host:6379, or ray://host:10001), "
+                                 "--ray-address / RAY_ADDRESS (the head's GCS address, host:6379), "
                                  "or leave both unset to start a Ray on this machine") from None
         finally:
             _restore(handlers)  # ray.init installs its own SIGTERM handler; the job's (exit 143, shards kept) stays
@@ -80,6 +85,22 @@ def connect(address: str | None) -> Cluster:
     log.info("ray: %s %s (%g CPU, %g GPU) in %.1fs", "connected to" if address or os.environ.get("RAY_ADDRESS") else
              "using" if not owned else "started", cluster.address, cluster.cpus, cluster.gpus, cluster.seconds)
     return cluster
+
+
+def _check_reachable(address: str, timeout: float = 10.0) -> None:
+    """A ``host:port`` nothing answers on fails now: ``ray.init`` would wait for its GCS for many minutes."""
+    if address in ("auto", "local") or "://" in address:
+        return  # Ray resolves these itself (the local cluster's address file, Ray Client)
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise RayEngineError(f"--ray-address / RAY_ADDRESS {address!r}: expected the head's GCS address, host:port "
+                             "(e.g. ray-head:6379)")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise RayEngineError(f"cannot reach the Ray cluster at {address} ({type(exc).__name__}: {exc}); check "
+                             "--ray-address / RAY_ADDRESS and that the head is up, or leave both unset to start a "
+                             "Ray on this machine") from None
 
 
 def _signal_handlers() -> dict[int, Any]:
