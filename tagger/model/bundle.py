@@ -155,8 +155,8 @@ def load_bundle(path: str, storage_options: Mapping[str, Any] | None = None) -> 
         raw = storage.read_bytes(meta_url, storage_options)
     except FileNotFoundError:
         raise BundleError(
-            f"{path}: not a model bundle (no {META_FILE}). Train one with `tagger retrain`, or run "
-            "`make tag` once to build the demo bundle at models/demo."
+            f"{path}: not a model bundle (no {META_FILE}). Give the folder that holds {META_FILE} and "
+            f"{WEIGHTS_FILE}: the shipped models/fashion-lite0, or one written by `tagger retrain`."
         ) from None
     try:
         meta = json.loads(raw)
