@@ -35,6 +35,7 @@ from tagger.attributes import ATTRIBUTES
 from tagger.tag.writers import ERRORS_SCHEMA, SUCCESS_FILE, read_complete_partition, tags_schema
 
 from .faults import wait_for
+from .test_images import write_manifest
 
 pytest.importorskip("ray", reason="the ray extra (pip install '.[ray]') is not installed")
 
@@ -108,14 +109,6 @@ def markers(out: Path) -> list[str]:
 
 def success(out: Path) -> bool:
     return any((out / table / f"run_date={DATE}" / SUCCESS_FILE).exists() for table in ("tags", "errors"))
-
-
-def write_manifest(path: Path, rows) -> Path:
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(("product_id", "image"))
-        writer.writerows(rows)
-    return path
 
 
 def demo_images(demo) -> list[tuple[str, str]]:
