@@ -421,6 +421,36 @@ def test_fan_out_tasks_may_use_either_engine(demo, tiny_bundle, ray_address, tmp
     assert_exactly_once(out, comparable(local), len(demo_images(demo)), shards=5)
 
 
+def test_catalog_images_and_output_on_s3(demo, tiny_bundle, ray_address, s3_bucket, s3_endpoint):
+    """--out on S3 under Ray: decode tasks read the images and write tasks the fragments over S3, the driver
+    publishes there; the same rows as the local engine's run on the same bucket, nothing left under _runs/ray."""
+    from .conftest import upload_tree
+
+    bucket, fs = s3_bucket
+    upload_tree(fs, demo.root, f"{bucket}/catalog")
+    # Explicit, not only the test's AWS_ENDPOINT_URL: the options travel to Ray's workers with the run.
+    base = ("--catalog", f"s3://{bucket}/catalog/catalog.csv", "--model", tiny_bundle, "--shard-size", "20",
+            "--storage-option", f"client_kwargs.endpoint_url={s3_endpoint}")
+    assert tag(*base, "--out", f"s3://{bucket}/local", "--workers", "0").exit_code == 0
+    result = ray_tag(*base, "--out", f"s3://{bucket}/ray")
+    assert result.exit_code == 0 and "succeeded" in result.output, result.output
+
+    fs.invalidate_cache()
+    for table in ("tags", "errors"):
+        ours = pl.from_arrow(read_complete_partition(f"s3://{bucket}/ray/{table}/run_date={DATE}")).drop("run_id")
+        theirs = pl.from_arrow(read_complete_partition(f"s3://{bucket}/local/{table}/run_date={DATE}")).drop("run_id")
+        if table == "tags":
+            ours, theirs = ours.drop("tagged_at").sort("product_id"), theirs.drop("tagged_at").sort("product_id")
+            assert_same_rows(ours, theirs)
+        else:
+            assert ours.sort("product_id").equals(theirs.sort("product_id"))
+        assert sorted(p.rsplit("/", 1)[1] for p in fs.ls(f"{bucket}/ray/{table}/run_date={DATE}")) == \
+            sorted(p.rsplit("/", 1)[1] for p in fs.ls(f"{bucket}/local/{table}/run_date={DATE}"))
+    assert not fs.exists(f"{bucket}/ray/_runs/run_date={DATE}/ray"), "Ray fragments left behind on S3"
+    facts = json.loads(fs.cat_file(f"{bucket}/ray/_runs/run_date={DATE}/summary.json"))
+    assert facts["status"] == "succeeded" and facts["arguments"]["engine"] == "ray"
+
+
 def test_engine_options_are_checked_at_the_boundary(demo, tiny_bundle, tmp_path, monkeypatch):
     import importlib.util
 
@@ -446,6 +476,26 @@ def test_engine_options_are_checked_at_the_boundary(demo, tiny_bundle, tmp_path,
 def test_importing_the_cli_does_not_import_ray():
     code = "import sys, jobs.cli, tagger.tag.runner, tagger.tag.ray; assert 'ray' not in sys.modules, 'ray imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)
+
+
+def test_the_ray_workers_decode_and_write_without_importing_torch():
+    """Decode and write tasks import the stages and the sink: torch there would cost each worker ~3 s and ~350 MiB."""
+    code = "import sys, tagger.tag.ray.stages, tagger.tag.ray.sink; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)
+
+
+@pytest.mark.parametrize("cpus, node_cpus, threads, expected", [
+    (2, 2, 0, {"max_size": 1, "threads": 2, "num_cpus": 1}),     # this machine: both cores to the model, a decode slot
+    (16, 16, 0, {"max_size": 4, "threads": 4, "num_cpus": 3}),   # a big node: four actors, four decode slots
+    (16, 2, 0, {"max_size": 8, "threads": 2, "num_cpus": 1}),    # eight 2-CPU nodes: no actor larger than a node
+    (2, 2, 1, {"max_size": 1, "threads": 1, "num_cpus": 1}),     # --threads 1: still a CPU left to decode
+    (64, 64, 8, {"max_size": 8, "threads": 8, "num_cpus": 7}),   # --threads 8
+])
+def test_cpu_actors_use_the_cores_and_leave_each_a_decode_slot(cpus, node_cpus, threads, expected):
+    from tagger.tag.ray.cluster import cpu_actors
+
+    pool = cpu_actors(cpus, node_cpus, threads)
+    assert {k: pool[k] for k in expected} == expected and pool["min_size"] == 1 and pool["num_gpus"] == 0
 
 
 # -- the committer, without Ray: duplicates and gaps -------------------------------------------------------

@@ -22,16 +22,18 @@ import multiprocessing
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
-import torch
 from fsspec.asyn import sync
 
 from .. import storage
 from ..tag.config import DEFAULT_MAX_IMAGE_BYTES
 from .decode import DEFAULT_MAX_IMAGE_PIXELS, ImageError, decode_image
+
+if TYPE_CHECKING:
+    import torch
 
 # Raised in the main process when a read failed for a reason that retrying later may fix (S3 down,
 # timeouts, throttling beyond botocore's retries). Such rows are never committed as errors.
@@ -181,8 +183,12 @@ def _is_bad_location(exc: BaseException, location: str) -> bool:
     return isinstance(exc, ValueError)  # e.g. s3fs: "Attempt to open non key-like path"
 
 
-class ImageRows(torch.utils.data.Dataset):
+class ImageRows:
     """Rows ``(row, location)`` -> :class:`Item`: pixels, or the row's error, never a gap.
+
+    A map-style dataset as the DataLoader takes it (``__len__`` + ``__getitem__``), deliberately not a
+    ``torch.utils.data.Dataset``: the Ray engine's decode tasks use it without torch, which would add ~3 s of
+    imports and ~350 MiB to each decode worker. Torch comes in with :func:`collate`.
 
     ``rows``: the path of an Arrow IPC file with columns ``row`` (int64) and ``location`` (string),
     memory-mapped by each worker (the tag job's millions of rows), or such a table in memory (evaluate,
@@ -289,6 +295,8 @@ class Batch:
 
 
 def collate(items: list[Item]) -> Batch:
+    import torch
+
     good = [item for item in items if item.pixels is not None]
     bad = [item for item in items if item.pixels is None]
     images = None

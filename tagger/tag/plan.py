@@ -8,13 +8,15 @@ import logging
 import uuid
 from dataclasses import dataclass, fields
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import storage
-from ..model.bundle import ModelBundle
-from .config import TagConfig
 from ..data.manifest import Manifest
+from .config import TagConfig
 from .partition import Partition
+
+if TYPE_CHECKING:  # the plan needs a bundle's version and attributes, not torch (Ray's write tasks import this)
+    from ..model.bundle import ModelBundle
 
 log = logging.getLogger("tagger.tag.runner")  # the runner's logger: the run's lines show one name
 

@@ -26,6 +26,10 @@ from . import RayEngineError
 
 log = logging.getLogger("tagger.runner")  # the name the job's log lines have always shown
 
+# Model threads per CPU actor: a laptop's cores in one actor; a bigger node runs several actors side by side,
+# each with a batch of its own in flight, rather than one actor whose threads share each small convolution.
+DEFAULT_ACTOR_THREADS = 4
+
 
 @dataclass
 class Cluster:
@@ -36,6 +40,7 @@ class Cluster:
     cpus: float
     gpus: float
     seconds: float
+    node_cpus: float = 0.0  # the largest node's CPUs: no actor may ask for more (it would never be placed)
 
     def facts(self) -> dict[str, Any]:
         return {"address": self.address, "cpus": self.cpus, "gpus": self.gpus, "connect_s": round(self.seconds, 3)}
@@ -80,8 +85,10 @@ def connect(address: str | None) -> Cluster:
     resources = ray.cluster_resources()
     context = ray.get_runtime_context()
     where = getattr(context, "gcs_address", None) or address or "local"
+    nodes = [node.get("Resources", {}) for node in ray.nodes() if node.get("Alive")]
     cluster = Cluster(address=str(where), owned=owned, cpus=float(resources.get("CPU", 0)),
-                      gpus=float(resources.get("GPU", 0)), seconds=time.time() - started)
+                      gpus=float(resources.get("GPU", 0)), seconds=time.time() - started,
+                      node_cpus=max((float(node.get("CPU", 0)) for node in nodes), default=0.0))
     log.info("ray: %s %s (%g CPU, %g GPU) in %.1fs", "connected to" if address or os.environ.get("RAY_ADDRESS") else
              "using" if not owned else "started", cluster.address, cluster.cpus, cluster.gpus, cluster.seconds)
     return cluster
@@ -155,19 +162,34 @@ class RayModelSettings:
         self.threads = config.threads
 
     def actors(self) -> dict[str, Any]:
-        """The model actor pool: one actor per GPU of the cluster; on CPUs one actor per 4 CPUs (at least one,
-        autoscaled from one), each with ``--threads`` torch threads (default 1) and as many CPUs reserved, so
-        that decode tasks keep the rest."""
+        """The model actor pool: one actor per GPU of the cluster (``num_gpus=1`` each), else :func:`cpu_actors`."""
         if self.device.type == "cuda":
             count = max(1, int(self.cluster.gpus))
             return {"min_size": count, "max_size": count, "num_gpus": 1, "num_cpus": 1, "threads": 0}
-        cpus = max(1, int(self.cluster.cpus))
-        threads = max(1, min(self.threads or 1, max(1, cpus - 1)))
-        return {"min_size": 1, "max_size": max(1, cpus // 4), "num_gpus": 0, "num_cpus": threads, "threads": threads}
+        return cpu_actors(self.cluster.cpus, self.cluster.node_cpus, self.threads)
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.runtime.name, "precision": _precision_name(self.precision, self.device.type),
                 "reason": self.runtime.reason}
+
+
+def cpu_actors(cpus: float, node_cpus: float, threads: int) -> dict[str, Any]:
+    """CPU model actors of ``threads`` model threads (0: up to :data:`DEFAULT_ACTOR_THREADS`, no more than the
+    largest node has), as many as the cluster's CPUs hold, autoscaled from one.
+
+    An actor reserves one CPU less than it runs threads: decoding a photo costs a fraction of what the model
+    costs, so the CPU left free keeps a decode task running beside each actor and the model's threads take
+    the time decoding leaves. (Reserving one CPU per thread, as the first version did, left a 2-CPU machine's
+    model on one thread while the one decode task mostly waited for it.) ``num_cpus`` is Ray's bookkeeping,
+    not a limit: the threads are what use the cores.
+    """
+    cpus_ = max(1, int(cpus))
+    node = max(1, int(node_cpus or cpus_))
+    per_actor = max(1, min(threads or DEFAULT_ACTOR_THREADS, node))
+    reserved = max(1, per_actor - 1)
+    # Every actor leaves its decode slot free: actors that took all the CPUs would starve their own input.
+    return {"min_size": 1, "max_size": max(1, cpus_ // (reserved + 1)), "num_gpus": 0, "num_cpus": reserved,
+            "threads": per_actor}
 
 
 def _precision_name(settings: dict[str, Any], device: str) -> str:

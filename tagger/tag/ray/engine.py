@@ -36,7 +36,7 @@ log = logging.getLogger("tagger.runner")  # the name the job's log lines have al
 # Write tasks retried on an I/O error (the fragment is written again under a new name; the committer takes
 # each row once): a store that throttles a PUT must not fail a long run.
 WRITE_RETRIES = 3
-DECODE_WORKER_BYTES = 512 * 2**20
+DECODE_WORKER_BYTES = 256 * 2**20
 
 
 def tag_shards(runner: Any, manifest: Manifest, bundle: ModelBundle, shards: ShardCommitter, pending: list[int]) -> None:
@@ -123,9 +123,9 @@ def _pipeline(data: Any, runner: Any, manifest: Manifest, bundle: ModelBundle, r
     actors = settings.actors()
     dataset = data.from_arrow(_row_blocks(manifest, readable, max(config.batch_size, 64) * 4))
     # Decode tasks: 1 CPU each, as many at once as the cluster has CPUs free; each reserves the memory of its
-    # worker (the reader's imports: ~470 MiB RSS measured) and of its batch of decoded images. (A reservation
-    # the actors do not have also keeps Ray from fusing decoding into the model actors, which it does for
-    # stages with equal resources: every image would then be decoded in an actor, behind the model.)
+    # worker (Ray, Ray Data and the reader, no torch: ~180 MiB RSS measured) and of its batch of decoded images.
+    # (A reservation the actors do not have also keeps Ray from fusing decoding into the model actors, which it
+    # does for stages with equal resources: every image would then be decoded in an actor, behind the model.)
     decode_memory = DECODE_WORKER_BYTES + 4 * config.batch_size * bundle.input_size ** 2 * 3
     dataset = dataset.map_batches(
         decode_rows, batch_size=config.batch_size, batch_format="pyarrow", num_cpus=1, memory=decode_memory,
@@ -141,8 +141,9 @@ def _pipeline(data: Any, runner: Any, manifest: Manifest, bundle: ModelBundle, r
         fn_constructor_kwargs={"bundle": shipped, "device": settings.device.type, "runtime": settings.runtime,
                                "precision": settings.precision, "threads": actors["threads"]},
     )
-    log.info("ray: %d row(s) to read: decode tasks (1 CPU each) -> %d-%d model actor(s) on %s (%s) -> shard sink",
-             int(readable.sum()), actors["min_size"], actors["max_size"], settings.device.type, settings.runtime.name)
+    log.info("ray: %d row(s) to read: decode tasks (1 CPU each) -> %d-%d model actor(s) on %s (%s%s) -> shard sink",
+             int(readable.sum()), actors["min_size"], actors["max_size"], settings.device.type, settings.runtime.name,
+             f", {actors['threads']} thread(s), {actors['num_cpus']} CPU reserved" if actors["threads"] else "")
     return dataset
 
 
