@@ -464,6 +464,12 @@ def test_engine_options_are_checked_at_the_boundary(demo, tiny_bundle, tmp_path,
     result = tag(*base, "--engine", "ray", "--ray-address", f"127.0.0.1:{free_port()}")  # nothing listens there
     assert result.exit_code == 1 and "cannot reach the Ray cluster at 127.0.0.1:" in result.output, result.output
     assert time.monotonic() - started < 60 and not (tmp_path / "out").exists()
+    # Ray starts while the manifest is read: a bad manifest is still exit 2, and what is reported first.
+    bad = tmp_path / "bad.csv"
+    bad.write_text("product_id,picture\np1,a.jpg\n")
+    result = tag("--catalog", str(bad), *base[2:], "--engine", "ray", "--ray-address", f"127.0.0.1:{free_port()}")
+    assert result.exit_code == 2 and "image" in result.output and "cannot reach" not in result.output, result.output
+    assert not (tmp_path / "out").exists()
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any
 
@@ -75,6 +76,26 @@ class TagRunner:
             if url:
                 storage.storage_options(url, self.options)  # a malformed endpoint fails here, not after retries
         storage.check_output_location(config.out, self.options)
+        if config.plan_only:
+            return self._read_inputs()
+        if config.engine != "ray":
+            manifest, bundle = self._read_inputs()
+            self.model = ModelSettings(config)
+            return manifest, bundle
+        # Ray starts (5 s on 2 cores) while another thread reads the manifest and loads the bundle (3 s): its
+        # start-up is most of what the Ray engine costs on one machine. ray.init stays on the main thread,
+        # where it may touch signal handlers.
+        with ThreadPoolExecutor(1, thread_name_prefix="tagger-inputs") as pool:
+            inputs = pool.submit(self._read_inputs)
+            try:
+                self.model = self._ray_settings()
+            except BaseException:
+                inputs.result()  # a bad manifest or bundle (exit 2) is what the user fixes first
+                raise
+            return inputs.result()
+
+    def _read_inputs(self) -> tuple[Manifest, ModelBundle]:
+        config = self.config
         t = time.time()
         manifest = read_manifest(config.catalog, id_column=config.id_column, image_column=config.image_column,
                                  fmt=config.catalog_format, storage_options=self.options)
@@ -86,8 +107,6 @@ class TagRunner:
         bundle = load_bundle(config.model, self.options)
         bundle.check_weights()  # weights that do not fit are refused here, before the partition is touched
         self.facts.timed("model_load_s", t)
-        if not config.plan_only:
-            self.model = self._ray_settings() if config.engine == "ray" else ModelSettings(config)
         return manifest, bundle
 
     def _ray_settings(self):
