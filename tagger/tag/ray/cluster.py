@@ -183,12 +183,12 @@ def cpu_actors(cpus: float, node_cpus: float, threads: int) -> dict[str, Any]:
     model on one thread while the one decode task mostly waited for it.) ``num_cpus`` is Ray's bookkeeping,
     not a limit: the threads are what use the cores.
     """
-    cpus_ = max(1, int(cpus))
-    node = max(1, int(node_cpus or cpus_))
+    total = max(1, int(cpus))
+    node = max(1, int(node_cpus or total))
     per_actor = max(1, min(threads or DEFAULT_ACTOR_THREADS, node))
     reserved = max(1, per_actor - 1)
     # Every actor leaves its decode slot free: actors that took all the CPUs would starve their own input.
-    return {"min_size": 1, "max_size": max(1, cpus_ // (reserved + 1)), "num_gpus": 0, "num_cpus": reserved,
+    return {"min_size": 1, "max_size": max(1, total // (reserved + 1)), "num_gpus": 0, "num_cpus": reserved,
             "threads": per_actor}
 
 
