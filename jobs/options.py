@@ -7,8 +7,8 @@ from typing import Any
 
 import click
 
-from tagger.tag.config import DEFAULT_MAX_IMAGE_BYTES, PRECISIONS, RUNTIMES
-from tagger.data.decode import DEFAULT_MAX_IMAGE_PIXELS
+from tagger.data.decode import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS
+from tagger.tag.config import PRECISIONS, RUNTIMES
 
 
 def parse_storage_options(values: tuple[str, ...]) -> dict[str, Any]:

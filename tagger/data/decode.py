@@ -17,6 +17,10 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 # Kaggle originals (4.3 MP) and far below what would exhaust a worker's memory. Pillow's own check
 # only warns below 2x its limit; we refuse from the header, before any pixel is decoded.
 DEFAULT_MAX_IMAGE_PIXELS = 100_000_000
+# Image files larger than this are too_large errors, refused from their size (stat, S3 HEAD) before they
+# are read: a product photo is a few MB, so 50 MB leaves room for any honest image while a mislabelled
+# video or disk image cannot make a worker hold gigabytes. The byte twin of DEFAULT_MAX_IMAGE_PIXELS.
+DEFAULT_MAX_IMAGE_BYTES = 50_000_000
 Image.MAX_IMAGE_PIXELS = None  # our check below is the guard; Pillow's would only warn
 # A truncated image must fail, not be padded with grey (whatever another library in the process set).
 ImageFile.LOAD_TRUNCATED_IMAGES = False

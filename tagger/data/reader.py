@@ -29,8 +29,7 @@ import pyarrow as pa
 from fsspec.asyn import sync
 
 from .. import storage
-from ..tag.config import DEFAULT_MAX_IMAGE_BYTES
-from .decode import DEFAULT_MAX_IMAGE_PIXELS, ImageError, decode_image
+from .decode import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, ImageError, decode_image
 
 if TYPE_CHECKING:
     import torch

@@ -19,8 +19,8 @@ import numpy as np
 
 from .. import storage
 from ..model.bundle import ModelBundle, load_bundle
-from ..tag.config import DEFAULT_MAX_IMAGE_BYTES, DEVICES, PRECISIONS, RUNTIMES
-from ..data.decode import DEFAULT_MAX_IMAGE_PIXELS
+from ..data.decode import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS
+from ..tag.config import DEVICES, PRECISIONS, RUNTIMES
 from ..data.labels import UNKNOWN_LABEL_POLICIES, LabelMapping, encode_labels
 from ..training.split import SPLIT_FILE
 from . import EvaluationError

@@ -21,8 +21,7 @@ from typing import Any
 import numpy as np
 
 from .bundle import ModelBundle
-from ..tag.config import DEFAULT_MAX_IMAGE_BYTES
-from ..data.decode import DEFAULT_MAX_IMAGE_PIXELS
+from ..data.decode import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS
 
 log = logging.getLogger(__name__)
 

@@ -15,10 +15,6 @@ DEVICES = ("auto", "cpu", "cuda")
 ENGINES = ("local", "ray")  # what tags the pending shards: this process and its DataLoader, or Ray Data (tagger.tag.ray)
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # what each means: tagger.model.predictor.precision_settings
 RUNTIMES = ("auto", "torch", "onnx", "openvino")  # what runs the model: tagger.model.runtimes.choose_runtime
-# Image files larger than this are too_large errors, refused from their size (stat, S3 HEAD) before they
-# are read: a product photo is a few MB, so 50 MB leaves room for any honest image while a mislabelled
-# video or disk image cannot make a worker hold gigabytes. The byte twin of DEFAULT_MAX_IMAGE_PIXELS.
-DEFAULT_MAX_IMAGE_BYTES = 50_000_000
 PROGRESS_MODES = ("auto", "bar", "log", "none")
 START_METHODS = ("auto", "fork", "forkserver", "spawn")
 
