@@ -96,7 +96,8 @@ def common_output_options(function):
 @click.option("--threads", type=click.IntRange(min=0), default=0, show_default="0: torch's default, one per core",
               help="Torch threads of the model on the CPU. On a small machine shared with other work, fewer threads than "
               "cores (e.g. CPUs - workers) avoid OpenMP threads spinning while a peer waits for a core "
-              "(docs/benchmarks.md). Results may differ in the last float bit with the thread count.")
+              "(docs/benchmarks.md). Results may differ in the last float bit with the thread count. With --engine ray: "
+              "threads per CPU model actor (0: up to 4, no more than a node's CPUs).")
 @click.option("--progress", type=click.Choice(PROGRESS_MODES), default="auto", show_default=True,
               help="auto: a bar on an interactive terminal, periodic log lines otherwise.")
 @click.option("--lease-ttl", type=click.FloatRange(1, 86_400), default=120.0, show_default=True,
