@@ -120,6 +120,41 @@ def test_a_shard_commits_parts_then_marker_and_the_partition_success_last(tmp_pa
     assert (counts["tagged"], counts["errors"], counts["error_rate"]) == (3, 2, 0.4)
 
 
+def test_needs_review_lists_the_attributes_under_their_thresholds_for_tagged_and_reused_rows(tmp_path):
+    from tagger.tag.incremental import _write_reuse
+
+    manifest = make_manifest(tmp_path, ["", "", "", ""])
+    plan = make_plan(rows=4, shard_size=4, since={"reused": 2})
+    partition = Partition(str(tmp_path / "out"), DATE)
+    plan.write(partition)
+    # Rows 2 and 3 carry over from an older partition: scores only, no needs_review (written before it existed).
+    old = writers.tags_schema(ATTRIBUTES, review=False)
+    carried = {f.name: pa.array([f"p{i}" if f.name == "product_id" else "v" for i in (2, 3)], f.type)
+               for f in old if f.type == pa.string()}
+    carried |= {"gender_score": pa.array([0.2, 0.9], pa.float32()), "baseColour_score": pa.array([0.5, 0.95], pa.float32()),
+                "tagged_at": pa.array([0, 0], pa.timestamp("us", tz="UTC"))}
+    _write_reuse(partition, pa.table({"row": pa.array([2, 3], pa.int64()), **{n: carried[n] for n in old.names}}), 4, None)
+    shards = ShardCommitter(partition, plan)
+    rows = ShardRows(partition, plan, manifest, ATTRIBUTES, "v1", review_thresholds={"gender": 0.3, "baseColour": 0.8})
+    cursor = ShardCursor([0], lambda s: rows.open(s, 2), shards.commit)
+    cursor.advance()
+    scores = SimpleNamespace(scores={"gender": np.array([0.25, 0.3], np.float32), "baseColour": np.array([0.1, 0.8], np.float32)})
+    rows.write_batch(cursor, batch([0, 1]), scores, labels_for(2), pa.scalar(0, pa.timestamp("us", tz="UTC")).as_py())
+    stats = shards.shard_stats()
+    shards.commit_partition(stats)
+
+    tags = writers.read_complete_partition(partition.tags)
+    assert tags.schema == writers.tags_schema(ATTRIBUTES)
+    review = dict(zip(tags.column("product_id").to_pylist(), tags.column("needs_review").to_pylist()))
+    assert review == {"p0": ["gender", "baseColour"], "p1": [], "p2": ["gender", "baseColour"], "p3": []}, \
+        "under the threshold is flagged, on it is not; carried-over rows get the column from their scores"
+    assert stats[0]["needs_review"] == {"rows": 2, "attributes": {"gender": 2, "baseColour": 2}}
+    counts = partition_counts(plan, stats)
+    assert counts["needs_review"] == {"rows": 2, "share": 0.5, "attributes": {"baseColour": 2, "gender": 2}}
+    old_stats = [{k: v for k, v in s.items() if k != "needs_review"} for s in stats]
+    assert partition_counts(plan, old_stats)["needs_review"]["rows"] == 0, "shards from before the column count nothing"
+
+
 def test_fencing_refuses_a_commit_once_another_run_holds_the_partition(tmp_path):
     manifest = make_manifest(tmp_path, ["", ""])
     partition, shards, rows = committer(tmp_path, manifest, make_plan(rows=2, shard_size=2))
@@ -167,6 +202,9 @@ def test_error_rate_gate_and_summary_line():
     line = summary_line({"status": "succeeded", "run_date": DATE, "rows": 3, "tagged": 2, "errors": 1,
                          "this_process": {"images_per_second": 12.0}, "durations_s": {"total_s": 1.25}})
     assert line == f"succeeded: run_date={DATE} rows=3 tagged=2 errors=1 12.0 img/s 1.2s"
+    line = summary_line({"status": "succeeded", "run_date": DATE, "rows": 3, "tagged": 2, "errors": 1,
+                         "needs_review": {"rows": 1}, "durations_s": {"total_s": 1.25}})
+    assert line == f"succeeded: run_date={DATE} rows=3 tagged=2 errors=1 needs_review=1 1.2s"
 
 
 # -- the reader's rows and faults, the model's NaN guard ---------------------------------------------

@@ -63,6 +63,11 @@ class ModelBundle:
     def attribute_names(self) -> list[str]:
         return [a.name for a in self.attributes]
 
+    @property
+    def review_thresholds(self) -> dict[str, float]:
+        """Per attribute, the top-label score under which a tag should go to a person (0: never)."""
+        return {a.name: a.threshold for a in self.attributes}
+
     def label_counts(self) -> dict[str, int]:
         return {a.name: len(a.labels) for a in self.attributes}
 

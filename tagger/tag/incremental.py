@@ -145,8 +145,8 @@ def plan_reuse(
 
     prev_plan = Partition(previous.out, previous.run_date, options).read_plan() or {}
     prev_base = storage.parent(prev_plan["catalog"]) if prev_plan.get("catalog") else storage.parent(manifest.url)
-    schema = writers.tags_schema(attributes)
-    old = pl.from_arrow(writers.read_complete_partition(previous.tags, options).cast(schema))
+    schema = writers.tags_schema(attributes, review=False)
+    old = pl.from_arrow(writers.read_complete_partition(previous.tags, options).select(schema.names).cast(schema))
     old = old.filter(pl.col("model_version") == model_version)
     old = old.with_columns(pl.Series("location", resolve_locations(old.get_column("image").to_arrow(), prev_base))).drop("image")
 

@@ -6,6 +6,7 @@ Columnar throughout (Arrow ``take`` by row, numpy masks): nothing here runs Pyth
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
@@ -23,12 +24,14 @@ from .shards import ShardCursor, ShardOutput
 
 
 class ShardRows:
-    """Writes one run's rows into its shards' parts (``attributes``, ``model_version``: the bundle's)."""
+    """Writes one run's rows into its shards' parts (``attributes``, ``model_version``, ``review_thresholds``:
+    the bundle's)."""
 
     def __init__(self, partition: Partition, plan: Plan, manifest: Manifest, attributes: list[str], model_version: str,
-                 options: dict[str, Any] | None = None):
+                 options: dict[str, Any] | None = None, *, review_thresholds: Mapping[str, float] | None = None):
         self.partition, self.plan, self.manifest, self.options = partition, plan, manifest, options
         self.attributes, self.model_version = attributes, model_version
+        self.thresholds = {name: float((review_thresholds or {}).get(name, 0.0)) for name in attributes}
         self.schema = writers.tags_schema(attributes)
 
     def open(self, shard: int, reads: int) -> ShardOutput:
@@ -52,7 +55,10 @@ class ShardRows:
 
             reused = read_reused(self.partition, start, stop, self.options)
             if reused.num_rows:
-                output.tags.write(reused.drop_columns(["row"]))
+                scores = {name: reused.column(f"{name}_score").to_numpy() for name in self.attributes}
+                review = self._review(output, scores)
+                output.tags.write(pa.table({**{c: reused.column(c) for c in reused.column_names if c != "row"},
+                                            writers.REVIEW_COLUMN: review}).select(self.schema.names))
                 output.reused = reused.num_rows
         return output
 
@@ -77,9 +83,11 @@ class ShardRows:
         rows = batch.rows[mask]
         source = self.manifest.table.take(pa.array(rows))
         columns: dict[str, Any] = {"product_id": source.column("product_id"), "image": source.column("image")}
+        scores = {name: predictions.scores[name][mask] for name in self.attributes}
         for name in self.attributes:
             columns[name] = pa.array(labels[name][mask], pa.string())
-            columns[f"{name}_score"] = pa.array(predictions.scores[name][mask], pa.float32())
+            columns[f"{name}_score"] = pa.array(scores[name], pa.float32())
+        columns[writers.REVIEW_COLUMN] = self._review(output, scores)
         n = len(rows)
         columns["image_version"] = pa.array([v for v, keep in zip(batch.versions, mask) if keep], pa.string())
         columns["model_version"] = pa.array([self.model_version] * n, pa.string())
@@ -87,6 +95,20 @@ class ShardRows:
         columns["tagged_at"] = pa.array([tagged_at] * n, pa.timestamp("us", tz="UTC"))
         output.tags.write(pa.table(columns))
         output.tagged += n
+
+    def _review(self, output: ShardOutput, scores: Mapping[str, np.ndarray]) -> pa.ListArray:
+        """Per row, the attributes whose score is under its review threshold (in the schema's order), and
+        their counts on the shard's stats."""
+        n = len(next(iter(scores.values()))) if scores else 0
+        under = np.zeros((n, len(self.attributes)), dtype=bool)
+        for j, name in enumerate(self.attributes):
+            under[:, j] = np.asarray(scores[name], dtype=np.float32) < np.float32(self.thresholds[name])
+            output.review[name] += int(under[:, j].sum())
+        output.review_rows += int(under.any(axis=1).sum())
+        rows, columns = np.nonzero(under)  # row-major: each row's attributes in order
+        offsets = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=n))]).astype(np.int32)
+        names = pa.array(self.attributes, pa.string()).take(pa.array(columns, pa.int64()))
+        return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), names)
 
     def _write_errors(self, output: ShardOutput, batch: Batch, mask: np.ndarray) -> None:
         if not mask.any():

@@ -150,7 +150,8 @@ class TagRunner:
         readable, reads = rows_to_read(manifest, plan, pending, self.partition, self.options)
         model = self.model.load(bundle, manifest)
         self.facts.device, self.facts.runtime = model.device, model.runtime
-        rows = ShardRows(self.partition, plan, manifest, bundle.attribute_names, bundle.model_version, self.options)
+        rows = ShardRows(self.partition, plan, manifest, bundle.attribute_names, bundle.model_version, self.options,
+                         review_thresholds=bundle.review_thresholds)
         cursor = ShardCursor(pending, lambda s: rows.open(s, int(reads[s])), shards.commit)
         loader = ImageLoader(self.config, manifest, readable, bundle.input_size, self.model.device.type == "cuda", self.stop)
         del readable

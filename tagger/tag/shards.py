@@ -34,6 +34,8 @@ class ShardOutput:
     error_types: Counter = field(default_factory=Counter)
     tagged: int = 0
     reused: int = 0
+    review: Counter = field(default_factory=Counter)  # attribute -> tags under its review threshold
+    review_rows: int = 0  # tag rows with at least one such attribute
 
     def stats(self, run_id: str) -> dict[str, Any]:
         """The done marker's body."""
@@ -46,6 +48,7 @@ class ShardOutput:
             "reused": self.reused,
             "errors": errors,
             "error_types": dict(self.error_types),
+            "needs_review": {"rows": self.review_rows, "attributes": {k: v for k, v in self.review.items() if v}},
             "parts": {"tags": {writers.part_name(self.index): self.tags.rows},
                       "errors": {writers.part_name(self.index): self.errors.rows}},
             "seconds": round(time.time() - self.started, 3),

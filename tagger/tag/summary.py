@@ -46,10 +46,15 @@ def partition_counts(plan: Plan, stats: list[dict[str, Any]]) -> dict[str, Any]:
     rows = sum(s["rows"] for s in stats)
     errors = sum(s["errors"] for s in stats)
     error_types: Counter = Counter()
+    review: Counter = Counter()
     for s in stats:
         error_types.update(s["error_types"])
+        # Shards committed before the tags table had needs_review have no counts: they add nothing.
+        review.update(s.get("needs_review", {}).get("attributes", {}))
     if rows != plan.rows:
         raise RuntimeError(f"shards account for {rows} rows but the manifest has {plan.rows}; not committing")
+    tags = sum(s["tagged"] + s["reused"] for s in stats)
+    review_rows = sum(s.get("needs_review", {}).get("rows", 0) for s in stats)
     return {
         **plan.facts(),
         "tagged": sum(s["tagged"] for s in stats),
@@ -57,6 +62,11 @@ def partition_counts(plan: Plan, stats: list[dict[str, Any]]) -> dict[str, Any]:
         "errors": errors,
         "error_types": dict(sorted(error_types.items())),
         "error_rate": round(errors / rows if rows else 0.0, 6),
+        "needs_review": {
+            "rows": review_rows,
+            "share": round(review_rows / tags if tags else 0.0, 6),
+            "attributes": dict(sorted(review.items())),
+        },
     }
 
 
@@ -102,6 +112,8 @@ def summary_line(summary: dict[str, Any]) -> str:
     for key in ("tagged", "reused", "errors"):
         if key in summary:
             parts.append(f"{key}={summary[key]}")
+    if summary.get("needs_review", {}).get("rows"):
+        parts.append(f"needs_review={summary['needs_review']['rows']}")
     rate = summary.get("this_process", {}).get("images_per_second")
     if rate:
         parts.append(f"{rate:.1f} img/s")

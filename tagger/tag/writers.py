@@ -37,11 +37,20 @@ ERRORS_SCHEMA = pa.schema(
 )
 
 
-def tags_schema(attributes: Sequence[str]) -> pa.Schema:
+# The attributes whose score is under the bundle's review threshold (empty list: none), so that the review
+# queue is one filter on the table rather than a join with model.json.
+REVIEW_COLUMN = "needs_review"
+
+
+def tags_schema(attributes: Sequence[str], *, review: bool = True) -> pa.Schema:
+    """``review=False``: without :data:`REVIEW_COLUMN`, the columns a ``--since`` run carries over (the
+    column is recomputed from the scores, so partitions written before it existed are reused too)."""
     fields = [pa.field("product_id", pa.string(), nullable=False), pa.field("image", pa.string(), nullable=False)]
     for name in attributes:
         fields.append(pa.field(name, pa.string(), nullable=False))
         fields.append(pa.field(f"{name}_score", pa.float32(), nullable=False))
+    if review:
+        fields.append(pa.field(REVIEW_COLUMN, pa.list_(pa.string()), nullable=False))
     fields += [
         # Where the image stood when it was tagged (size + mtime, or ETag): lets tomorrow's run reuse
         # today's tags for an unchanged image under the same model_version.

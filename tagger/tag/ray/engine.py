@@ -47,7 +47,8 @@ def tag_shards(runner: Any, manifest: Manifest, bundle: ModelBundle, shards: Sha
     plan = shards.plan
     readable, reads = rows_to_read(manifest, plan, pending, partition, runner.options)
     runner.facts.device, runner.facts.runtime = str(settings.device), settings.describe()
-    rows = ShardRows(partition, plan, manifest, bundle.attribute_names, bundle.model_version, runner.options)
+    rows = ShardRows(partition, plan, manifest, bundle.attribute_names, bundle.model_version, runner.options,
+                     review_thresholds=bundle.review_thresholds)
     root = fragments_root(partition)
     # Fragments a killed run left: a whole run owns the date (the lease) and removes them all; a --shard I/N
     # task shares the partition with the other tasks and touches its own attempt's folder only.
