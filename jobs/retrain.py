@@ -39,7 +39,9 @@ def _flag(option: str) -> str:
 @click.option("--backbone", default=D["backbone"], show_default=True, help="Any timm model name.")
 @click.option("--pretrained/--no-pretrained", default=D["pretrained"], show_default=True,
               help="Start from ImageNet weights (Hugging Face hub). Fails if they cannot be had; never a silent random init.")
-@click.option("--init-weights", type=click.Path(exists=True, dir_okay=False), default=None, help="Local weights file to start from instead of the hub.")
+@click.option("--init-weights", type=click.Path(exists=True), default=None,
+              help="Local weights to start from instead of the hub: a safetensors file or torch state dict for --backbone, "
+                   "or a tagger bundle (its folder, e.g. models/fashion-lite0, with --backbone set to its backbone).")
 @click.option("--input-size", type=click.IntRange(16, 2048), default=None, show_default="the backbone's", help="Square input side in pixels.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=D["batch_size"], show_default=True)
 @click.option("--workers", type=click.IntRange(min=0), default=None, show_default="0 on CPU with cached images, else min(8, cores-1)",

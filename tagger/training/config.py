@@ -80,7 +80,8 @@ class RetrainConfig:
             close = timm.list_models(f"*{self.backbone.split('.')[0][:6]}*")[:8]
             raise ConfigError("backbone", f"unknown timm backbone {self.backbone!r}; similar names: {', '.join(close) or 'none'}")
         if self.init_weights is not None:
-            need(os.path.isfile(self.init_weights), "init_weights", f"{self.init_weights}: no such file (a local .safetensors or torch state dict)")
+            need(os.path.isfile(self.init_weights) or os.path.isfile(os.path.join(self.init_weights, "model.json")), "init_weights",
+                 f"{self.init_weights}: no such file (a local .safetensors or torch state dict, or a tagger bundle's folder)")
         need(self.input_size is None or (isinstance(self.input_size, int) and 16 <= self.input_size <= 2048), "input_size", f"input_size must be an integer in [16, 2048], got {self.input_size!r}")
         need(_int(self.batch_size) and self.batch_size >= 1, "batch_size", f"batch_size must be >= 1, got {self.batch_size!r}")
         need(self.workers is None or (_int(self.workers) and self.workers >= 0), "workers", f"workers must be >= 0, got {self.workers!r}")
