@@ -151,6 +151,20 @@ def test_a_third_night_chains_from_the_second(catalog, tiny_bundle, tmp_path):
     assert read(out, NIGHT3).sort("product_id").equals(read(out, NIGHT1).sort("product_id"))
 
 
+def test_a_partition_written_before_needs_review_existed_is_reused_and_gets_the_column(catalog, tiny_bundle, tmp_path):
+    import pyarrow.parquet as pq
+
+    out = tmp_path / "out"
+    run(catalog, tiny_bundle, out, NIGHT1)
+    night1 = read(out, NIGHT1)
+    for part in (out / "tags" / f"run_date={NIGHT1}").glob("part-*.parquet"):  # as the release before wrote it
+        pq.write_table(pq.read_table(part).drop_columns(["needs_review"]), part)
+    run(catalog, tiny_bundle, out, NIGHT2, "--since", str(out))
+    assert summary(out, NIGHT2)["reused"] == len(night1)
+    assert read(out, NIGHT2).sort("product_id").select("product_id", "needs_review").equals(
+        night1.sort("product_id").select("product_id", "needs_review")), "recomputed from the carried-over scores"
+
+
 def test_another_model_version_reuses_nothing(catalog, tiny_bundle, tmp_path):
     import torch
 
