@@ -20,7 +20,9 @@ if TYPE_CHECKING:  # the plan needs a bundle's version and attributes, not torch
 
 log = logging.getLogger("tagger.tag.runner")  # the runner's logger: the run's lines show one name
 
-PLAN_FORMAT = 1
+# What the parts of a partition hold; a partial partition of another format is started over, never mixed
+# into (2: the tags table gained needs_review).
+PLAN_FORMAT = 2
 
 
 class PlanMismatch(RuntimeError):
