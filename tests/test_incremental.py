@@ -13,6 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pytest
 from click.testing import CliRunner
@@ -154,12 +155,26 @@ def test_a_third_night_chains_from_the_second(catalog, tiny_bundle, tmp_path):
 def test_a_partition_written_before_needs_review_existed_is_reused_and_gets_the_column(catalog, tiny_bundle, tmp_path):
     import pyarrow.parquet as pq
 
+    from tagger.model.bundle import load_bundle, save_bundle
+
+    # Thresholds at each attribute's median score, so that some rows are flagged and some are not.
+    probe = tmp_path / "probe"
+    run(catalog, tiny_bundle, probe, NIGHT1)
+    # float32 values: the job compares float32 scores with float32 thresholds, the check below in Python floats.
+    medians = {a: float(np.float32(read(probe, NIGHT1)[f"{a}_score"].median())) for a in ATTRIBUTES}
+    tiny = load_bundle(tiny_bundle)
+    bundle = str(tmp_path / "thresholded")
+    save_bundle(tiny.build_net(), bundle, backbone=tiny.backbone, labels={a.name: a.labels for a in tiny.attributes},
+                thresholds=medians)
     out = tmp_path / "out"
-    run(catalog, tiny_bundle, out, NIGHT1)
+    run(catalog, bundle, out, NIGHT1)
     night1 = read(out, NIGHT1)
+    for row in night1.iter_rows(named=True):
+        assert row["needs_review"] == [a for a in ATTRIBUTES if row[f"{a}_score"] < medians[a]]
+    assert 0 < night1.filter(pl.col("needs_review").list.len() > 0).height < len(night1)
     for part in (out / "tags" / f"run_date={NIGHT1}").glob("part-*.parquet"):  # as the release before wrote it
         pq.write_table(pq.read_table(part).drop_columns(["needs_review"]), part)
-    run(catalog, tiny_bundle, out, NIGHT2, "--since", str(out))
+    run(catalog, bundle, out, NIGHT2, "--since", str(out))
     assert summary(out, NIGHT2)["reused"] == len(night1)
     assert read(out, NIGHT2).sort("product_id").select("product_id", "needs_review").equals(
         night1.sort("product_id").select("product_id", "needs_review")), "recomputed from the carried-over scores"
