@@ -183,6 +183,38 @@ def test_exif_orientation_is_applied(orientation):
     assert sideways.size == (64, 48)
 
 
+def test_a_jpeg_is_entropy_decoded_once(monkeypatch):
+    """The strict check and the pixels come from one libjpeg pass: Pillow only reads the header."""
+    import simplejpeg
+    from PIL import ImageFile
+
+    calls = []
+    real = simplejpeg.decode_jpeg
+    monkeypatch.setattr(simplejpeg, "decode_jpeg", lambda *a, **k: calls.append(k) or real(*a, **k))
+
+    def no_pillow_decode(self, *args, **kwargs):
+        raise AssertionError("Pillow decoded the JPEG's pixels a second time")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_pillow_decode)
+    for image in (quadrants(), quadrants().convert("L")):
+        assert decode(encode(image, "JPEG", quality=95)).shape == (SIZE, SIZE, 3)
+    assert len(calls) == 2 and all(k["strict"] and k["colorspace"] == "RGB" for k in calls)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_one_pass_jpeg_gives_pillows_pixels(monkeypatch, orientation):
+    """The one-pass decode is Pillow's decode (same libjpeg scale, region, EXIF turn), pixel for pixel."""
+    from tagger.data import decode as module
+    from tests.test_decode_equivalence import photo_like
+
+    cases = [(photo_like(orientation, (227, 301), orientation=orientation), size, draft)
+             for size in (300, 64, 24) for draft in (True, False)]
+    one_pass = [decode_image(data, size, draft=draft) for data, size, draft in cases]
+    monkeypatch.setattr(module, "_decode_jpeg", lambda *args: None)  # Pillow decodes, as before the one pass
+    for (data, size, draft), pixels in zip(cases, one_pass):
+        assert np.array_equal(pixels, decode_image(data, size, draft=draft)), (size, draft)
+
+
 def test_decompression_bomb_is_refused_from_the_header(monkeypatch):
     def no_decoding(self, *args, **kwargs):
         raise AssertionError("pixels were decoded")

@@ -82,25 +82,35 @@ def decode_image(
             f"{source}: {width}x{height} = {width * height:,} pixels exceeds the limit of {max_pixels:,} "
             "(decompression-bomb guard; raise --max-image-pixels if such images are expected)",
         )
-    if image.format in ("JPEG", "MPO"):
-        check_jpeg_data(data, image.mode, source)
-    # Draft decoding rounds the reduced size up to whole DCT blocks: a 225-px-wide JPEG read at 1/8 is
-    # 29 px wide, of which only 225/8 = 28.125 are picture. ``region`` is that part, resized below.
     region = None
-    if draft and image.format == "JPEG":
-        scale = size / max(width, height)
-        drafted = image.draft("RGB", (max(1, round(width * scale)), max(1, round(height * scale))))
-        if drafted is not None and tuple(drafted[1][2:]) != image.size:
-            region = drafted[1]
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # e.g. "Corrupt EXIF data": the pixels are what matter
-            image.load()
-            if region is not None:
-                region = _transposed_region(region, image.size, image.getexif().get(_ORIENTATION, 1))
-            image = ImageOps.exif_transpose(image)
-    except Exception as exc:
-        raise ImageError("decode", f"{source}: corrupt or truncated image data: {exc}") from None
+    decoded = _decode_jpeg(data, image, size, draft, source) if image.format == "JPEG" and image.mode in ("L", "RGB") else None
+    if decoded is not None:
+        # One pass: libjpeg has entropy-decoded the data strictly and produced the pixels; Pillow, which only
+        # read the header, still gives the EXIF orientation.
+        pixels, region = decoded
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # e.g. "Corrupt EXIF data": the pixels are what matter
+                orientation = image.getexif().get(_ORIENTATION, 1)
+        except Exception as exc:
+            raise ImageError("decode", f"{source}: corrupt or truncated image data: {exc}") from None
+        image = Image.fromarray(pixels, "RGB")
+        if region is not None:
+            region = _transposed_region(region, image.size, orientation)
+        transpose = _TRANSPOSE.get(orientation if isinstance(orientation, int) else 1)
+        if transpose is not None:
+            image = image.transpose(transpose)
+    else:
+        region = _pillow_decode_prepare(data, image, size, draft, source)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # e.g. "Corrupt EXIF data": the pixels are what matter
+                image.load()
+                if region is not None:
+                    region = _transposed_region(region, image.size, image.getexif().get(_ORIENTATION, 1))
+                image = ImageOps.exif_transpose(image)
+        except Exception as exc:
+            raise ImageError("decode", f"{source}: corrupt or truncated image data: {exc}") from None
 
     try:
         rgb = to_rgb(image)
@@ -117,14 +127,63 @@ def decode_image(
     return np.asarray(canvas)
 
 
+def _pillow_scale(width: int, height: int, size: int, draft: bool) -> int:
+    """The DCT scale denominator (1, 2, 4 or 8) Pillow's ``draft`` picks for a ``size`` target: the
+    smallest picture no smaller than the target. Both decode paths use it, so they give the same pixels."""
+    if not draft:
+        return 1
+    scale = size / max(width, height)
+    wanted = (max(1, round(width * scale)), max(1, round(height * scale)))
+    factor = min(width // wanted[0], height // wanted[1])
+    return next((s for s in (8, 4, 2) if factor >= s), 1)
+
+
+def _decode_jpeg(data: bytes, image: Image.Image, size: int, draft: bool, source: str):
+    """A baseline or progressive RGB/grey JPEG, decoded once: strict (see :func:`check_jpeg_data`), straight to
+    RGB, at the DCT scale Pillow's draft would choose. -> (pixels, region) where ``region`` is the part of
+    the pixels that is picture (draft rounds up to whole blocks) or None; None where simplejpeg cannot
+    decode this JPEG for a reason other than damaged data, so that Pillow decodes it as before."""
+    import simplejpeg
+
+    width, height = image.size
+    scale = _pillow_scale(width, height, size, draft)
+    try:
+        pixels = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=-(-height // scale),
+                                        min_width=-(-width // scale), min_factor=scale, strict=True)
+    except ValueError as exc:
+        _refuse_corrupt(exc, source)
+        return None
+    if pixels.shape[:2] != (-(-height // scale), -(-width // scale)):
+        return None  # a header Pillow and libjpeg read differently: let Pillow's own decode judge it
+    region = None if width % scale == 0 and height % scale == 0 else (0, 0, width / scale, height / scale)
+    return pixels, region
+
+
+def _pillow_decode_prepare(data: bytes, image: Image.Image, size: int, draft: bool, source: str):
+    """The other formats, and the JPEGs simplejpeg does not decode to RGB (CMYK, MPO): the strict check
+    first, then Pillow decodes (at the draft scale for a JPEG). -> the picture region, as :func:`_decode_jpeg`."""
+    if image.format in ("JPEG", "MPO"):
+        check_jpeg_data(data, image.mode, source)
+    # Draft decoding rounds the reduced size up to whole DCT blocks: a 225-px-wide JPEG read at 1/8 is
+    # 29 px wide, of which only 225/8 = 28.125 are picture. ``region`` is that part, resized below.
+    if draft and image.format == "JPEG":
+        width, height = image.size
+        scale = size / max(width, height)
+        drafted = image.draft("RGB", (max(1, round(width * scale)), max(1, round(height * scale))))
+        if drafted is not None and tuple(drafted[1][2:]) != image.size:
+            return drafted[1]
+    return None
+
+
 def check_jpeg_data(data: bytes, mode: str, source: str) -> None:
     """Refuse a JPEG whose entropy-coded data is cut short, padded or damaged, which Pillow would decode.
 
     libjpeg only *warns* about such data (premature end of a data segment, N extraneous bytes before a
     marker, a header promising 9000x9000 over 64x64 worth of data), fills in what is missing and carries
     on; Pillow never shows those warnings. simplejpeg runs the same libjpeg-turbo with the warnings turned
-    into errors. It decodes at 1/8 scale in grey (CMYK as CMYK: the one conversion libjpeg cannot do): every
-    coefficient is still entropy-decoded, which is where the damage shows, at a fraction of a full decode.
+    into errors. For RGB and grey JPEGs :func:`_decode_jpeg` does this in the same pass that makes the
+    pixels; here, for the rest, it decodes at 1/8 scale in grey (CMYK as CMYK: the one conversion libjpeg
+    cannot do): every coefficient is still entropy-decoded, which is where the damage shows.
     """
     import simplejpeg
 
@@ -132,14 +191,22 @@ def check_jpeg_data(data: bytes, mode: str, source: str) -> None:
         simplejpeg.decode_jpeg(data, colorspace="CMYK" if mode == "CMYK" else "GRAY", min_height=1, min_width=1,
                                min_factor=8, strict=True)
     except ValueError as exc:
-        text = str(exc)
-        if text.startswith(_CORRUPT_JPEG_WARNINGS):
-            raise ImageError("decode", f"{source}: corrupt or truncated JPEG data: {text}") from None
+        _refuse_corrupt(exc, source)
         # Anything else (a colour conversion simplejpeg does not offer, say) is not about the data being
         # intact; Pillow's own decode below stays the judge of those.
 
 
+def _refuse_corrupt(exc: ValueError, source: str) -> None:
+    text = str(exc)
+    if text.startswith(_CORRUPT_JPEG_WARNINGS):
+        raise ImageError("decode", f"{source}: corrupt or truncated JPEG data: {text}") from None
+
+
 _ORIENTATION = 0x0112  # the EXIF tag ImageOps.exif_transpose acts on
+# What ImageOps.exif_transpose does for each orientation, for pixels that did not come from Pillow's decoder.
+_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+              5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+              8: Image.Transpose.ROTATE_90}
 
 
 def _transposed_region(region, size: tuple[int, int], orientation) -> tuple[float, float, float, float]:
