@@ -25,9 +25,10 @@ def cli(verbose: int, quiet: bool) -> None:
 
 
 def _register() -> None:
-    from . import demo, evaluate, predict, retrain, tag
+    from . import demo, evaluate, predict, report, retrain, tag
 
-    for command in (tag.tag, tag.finalize, retrain.retrain, evaluate.evaluate, predict.predict, demo.demo_data, demo.demo_check):
+    for command in (tag.tag, tag.finalize, retrain.retrain, evaluate.evaluate, predict.predict, demo.demo_data, demo.demo_check,
+                    report.report):
         cli.add_command(command)
 
 

@@ -304,3 +304,63 @@ def _fingerprint(url: str, info: Mapping[str, Any], data: bytes) -> str:
     digest = hashlib.sha256(data)
     digest.update(json.dumps({"url": url}).encode())
     return digest.hexdigest()[:16]
+
+
+def catalog_columns(url: str, *, fmt: str | None = None, storage_options: Mapping[str, Any] | None = None) -> list[str]:
+    """The manifest's column names, from its header (CSV), schema (Parquet) or first line (JSON Lines),
+    without reading the rest: what the report looks at to find the catalog's own label columns."""
+    fmt = fmt or detect_format(url)
+    fs, path = storage.filesystem(url, storage_options)
+    try:
+        with fs.open(path, "rb", compression="infer") as handle:
+            if fmt == "parquet":
+                import pyarrow.parquet as pq
+
+                return list(pq.ParquetFile(handle).schema_arrow.names)
+            first = handle.readline()
+    except FileNotFoundError:
+        raise ManifestError(f"{url}: catalog not found; name it with --catalog") from None
+    if fmt == "csv":
+        delimiter = "\t" if url.lower().removesuffix(".gz").endswith(".tsv") else ","
+        return _csv_header(first, delimiter)
+    try:
+        return list(json.loads(first))
+    except (ValueError, TypeError):
+        raise ManifestError(f"{url}: line 1 is not a JSON object with the manifest's columns") from None
+
+
+def iter_catalog_columns(
+    url: str,
+    columns: list[str],
+    *,
+    fmt: str | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+    batch_rows: int = 65_536,
+):
+    """The named columns of a manifest as Arrow record batches of text, streamed in manifest order: a
+    million-row catalog is never held whole (CSV and Parquet; JSON Lines has no streaming reader in
+    Arrow and is read at once). Integers become text, so ``000123`` and ``123`` stay what they were."""
+    fmt = fmt or detect_format(url)
+    fs, path = storage.filesystem(url, storage_options)
+    with fs.open(path, "rb", compression="infer") as handle:
+        if fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            batches = pq.ParquetFile(handle).iter_batches(batch_size=batch_rows, columns=columns)
+        elif fmt == "csv":
+            from pyarrow import csv
+
+            delimiter = "\t" if url.lower().removesuffix(".gz").endswith(".tsv") else ","
+            batches = csv.open_csv(
+                handle,
+                read_options=csv.ReadOptions(block_size=1 << 22),
+                parse_options=csv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
+                convert_options=csv.ConvertOptions(column_types={c: pa.string() for c in columns},
+                                                   include_columns=columns, strings_can_be_null=True),
+            )
+        else:
+            from pyarrow import json as pajson
+
+            batches = pajson.read_json(handle).select(columns).to_batches(max_chunksize=batch_rows)
+        for batch in batches:
+            yield pa.RecordBatch.from_arrays([batch.column(c).cast(pa.string()) for c in columns], names=columns)

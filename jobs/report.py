@@ -1,0 +1,119 @@
+"""``tagger report``: the morning report of a run date. Options -> ReportConfig -> build_report; exit codes."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from tagger.report.config import EXIT_THRESHOLD
+
+from .options import parse_storage_options, storage_option
+
+log = logging.getLogger("tagger.report")
+
+
+def _truth_columns(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, str]:
+    mapping: dict[str, str] = {}
+    for item in values:
+        attribute, sep, column = item.partition("=")
+        if not sep or not attribute.strip() or not column.strip():
+            raise click.BadParameter(f"expected ATTRIBUTE=COLUMN, such as baseColour=colour, got {item!r}")
+        mapping[attribute.strip()] = column.strip()
+    return mapping
+
+
+def threshold_options(function):
+    """The alerting options: a crossed one exits 6 (after everything is written)."""
+    for name, kind, text in reversed([
+        ("--max-drift", click.FloatRange(0.0, 1.0), "Exit 6 when an attribute's label mix moved further than this Jensen-Shannon "
+         "distance (base 2, 0..1) from the night before's. 0.1 is a noticeable shift."),
+        ("--max-psi", click.FloatRange(0.0), "Exit 6 when an attribute's population stability index exceeds this (0.25: a real shift)."),
+        ("--min-agreement", click.FloatRange(0.0, 1.0), "Exit 6 when an attribute agrees with the catalog's labels on a smaller "
+         "share of its labelled rows."),
+        ("--max-review-share", click.FloatRange(0.0, 1.0), "Exit 6 when a larger share of tonight's tags of an attribute score "
+         "under its review threshold."),
+        ("--max-error-rate", click.FloatRange(0.0, 1.0), "Exit 6 when a larger share of the manifest's rows ended as errors."),
+        ("--max-rows-change", click.FloatRange(0.0), "Exit 6 when the manifest's rows changed by more than this share from the "
+         "night before (0.2: 20 %% fewer or more)."),
+    ]):
+        function = click.option(name, type=kind, default=None, help=text)(function)
+    return function
+
+
+def report_options(function):
+    function = click.option("--truth-column", "truth_columns", multiple=True, metavar="ATTRIBUTE=COLUMN", callback=_truth_columns,
+                            help="The catalog column holding its own label of an attribute, repeatable. Default: the "
+                            "catalog's columns named like the bundle's attributes.")(function)
+    function = click.option("--catalog", default=None, help="Read the catalog's labels from this manifest (joined by product "
+                            "id) instead of the one the run's plan names.")(function)
+    function = click.option("--catalog-format", type=click.Choice(["csv", "parquet", "jsonl"]), default=None,
+                            help="Override the format guessed from the catalog's name.")(function)
+    function = click.option("--id-column", default=None, help="The catalog's product-id column (default: the tag run's, "
+                            "else product_id).")(function)
+    function = click.option("--previous", default=None, metavar="YYYY-MM-DD", help="Compare with this run date instead of "
+                            "the latest complete one before --run-date.")(function)
+    function = click.option("--max-disagreements", type=click.IntRange(min=0), default=10_000, show_default=True,
+                            help="Rows of disagreements.parquet, the most confident first (report.json counts them all).")(function)
+    function = click.option("--gallery", type=click.IntRange(min=0), default=24, show_default=True,
+                            help="Products of the top disagreements shown with their thumbnail on the page.")(function)
+    return threshold_options(function)
+
+
+@click.command("report")
+@click.option("--out", required=True, envvar="TAGGER_OUT", help="The tag job's output root, local folder or s3://bucket/prefix.")
+@click.option("--run-date", default=None, show_default="today, UTC", help="The night to report on: run_date=YYYY-MM-DD.")
+@report_options
+@storage_option
+def report(out: str, run_date: str | None, storage_options: tuple[str, ...], **options) -> None:
+    """The morning report of a run date, under OUT/_reports/run_date=D/: report.html (one self-contained page),
+    report.json (every figure) and Parquet tables label_mix, drift, agreement, confusions, disagreements.
+
+    Exit codes: 0 written; 6 written, and a threshold (--max-drift, --min-agreement, ...) was crossed (one line
+    names it); 2 invalid input (no complete partition for the date, a truth column the catalog lacks, bad option);
+    4 storage unavailable; 1 any other failure.
+    """
+    from tagger.report.config import ReportConfig, Thresholds
+    from tagger.tag.config import today_utc
+
+    limits = {k: options.pop(k) for k in list(options) if k.startswith(("max_", "min_")) and k != "max_disagreements"}
+    try:
+        config = ReportConfig(out=out, run_date=run_date or today_utc(), storage_options=parse_storage_options(storage_options),
+                              thresholds=Thresholds(**limits), **options)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    sys.exit(execute(config))
+
+
+def execute(config, *, prefix: str = "tagger report") -> int:
+    """Build and write the report; every outcome is an exit code and one line on stderr."""
+    from tagger.data.manifest import ManifestError
+    from tagger.data.reader import StorageUnavailable
+    from tagger.report import ReportError
+    from tagger.report.build import build_report
+    from tagger.storage import StorageConfigError, is_permanent, is_unavailable
+
+    try:
+        result = build_report(config)
+    except (ReportError, ManifestError, StorageConfigError) as exc:
+        click.echo(f"{prefix}: invalid input: {exc}", err=True)
+        return 2
+    except StorageUnavailable as exc:
+        click.echo(f"{prefix}: storage unavailable: {exc}", err=True)
+        return 4
+    except Exception as exc:
+        if is_permanent(exc):
+            click.echo(f"{prefix}: invalid input: storage configuration: {type(exc).__name__}: {exc}", err=True)
+            return 2
+        if is_unavailable(exc):
+            click.echo(f"{prefix}: storage unavailable: {type(exc).__name__}: {exc}; run it again later", err=True)
+            return 4
+        log.exception("the report failed")
+        click.echo(f"{prefix}: failed: {type(exc).__name__}: {exc}", err=True)
+        return 1
+    click.echo(f"report: {result.page}", err=True)
+    if result.crossed:
+        click.echo(f"{prefix}: threshold crossed: {'; '.join(result.crossed)}", err=True)
+        return EXIT_THRESHOLD
+    return 0

@@ -1,0 +1,326 @@
+"""The morning page: one self-contained HTML file. Charts are inline SVG, thumbnails embedded JPEG data: URIs,
+no script and nothing fetched, so it reads the same from a mail attachment, an S3 console or a file:// URL."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import logging
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pyarrow as pa
+
+from .. import storage
+from .config import EDGE_LABELS, ReportConfig
+from .load import Night
+
+log = logging.getLogger("tagger.report")
+e = html.escape
+
+NOW, BEFORE, ALERT = "#2f6fb0", "#c4c9d0", "#c0392b"
+
+_CSS = """
+* { box-sizing: border-box; }
+body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #1d1d1f; margin: 0; background: #f5f6f8; }
+main { max-width: 1180px; margin: 0 auto; padding: 20px 24px 40px; }
+h1 { font-size: 22px; margin: 0 0 4px; } h2 { font-size: 17px; margin: 28px 0 10px; } h3 { font-size: 15px; margin: 0 0 6px; }
+p.meta { color: #555; margin: 0 0 14px; overflow-wrap: anywhere; }
+.banner { padding: 10px 14px; border-radius: 6px; margin: 12px 0; }
+.banner.bad { background: #fdecea; border: 1px solid #e6b0aa; } .banner.ok { background: #eaf6ec; border: 1px solid #b5dcbc; }
+.banner.note { background: #fff8e1; border: 1px solid #f0d58c; }
+.banner ul { margin: 4px 0 0 18px; padding: 0; }
+.wide { overflow-x: auto; max-width: 100%; }
+table { border-collapse: collapse; background: #fff; font-variant-numeric: tabular-nums; }
+th, td { padding: 4px 9px; border-bottom: 1px solid #e3e5e8; text-align: right; vertical-align: top; }
+th { background: #eef0f3; font-weight: 600; } th:first-child, td:first-child, td.text, th.text { text-align: left; }
+td.up { color: #a04000; } td.down { color: #1f618d; } td.alert, span.alert { color: #c0392b; font-weight: 600; }
+.grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(520px, 1fr)); gap: 14px; }
+.card { background: #fff; border: 1px solid #dde0e4; border-radius: 6px; padding: 12px 14px; min-width: 0; }
+.card svg { max-width: 100%; height: auto; display: block; }
+.card p { margin: 6px 0 0; font-size: 13px; overflow-wrap: anywhere; }
+.legend span { display: inline-block; width: 11px; height: 11px; margin: 0 4px -1px 10px; border-radius: 2px; }
+.gallery { display: grid; grid-template-columns: repeat(auto-fill, minmax(170px, 1fr)); gap: 10px; }
+.thumb { background: #fff; border: 1px solid #dde0e4; border-radius: 6px; padding: 8px; font-size: 12.5px; min-width: 0; overflow-wrap: anywhere; }
+.thumb img, .thumb .noimg { width: 100%; max-width: THUMBpx; aspect-ratio: 1; display: block; margin: 0 auto 6px; object-fit: contain; }
+.thumb .noimg { background: #fdecea; color: #b22222; display: flex; align-items: center; justify-content: center; }
+.thumb b { font-size: 13px; } .thumb .pair { margin-top: 2px; } .thumb s { color: #777; }
+footer { margin-top: 30px; color: #666; font-size: 12.5px; overflow-wrap: anywhere; }
+code { font-size: 12.5px; }
+"""
+
+
+def _pct(value: float | None, digits: int = 1) -> str:
+    return "–" if value is None else f"{value * 100:.{digits}f} %"
+
+
+def _num(value: float | None, digits: int = 3) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _signed(value: float | None, pct: bool = False) -> str:
+    if value is None:
+        return ""
+    return f"{value * 100:+.1f} pt" if pct else f"{value:+,}"
+
+
+def _delta_cell(value: Any, pct: bool = False) -> str:
+    if value is None or value == 0:
+        return '<td></td>' if value is None else '<td>±0</td>'
+    return f'<td class="{"up" if value > 0 else "down"}">{_signed(value, pct)}</td>'
+
+
+def mix_svg(now: dict[str, int], before: dict[str, int] | None, top: int = 10, width: int = 500) -> str:
+    """Horizontal bars: tonight's share of the most frequent labels (either night), the night before's beneath."""
+    n = sum(now.values()) or 1
+    m = sum((before or {}).values()) or 1
+    labels = sorted(set(now) | set(before or {}), key=lambda x: (-max(now.get(x, 0) / n, (before or {}).get(x, 0) / m), x))
+    shown, rest = labels[:top], labels[top:]
+    row, left, right = 24 if before else 18, 150, 62
+    height = row * len(shown) + (18 if rest else 4)
+    scale = max([now.get(x, 0) / n for x in shown] + [(before or {}).get(x, 0) / m for x in shown] + [1e-9])
+    bar = width - left - right
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
+             f'role="img" font-size="12" font-family="system-ui, sans-serif">']
+    for i, label in enumerate(shown):
+        y = i * row + 2
+        p = now.get(label, 0) / n
+        name = label if len(label) <= 22 else label[:21] + "…"
+        parts.append(f'<text x="{left - 6}" y="{y + 11}" text-anchor="end">{e(name)}<title>{e(label)}</title></text>')
+        parts.append(f'<rect x="{left}" y="{y + 1}" width="{bar * p / scale:.1f}" height="11" fill="{NOW}"/>')
+        text = f"{p * 100:.1f} %"
+        if before is not None:
+            q = before.get(label, 0) / m
+            parts.append(f'<rect x="{left}" y="{y + 13}" width="{bar * q / scale:.1f}" height="6" fill="{BEFORE}"/>')
+            text += f" ({(p - q) * 100:+.1f})" if abs(p - q) >= 0.0005 else ""
+        parts.append(f'<text x="{left + bar * p / scale + 4:.1f}" y="{y + 11}" fill="#333">{e(text)}</text>')
+    if rest:
+        share = sum(now.get(x, 0) for x in rest) / n
+        parts.append(f'<text x="{left}" y="{height - 4}" fill="#666">+ {len(rest)} more labels, {share * 100:.1f} % together</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def histogram_svg(now: Sequence[int], before: Sequence[int] | None, threshold: float | None, width: int = 500, height: int = 130) -> str:
+    """Score histogram (share of tags per 0.05 bin): tonight as bars, the night before as an outline, the review
+    threshold as a dashed red line."""
+    left, bottom, top = 34, 20, 18
+    plot_w, plot_h = width - left - 8, height - bottom - top
+    total_now = sum(now) or 1
+    total_before = sum(before or []) or 1
+    shares_now = [v / total_now for v in now]
+    shares_before = [v / total_before for v in before] if before is not None else []
+    peak = max(shares_now + shares_before + [1e-9])
+    bins = len(now)
+    w = plot_w / bins
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
+             f'role="img" font-size="11" font-family="system-ui, sans-serif">',
+             f'<line x1="{left}" y1="{top + plot_h}" x2="{left + plot_w}" y2="{top + plot_h}" stroke="#888"/>']
+    for i, share in enumerate(shares_now):
+        h = plot_h * share / peak
+        parts.append(f'<rect x="{left + i * w + 1:.1f}" y="{top + plot_h - h:.1f}" width="{w - 2:.1f}" height="{h:.1f}" fill="{NOW}" opacity="0.85"/>')
+    if shares_before:
+        points = []
+        for i, share in enumerate(shares_before):
+            y = top + plot_h - plot_h * share / peak
+            points += [f"{left + i * w:.1f},{y:.1f}", f"{left + (i + 1) * w:.1f},{y:.1f}"]
+        parts.append(f'<polyline points="{" ".join(points)}" fill="none" stroke="#7f8c8d" stroke-width="1.6"/>')
+    if threshold is not None:
+        x = left + plot_w * threshold
+        parts.append(f'<line x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{top + plot_h}" stroke="{ALERT}" stroke-dasharray="4 3" stroke-width="1.5"/>')
+        anchor = "end" if threshold > 0.6 else "start"
+        parts.append(f'<text x="{x + (-4 if anchor == "end" else 4):.1f}" y="{top - 6}" fill="{ALERT}" text-anchor="{anchor}">review &lt; {threshold:.2f}</text>')
+    for tick in EDGE_LABELS:
+        x = left + plot_w * tick
+        parts.append(f'<text x="{x:.1f}" y="{height - 5}" text-anchor="middle" fill="#555">{tick:g}</text>')
+    parts.append(f'<text x="{left - 4}" y="{top + 4}" text-anchor="end" fill="#555">{peak * 100:.0f}%</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def gallery_items(disagreements: pa.Table, night: Night, config: ReportConfig) -> list[dict[str, Any]]:
+    """The products of the most confident disagreements (up to ``config.gallery``), each with its thumbnail,
+    read through the tag job's own reader and decoder: a JPEG data: URI, or the error that stopped it."""
+    if not config.gallery or disagreements.num_rows == 0:
+        return []
+    products: dict[str, dict[str, Any]] = {}
+    for row in disagreements.slice(0, config.gallery * 8).to_pylist():
+        item = products.get(row["product_id"])
+        if item is None:
+            if len(products) >= config.gallery:
+                continue
+            item = products[row["product_id"]] = {"product_id": row["product_id"], "image": row["image"], "pairs": []}
+        item["pairs"].append(row)
+    base = storage.parent((night.plan or {}).get("catalog") or config.catalog or config.out)
+    items = list(products.values())
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        for item, (uri, error) in zip(items, pool.map(lambda i: _thumbnail(storage.resolve(i["image"], base), config), items)):
+            item["src"], item["error"] = uri, error
+    return items
+
+
+def _thumbnail(location: str, config: ReportConfig) -> tuple[str | None, str | None]:
+    from PIL import Image
+
+    from ..data.decode import ImageError, decode_image
+    from ..data.reader import StorageUnavailable, fetch_image
+
+    try:
+        data, _ = fetch_image(location, config.storage_options)
+        pixels = decode_image(data, config.thumb_size, source=location)
+    except ImageError as exc:
+        return None, exc.error_type
+    except StorageUnavailable:
+        return None, "storage unavailable"
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=82)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii"), None
+
+
+def render_page(report: dict[str, Any], gallery: list[dict[str, Any]], config: ReportConfig, mix: dict[str, Any] | None = None) -> str:
+    r = report
+    date, previous = r["run_date"], r["previous_run_date"]
+    out = ["<!doctype html>", '<html lang="en"><head><meta charset="utf-8">',
+           '<meta name="viewport" content="width=device-width, initial-scale=1">',
+           f"<title>Tagging report run_date={e(date)}</title>", f"<style>{_CSS.replace('THUMB', str(config.thumb_size))}</style>",
+           "</head><body><main>", f"<h1>Tagging report · run_date={e(date)}</h1>"]
+    compared = (f"compared with the night before, run_date={e(previous)}" if previous
+                else "first night: no earlier complete night to compare with")
+    out.append(f'<p class="meta">{compared} · run {e(str(r["run_id"]))} · model {e(str(r["model_version"]))} · '
+               f'generated {e(r["generated_at"])} in {r.get("duration_s", 0):.1f} s</p>')
+    if previous and r["previous_model_version"] and r["previous_model_version"] != r["model_version"]:
+        out.append(f'<div class="banner note">The model changed since run_date={e(previous)} ({e(r["previous_model_version"])} → '
+                   f'{e(str(r["model_version"]))}): drift below may be the model\'s, not the catalog\'s.</div>')
+    if r["crossed"]:
+        out.append('<div class="banner bad"><b>Thresholds crossed</b><ul>' + "".join(f"<li>{e(c)}</li>" for c in r["crossed"]) + "</ul></div>")
+    elif r["thresholds"]:
+        checked = ", ".join(f"--{k.replace('_', '-')} {v:g}" for k, v in r["thresholds"].items())
+        out.append(f'<div class="banner ok">No threshold crossed ({e(checked)}).</div>')
+    out += _counts(r)
+    out += _overview(r)
+    out += _attribute_cards(r, mix or {})
+    out += _disagreements(r, gallery)
+    files = ", ".join(r.get("files", []))
+    out.append(f'<footer>Written by <code>tagger report --out {e(str(r["out"]))} --run-date {e(date)}</code> to '
+               f'{e(config.folder)}: {e(files)}. Every figure on this page is in report.json; shares are of the night\'s '
+               "tag rows; PSI and Jensen-Shannon distance compare label mixes (README, \"Reading the morning report\").</footer>")
+    out += ["</main></body></html>", ""]
+    return "\n".join(out)
+
+
+def _counts(r: dict[str, Any]) -> list[str]:
+    now, before, change = r["counts"], r["previous_counts"], r["change"]
+    head = "<tr><th></th><th>tonight</th>" + ("<th>night before</th><th>change</th>" if before else "") + "</tr>"
+    rows = []
+    keys = [("rows", "manifest rows"), ("tagged", "tagged by the model"), ("reused", "reused (--since)"), ("errors", "error rows")]
+    for key, name in keys:
+        cells = f"<td>{now[key]:,}</td>" + (f"<td>{before[key]:,}</td>{_delta_cell(change.get(key))}" if before else "")
+        rows.append(f"<tr><td>{name}</td>{cells}</tr>")
+    types = sorted(set(now["error_types"]) | set((before or {}).get("error_types", {})))
+    for t in types:
+        cells = f"<td>{now['error_types'].get(t, 0):,}</td>" + (
+            f"<td>{before['error_types'].get(t, 0):,}</td>{_delta_cell(change['error_types'].get(t))}" if before else "")
+        rows.append(f'<tr><td>&nbsp;&nbsp;{e(t)}</td>{cells}</tr>')
+    review = f"<td>{_pct(now['review_share'])}</td>" + (
+        f"<td>{_pct(before['review_share'])}</td>" + _delta_cell(
+            None if now["review_share"] is None or before["review_share"] is None else now["review_share"] - before["review_share"], True)
+        if before else "")
+    rows.append(f"<tr><td>tags with an attribute to review</td>{review}</tr>")
+    return ["<h2>Counts</h2>", f'<div class="wide"><table>{head}{"".join(rows)}</table></div>']
+
+
+def _overview(r: dict[str, Any]) -> list[str]:
+    previous = r["previous_run_date"]
+    has_truth = any(f["agreement"] for f in r["attributes"].values())
+    head = ["attribute", "labels", "most frequent tag"]
+    if previous:
+        head += ["Jensen-Shannon", "PSI", "new / vanished labels"]
+    head += ["review share"] + (["before"] if previous else []) + ["mean score"] + (["before"] if previous else [])
+    if has_truth:
+        head += ["agrees with catalog", "labelled"]
+    rows = []
+    limits = r["thresholds"]
+    for a, f in r["attributes"].items():
+        top = f["top_labels"][0] if f["top_labels"] else None
+        cells = [f"<td>{e(a)}</td>", f"<td>{f['labels']}</td>",
+                 f'<td class="text">{e(top["label"]) + " " + _pct(top["rows"] / max(1, r["counts"]["tagged"] + r["counts"]["reused"]), 0) if top else "–"}</td>']
+        if previous:
+            d = f["drift"]
+            if d is None:
+                cells.append('<td colspan="3" class="text">not tagged the night before</td>')
+            else:
+                js_bad = "max_drift" in limits and d["js_distance"] > limits["max_drift"]
+                psi_bad = "max_psi" in limits and d["psi"] > limits["max_psi"]
+                cells.append(f'<td class="{"alert" if js_bad else ""}">{_num(d["js_distance"])}</td>')
+                cells.append(f'<td class="{"alert" if psi_bad else ""}">{_num(d["psi"])}</td>')
+                cells.append(f"<td>{len(d['new_labels'])} / {len(d['vanished_labels'])}</td>")
+        bad = "max_review_share" in limits and f["review_share"] is not None and f["review_share"] > limits["max_review_share"]
+        cells.append(f'<td class="{"alert" if bad else ""}">{_pct(f["review_share"])}</td>')
+        if previous:
+            cells.append(f"<td>{_pct(f['previous_review_share'])}</td>")
+        cells.append(f"<td>{_num(f['score_mean'], 2)}</td>")
+        if previous:
+            cells.append(f"<td>{_num(f['previous_score_mean'], 2)}</td>")
+        if has_truth:
+            g = f["agreement"]
+            if g:
+                bad = "min_agreement" in limits and g["accuracy"] is not None and g["accuracy"] < limits["min_agreement"]
+                cells.append(f'<td class="{"alert" if bad else ""}">{_pct(g["accuracy"])}</td><td>{g["labelled"]:,} ({_pct(g["labelled_share"], 0)})</td>')
+            else:
+                cells.append('<td colspan="2" class="text">no catalog column</td>')
+        rows.append("<tr>" + "".join(cells) + "</tr>")
+    return ["<h2>Attributes</h2>",
+            '<div class="wide"><table><tr>' + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr>" + "".join(rows) + "</table></div>"]
+
+
+def _attribute_cards(r: dict[str, Any], mix: dict[str, Any]) -> list[str]:
+    previous = r["previous_run_date"]
+    legend = (f'<p class="legend"><span style="background:{NOW}"></span>run_date={e(r["run_date"])}'
+              + (f'<span style="background:{BEFORE}"></span>run_date={e(previous)} (bars: thin; scores: outline)' if previous else "")
+              + "</p>")
+    out = ["<h2>Label mix and scores per attribute</h2>", legend, '<div class="grid">']
+    for a, f in r["attributes"].items():
+        now, before = mix.get(a, ({}, None))
+        card = [f'<div class="card"><h3>{e(a)}</h3>', mix_svg(now, before)]
+        card.append(histogram_svg(f["score_histogram"], f["previous_score_histogram"], f["review_threshold"]))
+        d = f["drift"]
+        if d:
+            movers = ", ".join(f"{e(m['label'])} {m['previous_share'] * 100:.1f} → {m['share'] * 100:.1f} %" for m in d["movers"][:3])
+            card.append(f"<p>Largest movers: {movers or 'none'}.</p>")
+            if d["new_labels"]:
+                card.append(f"<p>New tonight: {e(', '.join(d['new_labels'][:12]))}{' …' if len(d['new_labels']) > 12 else ''}.</p>")
+            if d["vanished_labels"]:
+                card.append(f"<p>Vanished: {e(', '.join(d['vanished_labels'][:12]))}{' …' if len(d['vanished_labels']) > 12 else ''}.</p>")
+        g = f["agreement"]
+        if g and g["confusions"]:
+            pairs = ", ".join(f"{e(c['catalog_label'])} → {e(c['tag'])} ({c['rows']})" for c in g["confusions"])
+            card.append(f"<p>Most frequent confusions (catalog → tag): {pairs}.</p>")
+        card.append("</div>")
+        out += card
+    out.append("</div>")
+    return out
+
+
+def _disagreements(r: dict[str, Any], gallery: list[dict[str, Any]]) -> list[str]:
+    g = r["agreement"]
+    if not g:
+        return ["<h2>Agreement with the catalog</h2>",
+                "<p>The catalog has no label column named like an attribute (or given with --truth-column): nothing to compare.</p>"]
+    out = ["<h2>Most confident disagreements with the catalog</h2>",
+           f'<p class="meta">{g["disagreements"]:,} disagreements (catalog label ≠ tag) on the labelled rows of '
+           f'{e(str(g["catalog"]))} ({e(g["how"])}); the most confident first: either the tag or the catalog is wrong. '
+           f'Table disagreements.parquet holds the top {g["disagreements_written"]:,}.</p>']
+    if not gallery:
+        out.append("<p>None.</p>")
+        return out
+    out.append('<div class="gallery">')
+    for item in gallery:
+        image = (f'<img alt="{e(item["product_id"])}" src="{item["src"]}">' if item.get("src")
+                 else f'<div class="noimg">{e(item.get("error") or "no image")}</div>')
+        pairs = "".join(f'<div class="pair">{e(p["attribute"])}: <s>{e(p["catalog_label"])}</s> → <b>{e(p["tag"])}</b> '
+                        f'{p["score"]:.2f}</div>' for p in item["pairs"][:4])
+        out.append(f'<div class="thumb">{image}<b>{e(item["product_id"])}</b>{pairs}</div>')
+    out.append("</div>")
+    return out

@@ -1,0 +1,292 @@
+"""The report's numbers: label mix, scores and review share of a night; drift against the night before;
+agreement with the catalog's own labels; the thresholds.
+
+Everything is accumulated batch by batch (Arrow value counts, numpy histograms, polars joins of one batch),
+so memory does not grow with the night. Definitions, as in Evidently's and whylogs' drift reports:
+
+- share of a label: its rows / the night's tag rows;
+- PSI = sum over labels of (p - q) * ln(p / q), shares floored at :data:`~.config.PSI_FLOOR` so that a new or
+  vanished label counts heavily but finitely (< 0.1: stable, 0.1-0.25: moderate, > 0.25: a real shift);
+- Jensen-Shannon distance: sqrt of the JS divergence in base 2, 0 (same mix) .. 1 (no label in common);
+- agreement: tag == catalog label (both trimmed of spaces), on the rows whose catalog label is not empty.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .config import PSI_FLOOR, SCORE_BINS, Thresholds
+from .load import Night, _value_counts
+
+REVIEW = "needs_review"
+EDGES = np.linspace(0.0, 1.0, SCORE_BINS + 1)
+
+
+@dataclass
+class Profile:
+    """One night's tags, summed up: what drift and the page compare."""
+
+    attributes: list[str]
+    rows: int = 0
+    reused: int = 0
+    review_rows: int = 0
+    mix: dict[str, Counter] = field(default_factory=dict)
+    hist: dict[str, np.ndarray] = field(default_factory=dict)
+    score_sum: dict[str, float] = field(default_factory=dict)
+    review: Counter = field(default_factory=Counter)
+
+    def share(self, attribute: str) -> dict[str, float]:
+        total = sum(self.mix.get(attribute, {}).values())
+        return {k: v / total for k, v in self.mix.get(attribute, {}).items()} if total else {}
+
+    def score_mean(self, attribute: str) -> float | None:
+        count = int(self.hist[attribute].sum()) if attribute in self.hist else 0
+        return self.score_sum[attribute] / count if count else None
+
+    def review_share(self, attribute: str) -> float | None:
+        return self.review.get(attribute, 0) / self.rows if self.rows else None
+
+
+def profile(night: Night, attributes: list[str], batch_rows: int) -> Profile:
+    result = Profile(attributes)
+    for a in attributes:
+        result.mix[a], result.hist[a], result.score_sum[a] = Counter(), np.zeros(SCORE_BINS, np.int64), 0.0
+    columns = [*attributes, *(f"{a}_score" for a in attributes), REVIEW, "run_id"]
+    run_id = night.run_id
+    for batch in night.iter_tags(columns, batch_rows):
+        names = batch.schema.names
+        result.rows += batch.num_rows
+        for a in attributes:
+            if a in names:
+                result.mix[a].update(_value_counts(batch.column(a)))
+            if f"{a}_score" in names:
+                scores = batch.column(f"{a}_score").to_numpy(zero_copy_only=False)
+                result.hist[a] += np.histogram(np.clip(scores, 0.0, 1.0), bins=EDGES)[0]
+                result.score_sum[a] += float(scores.sum(dtype=np.float64))
+        if REVIEW in names:
+            column = batch.column(REVIEW)
+            result.review.update(_value_counts(pc.list_flatten(column)))
+            result.review_rows += int(pc.sum(pc.greater(pc.list_value_length(column), 0)).as_py() or 0)
+        if "run_id" in names and run_id:
+            # A --since run keeps a reused row's original run_id: the rows of other runs are the reused ones.
+            result.reused += batch.num_rows - int(pc.sum(pc.equal(batch.column("run_id"), run_id)).as_py() or 0)
+    return result
+
+
+def counts(night: Night, tags: Profile, batch_rows: int) -> dict[str, Any]:
+    errors = night.error_types(batch_rows)
+    error_rows = sum(errors.values())
+    rows = tags.rows + error_rows
+    return {
+        "rows": rows, "tagged": tags.rows - tags.reused, "reused": tags.reused, "errors": error_rows,
+        "error_types": dict(sorted(errors.items())), "error_rate": error_rows / rows if rows else 0.0,
+        "review_rows": tags.review_rows, "review_share": tags.review_rows / tags.rows if tags.rows else None,
+    }
+
+
+def change(now: Mapping[str, Any], before: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Tonight minus the night before, for every number both have (error types: every type either has)."""
+    if before is None:
+        return {}
+    out: dict[str, Any] = {}
+    for key, value in now.items():
+        if isinstance(value, (int, float)) and isinstance(before.get(key), (int, float)):
+            out[key] = value - before[key]
+    types = set(now.get("error_types", {})) | set(before.get("error_types", {}))
+    out["error_types"] = {t: now.get("error_types", {}).get(t, 0) - before.get("error_types", {}).get(t, 0) for t in sorted(types)}
+    return out
+
+
+def drift(now: Mapping[str, int], before: Mapping[str, int], movers: int = 5) -> dict[str, Any] | None:
+    """PSI and Jensen-Shannon distance of two label mixes (counts), new and vanished labels, largest movers;
+    None when either night has no tags for the attribute (nothing to compare)."""
+    n, m = sum(now.values()), sum(before.values())
+    if not n or not m:
+        return None
+    labels = sorted(set(now) | set(before))
+    p = np.array([now.get(label, 0) / n for label in labels])
+    q = np.array([before.get(label, 0) / m for label in labels])
+    psi = float(np.sum((p - q) * np.log(np.maximum(p, PSI_FLOOR) / np.maximum(q, PSI_FLOOR))))
+    middle = (p + q) / 2
+
+    def kl(a: np.ndarray) -> float:
+        used = a > 0
+        return float(np.sum(a[used] * np.log2(a[used] / middle[used])))
+
+    js = math.sqrt(max(0.0, 0.5 * kl(p) + 0.5 * kl(q)))
+    order = sorted(range(len(labels)), key=lambda i: (-abs(p[i] - q[i]), labels[i]))
+    return {
+        "psi": psi,
+        "js_distance": min(js, 1.0),
+        "new_labels": [labels[i] for i in range(len(labels)) if q[i] == 0],
+        "vanished_labels": [labels[i] for i in range(len(labels)) if p[i] == 0],
+        "movers": [{"label": labels[i], "share": float(p[i]), "previous_share": float(q[i]), "change": float(p[i] - q[i])}
+                   for i in order[:movers] if p[i] != q[i]],
+    }
+
+
+def label_mix_table(run_date: str, previous_date: str | None, now: Profile, before: Profile | None) -> pa.Table:
+    rows: dict[str, list] = {k: [] for k in ("run_date", "attribute", "label", "count", "share", "previous_run_date",
+                                             "previous_count", "previous_share", "change")}
+    for a in now.attributes:
+        current, past = now.mix.get(a, Counter()), (before.mix.get(a, Counter()) if before else Counter())
+        n, m = sum(current.values()), sum(past.values())
+        for label in sorted(set(current) | set(past), key=lambda x: (-current.get(x, 0), -past.get(x, 0), x)):
+            share = current.get(label, 0) / n if n else None
+            previous_share = past.get(label, 0) / m if m else None
+            for key, value in (("run_date", run_date), ("attribute", a), ("label", label), ("count", current.get(label, 0)),
+                               ("share", share), ("previous_run_date", previous_date),
+                               ("previous_count", past.get(label, 0) if before else None), ("previous_share", previous_share),
+                               ("change", share - previous_share if share is not None and previous_share is not None else None)):
+                rows[key].append(value)
+    types = {"count": pa.int64(), "previous_count": pa.int64(), "share": pa.float64(), "previous_share": pa.float64(),
+             "change": pa.float64()}
+    return pa.table({k: pa.array(v, types.get(k, pa.string())) for k, v in rows.items()})
+
+
+@dataclass
+class Agreement:
+    """Tags against the catalog's labels, accumulated over joined batches."""
+
+    columns: dict[str, str]  # attribute -> catalog column
+    max_rows: int
+    labelled: Counter = field(default_factory=Counter)
+    agree: Counter = field(default_factory=Counter)
+    pairs: dict[str, Counter] = field(default_factory=dict)  # attribute -> (catalog label, tag) -> rows
+    top: Any = None  # polars frame: the most confident disagreements so far
+    disagreements: int = 0
+
+    def add(self, joined) -> None:
+        """``joined``: a polars frame of tags rows with the catalog's labels as ``truth:<attribute>``."""
+        import polars as pl
+
+        frames = [] if self.top is None else [self.top]
+        for a in self.columns:
+            truth = pl.col(f"truth:{a}").str.strip_chars()
+            labelled = joined.filter(truth.is_not_null() & (truth != "")).with_columns(truth.alias(f"truth:{a}"))
+            if labelled.height == 0:
+                continue
+            wrong = labelled.filter(pl.col(a) != pl.col(f"truth:{a}"))
+            self.labelled[a] += labelled.height
+            self.agree[a] += labelled.height - wrong.height
+            self.disagreements += wrong.height
+            pairs = self.pairs.setdefault(a, Counter())
+            for truth_label, tag, count in wrong.group_by([f"truth:{a}", a]).len().iter_rows():
+                pairs[(truth_label, tag)] += count
+            frames.append(wrong.select(
+                pl.col("product_id"), pl.col("image"), pl.lit(a).alias("attribute"), pl.col(f"truth:{a}").alias("catalog_label"),
+                pl.col(a).alias("tag"), pl.col(f"{a}_score").cast(pl.Float32).alias("score"),
+            ))
+        if len(frames) > (self.top is not None):
+            self.top = (pl.concat(frames).sort(["score", "attribute", "product_id"], descending=[True, False, False])
+                        .head(self.max_rows))
+
+    def accuracy(self, attribute: str) -> float | None:
+        return self.agree[attribute] / self.labelled[attribute] if self.labelled[attribute] else None
+
+    def confusions(self, attribute: str, top: int = 5) -> list[dict[str, Any]]:
+        pairs = self.pairs.get(attribute, Counter())
+        ranked = sorted(pairs.items(), key=lambda item: (-item[1], item[0]))[:top]
+        return [{"catalog_label": t, "tag": g, "rows": c} for (t, g), c in ranked]
+
+    def table(self, run_date: str, tag_rows: int) -> pa.Table:
+        names = list(self.columns)
+        top = [self.confusions(a, 1) for a in names]
+        return pa.table({
+            "run_date": pa.array([run_date] * len(names), pa.string()),
+            "attribute": pa.array(names, pa.string()),
+            "catalog_column": pa.array([self.columns[a] for a in names], pa.string()),
+            "tagged": pa.array([tag_rows] * len(names), pa.int64()),
+            "labelled": pa.array([self.labelled[a] for a in names], pa.int64()),
+            "agree": pa.array([self.agree[a] for a in names], pa.int64()),
+            "accuracy": pa.array([self.accuracy(a) for a in names], pa.float64()),
+            "top_confusion": pa.array([f"{t[0]['catalog_label']} -> {t[0]['tag']}" if t else None for t in top], pa.string()),
+            "top_confusion_rows": pa.array([t[0]["rows"] if t else 0 for t in top], pa.int64()),
+        })
+
+    def confusions_table(self, run_date: str) -> pa.Table:
+        rows = [(a, t, g, c) for a in self.columns for (t, g), c in sorted(self.pairs.get(a, {}).items(), key=lambda i: (-i[1], i[0]))]
+        return pa.table({
+            "run_date": pa.array([run_date] * len(rows), pa.string()),
+            "attribute": pa.array([r[0] for r in rows], pa.string()),
+            "catalog_label": pa.array([r[1] for r in rows], pa.string()),
+            "tag": pa.array([r[2] for r in rows], pa.string()),
+            "rows": pa.array([r[3] for r in rows], pa.int64()),
+        })
+
+    def disagreements_table(self) -> pa.Table:
+        schema = pa.schema([("product_id", pa.string()), ("image", pa.string()), ("attribute", pa.string()),
+                            ("catalog_label", pa.string()), ("tag", pa.string()), ("score", pa.float32())])
+        if self.top is None:
+            return schema.empty_table()
+        return self.top.to_arrow().cast(schema)
+
+
+def crossed(thresholds: Thresholds, report: Mapping[str, Any]) -> list[str]:
+    """What crossed, one phrase each naming the attribute, the figure and the option."""
+    out = []
+    attributes = report["attributes"]
+    previous = report.get("previous_run_date")
+    for a, facts in attributes.items():
+        d = facts.get("drift")
+        if d and thresholds.max_drift is not None and d["js_distance"] > thresholds.max_drift:
+            out.append(f"{a} label mix drifted from run_date={previous}: Jensen-Shannon {d['js_distance']:.3f} > --max-drift {thresholds.max_drift:g}")
+        if d and thresholds.max_psi is not None and d["psi"] > thresholds.max_psi:
+            out.append(f"{a} label mix drifted from run_date={previous}: PSI {d['psi']:.3f} > --max-psi {thresholds.max_psi:g}")
+        share = facts.get("review_share")
+        if share is not None and thresholds.max_review_share is not None and share > thresholds.max_review_share:
+            out.append(f"{a} review share {share:.1%} > --max-review-share {thresholds.max_review_share:.1%}")
+        accuracy = (facts.get("agreement") or {}).get("accuracy")
+        if accuracy is not None and thresholds.min_agreement is not None and accuracy < thresholds.min_agreement:
+            out.append(f"{a} agrees with the catalog on {accuracy:.1%} of {facts['agreement']['labelled']} labelled rows "
+                       f"< --min-agreement {thresholds.min_agreement:.1%}")
+    counts, before = report["counts"], report.get("previous_counts")
+    if thresholds.max_error_rate is not None and counts["error_rate"] > thresholds.max_error_rate:
+        out.append(f"error rate {counts['error_rate']:.1%} ({counts['errors']} of {counts['rows']} rows) > --max-error-rate {thresholds.max_error_rate:.1%}")
+    if thresholds.max_rows_change is not None and before and before["rows"]:
+        moved = counts["rows"] / before["rows"] - 1
+        if abs(moved) > thresholds.max_rows_change:
+            out.append(f"rows changed {moved:+.1%} ({before['rows']} -> {counts['rows']}) from run_date={previous} "
+                       f"> --max-rows-change {thresholds.max_rows_change:.1%}")
+    return out
+
+
+def iter_joined(night: Night, catalog_batches, columns: Mapping[str, str], attributes: Iterable[str], batch_rows: int,
+                buckets: int):
+    """Tonight's tags joined by product id with the catalog's label columns, as polars frames, a bucket of ids
+    at a time: ``catalog_batches(bucket)`` streams the catalog (id + label columns, Arrow batches); with more
+    than one bucket both sides keep only the ids whose hash falls in the bucket, so the catalog is never held
+    whole. The first row of a repeated id wins, as in the tag job."""
+    import polars as pl
+
+    attributes = list(attributes)
+    wanted = ["product_id", "image", *attributes, *(f"{a}_score" for a in attributes)]
+
+    def in_bucket(frame, k: int):
+        return frame if buckets == 1 else frame.filter(pl.col("product_id").hash(seed=0) % buckets == k)
+
+    for k in range(buckets):
+        parts = []
+        for batch in catalog_batches():
+            frame = pl.from_arrow(batch)
+            frame = frame.select(pl.col(frame.columns[0]).alias("product_id"),
+                                 *[pl.col(c).alias(f"truth:{a}") for a, c in columns.items()])
+            parts.append(in_bucket(frame.filter(pl.col("product_id").is_not_null()), k))
+        if not parts:
+            continue
+        catalog = pl.concat(parts).unique(subset="product_id", keep="first", maintain_order=True)
+        del parts
+        for batch in night.iter_tags(wanted, batch_rows):
+            tags = in_bucket(pl.from_arrow(batch), k)
+            joined = tags.join(catalog, on="product_id", how="inner")
+            if joined.height:
+                yield joined
+        del catalog
