@@ -8,6 +8,8 @@ STAMP := $(VENV)/.installed-stamp
 # make tag CATALOG=... [MODEL=... OUT=... RUN_DATE=... TAG_ARGS="--device cuda --batch-size 256"]
 # The built-in default: 150 real product photos (+ 2 broken rows) from the shipped model's own test split,
 # tagged by the shipped model (models/fashion-lite0, see its MODEL_CARD.md). Nothing is trained or downloaded.
+# --report: the night's morning report (OUT/_reports/run_date=D/report.html, its path printed); the demo catalog
+# carries its own labels, so the page shows agreement and the most confident disagreements on real photos.
 DEMO_CATALOG := demo/catalog.csv
 DEMO_TRUTH := demo/truth.csv
 SHIPPED_MODEL := models/fashion-lite0
@@ -17,7 +19,7 @@ OUT ?= out/demo
 RUN_DATE ?=
 TAG_ARGS ?=
 
-.PHONY: setup tag test bench clean airflow-setup test-airflow image-tools image-base image image-test
+.PHONY: setup tag test bench clean browser-setup airflow-setup test-airflow image-tools image-base image image-test
 
 setup: $(STAMP)
 
@@ -28,7 +30,7 @@ $(STAMP): setup.cfg pyproject.toml
 	touch $(STAMP)
 
 tag: $(STAMP)
-	$(BIN)/tagger tag --catalog '$(CATALOG)' --model '$(MODEL)' --out '$(OUT)' $(if $(RUN_DATE),--run-date $(RUN_DATE)) $(TAG_ARGS)
+	$(BIN)/tagger tag --catalog '$(CATALOG)' --model '$(MODEL)' --out '$(OUT)' $(if $(RUN_DATE),--run-date $(RUN_DATE)) --report $(TAG_ARGS)
 	$(if $(filter $(DEMO_CATALOG),$(CATALOG)),$(BIN)/tagger demo-check --out '$(OUT)' $(if $(RUN_DATE),--run-date $(RUN_DATE)) --truth $(DEMO_TRUTH))
 
 test: $(STAMP)
@@ -39,6 +41,11 @@ bench: $(STAMP)
 
 clean:
 	rm -rf out
+
+# Debian's Chromium, for tests/test_report.py's render test (headless: every image loads, nothing overflows, a
+# screenshot). Without it that test skips, saying so. CI (.ci/run) calls this before `make test`.
+browser-setup:
+	@command -v chromium >/dev/null || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; }
 
 # --- Airflow (README "Airflow"): dags/fashion_tagger.py under a real Airflow 3, in its own virtualenv. ---
 # .venv-airflow never shares pins with the job's .venv; the DAG runs the job's `tagger` executable.

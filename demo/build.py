@@ -45,16 +45,18 @@ def main() -> None:
     images.mkdir(parents=True)
     with open(out / "catalog.csv", "w", newline="", encoding="utf-8") as catalog, open(out / "truth.csv", "w", newline="", encoding="utf-8") as truth:
         catalog_writer, truth_writer = csv.writer(catalog), csv.writer(truth)
-        catalog_writer.writerow(["product_id", "image"])
+        # The catalog carries the data set's own labels, as a retailer's does: `tagger report` scores the tags
+        # against them (truth.csv holds the same labels for demo-check).
+        catalog_writer.writerow(["product_id", "image", *ATTRIBUTES])
         truth_writer.writerow(["product_id", *ATTRIBUTES])
         for product_id in picked:
             source = Path(rows[product_id]["image"])
             shutil.copyfile(source, images / f"{product_id}.jpg")
-            catalog_writer.writerow([product_id, f"images/{product_id}.jpg"])
+            catalog_writer.writerow([product_id, f"images/{product_id}.jpg", *[rows[product_id][a] or "" for a in ATTRIBUTES]])
             truth_writer.writerow([product_id, *[rows[product_id][a] or "" for a in ATTRIBUTES]])
         # The deliberately broken rows: the errors table shows what happens to them.
-        catalog_writer.writerow(["broken-missing", "images/no-such-photo.jpg"])
-        catalog_writer.writerow(["broken-corrupt", "images/corrupt.jpg"])
+        catalog_writer.writerow(["broken-missing", "images/no-such-photo.jpg", *[""] * len(ATTRIBUTES)])
+        catalog_writer.writerow(["broken-corrupt", "images/corrupt.jpg", *[""] * len(ATTRIBUTES)])
     good = (images / f"{picked[0]}.jpg").read_bytes()
     (images / "corrupt.jpg").write_bytes(good[: len(good) // 3])  # a JPEG cut off mid-scan
     print(f"{len(picked)} test-split products + 2 broken rows -> {out}")

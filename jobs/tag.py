@@ -111,6 +111,9 @@ def common_output_options(function):
 @click.option("--ray-address", default=None, metavar="ADDR",
               help="--engine ray: the Ray cluster to join (the head's GCS address, host:6379). Default: RAY_ADDRESS when "
               "set (as under `ray job submit`), else a Ray started on this machine for the run.")
+@click.option("--report", "write_report", is_flag=True,
+              help="After a run that completes the partition, write its morning report (`tagger report`, no thresholds) "
+              "under OUT/_reports/run_date=D/. A report that fails is said on stderr; the tag's exit code stands.")
 def tag(**options) -> None:
     """Tag every product of a catalog manifest and write the date's Parquet partitions.
 
@@ -118,12 +121,29 @@ def tag(**options) -> None:
     checked before anything under --out changes; 3 too many error rows; 4 storage unavailable (transient);
     5 another run owns the date's partition; 1 any other failure; 143 stopped by SIGTERM/SIGINT.
     """
+    write_report = options.pop("write_report")
     options["storage_options"] = parse_storage_options(options["storage_options"])
     try:
         config = TagConfig(**options)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    sys.exit(execute(config))
+    code = execute(config)
+    if write_report and code == 0 and not config.plan_only:
+        _report(config)
+    sys.exit(code)
+
+
+def _report(config: TagConfig) -> None:
+    """The tag job's last step behind --report: the partition is committed, so a report that fails leaves the
+    tags as they are and the tag's exit code as it is (the DAG's own report task is where thresholds act)."""
+    from tagger.report.config import ReportConfig
+    from tagger.tag.partition import Partition
+
+    from .report import execute as report
+
+    if Partition(config.out, config.run_date, config.storage_options).is_complete():  # a --shard task's may not be yet
+        report(ReportConfig(out=config.out, run_date=config.run_date, storage_options=config.storage_options),
+               prefix="tagger tag --report")
 
 
 @click.command("finalize")

@@ -230,3 +230,78 @@ def test_invalid_input_exits_2_before_writing(tmp_path):
     # The plan's catalog is gone: the report goes on without the agreement section.
     assert run("--out", str(tmp_path), "--run-date", "2026-11-27").exit_code == 0
     assert report_json(tmp_path, "2026-11-27")["agreement"] is None
+
+
+def tag(*args: str):
+    return CliRunner().invoke(cli, ["tag", "--workers", "0", "--progress", "none", *args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def tagged_demo(demo, tiny_bundle, tmp_path_factory):
+    """The generated demo catalog tagged by the tiny bundle with --report, then reported on with its truth."""
+    out = tmp_path_factory.mktemp("tagged") / "out"
+    result = tag("--catalog", str(demo.catalog), "--model", tiny_bundle, "--out", str(out), "--run-date", "2026-11-27", "--report")
+    assert result.exit_code == 0, result.output
+    assert f"report: {out}/_reports/run_date=2026-11-27/report.html" in result.output
+    assert json.loads((out / "_reports" / "run_date=2026-11-27" / "report.json").read_text())["agreement"] is None
+    result = run("--out", str(out), "--run-date", "2026-11-27", "--catalog", str(demo.catalog_truth), "--gallery", "8")
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_tag_report_flag_and_catalog_truth_by_id(tagged_demo, demo):
+    import csv
+
+    body = report_json(tagged_demo, "2026-11-27")
+    with open(demo.catalog_truth, newline="") as handle:
+        truth = list(csv.DictReader(handle))
+    assert body["counts"]["tagged"] == len(truth) and body["counts"]["errors"] == 2
+    assert list(body["attributes"]) == list(truth[0])[1:]  # the bundle's attributes, in its order
+    for attribute, facts in body["attributes"].items():
+        assert facts["agreement"]["labelled"] == sum(1 for r in truth if r[attribute])
+    page = (tagged_demo / "_reports" / "run_date=2026-11-27" / "report.html").read_text()
+    assert page.count("data:image/jpeg;base64,") == min(8, len({r["product_id"] for r in pq.read_table(
+        tagged_demo / "_reports" / "run_date=2026-11-27" / "disagreements.parquet").to_pylist()}))
+    assert "<script" not in page and "http://" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "")
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHECK = """<script>
+window.addEventListener("load", () => {
+  const images = [...document.images];
+  const broken = images.filter(i => !(i.complete && i.naturalWidth > 0)).length;
+  const wide = document.documentElement.scrollWidth > window.innerWidth;
+  document.body.insertAdjacentHTML("beforeend",
+    `<pre id="check">images=${images.length} broken=${broken} overflow=${wide} width=${document.documentElement.scrollWidth}/${window.innerWidth}</pre>`);
+});
+</script>"""
+
+
+def chromium(tmp_path: Path, page: Path, *args: str) -> str:
+    command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+               "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars",
+               f"--user-data-dir={tmp_path / 'chromium-profile'}", *args, page.as_uri()]
+    return subprocess.run(command, capture_output=True, text=True, timeout=180, check=True).stdout
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (Debian: apt-get install chromium, or `make "
+                    "browser-setup`): report.html is not rendered in a browser here")
+@pytest.mark.parametrize("width", [1280, 640])
+def test_report_html_renders_in_headless_chromium(tagged_demo, tmp_path, width):
+    """Every image loads and nothing is wider than the window; a screenshot is kept for a person to look at."""
+    import re
+
+    page = tagged_demo / "_reports" / "run_date=2026-11-27" / "report.html"
+    checked = tmp_path / "checked.html"
+    checked.write_text(page.read_text().replace("</body>", CHECK + "</body>"))
+    dom = chromium(tmp_path, checked, f"--window-size={width},1000", "--virtual-time-budget=10000", "--dump-dom")
+    found = re.search(r'<pre id="check">images=(\d+) broken=(\d+) overflow=(\w+) width=([\d/]+)</pre>', dom)
+    assert found, f"the check did not run: {dom[-500:]}"
+    images, broken, overflow, sizes = found.groups()
+    assert int(images) >= 1 and int(broken) == 0 and overflow == "false", found.group(0)
+    shot = tmp_path / f"report-{width}.png"
+    chromium(tmp_path, page, f"--window-size={width},2400", f"--screenshot={shot}")
+    assert shot.stat().st_size > 10_000 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    keep = os.environ.get("TAGGER_REPORT_SCREENSHOTS")
+    if keep:
+        shutil.copy(shot, Path(keep) / shot.name)

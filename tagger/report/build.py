@@ -165,6 +165,8 @@ def truth_source(config: ReportConfig, night: load.Night, attributes: list[str])
         columns, how = dict(config.truth_columns), "--truth-column"
     else:
         columns, how = {a: a for a in attributes if a in names and a != id_column}, "columns named like the attributes"
+        if not columns:
+            return None
     return {"catalog": catalog, "format": fmt, "id_column": id_column, "columns": columns, "how": how}
 
 

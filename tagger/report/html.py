@@ -37,12 +37,12 @@ table { border-collapse: collapse; background: #fff; font-variant-numeric: tabul
 th, td { padding: 4px 9px; border-bottom: 1px solid #e3e5e8; text-align: right; vertical-align: top; }
 th { background: #eef0f3; font-weight: 600; } th:first-child, td:first-child, td.text, th.text { text-align: left; }
 td.up { color: #a04000; } td.down { color: #1f618d; } td.alert, span.alert { color: #c0392b; font-weight: 600; }
-.grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(520px, 1fr)); gap: 14px; }
+.grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(min(520px, 100%), 1fr)); gap: 14px; }
 .card { background: #fff; border: 1px solid #dde0e4; border-radius: 6px; padding: 12px 14px; min-width: 0; }
 .card svg { max-width: 100%; height: auto; display: block; }
 .card p { margin: 6px 0 0; font-size: 13px; overflow-wrap: anywhere; }
 .legend span { display: inline-block; width: 11px; height: 11px; margin: 0 4px -1px 10px; border-radius: 2px; }
-.gallery { display: grid; grid-template-columns: repeat(auto-fill, minmax(170px, 1fr)); gap: 10px; }
+.gallery { display: grid; grid-template-columns: repeat(auto-fill, minmax(min(170px, 100%), 1fr)); gap: 10px; }
 .thumb { background: #fff; border: 1px solid #dde0e4; border-radius: 6px; padding: 8px; font-size: 12.5px; min-width: 0; overflow-wrap: anywhere; }
 .thumb img, .thumb .noimg { width: 100%; max-width: THUMBpx; aspect-ratio: 1; display: block; margin: 0 auto 6px; object-fit: contain; }
 .thumb .noimg { background: #fdecea; color: #b22222; display: flex; align-items: center; justify-content: center; }
@@ -78,7 +78,7 @@ def mix_svg(now: dict[str, int], before: dict[str, int] | None, top: int = 10, w
     m = sum((before or {}).values()) or 1
     labels = sorted(set(now) | set(before or {}), key=lambda x: (-max(now.get(x, 0) / n, (before or {}).get(x, 0) / m), x))
     shown, rest = labels[:top], labels[top:]
-    row, left, right = 24 if before else 18, 150, 62
+    row, left, right = 24 if before else 18, 150, 100
     height = row * len(shown) + (18 if rest else 4)
     scale = max([now.get(x, 0) / n for x in shown] + [(before or {}).get(x, 0) / m for x in shown] + [1e-9])
     bar = width - left - right
@@ -127,7 +127,7 @@ def histogram_svg(now: Sequence[int], before: Sequence[int] | None, threshold: f
             y = top + plot_h - plot_h * share / peak
             points += [f"{left + i * w:.1f},{y:.1f}", f"{left + (i + 1) * w:.1f},{y:.1f}"]
         parts.append(f'<polyline points="{" ".join(points)}" fill="none" stroke="#7f8c8d" stroke-width="1.6"/>')
-    if threshold is not None:
+    if threshold:  # 0: nothing goes to review, no line to draw
         x = left + plot_w * threshold
         parts.append(f'<line x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{top + plot_h}" stroke="{ALERT}" stroke-dasharray="4 3" stroke-width="1.5"/>')
         anchor = "end" if threshold > 0.6 else "start"
