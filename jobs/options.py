@@ -31,6 +31,18 @@ def parse_storage_options(values: tuple[str, ...]) -> dict[str, Any]:
     return options
 
 
+class CommandError(click.ClickException):
+    """One line on stderr, ``tagger COMMAND: MESSAGE``, and the command's exit code (2: invalid input)."""
+
+    def __init__(self, command: str, message: str, exit_code: int = 2):
+        super().__init__(message)
+        self.command = command
+        self.exit_code = exit_code
+
+    def show(self, file=None) -> None:
+        click.echo(f"tagger {self.command}: {self.format_message()}", err=True)
+
+
 storage_option = click.option(
     "--storage-option",
     "storage_options",

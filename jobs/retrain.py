@@ -6,9 +6,9 @@ from dataclasses import fields
 
 import click
 
-from tagger.training.config import CACHE_MODES, DEVICES, ConfigError, RetrainConfig
+from tagger.training.config import CACHE_MODES, DEVICES, ConfigError, RetrainConfig, check_data_exists
 
-from .options import parse_storage_options, storage_option
+from .options import CommandError, parse_storage_options, storage_option
 
 D = {f.name: f.default for f in fields(RetrainConfig)}
 
@@ -81,15 +81,16 @@ def _flag(option: str) -> str:
 @storage_option
 def retrain(storage_options: tuple[str, ...], **options) -> None:
     """Train a tagger on Kaggle-layout data and write a model bundle to --out."""
-    from tagger.model.pretrained import PretrainedWeightsUnavailable
+    from tagger.model.pretrained import InitWeightsError, PretrainedWeightsUnavailable
     from tagger.data.kaggle import DataError
 
     options["data"] = options["data"][0] if len(options["data"]) == 1 else list(options["data"])
     config = RetrainConfig(**options, storage_options=parse_storage_options(storage_options))
     try:
+        check_data_exists(config)  # first: it costs no import of torch (several seconds)
         config.validate()
     except ConfigError as exc:
-        raise click.BadParameter(exc.message, param_hint=_flag(exc.option)) from None
+        raise CommandError("retrain", f"invalid input: {_flag(exc.option)}: {exc.message}") from None
 
     import logging
 
@@ -104,9 +105,11 @@ def retrain(storage_options: tuple[str, ...], **options) -> None:
     try:
         bundle = run(config)
     except ConfigError as exc:  # found only once the data or the machine is seen (device, resume labels)
-        raise click.BadParameter(exc.message, param_hint=_flag(exc.option)) from None
+        raise CommandError("retrain", f"invalid input: {_flag(exc.option)}: {exc.message}") from None
     except DataError as exc:
-        raise click.BadParameter(str(exc), param_hint="--data") from None
+        raise CommandError("retrain", f"invalid input: --data: {exc}") from None
+    except InitWeightsError as exc:  # its message starts with --init-weights
+        raise CommandError("retrain", f"invalid input: {exc}") from None
     except PretrainedWeightsUnavailable as exc:
-        raise click.ClickException(str(exc)) from None
+        raise CommandError("retrain", f"failed: {exc}", exit_code=1) from None
     click.echo(format_summary(bundle))

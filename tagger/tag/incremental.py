@@ -64,6 +64,19 @@ class Previous:
     success: dict[str, Any]
 
 
+def check_since(since: str | None, out: str, options: Mapping[str, Any] | None = None, *, missing_ok: bool = False) -> None:
+    """A ``--since`` that names nothing is refused (exit 2) before the run starts, unless it is the run's own
+    ``--out`` or ``missing_ok``: the first night of a chain and a mistyped path cannot be told apart by the path
+    alone, and a typo that quietly re-tags the whole catalog costs a night's compute and hides the mistake."""
+    if not since or missing_ok or _same_place(since, out):
+        return  # --since OUT: its first night has nothing yet, and every later night finds the earlier ones there
+    if not storage.exists(since, options):
+        raise SinceError(
+            f"--since {since}: no such folder. Give the output root of earlier nights (e.g. this run's --out) or a "
+            "partition OUT/tags/run_date=YYYY-MM-DD; on a first night, leave --since out or add --since-missing-ok"
+        )
+
+
 def find_previous(since: str, run_date: str, options: Mapping[str, Any] | None = None, *, current_out: str | None = None) -> Previous | None:
     """The partition ``--since`` points at.
 

@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 from .. import storage
 from ..model.bundle import ModelBundle, load_bundle
 from .config import TagConfig
+from .incremental import check_since
 from .lease import Lease
 from ..data.manifest import Manifest, read_manifest
 from .partition import Partition
@@ -76,6 +77,7 @@ class TagRunner:
             if url:
                 storage.storage_options(url, self.options)  # a malformed endpoint fails here, not after retries
         storage.check_output_location(config.out, self.options)
+        check_since(config.since, config.out, self.options, missing_ok=config.since_missing_ok)
         if config.plan_only:
             return self._read_inputs()
         if config.engine != "ray":
@@ -102,11 +104,12 @@ class TagRunner:
         self.facts.timed("manifest_s", t)
         if pc.any(pc.match_substring(manifest.table.column("image"), "s3://")).as_py():
             storage.storage_options("s3://", self.options)  # images on S3: their endpoint is checked now, not per row
-        log.info("manifest %s: %d rows", config.catalog, manifest.num_rows)
         t = time.time()
         bundle = load_bundle(config.model, self.options)
         bundle.check_weights()  # weights that do not fit are refused here, before the partition is touched
         self.facts.timed("model_load_s", t)
+        # Said once both inputs hold, so that a bad bundle's error is the run's only line.
+        log.info("manifest %s: %d rows", config.catalog, manifest.num_rows)
         return manifest, bundle
 
     def _ray_settings(self):

@@ -30,10 +30,12 @@ class RetrainConfig:
 
     data: str | list[str]  # Kaggle layout: styles.csv + images/, local or s3://; several folders are one data set
     out: str  # bundle folder (model.json, model.safetensors, split.parquet), local or s3://
-    backbone: str = "efficientnet_b3"  # any timm model name
-    pretrained: bool = True  # ImageNet weights from the Hugging Face hub; never silently replaced
+    # Any timm model name. The default is the shipped model's, whose ImageNet weights the install carries
+    # (the weights extra): a first retrain needs no hub.
+    backbone: str = "tf_efficientnet_lite0"
+    pretrained: bool = True  # ImageNet weights (tagger.model.pretrained: hub, its cache, installed packages); never silently replaced
     init_weights: str | None = None  # local weights file instead of the hub
-    input_size: int | None = None  # None: the backbone's own (300 for efficientnet_b3)
+    input_size: int | None = None  # None: the backbone's own (224 for tf_efficientnet_lite0, 300 for efficientnet_b3)
     batch_size: int = 64
     workers: int | None = None  # None: 0 when images are cached and training on CPU, else min(8, cores - 1)
     lr: float = 5e-4  # AdamW peak LR, reached after warm-up; suits fine-tuning all layers
@@ -82,6 +84,9 @@ class RetrainConfig:
         if self.init_weights is not None:
             need(os.path.isfile(self.init_weights) or os.path.isfile(os.path.join(self.init_weights, "model.json")), "init_weights",
                  f"{self.init_weights}: no such file (a local .safetensors or torch state dict, or a tagger bundle's folder)")
+            if os.path.isfile(self.init_weights):
+                problem = weights_file_problem(self.init_weights)
+                need(problem is None, "init_weights", f"{self.init_weights}: {problem}")
         need(self.input_size is None or (isinstance(self.input_size, int) and 16 <= self.input_size <= 2048), "input_size", f"input_size must be an integer in [16, 2048], got {self.input_size!r}")
         need(_int(self.batch_size) and self.batch_size >= 1, "batch_size", f"batch_size must be >= 1, got {self.batch_size!r}")
         need(self.workers is None or (_int(self.workers) and self.workers >= 0), "workers", f"workers must be >= 0, got {self.workers!r}")
@@ -117,6 +122,29 @@ class RetrainConfig:
             need(os.path.isfile(self.resume), "resume", f"{self.resume}: no such checkpoint file (look under <log-dir>/version_N/checkpoints/)")
         need(isinstance(self.storage_options, dict), "storage_options", "storage_options must be a dict")
         return self
+
+
+def check_data_exists(config: RetrainConfig) -> None:
+    """A mistyped --data is said first, before the weights are looked for or Lightning is imported."""
+    from .. import storage
+
+    for root in [config.data] if isinstance(config.data, str) else config.data:
+        if not storage.exists(root, config.storage_options):
+            raise ConfigError("data", f"{root}: no such folder or file")
+
+
+def weights_file_problem(path: str) -> str | None:
+    """Why ``path`` cannot be a weights file, from its first bytes (None: it may be one), so that a CSV given
+    as ``--init-weights`` is refused with the options, not by torch's unpickler after the backbone is built."""
+    with open(path, "rb") as handle:
+        head = handle.read(16)
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":  # torch.save: a zip archive, or a bare pickle (older torch)
+        return None
+    size = int.from_bytes(head[:8], "little") if len(head) >= 9 else 0
+    if 2 <= size <= os.path.getsize(path) - 8 and head[8:9] == b"{":  # safetensors: header length, then its JSON
+        return None
+    return (f"not a weights file (neither safetensors nor a torch state dict; it begins {head!r}): give a .safetensors "
+            "file, a torch.save()d state dict, or a tagger bundle's folder such as models/fashion-lite0")
 
 
 def _int(value: Any) -> bool:

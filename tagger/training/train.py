@@ -20,7 +20,7 @@ from ..model.bundle import ModelBundle, save_bundle
 from ..model.scoring import predict_batches
 from ..evaluation.metrics import calibrate_thresholds, coverage, majority_baseline, split_metrics
 from ..model.network import TaggerNet, create_backbone_with_source, resolve_data_config
-from .config import ConfigError, RetrainConfig
+from .config import ConfigError, RetrainConfig, check_data_exists
 from .datamodule import FashionDataModule
 from .module import LABELS_KEY, SCORE_METRIC, TaggerModule
 from .split import SPLIT_FILE, write_split
@@ -110,6 +110,7 @@ def retrain(config: RetrainConfig) -> ModelBundle:
 
     config.validate()
     started = time.monotonic()
+    check_data_exists(config)
     device = resolve_device(config.device)
     if config.threads:
         # On a shared machine fewer threads than cores avoids OpenMP spin-waiting on descheduled peers,
