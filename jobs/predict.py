@@ -71,7 +71,7 @@ def predict(images: tuple[str, ...], model: str, out: str, top_k: int, device: s
         paths = gallery.collect_images(images)
         try:
             chosen = resolve_device(device)
-            chosen_runtime = choose_runtime(runtime, chosen, precision)  # a runtime not installed: say so now
+            chosen_runtime = choose_runtime(runtime, chosen, precision, bundle=bundle)  # a runtime not installed: say so now
             precision_settings(precision, chosen, chosen_runtime.name)  # fp16 is for CUDA: say so before any image is read
         except (RuntimeError, ValueError) as exc:
             raise EvaluationError(str(exc)) from None

@@ -92,8 +92,9 @@ def common_output_options(function):
               "bfloat16 (AVX512-BF16/AMX: ~1.5x faster, top labels equal except near-ties), else fp32. fp32: no autocast.")
 @click.option("--runtime", type=click.Choice(RUNTIMES), default="auto", show_default=True,
               help="What runs the model. auto: PyTorch on CUDA; on the CPU the fastest installed of ONNX Runtime, OpenVINO "
-              "and PyTorch for this CPU and --precision (measured: docs/benchmarks.md), logged and recorded in the run "
-              "summary. onnx/openvino (CPU only) run the bundle's network exported to ONNX, cached per model_version "
+              "and PyTorch (and fp32/bf16) for this --precision, measured on this CPU on the model's first run and cached "
+              "in $TAGGER_CACHE/runtime-choice, logged and recorded in the run summary (TAGGER_AUTO_RUNTIME=preference: "
+              "the first installed, unmeasured). onnx/openvino (CPU only) run the bundle's network exported to ONNX, cached per model_version "
               "in $TAGGER_CACHE/onnx (default ~/.cache/fashion-tagger/onnx); they need the extras "
               "fashion-tagger[onnx] / [openvino].")
 @click.option("--threads", type=click.IntRange(min=0), default=0, show_default="0: torch's default, one per core",

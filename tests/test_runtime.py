@@ -259,3 +259,82 @@ def test_an_unwritable_cache_is_an_error_saying_what_to_set(driven_bundle, tmp_p
     blocked.write_text("a file where the cache folder would go")
     with pytest.raises(RuntimeSettingError, match="set TAGGER_CACHE to a writable folder"):
         runtimes.onnx_model(load_bundle(driven_bundle), blocked / "onnx")
+
+
+# -- auto by measuring -----------------------------------------------------------------------------------
+@pytest.fixture()
+def measuring(monkeypatch, tmp_path):
+    """`auto` measures (the tests' default is the fixed order), into a cache of this test's own."""
+    monkeypatch.setenv("TAGGER_AUTO_RUNTIME", "measure")
+    monkeypatch.setenv("TAGGER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(runtimes, "MEASURE_SECONDS", 0.05)
+
+
+def test_auto_measures_once_and_caches_the_choice_by_model_cpu_libraries_and_threads(driven_bundle, measuring, monkeypatch, caplog):
+    bundle = load_bundle(driven_bundle)
+    rates = {"torch fp32": 10.0, "torch bf16": 30.0, "onnx fp32": 20.0, "openvino fp32": 25.0, "openvino bf16": 40.0}
+    timed = []
+    monkeypatch.setattr(runtimes, "installed", lambda name: True)
+    monkeypatch.setattr(runtimes, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(runtimes, "_measure", lambda b, r, p, *args: timed.append(f"{r} {p}") or rates[f"{r} {p}"])
+    with caplog.at_level(logging.INFO, logger="tagger.model.runtimes"):
+        choice = choose_runtime("auto", CPU, bundle=bundle, threads=2)
+    assert (choice.name, choice.precision) == ("openvino", "bf16")
+    assert sorted(timed) == sorted(rates) and choice.measured == rates
+    assert "openvino bf16 is the fastest here" in caplog.text and "cached in" in choice.reason
+    # Same model, CPU, libraries and threads: the cached choice, nothing measured again.
+    timed.clear()
+    again = choose_runtime("auto", CPU, bundle=bundle, threads=2)
+    assert timed == [] and (again.name, again.precision) == ("openvino", "bf16") and "measured fastest on this CPU on" in again.reason
+    # --precision fp32 restricts the candidates (another key); so do other threads, libraries or another CPU.
+    assert choose_runtime("auto", CPU, "fp32", bundle=bundle, threads=2).name == "openvino"
+    assert sorted(timed) == ["onnx fp32", "openvino fp32", "torch fp32"]
+    key = runtimes.choice_key(bundle, "auto", 2)
+    assert key["model_version"] == bundle.model_version and key["threads"] == 2
+    assert set(key["libraries"]) == {"torch", "onnxruntime", "openvino"} and key["cpu"]["model"]
+    for change in ({"threads": 1}, {"libraries": {**key["libraries"], "openvino": "0.0"}},
+                   {"cpu": {**key["cpu"], "flags_sha256": "other"}}, {"model_version": "0" * 16}):
+        assert runtimes._choice_file({**key, **change}, None) != runtimes._choice_file(key, None), change
+    timed.clear()
+    choose_runtime("auto", CPU, bundle=bundle, threads=1)
+    assert len(timed) == 5  # other threads: measured again
+    # TAGGER_AUTO_RUNTIME=preference: the fixed order, nothing measured.
+    monkeypatch.setenv("TAGGER_AUTO_RUNTIME", "preference")
+    timed.clear()
+    assert choose_runtime("auto", CPU, bundle=bundle).precision is None and timed == []
+
+
+def test_a_candidate_that_fails_is_skipped_and_said_in_the_log(driven_bundle, measuring, monkeypatch, caplog):
+    bundle = load_bundle(driven_bundle)
+    monkeypatch.setattr(runtimes, "installed", lambda name: name in ("torch", "onnx"))
+    monkeypatch.setattr(runtimes, "cpu_has_bf16", lambda: False)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("this engine cannot run here")
+
+    monkeypatch.setattr(runtimes.OnnxRuntimeEngine, "__init__", broken)
+    with caplog.at_level(logging.WARNING, logger="tagger.model.runtimes"):
+        choice = choose_runtime("auto", CPU, bundle=bundle)
+    assert (choice.name, choice.precision) == ("torch", "fp32")
+    assert "candidate onnx fp32 failed and is skipped" in caplog.text and "cannot run here" in caplog.text
+    assert choice.measured["onnx fp32"].startswith("failed: RuntimeError") and choice.measured["torch fp32"] > 0
+
+
+def test_tag_job_measures_before_out_changes_and_records_the_choice(demo, driven_bundle, measuring, tmp_path, monkeypatch):
+    from tests.test_tag import tag
+
+    out = tmp_path / "out"
+    seen = []
+    real = runtimes.measured_choice
+
+    def spy(*args, **kwargs):
+        seen.append(out.exists() and any(out.iterdir()))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runtimes, "measured_choice", spy)
+    result = tag("--catalog", str(demo.catalog), "--model", driven_bundle, "--out", str(out), "--run-date", "2026-01-03")
+    assert result.exit_code == 0, result.output
+    assert seen == [False]  # measured once, before anything under --out existed
+    runtime = json.loads((out / "_runs" / "run_date=2026-01-03" / "summary.json").read_text())["this_process"]["runtime"]
+    assert "measured fastest on this CPU" in runtime["reason"]
+    assert f"{runtime['name']} {runtime['precision']}" in runtime["measured_images_per_s"]

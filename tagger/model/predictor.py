@@ -100,7 +100,12 @@ class Predictor:
     def __init__(self, model: ModelBundle | TaggerNet, device: torch.device, *, precision: str | None = None,
                  amp: bool | None = None, channels_last: bool = True, amp_dtype: torch.dtype | None = None,
                  runtime: str | RuntimeChoice = "torch", runtime_cache: str | None = None):
-        self.runtime = runtime if isinstance(runtime, RuntimeChoice) else choose_runtime(runtime, device, precision or "auto")
+        if not isinstance(runtime, RuntimeChoice):
+            runtime = choose_runtime(runtime, device, precision or "auto",
+                                     bundle=model if isinstance(model, ModelBundle) and amp is None else None)
+        self.runtime = runtime
+        if runtime.precision is not None and precision in (None, "auto") and amp is None:
+            precision = runtime.precision  # `auto` measured the runtime together with what it computes in
         if precision is not None:
             if amp is not None or amp_dtype is not None:
                 raise ValueError("give either precision or amp/amp_dtype, not both")

@@ -60,10 +60,14 @@ class RuntimeSettingError(ValueError):
 
 @dataclass(frozen=True)
 class RuntimeChoice:
-    """The runtime that runs the model, and why (logged, and recorded in the run summary)."""
+    """The runtime that runs the model, and why (logged, and recorded in the run summary). ``precision``: what
+    it computes in when ``auto`` chose that too by measuring (None: ``--precision`` decides as usual);
+    ``measured``: each candidate's measured rate (img/s) or why it failed, for the run summary."""
 
     name: str
     reason: str
+    precision: str | None = None
+    measured: dict[str, Any] | None = None
 
 
 def installed(runtime: str) -> bool:
@@ -88,12 +92,15 @@ def cpu_has_bf16() -> bool:
     return any(check() for check in checks if check is not None)
 
 
-def choose_runtime(requested: str, device: torch.device, precision: str = "auto") -> RuntimeChoice:
+def choose_runtime(requested: str, device: torch.device, precision: str = "auto", *, bundle: ModelBundle | None = None,
+                   threads: int = 0, batch_size: int = 0) -> RuntimeChoice:
     """``--runtime`` -> the runtime that will run, checked now (before a run touches anything).
 
-    ``auto``: PyTorch on CUDA (AMP, channels-last: the only GPU path shipped); on the CPU the fastest
-    installed runtime that computes ``precision``, in the order of :data:`CPU_PREFERENCE`. An explicit
-    runtime that is not installed, or that does not run on ``device``, is :class:`RuntimeSettingError`.
+    ``auto``: PyTorch on CUDA (AMP, channels-last: the only GPU path shipped); on the CPU, given the
+    ``bundle``, the fastest candidate measured on this CPU (:func:`measured_choice`, cached); without a
+    bundle, or with ``TAGGER_AUTO_RUNTIME=preference``, the first installed runtime that computes
+    ``precision`` in the order of :data:`CPU_PREFERENCE`. An explicit runtime that is not installed, or that
+    does not run on ``device``, is :class:`RuntimeSettingError`.
     """
     if requested not in RUNTIMES:
         raise RuntimeSettingError(f"--runtime must be one of {', '.join(RUNTIMES)}, got {requested!r}")
@@ -108,6 +115,8 @@ def choose_runtime(requested: str, device: torch.device, precision: str = "auto"
         if requested != "torch":
             _require(requested)
         return RuntimeChoice(requested, "asked for with --runtime")
+    if bundle is not None and os.environ.get(AUTO_ENV, "measure") != "preference":
+        return measured_choice(bundle, precision, threads=threads, batch_size=batch_size or MEASURE_BATCH)
     native = cpu_has_bf16()
     wanted = "bf16" if precision == "bf16" else "fp32"  # auto precision: every runtime has fp32 on any CPU
     candidates = [r for r in CPU_PREFERENCE if wanted in CPU_PRECISIONS[r]]
@@ -135,6 +144,155 @@ def cpu_precision(runtime: str, precision: str) -> str:
         raise ValueError(f"--precision {precision} is not available with --runtime {runtime} (it computes "
                          f"{' or '.join(CPU_PRECISIONS[runtime])} on the CPU); use --precision fp32 or --runtime openvino/torch")
     return precision
+
+
+# -- auto by measuring ------------------------------------------------------------------------------
+
+# TAGGER_AUTO_RUNTIME=preference: `auto` takes the first installed runtime of CPU_PREFERENCE without measuring
+# (a choice that does not depend on the machine's load: the tests, or a user comparing runs).
+AUTO_ENV = "TAGGER_AUTO_RUNTIME"
+# Seconds each candidate runs after its warm-up batch: enough for a stable rate of a small CPU model, short
+# enough that all candidates cost well under a minute on the first run of a model_version on a CPU.
+MEASURE_SECONDS = 1.5
+MEASURE_BATCH = 16
+CHOICE_FORMAT = 1  # bump when what a cached choice means changes
+
+
+def candidates(precision: str) -> list[tuple[str, str]]:
+    """(runtime, precision) pairs ``auto`` may choose from on this CPU, for ``--precision``: each runtime in
+    what it computes; under ``auto`` fp32 everywhere and bf16 only where the CPU has it natively (bf16 was
+    validated against fp32 within tests/test_decode_equivalence.py's tolerance). int8 is never a candidate:
+    its accuracy loss is per model (see --precision int8), not within what the bundle was validated at."""
+    if precision == "auto":
+        wanted = ("fp32", "bf16") if cpu_has_bf16() else ("fp32",)
+    else:
+        wanted = (precision,)
+    return [(r, p) for r in CPU_PREFERENCE for p in wanted if p in CPU_PRECISIONS[r] and installed(r)]
+
+
+def cpu_identity() -> dict[str, Any]:
+    """What makes one CPU faster with one runtime than another: its model name and instruction-set flags."""
+    import hashlib
+    import platform
+
+    name, flags = platform.processor() or platform.machine(), ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and name in ("", platform.machine()):
+                name = value.strip()
+            elif key.strip() in ("flags", "Features") and not flags:
+                flags = value.strip()
+    except OSError:
+        pass
+    return {"model": name, "flags_sha256": hashlib.sha256(" ".join(sorted(flags.split())).encode()).hexdigest()[:16]}
+
+
+def library_versions() -> dict[str, str | None]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions: dict[str, str | None] = {}
+    for package in ("torch", "onnxruntime", "openvino"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = None
+    return versions
+
+
+def choice_key(bundle: ModelBundle, precision: str, threads: int) -> dict[str, Any]:
+    """Everything a measured choice depends on; a cached choice is used only when all of it is equal."""
+    return {"format": CHOICE_FORMAT, "model_version": bundle.model_version, "precision": precision,
+            "cpu": cpu_identity(), "libraries": library_versions(), "threads": threads,
+            "candidates": [f"{r} {p}" for r, p in candidates(precision)]}
+
+
+def _choice_file(key: dict[str, Any], cache_dir: str | Path | None) -> Path:
+    import hashlib
+
+    from ..storage import user_cache_dir
+
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    return Path(cache_dir or user_cache_dir("runtime-choice")) / f"{key['model_version']}-{digest}.json"
+
+
+def measured_choice(bundle: ModelBundle, precision: str = "auto", *, threads: int = 0, batch_size: int = MEASURE_BATCH,
+                    cache_dir: str | Path | None = None, seconds: float | None = None) -> RuntimeChoice:
+    """The fastest (runtime, precision) for ``bundle`` on this CPU, measured once and cached.
+
+    Each candidate (:func:`candidates`) runs the bundle's network on generated images for ``seconds``
+    after a warm-up batch, with ``threads`` (0: torch's count now), one after the other in this process.
+    The winner is cached under a key of model_version, --precision, CPU model and flags, library versions,
+    threads and the candidate list (:func:`choice_key`): a later run with the same key reuses it without
+    measuring. A candidate that fails (export, engine, forward pass) is skipped and said in the log.
+    """
+    threads = threads or max(1, torch.get_num_threads())
+    key = choice_key(bundle, precision, threads)
+    path = _choice_file(key, cache_dir)
+    try:
+        record = json.loads(path.read_text())
+        if record.get("key") == key and record.get("runtime") in CPU_PRECISIONS:
+            choice = RuntimeChoice(record["runtime"], f"measured fastest on this CPU on {record['measured_at']} "
+                                   f"({_rates_text(record['measured'])}; cached in {path})", record["precision"], record["measured"])
+            log.info("runtime auto: %s %s, %s", choice.name, choice.precision, choice.reason)
+            return choice
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    pairs = key["candidates"]
+    log.info("runtime auto: measuring %s for model %s on this CPU (%s, %d thread(s)), once per model_version and CPU",
+             ", ".join(pairs), bundle.model_version, key["cpu"]["model"], threads)
+    measured: dict[str, Any] = {}
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for runtime, computed in candidates(precision):
+            name = f"{runtime} {computed}"
+            try:
+                measured[name] = round(_measure(bundle, runtime, computed, batch_size, MEASURE_SECONDS if seconds is None else seconds), 2)
+            except Exception as exc:  # a candidate that cannot run here is not a reason to stop the run
+                measured[name] = f"failed: {type(exc).__name__}: {exc}"[:300]
+                log.warning("runtime auto: candidate %s failed and is skipped (%s: %s)", name, type(exc).__name__, exc)
+    finally:
+        torch.set_num_threads(previous)
+    rates = {n: v for n, v in measured.items() if isinstance(v, float)}
+    if not rates:
+        raise RuntimeSettingError(f"runtime auto: no runtime could run model {bundle.model_version} on this CPU "
+                                  f"({'; '.join(f'{n}: {v}' for n, v in measured.items())}); use --runtime torch and report it")
+    best = max(rates, key=rates.get)
+    runtime, computed = best.split(" ")
+    when = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")
+        tmp.write_text(json.dumps({"key": key, "runtime": runtime, "precision": computed, "measured": measured,
+                                   "measured_at": when, "batch_size": batch_size}, indent=1))
+        os.replace(tmp, path)
+        where = f"cached in {path}"
+    except OSError as exc:  # a read-only cache costs a measurement per run, nothing else
+        where = f"not cached: {exc}"
+        log.warning("runtime auto: cannot cache the choice under %s (%s); set TAGGER_CACHE to a writable folder", path.parent, exc)
+    choice = RuntimeChoice(runtime, f"measured fastest on this CPU just now ({_rates_text(measured)}; {where})", computed, measured)
+    log.info("runtime auto: %s %s is the fastest here: %s", runtime, computed, _rates_text(measured))
+    return choice
+
+
+def _rates_text(measured: dict[str, Any]) -> str:
+    ranked = sorted(measured.items(), key=lambda kv: -kv[1] if isinstance(kv[1], float) else 0)
+    return ", ".join(f"{n} {v:.1f} img/s" if isinstance(v, float) else f"{n} {v}" for n, v in ranked)
+
+
+def _measure(bundle: ModelBundle, runtime: str, precision: str, batch_size: int, seconds: float) -> float:
+    """Images per second of ``runtime`` in ``precision`` on generated images, after one warm-up batch."""
+    from .predictor import Predictor
+
+    predictor = Predictor(bundle, torch.device("cpu"), precision=precision, runtime=RuntimeChoice(runtime, "measuring"))
+    images = _check_images(bundle.input_size, batch_size)
+    predictor(images)
+    done, started = 0, time.perf_counter()
+    while done == 0 or time.perf_counter() - started < seconds:
+        predictor(images)
+        done += batch_size
+    return done / (time.perf_counter() - started)
 
 
 # -- the ONNX export and its cache -------------------------------------------------------------------

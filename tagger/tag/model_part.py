@@ -25,15 +25,18 @@ class NonFiniteScores(RuntimeError):
 class ModelSettings:
     """``--device``, ``--runtime`` and ``--precision``, resolved and checked against each other."""
 
-    def __init__(self, config: TagConfig):
+    def __init__(self, config: TagConfig, bundle: ModelBundle | None = None):
         from ..model.predictor import precision_settings, resolve_device
         from ..model.runtimes import RuntimeSettingError, choose_runtime
 
         self.threads = config.threads
         self.device = resolve_device(config.device)
-        self.runtime = choose_runtime(config.runtime, self.device, config.precision)
+        # --runtime auto on a CPU measures the candidates on ``bundle`` here (once per model_version and CPU,
+        # then cached), with the threads the run will use: before anything under --out changes.
+        with self.cpu_threads():
+            self.runtime = choose_runtime(config.runtime, self.device, config.precision, bundle=bundle)
         try:
-            self.precision = precision_settings(config.precision, self.device, self.runtime.name)
+            self.precision = precision_settings(self.runtime.precision or config.precision, self.device, self.runtime.name)
         except ValueError as exc:  # a precision this device or runtime does not compute: a bad option (exit 2)
             raise RuntimeSettingError(str(exc)) from None
 
@@ -64,6 +67,8 @@ class BatchModel:
         self.device = str(predictor.device)
         self.runtime = {"name": predictor.runtime.name, "precision": predictor.precision_name,
                         "reason": predictor.runtime.reason}
+        if predictor.runtime.measured:  # --runtime auto measured the candidates: their rates, in img/s
+            self.runtime["measured_images_per_s"] = predictor.runtime.measured
 
     def __call__(self, batch: Batch) -> tuple[Any, dict[str, np.ndarray] | None]:
         if batch.images is None:

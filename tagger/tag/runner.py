@@ -82,7 +82,7 @@ class TagRunner:
             return self._read_inputs()
         if config.engine != "ray":
             manifest, bundle = self._read_inputs()
-            self.model = ModelSettings(config)
+            self.model = ModelSettings(config, bundle)
             return manifest, bundle
         # Ray starts (5 s on 2 cores) while another thread reads the manifest and loads the bundle (3 s): its
         # start-up is most of what the Ray engine costs on one machine. ray.init stays on the main thread,
