@@ -1,7 +1,7 @@
 """The one way from an image location to pixels, or to a typed error, for tag, evaluate, predict and retrain.
 
 - :func:`read_image`: location -> bytes + version, under the store's deadline, local paths and ``s3://``
-  only, at most ``max_bytes``;
+  (and ``https://`` from the hosts an :class:`tagger.data.http.HttpPolicy` allows), at most ``max_bytes``;
 - :func:`fetch_image`: the same with every failure typed: :class:`ImageError` for this image (``missing``,
   ``forbidden``, ``not_a_file``, ``invalid_location``, ``too_large``), :class:`StorageUnavailable` when
   the store itself is failing;
@@ -29,7 +29,9 @@ import pyarrow as pa
 from fsspec.asyn import sync
 
 from .. import storage
+from . import http as http_images
 from .decode import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, ImageError, decode_image
+from .http import HttpPolicy
 
 if TYPE_CHECKING:
     import torch
@@ -38,8 +40,9 @@ if TYPE_CHECKING:
 # timeouts, throttling beyond botocore's retries). Such rows are never committed as errors.
 TRANSIENT = "transient"
 
-# Where images may be read from. Anything else in a manifest (http://, ftp://, gs://...) is an error row,
-# never a request: a manifest must not make the job fetch arbitrary URLs (SSRF) with its credentials.
+# Where images may be read from. Anything else in a manifest (ftp://, gs://...) is an error row, never a
+# request: a manifest must not make the job fetch arbitrary URLs (SSRF) with its credentials. http(s):// is
+# read only from the hosts the user allowed (an HttpPolicy: --allow-host), never on the manifest's say-so.
 READABLE_PROTOCOLS = ("file", "s3", "s3a")
 
 # Errors that no retry can fix, whatever the store does: the location itself is unusable.
@@ -76,15 +79,20 @@ def remote_version(size: int, details: Mapping[str, Any]) -> str:
 
 
 def read_image(
-    location: str, options: Mapping[str, Any] | None, *, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    location: str, options: Mapping[str, Any] | None, *, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+    http: HttpPolicy | None = None,
 ) -> tuple[bytes, str]:
-    """The image's bytes and a version string (local: size + mtime; object stores: ETag + size).
+    """The image's bytes and a version string (local: size + mtime; object stores: ETag + size; HTTP: size +
+    ETag or Last-Modified).
 
     Raises what the store raised (see :func:`classify_read_error`), or :class:`ImageError` ``too_large``
     for a file over ``max_bytes``, known from its size before it is read.
     """
+    if http is not None and storage.protocol(location).lower() in http_images.SCHEMES:
+        return http_images.fetch(location, http, max_bytes=max_bytes)
     if storage.protocol(location) not in READABLE_PROTOCOLS:
-        raise InvalidLocation(f"unsupported URL scheme {storage.protocol(location)!r}; images are local paths or s3:// URLs")
+        hint = " (http(s):// images need --allow-host naming their host)" if http_images.is_http(location) else ""
+        raise InvalidLocation(f"unsupported URL scheme {storage.protocol(location)!r}; images are local paths or s3:// URLs{hint}")
     if not storage.is_remote(location):
         path = location.removeprefix("file://")
         stat = os.stat(path)
@@ -124,12 +132,13 @@ def _check_size(size: int, max_bytes: int, location: str) -> None:
 
 
 def fetch_image(
-    location: str, options: Mapping[str, Any] | None, *, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    location: str, options: Mapping[str, Any] | None, *, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+    http: HttpPolicy | None = None,
 ) -> tuple[bytes, str]:
     """:func:`read_image` with its failures typed: :class:`ImageError` when this image cannot be had (its
     ``error_type`` is the errors-table code), :class:`StorageUnavailable` when the store is failing for now."""
     try:
-        return read_image(location, options, max_bytes=max_bytes)
+        return read_image(location, options, max_bytes=max_bytes, http=http)
     except Exception as exc:
         error_type, message = classify_read_error(exc, location)
         if error_type == TRANSIENT:
@@ -157,6 +166,10 @@ def classify_read_error(exc: BaseException, location: str) -> tuple[str, str]:
     later may succeed."""
     if isinstance(exc, ImageError):
         return exc.error_type, exc.message
+    if isinstance(exc, http_images.InvalidHttpLocation):
+        return "invalid_location", str(exc)
+    if isinstance(exc, http_images.HttpUnavailable):
+        return TRANSIENT, f"{exc} (the server is failing; the same command resumes later)"
     if isinstance(exc, FileNotFoundError):
         return "missing", f"{location}: no such file or object"
     if isinstance(exc, PermissionError):
@@ -205,6 +218,7 @@ class ImageRows:
         max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
         draft: bool = True,
         preview: Callable[[bytes], Any] | None = None,
+        http: HttpPolicy | None = None,
     ):
         self.rows_file = rows if isinstance(rows, str) else None
         self.size = size
@@ -213,6 +227,7 @@ class ImageRows:
         self.max_bytes = max_bytes
         self.draft = draft
         self.preview = preview
+        self.http = http
         if self.rows_file is None:
             self._table: pa.Table | None = rows
             self._length = rows.num_rows
@@ -251,7 +266,7 @@ class ImageRows:
         if self._unavailable is not None:
             return Item(row, None, "", TRANSIENT, f"{location}: not read; {self._unavailable}")
         try:
-            data, version = fetch_image(location, self.storage_options, max_bytes=self.max_bytes)
+            data, version = fetch_image(location, self.storage_options, max_bytes=self.max_bytes, http=self.http)
         except StorageUnavailable as exc:
             self._unavailable = str(exc)
             return Item(row, None, "", TRANSIENT, str(exc))

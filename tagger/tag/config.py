@@ -10,6 +10,7 @@ from typing import Any
 
 from .. import storage
 from ..data.decode import DEFAULT_MAX_IMAGE_PIXELS
+from ..data.http import HttpPolicy
 
 DEVICES = ("auto", "cpu", "cuda")
 ENGINES = ("local", "ray")  # what tags the pending shards: this process and its DataLoader, or Ray Data (tagger.tag.ray)
@@ -74,6 +75,11 @@ class TagConfig:
     lease_wait: float = 0.0
     engine: str = "local"
     ray_address: str | None = None  # --engine ray: the cluster to join; None: RAY_ADDRESS, else a local Ray
+    # http(s):// images (tagger.data.http): none without hosts named; private addresses and plain HTTP only when asked.
+    allow_hosts: tuple[str, ...] = ()
+    allow_private_addresses: bool = False
+    allow_plain_http: bool = False
+    http_deadline: float = 120.0  # seconds for one image, retries included
 
     def __post_init__(self) -> None:
         problems = []
@@ -116,8 +122,22 @@ class TagConfig:
             problems.append("lease_ttl must be in [1, 86400] seconds")
         if not 0.0 <= self.lease_wait <= 86_400:
             problems.append("lease_wait must be in [0, 86400] seconds")
+        if (self.allow_private_addresses or self.allow_plain_http) and not self.allow_hosts:
+            problems.append("allow_private_addresses / allow_plain_http widen --allow-host, which names no host")
+        try:
+            self.http_policy()
+        except ValueError as exc:
+            problems.append(str(exc))
         if problems:
             raise ValueError("; ".join(problems))
+
+    def http_policy(self) -> HttpPolicy | None:
+        """What http(s):// images may be read (None: none, they are invalid_location rows as before)."""
+        if not self.allow_hosts:
+            return None
+        return HttpPolicy(tuple(self.allow_hosts), allow_private=self.allow_private_addresses,
+                          allow_plain_http=self.allow_plain_http, deadline=self.http_deadline,
+                          connect_timeout=min(10.0, self.http_deadline), read_timeout=min(30.0, self.http_deadline))
 
     def public_dict(self) -> dict[str, Any]:
         """The arguments as the run summary records them: secrets masked."""

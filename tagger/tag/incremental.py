@@ -38,6 +38,8 @@ import pyarrow.parquet as pq
 from .. import storage
 from . import writers
 from .partition import Partition
+from ..data import http as http_images
+from ..data.http import HttpPolicy
 from ..data.reader import READABLE_PROTOCOLS, StorageUnavailable, local_version, remote_version
 
 log = logging.getLogger(__name__)
@@ -130,6 +132,7 @@ def plan_reuse(
     partition: Partition,
     shard_size: int,
     options: Mapping[str, Any] | None = None,
+    http: HttpPolicy | None = None,
 ) -> dict[str, Any]:
     """Decide which rows of ``manifest`` reuse the tags of ``previous`` (see :func:`find_previous`); write
     them to the partition's state.
@@ -171,7 +174,7 @@ def plan_reuse(
     facts["candidates"] = matched.height
     if matched.height:
         t = time.time()
-        versions = current_versions(matched.get_column("location").to_arrow(), options)
+        versions = current_versions(matched.get_column("location").to_arrow(), options, http=http)
         facts["version_lookup_s"] = round(time.time() - t, 3)
         keep = pc.fill_null(pc.equal(versions, matched.get_column("image_version").to_arrow()), False)
         matched = matched.filter(pl.Series(keep.to_numpy(zero_copy_only=False)))
@@ -235,7 +238,8 @@ def read_reused(partition: Partition, start: int, stop: int, options: Mapping[st
 
 
 # -- current versions, without reading the images -----------------------------------------------
-def current_versions(locations: pa.Array | pa.ChunkedArray, options: Mapping[str, Any] | None = None, *, threads: int = STAT_THREADS) -> pa.Array:
+def current_versions(locations: pa.Array | pa.ChunkedArray, options: Mapping[str, Any] | None = None, *,
+                     threads: int = STAT_THREADS, http: HttpPolicy | None = None) -> pa.Array:
     """The image_version each location has now (None where it is missing or not a file), in order."""
     if isinstance(locations, pa.ChunkedArray):
         locations = locations.combine_chunks()
@@ -257,7 +261,7 @@ def current_versions(locations: pa.Array | pa.ChunkedArray, options: Mapping[str
                     versions[i] = version
             remote_index = [i for i in range(len(chunk)) if is_remote[i]]
             if remote_index:
-                found = remote_versions([chunk[i] for i in remote_index], options, pool)
+                found = remote_versions([chunk[i] for i in remote_index], options, pool, http)
                 for i, version in zip(remote_index, found):
                     versions[i] = version
             out.append(pa.array(versions, pa.string()))
@@ -288,11 +292,17 @@ def _stat_all(paths: list[str], pool: ThreadPoolExecutor, threads: int) -> list[
     return results
 
 
-def remote_versions(locations: list[str], options: Mapping[str, Any] | None, pool: ThreadPoolExecutor) -> list[str | None]:
-    """Object-store versions: a listing per folder with many wanted keys, else a HEAD per object."""
+def remote_versions(locations: list[str], options: Mapping[str, Any] | None, pool: ThreadPoolExecutor,
+                    http: HttpPolicy | None = None) -> list[str | None]:
+    """Object-store versions: a listing per folder with many wanted keys, else a HEAD per object; http(s)
+    photos of allowed hosts: a HEAD each (at most the policy's per-host connections at once)."""
     by_folder: dict[tuple[str, str], list[int]] = {}
+    web: list[int] = []
     for i, location in enumerate(locations):
         scheme, key = location.split("://", 1)
+        if http is not None and scheme.lower() in http_images.SCHEMES:
+            web.append(i)
+            continue
         if scheme not in READABLE_PROTOCOLS:
             continue  # never a request to an arbitrary URL; the reader turns the row into an error
         by_folder.setdefault((scheme, key.rsplit("/", 1)[0] if "/" in key else key), []).append(i)
@@ -320,7 +330,17 @@ def remote_versions(locations: list[str], options: Mapping[str, Any] | None, poo
     if heads:
         for i, version in zip(heads, pool.map(lambda i: _head(locations[i], options), heads)):
             versions[i] = version
+    if web:
+        for i, version in zip(web, pool.map(lambda i: _http_head(locations[i], http), web)):
+            versions[i] = version
     return versions
+
+
+def _http_head(location: str, http: HttpPolicy) -> str | None:
+    try:
+        return http_images.head_version(location, http)
+    except http_images.HttpUnavailable as exc:
+        raise StorageUnavailable(f"--since: cannot look up {location}: {exc}") from exc
 
 
 def _head(location: str, options: Mapping[str, Any] | None) -> str | None:

@@ -85,7 +85,8 @@ class ImageLoader:
         write_rows(rows_file, self.manifest, self._readable)
         self._readable = None
         self.dataset = ImageRows(rows_file, self._input_size, storage_options=config.storage_options,
-                                 max_pixels=config.max_image_pixels, draft=config.draft_decode)
+                                 max_pixels=config.max_image_pixels, draft=config.draft_decode,
+                                 http=config.http_policy())
         workers = config.workers if len(self.dataset) > 0 else 0
         self.loader = torch.utils.data.DataLoader(
             self.dataset,
@@ -108,9 +109,13 @@ class ImageLoader:
         return len(self.dataset)
 
     def _context(self) -> Any:
-        # s3fs is not fork-safe: a forkserver when the catalog, the model or any image is remote.
+        # s3fs is not fork-safe: a forkserver when the catalog, the model or any image is on S3 (or another fsspec
+        # store). http(s) images are not a reason: tagger.data.http builds its connection pools per process, and a
+        # forked worker stays the main process's child, whose death (a SIGTERM mid-download) it hears at once.
         remote = storage.is_remote(self.config.catalog) or storage.is_remote(self.config.model)
-        remote = remote or bool(pc.any(pc.match_substring(self.manifest.table.column("image"), "://")).as_py())
+        images = self.manifest.table.column("image")
+        stores = pc.and_(pc.match_substring(images, "://"), pc.invert(pc.match_substring_regex(images, "^(?i)https?://")))
+        remote = remote or bool(pc.any(stores).as_py())
         return worker_context(self.config.worker_start_method, remote)
 
     def batches(self) -> Iterator[Batch]:

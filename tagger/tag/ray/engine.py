@@ -132,7 +132,8 @@ def _pipeline(data: Any, runner: Any, manifest: Manifest, bundle: ModelBundle, r
         decode_rows, batch_size=config.batch_size, batch_format="pyarrow", num_cpus=1, memory=decode_memory,
         udf_modifying_row_count=False,
         fn_kwargs={"size": bundle.input_size, "storage_options": dict(config.storage_options),
-                   "max_pixels": config.max_image_pixels, "draft": config.draft_decode},
+                   "max_pixels": config.max_image_pixels, "draft": config.draft_decode,
+                   "http": config.http_policy()},
     )
     shipped = _shippable(bundle)
     dataset = dataset.map_batches(
