@@ -44,7 +44,8 @@ def run_tagger(spec: dict) -> dict:
 
     _levers({k: v for k, v in spec.items() if k != "threads"})
     out = tempfile.mkdtemp(prefix="bench-out-", dir=spec.get("scratch"))
-    extra = {k: spec[k] for k in ("precision", "worker_start_method", "threads", "runtime", "engine") if k in spec}
+    extra = {k: spec[k] for k in ("precision", "worker_start_method", "threads", "runtime", "engine", "allow_hosts",
+                                  "allow_private_addresses", "allow_plain_http") if k in spec}
     config = TagConfig(
         catalog=spec["catalog"], model=spec["model"], out=out, run_date="2026-01-01", device="cpu",
         batch_size=spec["batch_size"], workers=spec["workers"], progress="none", draft_decode=spec.get("draft", True),
