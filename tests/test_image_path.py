@@ -119,7 +119,7 @@ def test_a_failing_store_is_storage_unavailable_never_an_error_row(tmp_path, mon
     path = tmp_path / "p.jpg"
     path.write_bytes(jpeg_bytes())
 
-    def down(location, options, *, max_bytes):
+    def down(location, options, *, max_bytes, **_):
         raise ConnectionError("connection reset by peer")
 
     monkeypatch.setattr(reader, "read_image", down)
