@@ -1,4 +1,4 @@
-"""``tagger evaluate``: how good a model bundle is on a split of Kaggle-layout data, as a report folder."""
+"""``tagger evaluate``: how good a model bundle is on a split of its data (Kaggle folders, labelled manifests), as a report folder."""
 
 from __future__ import annotations
 
@@ -26,7 +26,13 @@ EXIT_OK, EXIT_CRASH, EXIT_INVALID_INPUT, EXIT_STORAGE = 0, 1, 2, 4
 @click.command("evaluate")
 @click.option("--model", required=True, envvar="TAGGER_MODEL", help="Model bundle folder (model.json + model.safetensors [+ split.parquet]), local or s3://.")
 @click.option("--data", required=True, multiple=True,
-              help="Kaggle-layout folder (styles.csv + images/), local or s3://; repeat it for data trained on several folders.")
+              help="Kaggle-layout folder (styles.csv + images/) or labelled manifest (one label column per attribute of "
+                   "the bundle), local or s3://, as `tagger retrain` takes it; repeat it for data trained on several sources.")
+@click.option("--corrections", multiple=True, help="Reviewers' corrections (id, attribute, label) over the data's labels, as in retrain.")
+@click.option("--id-column", default="product_id", show_default=True, help="Labelled manifests' product-id column.")
+@click.option("--image-column", default="image", show_default=True, help="Labelled manifests' image column.")
+@click.option("--data-format", type=click.Choice(["csv", "parquet", "jsonl"]), default=None, show_default="from the name",
+              help="Labelled manifests' format.")
 @click.option("--split", type=click.Choice(["test", "val", "train", "all"]), default="test", show_default=True,
               help="Rows to evaluate, by id from the bundle's split.parquet; 'all': every row of --data with an image "
               "(an external test set; needs no split.parquet).")
@@ -59,6 +65,7 @@ def evaluate(**options) -> None:
 
     options["storage_options"] = parse_storage_options(options["storage_options"])
     options["data"] = options["data"][0] if len(options["data"]) == 1 else list(options["data"])
+    options["corrections"] = list(options["corrections"])
     sys.exit(execute(EvaluateConfig(**options)))
 
 

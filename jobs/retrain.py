@@ -1,4 +1,4 @@
-"""``tagger retrain``: Kaggle-layout data -> a model bundle. Options -> RetrainConfig -> retrain()."""
+"""``tagger retrain``: Kaggle folders and/or labelled manifests -> a model bundle. Options -> RetrainConfig -> retrain()."""
 
 from __future__ import annotations
 
@@ -29,12 +29,29 @@ class MinLabelCount(click.ParamType):
 
 
 def _flag(option: str) -> str:
-    return "--storage-option" if option == "storage_options" else "--" + option.replace("_", "-")
+    names = {"storage_options": "--storage-option", "attributes": "--attribute"}
+    return names.get(option) or "--" + option.replace("_", "-")
 
 
 @click.command("retrain")
 @click.option("--data", required=True, multiple=True,
-              help="Kaggle 'Fashion Product Images' folder (styles.csv + images/), local or s3://; repeat it to train on several folders as one data set.")
+              help="A Kaggle 'Fashion Product Images' folder (styles.csv + images/) or a labelled manifest (the tag job's "
+                   "catalog CSV/Parquet/JSON Lines, .gz too, with one label column per --attribute), local or s3://. "
+                   "Repeat it to train on several as one data set (rows matched by id; an attribute a source has no "
+                   "column for is unlabelled there).")
+@click.option("--attribute", "attributes", multiple=True,
+              help="An attribute to train, in the order the tags table will have them (repeat it); default: the "
+                   "seven Kaggle attributes. Each is a label column of the data; empty cells are unknown.")
+@click.option("--corrections", multiple=True,
+              help="A reviewer's corrections (columns: the id column, attribute, label; any manifest format): their "
+                   "labels replace the data's for those products. Repeatable.")
+@click.option("--id-column", default=D["id_column"], show_default=True, help="Labelled manifests' and corrections' product-id column.")
+@click.option("--image-column", default=D["image_column"], show_default=True, help="Labelled manifests' image column.")
+@click.option("--data-format", type=click.Choice(["csv", "parquet", "jsonl"]), default=None, show_default="from the name",
+              help="Labelled manifests' and corrections' format.")
+@click.option("--split-from", default=None,
+              help="A bundle folder (or its split.parquet) whose rows keep their train/val/test split; other rows are "
+                   "split afresh. Use it with --init-weights BUNDLE on that bundle's data, so that its test rows stay unseen.")
 @click.option("--out", required=True, help="Bundle folder to write (model.json, model.safetensors, split.parquet), local or s3://.")
 @click.option("--backbone", default=D["backbone"], show_default=True, help="Any timm model name.")
 @click.option("--pretrained/--no-pretrained", default=D["pretrained"], show_default=True,
@@ -80,11 +97,13 @@ def _flag(option: str) -> str:
 @click.option("--progress/--no-progress", default=D["progress"], show_default=True, help="Lightning's progress bar.")
 @storage_option
 def retrain(storage_options: tuple[str, ...], **options) -> None:
-    """Train a tagger on Kaggle-layout data and write a model bundle to --out."""
+    """Train a tagger on Kaggle folders and/or labelled manifests and write a model bundle to --out."""
     from tagger.model.pretrained import InitWeightsError, PretrainedWeightsUnavailable
     from tagger.data.kaggle import DataError
 
     options["data"] = options["data"][0] if len(options["data"]) == 1 else list(options["data"])
+    options["attributes"] = list(options["attributes"]) or None
+    options["corrections"] = list(options["corrections"])
     config = RetrainConfig(**options, storage_options=parse_storage_options(storage_options))
     try:
         check_data_exists(config)  # first: it costs no import of torch (several seconds)

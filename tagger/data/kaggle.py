@@ -53,6 +53,7 @@ class DataReport:
     unreadable_image_ids: list[str] = field(default_factory=list)
     unknown_values: dict[str, int] = field(default_factory=dict)  # attr -> cells without a value
     used: int = 0  # rows that reached the split
+    sources: list = field(default_factory=list)  # per --data source (and corrections file): kind, rows, labels per attribute
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, list) else dict(v) if isinstance(v, dict) else v) for k, v in self.__dict__.items()}
@@ -83,13 +84,23 @@ class KaggleData:
     fingerprint: str  # sha256 of styles.csv and the images/ listing: same data -> same value
 
 
-def parse_styles(data: bytes | str, *, source: str = STYLES_FILE, report: DataReport | None = None) -> ParsedStyles:
+def parse_styles(
+    data: bytes | str,
+    *,
+    source: str = STYLES_FILE,
+    report: DataReport | None = None,
+    attributes: Sequence[str] = ATTRIBUTES,
+    require_attributes: bool = True,
+) -> ParsedStyles:
     """Parse ``styles.csv`` content, repairing unquoted commas in its last column.
 
     Returns every header column as Utf8 (``id`` included: ids are file names, not numbers), stripped,
     with :data:`MISSING_VALUES` as null. Rows without an id are dropped, and repeated ids keep their
     first row (a second row for the same image would count it twice in training and could put it in
     two splits); both are counted in the report.
+
+    ``require_attributes=False``: an attribute without a column is not an error but an all-unknown column
+    (several sources, each labelling some attributes: it is unlabelled in this one).
     """
     report = report or DataReport()
     text = data.decode("utf-8-sig", errors="replace") if isinstance(data, bytes) else data.lstrip("\ufeff")
@@ -98,7 +109,7 @@ def parse_styles(data: bytes | str, *, source: str = STYLES_FILE, report: DataRe
         header = [h.strip() for h in next(reader)]
     except StopIteration:
         raise DataError(f"{source}: the file is empty; expected a header line starting with 'id,'") from None
-    missing = [c for c in REQUIRED_COLUMNS if c not in header]
+    missing = [c for c in ("id", *attributes) if c not in header] if require_attributes else [c for c in ("id",) if c not in header]
     if missing:
         raise DataError(
             f"{source}: header lacks column(s) {', '.join(missing)} (found: {', '.join(header)}). "
@@ -136,8 +147,11 @@ def parse_styles(data: bytes | str, *, source: str = STYLES_FILE, report: DataRe
         for column, value in zip(columns, values):
             column.append(value)
     table = pl.DataFrame({name: pl.Series(name, values, dtype=pl.Utf8) for name, values in zip(header, columns)})
+    absent = [a for a in attributes if a not in table.columns]
+    if absent:
+        table = table.with_columns(pl.lit(None, dtype=pl.Utf8).alias(a) for a in absent)
     report.parsed = table.height
-    report.unknown_values = {a: int(table[a].null_count()) for a in ATTRIBUTES}
+    report.unknown_values = {a: int(table[a].null_count()) for a in attributes}
     return ParsedStyles(table, report)
 
 
@@ -161,7 +175,13 @@ def image_names_by_id(names: list[str]) -> dict[str, str]:
     return {stem: name for stem, (_, name) in best.items()}
 
 
-def load_kaggle(roots: str | Sequence[str], storage_options: Mapping[str, Any] | None = None) -> KaggleData:
+def load_kaggle(
+    roots: str | Sequence[str],
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    attributes: Sequence[str] = ATTRIBUTES,
+    require_attributes: bool = True,
+) -> KaggleData:
     """Parse each root's ``styles.csv`` and keep the rows whose image is in one of the ``images/`` folders.
 
     Several roots are one data set: rows are the union of the ``styles.csv`` files (an identical copy is
@@ -190,7 +210,8 @@ def load_kaggle(roots: str | Sequence[str], storage_options: Mapping[str, Any] |
         styles_hash = hashlib.sha256(raw).digest()
         if styles_hash not in seen_styles:  # the same labels shipped beside each folder count once
             seen_styles.add(styles_hash)
-            tables.append(parse_styles(raw, source=styles_url, report=report).table)
+            tables.append(parse_styles(raw, source=styles_url, report=report, attributes=attributes,
+                                       require_attributes=require_attributes).table)
         listing = storage.list_files(images_url, storage_options)
         if not listing:
             raise DataError(f"{images_url}: no image files found; expected images/<id>.jpg beside styles.csv")
@@ -201,7 +222,7 @@ def load_kaggle(roots: str | Sequence[str], storage_options: Mapping[str, Any] |
 
     table = tables[0] if len(tables) == 1 else _first_row_per_id(pl.concat(tables, how="diagonal_relaxed"), report)
     report.parsed = table.height
-    report.unknown_values = {a: int(table[a].null_count()) for a in ATTRIBUTES}
+    report.unknown_values = {a: int(table[a].null_count()) for a in attributes}
     urls = pl.Series("image", [by_id.get(i) for i in table["id"].to_list()], dtype=pl.Utf8)
     has_image = urls.is_not_null()
     missing_ids = table.filter(~has_image)["id"]

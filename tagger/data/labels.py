@@ -99,6 +99,27 @@ def _value_counts(column: pl.Series) -> dict[str, int]:
     return dict(zip(counts[column.name].to_list(), counts["count"].to_list()))
 
 
+def label_counts(table: pl.DataFrame, attributes: Sequence[str]) -> dict[str, dict[str, int]]:
+    """``{attr: {label: rows}}``, most frequent first: what retrain logs and records in the bundle."""
+    return {attr: dict(sorted(_value_counts(table[attr]).items(), key=lambda kv: (-kv[1], kv[0]))) for attr in attributes}
+
+
+def check_label_counts(counts: Mapping[str, Mapping[str, int]], n_rows: int, min_count: int,
+                       sources: Sequence[Mapping[str, Any]] = ()) -> None:
+    """Refuse an attribute with fewer than ``min_count`` labelled rows: its head could not learn and its
+    validation numbers would be noise. The message names the attribute, its count and what to do."""
+    for attr, labels in counts.items():
+        labelled = sum(labels.values())
+        if labelled >= max(1, min_count):
+            continue
+        without = [str(s.get("source")) for s in sources if attr not in (s.get("labelled") or {}) or not s["labelled"][attr]]
+        where = f"; no labels for it in {', '.join(without)}" if without else ""
+        raise DataError(
+            f"attribute {attr!r} has {labelled} labelled row(s) of {n_rows} (at least {max(1, min_count)} needed, "
+            f"--min-label-count){where}. Label more rows, lower --min-label-count, or leave out --attribute {attr}"
+        )
+
+
 def build_vocabularies(table: pl.DataFrame, attributes: Sequence[str]) -> dict[str, list[str]]:
     """Labels per attribute, sorted (deterministic class indices for the same data), ``Other`` last.
     Every attribute needs at least one label: a head with no class cannot be built."""

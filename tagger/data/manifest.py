@@ -45,6 +45,9 @@ class Manifest:
     # status ("" = to tag, else an error_type), message. Where to read each image: :meth:`locations`.
     table: pa.Table
     fingerprint: str
+    # The ``extra_columns`` asked for that the file has (retrain's label columns), as text, row for row with
+    # ``table``; None when none were asked for (the tag job).
+    extra: pa.Table | None = None
 
     @property
     def num_rows(self) -> int:
@@ -80,8 +83,37 @@ def read_manifest(
     image_column: str = "image",
     fmt: str | None = None,
     storage_options: Mapping[str, Any] | None = None,
+    extra_columns: tuple[str, ...] = (),
 ) -> Manifest:
+    """``extra_columns``: more columns to keep as text (a labelled manifest's label columns); those the file
+    lacks are simply absent from :attr:`Manifest.extra`."""
     fmt = fmt or detect_format(url)
+    data, info = _read_file(url, storage_options)
+    table = _parse(data, fmt, url, (id_column, image_column), tuple(extra_columns))
+    fingerprint = _fingerprint(url, info, data)
+    del data  # a big manifest's bytes are not needed once parsed
+    extra = _extra(table, url, extra_columns) if extra_columns else None
+    table = _select(table, url, id_column, image_column)
+    return Manifest(url=url, table=_annotate(table, storage.parent(url)), fingerprint=fingerprint, extra=extra)
+
+
+def read_columns(
+    url: str, columns: tuple[str, ...], *, fmt: str | None = None, storage_options: Mapping[str, Any] | None = None
+) -> tuple[pa.Table, str]:
+    """``(the named columns as text, fingerprint)`` of a table file with the manifest's formats, locations and
+    checks (a corrections file: product id, attribute, label); a missing column is an error naming it."""
+    fmt = fmt or detect_format(url)
+    data, info = _read_file(url, storage_options)
+    table = _parse(data, fmt, url, columns)
+    fingerprint = _fingerprint(url, info, data)
+    del data
+    missing = [c for c in columns if c not in table.column_names]
+    if missing:
+        raise ManifestError(f"{url}: missing column(s) {', '.join(missing)}; columns found: {', '.join(table.column_names) or 'none'}")
+    return _extra(table, url, columns), fingerprint
+
+
+def _read_file(url: str, storage_options: Mapping[str, Any] | None) -> tuple[bytes, Mapping[str, Any]]:
     fs, path = storage.filesystem(url, storage_options)
     try:
         info = fs.info(path)
@@ -102,11 +134,20 @@ def read_manifest(
         raise ManifestError(f"{url}: cannot decompress the manifest ({type(exc).__name__}: {exc}); is it really compressed as its name says?") from None
     if not data.strip():
         raise ManifestError(f"{url}: the file is empty (not even a header); an empty catalog is a header-only file")
-    table = _parse(data, fmt, url, (id_column, image_column))
-    fingerprint = _fingerprint(url, info, data)
-    del data  # a big manifest's bytes are not needed once parsed
-    table = _select(table, url, id_column, image_column)
-    return Manifest(url=url, table=_annotate(table, storage.parent(url)), fingerprint=fingerprint)
+    return data, info
+
+
+def _extra(table: pa.Table, url: str, names: tuple[str, ...]) -> pa.Table:
+    """The wanted columns the file has, as text; a nested column (a list, a struct) is no label."""
+    columns = {}
+    for name in names:
+        if name not in table.column_names:
+            continue
+        column = table.column(name)
+        if pa.types.is_nested(column.type) or pa.types.is_binary(column.type):
+            raise ManifestError(f"{url}: column {name!r} has type {column.type}; a label column holds text (or numbers)")
+        columns[name] = column.cast(pa.string())
+    return pa.table(columns) if columns else pa.table({"_": pa.nulls(table.num_rows, pa.string())}).drop(["_"])
 
 
 def sniff_format(data: bytes) -> str | None:
@@ -123,7 +164,7 @@ def sniff_format(data: bytes) -> str | None:
     return "csv"
 
 
-def _parse(data: bytes, fmt: str, url: str, wanted: tuple[str, ...]) -> pa.Table:
+def _parse(data: bytes, fmt: str, url: str, wanted: tuple[str, ...], optional: tuple[str, ...] = ()) -> pa.Table:
     looks_like = sniff_format(data)
     if looks_like != fmt and (looks_like in ("parquet", "utf16", None) or fmt == "parquet"):
         what = {"parquet": "a Parquet file", "jsonl": "JSON Lines", "csv": "text (CSV?)", None: "binary data",
@@ -146,7 +187,7 @@ def _parse(data: bytes, fmt: str, url: str, wanted: tuple[str, ...]) -> pa.Table
                 convert_options=csv.ConvertOptions(
                     column_types={name: pa.string() for name in header},
                     # Every column when one is missing, so that the error can list what the file has.
-                    include_columns=list(wanted) if set(wanted) <= set(header) else None,
+                    include_columns=[*wanted, *(c for c in optional if c in header and c not in wanted)] if set(wanted) <= set(header) else None,
                     strings_can_be_null=True,
                 ),
             )
@@ -155,7 +196,8 @@ def _parse(data: bytes, fmt: str, url: str, wanted: tuple[str, ...]) -> pa.Table
 
             schema = pq.read_schema(io.BytesIO(data))
             _refuse_duplicate_names(schema.names)
-            return pq.read_table(io.BytesIO(data), columns=list(wanted) if set(wanted) <= set(schema.names) else None)
+            keep = [*wanted, *(c for c in optional if c in schema.names and c not in wanted)]
+            return pq.read_table(io.BytesIO(data), columns=keep if set(wanted) <= set(schema.names) else None)
         if fmt == "jsonl":
             from pyarrow import json as pajson
 
@@ -169,7 +211,7 @@ def _parse(data: bytes, fmt: str, url: str, wanted: tuple[str, ...]) -> pa.Table
                 import polars as pl
 
                 try:
-                    return pl.read_ndjson(io.BytesIO(data), schema={c: pl.String for c in wanted}).to_arrow()
+                    return pl.read_ndjson(io.BytesIO(data), schema={c: pl.String for c in (*wanted, *optional)}).to_arrow()
                 except Exception:
                     raise exc from None
     except ManifestError as exc:

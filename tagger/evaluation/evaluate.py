@@ -1,6 +1,6 @@
-"""``evaluate(config)``: a model bundle + Kaggle-layout data (+ the bundle's split) -> an :class:`Evaluation`.
+"""``evaluate(config)``: a model bundle + its kind of data (Kaggle folders, labelled manifests; + the bundle's split) -> an :class:`Evaluation`.
 
-The rows: ``styles.csv`` parsed by retrain's own parser (:mod:`tagger.data.kaggle`), rows without an
+The rows: the sources read by retrain's own loader (:mod:`tagger.data.labelled`: `styles.csv` folders, labelled manifests), rows without an
 image dropped (as in training), then the split's rows by id from the bundle's ``split.parquet``
 (``split="all"``: every row, so any Kaggle-layout folder serves as an external test set). Labels become
 targets as retrain made them (:func:`tagger.data.labels.encode_labels`), the images go through the tag
@@ -44,7 +44,7 @@ MAJORITY_SOURCES = {
 @dataclass
 class EvaluateConfig:
     model: str  # bundle folder, local or s3://
-    data: str | list[str]  # Kaggle layout: styles.csv + images/, local or s3://; several folders are one data set
+    data: str | list[str]  # Kaggle folders and/or labelled manifests, local or s3://, as retrain reads them (tagger.data.labelled)
     split: str = "test"  # test | val | train | all
     out: str | None = None  # report folder; None: out/evaluate/<model_version>-<split>
     batch_size: int = 64
@@ -58,6 +58,10 @@ class EvaluateConfig:
     unknown_labels: str = "exclude"  # labels the bundle does not know: exclude | other
     max_confusion_classes: int = 20  # confusion matrices only for attributes with at most this many classes
     plots: bool = True
+    corrections: list[str] = field(default_factory=list)  # as retrain's --corrections
+    id_column: str = "product_id"  # labelled manifests' columns, as retrain's
+    image_column: str = "image"
+    data_format: str | None = None
 
     @property
     def data_text(self) -> str:
@@ -137,7 +141,7 @@ def evaluate(config: EvaluateConfig) -> Evaluation:
     the data's own ``BundleError`` / ``DataError``) for input that cannot be evaluated, before the model runs."""
     import time
 
-    from ..data.kaggle import load_kaggle
+    from ..data.labelled import load_training_data
 
     config.validate()
     started = time.monotonic()
@@ -152,7 +156,9 @@ def evaluate(config: EvaluateConfig) -> Evaluation:
         )
     device, runtime = _device(config.device, config.precision, config.runtime)
 
-    kaggle = load_kaggle(config.data, options)
+    # The bundle's attributes are the label columns to read: whatever it was trained on, not the Kaggle seven.
+    kaggle = load_training_data(config.data, bundle.attribute_names, options, corrections=config.corrections,
+                                id_column=config.id_column, image_column=config.image_column, fmt=config.data_format)
     table = kaggle.table
     notes: list[str] = []
     trained_on = (bundle.training.get("data") or {}).get("fingerprint") if isinstance(bundle.training.get("data"), Mapping) else None

@@ -272,7 +272,7 @@ def _md_header(evaluation: Evaluation) -> list[str]:
         f"# Evaluation of {cfg.model}",
         "",
         f"- **Model**: `{cfg.model}`, model_version `{b.model_version}`, {b.backbone} at {b.input_size} px, created {created}",
-        f"- **Data**: `{cfg.data}` ({data_rows.get('parsed', '–')} rows in styles.csv, "
+        f"- **Data**: `{cfg.data}` ({data_rows.get('parsed', '–')} rows in {_label_files(data_rows)}, "
         f"{data_rows.get('missing_image', 0)} without an image file), fingerprint `{evaluation.data_fingerprint}`",
         f"- **Split**: {evaluation.split}" + (" (every row with an image)" if evaluation.split == "all" else " (from the bundle's split.parquet)"),
         f"- **Rows evaluated**: {evaluation.n_rows}, of which {evaluation.n_unreadable} unreadable image(s)",
@@ -371,3 +371,8 @@ def _top_confusions(attr, k: int = 5) -> list[str]:
         matrix[i, i] = 0
     pairs = sorted(((int(matrix[i, j]), i, j) for i, j in zip(*matrix.nonzero())), reverse=True)[:k]
     return [f"{attr.labels[i]} → {attr.labels[j]} {n} ({n / support[i]:.0%} of {attr.labels[i]})" for n, i, j in pairs]
+
+
+def _label_files(data_rows) -> str:
+    kinds = {s.get("kind") for s in data_rows.get("sources") or [] if isinstance(s, dict)}
+    return "styles.csv" if kinds <= {"kaggle"} else "the labelled data"

@@ -24,14 +24,13 @@ from typing import Any
 import torch
 
 from .. import storage
+from ..attributes import attribute_name_problem
 from .network import DataConfig, TaggerNet
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "model.json"
 MAX_LABELS = 100_000  # a vocabulary larger than this is a broken model.json, not a catalog
-
-
 class BundleError(ValueError):
     """A model bundle that cannot be used, with the reason and what to do."""
 
@@ -132,6 +131,9 @@ def save_bundle(
 ) -> ModelBundle:
     from safetensors.torch import save as save_safetensors
 
+    problem = attribute_name_problem(list(labels))
+    if problem:
+        raise BundleError(f"{out}: {problem}")
     state = {k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
     weights = save_safetensors(state)
     thresholds = thresholds or {}
@@ -244,6 +246,9 @@ def _validate(meta: Any, where: str) -> None:
         threshold = spec.get("threshold", 0.0)
         if not _is_finite(threshold) or not 0.0 <= threshold <= 1.0:
             raise BundleError(f"{where}: attribute {name!r} threshold must be in [0, 1], got {threshold!r}")
+    problem = attribute_name_problem([spec["name"] for spec in attributes])
+    if problem:
+        raise BundleError(f"{where}: {problem}. The tag job writes one column and one _score column per attribute.")
 
 
 def _is_int(value: Any) -> bool:

@@ -25,6 +25,7 @@ import contextlib
 import importlib
 import logging
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -239,6 +240,56 @@ def load_weights_file(model: nn.Module, path: Path, name: str) -> None:
             "the --backbone it was made for"
         )
     model.load_state_dict({k: state[prefix + k] for k in expected if prefix + k in state}, strict=False)
+
+
+def reuse_bundle_heads(net: nn.Module, labels: Mapping[str, Sequence[str]], init_weights: str | Path) -> dict[str, str]:
+    """Start each head of ``net`` whose attribute the ``--init-weights`` bundle also predicts, over the same
+    labels, from that bundle's head; ``{attribute: "bundle" | "new" | why it is new}``.
+
+    A head carries what the model knows about its attribute; keeping it means the attributes the bundle
+    already tags start where they were instead of from zero, and a new attribute (a new head) trains
+    beside them. Labels must be the same set (their order may differ: rows are permuted); a vocabulary
+    that gained or lost a label gets a new head, since its classes are other classes. A plain weights
+    file (no ``model.json`` beside it) has no heads: every head is new.
+    """
+    import json
+
+    path = Path(init_weights)
+    meta_file = path / "model.json" if path.is_dir() else path.parent / "model.json"
+    weights = path / "model.safetensors" if path.is_dir() else path
+    result = {attr: "new" for attr in labels}
+    if not (meta_file.is_file() and weights.is_file() and weights.suffix == ".safetensors"):
+        return result
+    from safetensors.torch import load_file
+
+    try:
+        theirs = {a["name"]: list(a["labels"]) for a in json.loads(meta_file.read_text()).get("attributes", [])}
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return result
+    state = load_file(str(weights))
+    for attr, ours in labels.items():
+        old = theirs.get(attr)
+        head = net.heads[attr]
+        weight, bias = state.get(f"heads.{attr}.weight"), state.get(f"heads.{attr}.bias")
+        if old is None or weight is None or bias is None:
+            continue
+        if sorted(old) != sorted(ours):
+            gained, lost = sorted(set(ours) - set(old)), sorted(set(old) - set(ours))
+            result[attr] = "new: labels differ from the bundle's (" + "; ".join(
+                part for part in (f"new {', '.join(gained[:3])}" if gained else "", f"gone {', '.join(lost[:3])}" if lost else "") if part) + ")"
+            continue
+        if tuple(weight.shape) != (len(old), head.in_features):
+            result[attr] = f"new: the bundle's head has shape {tuple(weight.shape)}"
+            continue
+        order = torch.tensor([old.index(label) for label in ours])
+        with torch.no_grad():
+            head.weight.copy_(weight[order])
+            head.bias.copy_(bias[order])
+        result[attr] = "bundle"
+    kept = [a for a, v in result.items() if v == "bundle"]
+    log.info("heads from %s: %s kept; new: %s", path, ", ".join(kept) or "none",
+             ", ".join(f"{a} ({v})" if v != "new" else a for a, v in result.items() if v != "bundle") or "none")
+    return result
 
 
 def _timm_source(model: nn.Module) -> str:

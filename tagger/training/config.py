@@ -28,8 +28,14 @@ class ConfigError(ValueError):
 class RetrainConfig:
     """Every retrain setting with its default. :meth:`validate` checks them all before any work starts."""
 
-    data: str | list[str]  # Kaggle layout: styles.csv + images/, local or s3://; several folders are one data set
+    data: str | list[str]  # Kaggle folders (styles.csv + images/) and/or labelled manifests, local or s3://; see tagger.data.labelled
     out: str  # bundle folder (model.json, model.safetensors, split.parquet), local or s3://
+    attributes: list[str] | None = None  # None: the Kaggle seven (tagger.attributes.ATTRIBUTES); else these, in this order
+    corrections: list[str] = field(default_factory=list)  # files of (product id, attribute, label) that override the data's labels
+    id_column: str = "product_id"  # labelled manifests' and corrections' columns, as the tag job's --id-column ...
+    image_column: str = "image"  # ... and --image-column
+    data_format: str | None = None  # labelled manifests' format; None: from each name (as the tag job's --catalog-format)
+    split_from: str | None = None  # a bundle (or its split.parquet) whose rows keep their split; None: a fresh split
     # Any timm model name. The default is the shipped model's, whose ImageNet weights the install carries
     # (the weights extra): a first retrain needs no hub.
     backbone: str = "tf_efficientnet_lite0"
@@ -64,6 +70,12 @@ class RetrainConfig:
     storage_options: dict[str, Any] = field(default_factory=dict)
     progress: bool = True  # Lightning's progress bar and model summary
 
+    @property
+    def attribute_names(self) -> list[str]:
+        from ..attributes import ATTRIBUTES
+
+        return list(self.attributes) if self.attributes else list(ATTRIBUTES)
+
     def validate(self) -> RetrainConfig:
         def need(ok: bool, option: str, message: str) -> None:
             if not ok:
@@ -75,6 +87,17 @@ class RetrainConfig:
         else:
             need(bool(self.data and str(self.data).strip()), "data", "data is required: the folder with styles.csv and images/")
         need(bool(self.out and str(self.out).strip()), "out", "out is required: the folder the bundle is written to")
+        from ..attributes import attribute_name_problem
+
+        if self.attributes is not None:
+            self.attributes = list(self.attributes)
+            problem = attribute_name_problem(self.attributes)
+            need(problem is None, "attributes", f"{problem}")
+        self.corrections = list(self.corrections or [])
+        need(all(isinstance(c, str) and c.strip() for c in self.corrections), "corrections", "corrections must be file names")
+        need(bool(self.id_column) and bool(self.image_column) and self.id_column != self.image_column, "id_column",
+             "id_column and image_column must be two different column names")
+        need(self.data_format in (None, "csv", "parquet", "jsonl"), "data_format", f"data_format must be csv, parquet or jsonl, got {self.data_format!r}")
         need(bool(self.backbone), "backbone", "backbone is required (a timm model name, e.g. efficientnet_b3)")
         import timm
 
@@ -131,6 +154,9 @@ def check_data_exists(config: RetrainConfig) -> None:
     for root in [config.data] if isinstance(config.data, str) else config.data:
         if not storage.exists(root, config.storage_options):
             raise ConfigError("data", f"{root}: no such folder or file")
+    for path in config.corrections or []:
+        if not storage.exists(path, config.storage_options):
+            raise ConfigError("corrections", f"{path}: no such file")
 
 
 def weights_file_problem(path: str) -> str | None:

@@ -27,9 +27,10 @@ from ..attributes import ATTRIBUTES
 from ..data.decode import ImageError
 from ..data.reader import load_image
 from .config import CACHE_MODES
-from ..data.kaggle import DataError, DataReport, load_kaggle
-from ..data.labels import build_vocabularies, encode_targets, fold_rare_labels, resolve_min_label_count
-from .split import SPLITS, stratified_split
+from ..data.kaggle import DataError, DataReport
+from ..data.labelled import load_training_data
+from ..data.labels import build_vocabularies, check_label_counts, encode_targets, fold_rare_labels, label_counts, resolve_min_label_count
+from .split import SPLITS, read_split, stratified_split
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +209,11 @@ class FashionDataModule(pl.LightningDataModule):
         attributes: Sequence[str] = ATTRIBUTES,
         pin_memory: bool = False,
         augment: bool = True,
+        corrections: Sequence[str] = (),
+        id_column: str = "product_id",
+        image_column: str = "image",
+        data_format: str | None = None,
+        split_from: str | None = None,
     ):
         super().__init__()
         if cache_images not in CACHE_MODES:
@@ -226,6 +232,9 @@ class FashionDataModule(pl.LightningDataModule):
         self.attributes = tuple(attributes)
         self.pin_memory = pin_memory
         self.augment = augment
+        self.corrections = tuple(corrections)
+        self.id_column, self.image_column, self.data_format = id_column, image_column, data_format
+        self.split_from = split_from
         self._ready = False
 
     # ------------------------------------------------------------------ preparation
@@ -234,7 +243,10 @@ class FashionDataModule(pl.LightningDataModule):
         if self._ready:  # Lightning calls this once per stage; the data is the same for all
             return
         started = time.monotonic()
-        kaggle = load_kaggle(self.data, self.storage_options)
+        kaggle = load_training_data(
+            self.data, self.attributes, self.storage_options, corrections=self.corrections, id_column=self.id_column,
+            image_column=self.image_column, fmt=self.data_format,
+        )
         report: DataReport = kaggle.report
         _log_report(kaggle.styles_url, report)
         table = kaggle.table
@@ -263,11 +275,18 @@ class FashionDataModule(pl.LightningDataModule):
         folding = fold_rare_labels(table, self.attributes, self.min_label_count)
         table = folding.table
         self.folded, self.folded_into = folding.folded, folding.folded_into
+        # Per attribute and class, after folding: patchy labels are the rule in a real catalog, so say what there is.
+        self.label_stats = label_counts(table, self.attributes)
+        for attr, counts in self.label_stats.items():
+            log.info("labels %s: %d of %d rows (%d classes; %s)", attr, sum(counts.values()), table.height, len(counts),
+                     ", ".join(f"{k} {v}" for k, v in list(counts.items())[:8]) + (", ..." if len(counts) > 8 else ""))
+        check_label_counts(self.label_stats, table.height, self.min_label_count, report.sources)
         self.vocab = build_vocabularies(table, self.attributes)
         self.targets = encode_targets(table, self.vocab)
         self.assignment = stratified_split(
             self.targets, [len(v) for v in self.vocab.values()], val_fraction=self.val_fraction, test_fraction=self.test_fraction, seed=self.seed
         )
+        self.split_reused = self._reuse_split(table["id"].to_list()) if self.split_from else None
         self.ids = np.asarray(table["id"].to_list(), dtype=np.str_)
         self.urls = np.asarray(table["image"].to_list(), dtype=np.str_)
         # Shared memory so that DataLoader worker processes can flag images that fail to decode.
@@ -278,6 +297,28 @@ class FashionDataModule(pl.LightningDataModule):
         self.report = report
         self.fingerprint = kaggle.fingerprint
         self._ready = True
+
+    def _reuse_split(self, ids: list[str]) -> dict[str, Any]:
+        """Rows listed in ``split_from`` keep that split; the others keep their fresh stratified one.
+
+        Fine-tuning a bundle on data it was trained from: a test row of that bundle must stay a test row,
+        or the new model is scored on photos its trunk has already fitted (and the comparison of the two
+        models is on different rows)."""
+        url = self.split_from
+        if not url.endswith(".parquet"):
+            url = os.path.join(url, "split.parquet") if not "://" in url else url.rstrip("/") + "/split.parquet"
+        try:
+            previous = read_split(url, self.storage_options)
+        except FileNotFoundError:
+            raise DataError(f"--split-from {self.split_from}: no {url} (give a bundle folder with a split.parquet, or the file)") from None
+        listed = 0
+        for i, row_id in enumerate(ids):
+            name = previous.get(row_id)
+            if name in SPLITS:
+                self.assignment[i] = SPLITS.index(name)
+                listed += 1
+        log.info("split: %d of %d rows keep their split from %s; %d new rows split afresh", listed, len(ids), url, len(ids) - listed)
+        return {"from": url, "kept": listed, "new": len(ids) - listed}
 
     def _want_cache(self, n: int) -> bool:
         if self.cache_images != "auto":

@@ -15,7 +15,6 @@ from typing import Any
 import torch
 
 from .. import storage
-from ..attributes import ATTRIBUTES
 from ..model.bundle import ModelBundle, save_bundle
 from ..model.scoring import predict_batches
 from ..evaluation.metrics import calibrate_thresholds, coverage, majority_baseline, split_metrics
@@ -120,7 +119,7 @@ def retrain(config: RetrainConfig) -> ModelBundle:
     # Backbone before data: an unreachable weights hub should fail in seconds, not after decoding.
     backbone, weights_source = create_backbone_with_source(config.backbone, pretrained=config.pretrained, init_weights=config.init_weights)
     data_config = resolve_data_config(config.backbone, config.input_size)
-    probe = TaggerNet(backbone, {attr: 2 for attr in ATTRIBUTES}, data_config)
+    probe = TaggerNet(backbone, {attr: 2 for attr in config.attribute_names}, data_config)
     check_net(probe, config.backbone)
     if config.freeze_stages:
         try:
@@ -142,7 +141,13 @@ def retrain(config: RetrainConfig) -> ModelBundle:
         cache_images=config.cache_images,
         cache_max_gb=config.cache_max_gb,
         storage_options=config.storage_options,
+        attributes=config.attribute_names,
         pin_memory=device == "cuda",
+        corrections=config.corrections,
+        id_column=config.id_column,
+        image_column=config.image_column,
+        data_format=config.data_format,
+        split_from=config.split_from,
     )
     datamodule.setup()
     datamodule.workers = resolve_workers(config.workers, device, datamodule.cached)
@@ -157,6 +162,11 @@ def retrain(config: RetrainConfig) -> ModelBundle:
         check_resume(config.resume, labels)
 
     net = TaggerNet(backbone, datamodule.label_counts, data_config, drop_rate=config.drop_rate)
+    heads_init = {attr: "new" for attr in labels}
+    if config.init_weights:
+        from ..model.pretrained import reuse_bundle_heads
+
+        heads_init = reuse_bundle_heads(net, labels, config.init_weights)
     if config.freeze_stages:
         net.eval()
         datamodule.cache_trunk(
@@ -258,6 +268,7 @@ def retrain(config: RetrainConfig) -> ModelBundle:
             "min_label_count": datamodule.min_label_count,
             "folded": datamodule.folded,
             "folded_into": datamodule.folded_into,
+            "label_counts": datamodule.label_stats,
             "images_cached": datamodule.cached,
         },
         "split": {
@@ -266,6 +277,7 @@ def retrain(config: RetrainConfig) -> ModelBundle:
             "fractions": {"train": 1 - config.val_fraction - config.test_fraction, "val": config.val_fraction, "test": config.test_fraction},
             "sizes": datamodule.split_sizes,
             "stratified_on": list(labels),
+            "reused": datamodule.split_reused,
         },
         "metrics": {
             "monitor": SCORE_METRIC,
@@ -281,6 +293,7 @@ def retrain(config: RetrainConfig) -> ModelBundle:
         },
         "backbone": config.backbone,
         "weights_init": weights_source.describe(),
+        "heads_init": heads_init,
         "freeze_stages": config.freeze_stages,
         "cache_mirror": config.cache_mirror if config.freeze_stages else None,
         "input_size": data_config.input_size,
