@@ -31,7 +31,7 @@ def demo_data(out: Path, n_train: int, n_catalog: int, n_bad: int, seed: int) ->
 @click.option("--out", default="out/demo", show_default=True, help="The tag job's output root.")
 @click.option("--run-date", default=None, help="Partition to check (default: the latest complete one).")
 @click.option("--truth", type=click.Path(exists=True, dir_okay=False), default="demo/truth.csv", show_default=True,
-              help="CSV of product_id + the seven attributes (an empty cell: no true value, not scored).")
+              help="CSV of product_id + the model's attributes (an empty cell: no true value, not scored; a column the tags lack: ignored).")
 def demo_check(out: str, run_date: str | None, truth: str) -> None:
     """How often the demo tags equal the true labels: accuracy per attribute on the demo catalog."""
     import polars as pl
@@ -44,7 +44,10 @@ def demo_check(out: str, run_date: str | None, truth: str) -> None:
         raise click.ClickException(f"{out}/tags has no complete partition; run `make tag` first")
     name = f"run_date={run_date}" if run_date else partitions[-1]
     tags = pl.from_arrow(read_complete_partition(str(Path(out, "tags", name))))
-    scores = score_against_truth(tags, truth)
+    try:
+        scores = score_against_truth(tags, truth)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
     click.echo(f"demo tags vs true labels ({name}, {len(tags)} tagged products):")
     for attribute, value in scores.items():
         click.echo(f"  {attribute:<15} {value:6.1%}")

@@ -215,3 +215,12 @@ def test_attribute_names_are_checked_when_training_and_when_loading(catalog, tin
     (broken / "model.safetensors").write_bytes(Path(tiny_bundle, "model.safetensors").read_bytes())
     with pytest.raises(BundleError, match=message):
         load_bundle(str(broken))
+
+
+def test_demo_check_scores_the_bundle_attributes(catalog, tagged, tmp_path):
+    truth = tmp_path / "truth.csv"
+    pl.read_parquet(catalog).select(pl.col("sku").alias("product_id"), "colour", "garment").write_csv(truth)
+    result = run("demo-check", "--out", str(tagged), "--truth", str(truth))
+    assert result.exit_code == 0, result.output
+    lines = [line.split()[0] for line in result.output.splitlines()[1:]]
+    assert lines == ["colour", "garment", "all"]

@@ -641,14 +641,24 @@ def score_against_truth(tags, truth_csv: str | Path) -> dict[str, float]:
 
     A product without a true value for an attribute (real catalogs leave season or usage empty) is
     left out of that attribute's share, and ``all`` asks only for the attributes it has; a product
-    that was not tagged at all counts as wrong everywhere."""
+    that was not tagged at all counts as wrong everywhere.
+
+    The attributes are the truth file's columns that the tags table has too (the bundle's attributes, whatever
+    they are); the others are not scored."""
     import polars as pl
 
-    truth = pl.read_csv(truth_csv, schema_overrides={name: pl.String for name in ("product_id", *ATTRIBUTES)})
-    joined = truth.join(tags, on="product_id", how="left", suffix="_predicted")
+    from ..attributes import FIXED_COLUMNS
+
+    header = pl.read_csv(truth_csv, n_rows=0).columns
+    attributes = [c for c in header if c in tags.columns and c not in FIXED_COLUMNS]
+    if not attributes:
+        raise ValueError(f"{truth_csv}: none of its columns ({', '.join(header)}) is an attribute of the tags "
+                         f"({', '.join(c for c in tags.columns if f'{c}_score' in tags.columns)})")
+    truth = pl.read_csv(truth_csv, schema_overrides={name: pl.String for name in ("product_id", *attributes)})
+    joined = truth.join(tags.select("product_id", *attributes), on="product_id", how="left", suffix="_predicted")
     scores = {}
     every = pl.lit(True)
-    for name in ATTRIBUTES:
+    for name in attributes:
         right = (pl.col(name) == pl.col(f"{name}_predicted")).fill_null(False)
         known = pl.col(name).is_not_null()
         scores[name] = float(joined.filter(known).select(right.mean()).item())
