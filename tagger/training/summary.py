@@ -30,6 +30,15 @@ def format_summary(bundle: ModelBundle) -> str:
         into = data.get("folded_into", {})
         parts = [f"{attr}: {len(labels)} -> {into.get(attr, 'Other')}" for attr, labels in folded.items()]
         lines.append(f"folded   labels under {data.get('min_label_count')} rows; " + "; ".join(parts))
+    counts = data.get("label_counts") or {}
+    patchy = {a: sum(c.values()) for a, c in counts.items() if sum(c.values()) < rows.get("used", 0)}
+    if patchy:
+        lines.append("labelled " + ", ".join(f"{a} {n} of {rows.get('used')}" for a, n in patchy.items())
+                     + " rows (the rest unknown: masked out of the loss and the metrics)")
+    heads = t.get("heads_init") or {}
+    if any(v == "bundle" for v in heads.values()):
+        lines.append("heads    from --init-weights: " + ", ".join(a for a, v in heads.items() if v == "bundle")
+                     + "; new: " + (", ".join(a for a, v in heads.items() if v != "bundle") or "none"))
     lines.append(f"logs     {t.get('log_dir')}")
     lines.append("")
     header = f"{'attribute':<16}{'val acc':>8}{'val F1':>8}{'test acc':>9}{'test F1':>8}{'majority':>9}{'threshold':>10}{'auto-tag':>9}"

@@ -167,6 +167,10 @@ def retrain(config: RetrainConfig) -> ModelBundle:
         from ..model.pretrained import reuse_bundle_heads
 
         heads_init = reuse_bundle_heads(net, labels, config.init_weights)
+        if any(v == "bundle" for v in heads_init.values()) and not config.split_from:
+            log.warning("starting from the bundle %s without --split-from: rows it was trained on may land in this run's "
+                        "val/test split and flatter its figures; pass --split-from %s when the data overlap",
+                        config.init_weights, config.init_weights)
     if config.freeze_stages:
         net.eval()
         datamodule.cache_trunk(
