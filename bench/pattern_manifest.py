@@ -1,7 +1,7 @@
 """A labelled manifest with an attribute Kaggle lacks: ``pattern``, read from the product names.
 
     .venv/bin/python -m bench.pattern_manifest --data ../shared/data/fashion-sample --data ../shared/data/fashion-more \
-        --out out/pattern/catalog.csv [--limit-pattern N --split-from models/fashion-lite0 --seed 0]
+        --out out/pattern/catalog.csv [--split-from models/fashion-lite0 --drop-unlabelled-train] [--limit-pattern N --seed 0]
 
 Kaggle's ``styles.csv`` has no pattern column, but ``productDisplayName`` often says it: "Solid", "Printed" or
 "Print", "Check" or "Checked", "Striped" or "Stripes". A product whose name holds the words of exactly one of
@@ -39,6 +39,9 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="the manifest to write (.csv)")
     parser.add_argument("--limit-pattern", type=int, default=None, help="keep pattern labels on only N train rows")
     parser.add_argument("--split-from", default=None, help="bundle whose split.parquet decides train rows (with --limit-pattern)")
+    parser.add_argument("--drop-unlabelled-train", action="store_true",
+                        help="leave out the train rows of --split-from without a pattern: they would only retrain the "
+                             "seven heads on what they already learnt, and cost a pass through the trunk each")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
@@ -48,17 +51,22 @@ def main() -> None:
     data = load_kaggle(args.data, attributes=[*ATTRIBUTES, "productDisplayName"], require_attributes=False)
     rows = data.table.to_dicts()
     patterns = [pattern_of(r.get("productDisplayName")) for r in rows]
-    if args.limit_pattern is not None:
-        import numpy as np
-
+    split: dict[str, str] = {}
+    if args.limit_pattern is not None or args.drop_unlabelled_train:
         from tagger.training.split import read_split
 
         if not args.split_from:
-            parser.error("--limit-pattern needs --split-from (the rows it may drop labels from are that split's train rows)")
+            parser.error("--limit-pattern and --drop-unlabelled-train need --split-from (they act on that split's train rows)")
         split = read_split(os.path.join(args.split_from, "split.parquet"))
+    if args.limit_pattern is not None:
+        import numpy as np
+
         train = [i for i, r in enumerate(rows) if patterns[i] and split.get(r["id"]) == "train"]
         keep = set(np.random.default_rng(args.seed).permutation(train)[: args.limit_pattern].tolist())
         patterns = [p if (i in keep or split.get(r["id"]) != "train") else None for i, (r, p) in enumerate(zip(rows, patterns))]
+    if args.drop_unlabelled_train:
+        kept = [(r, p) for r, p in zip(rows, patterns) if p or split.get(r["id"]) != "train"]
+        rows, patterns = [r for r, _ in kept], [p for _, p in kept]
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle, lineterminator="\n")

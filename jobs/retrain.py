@@ -49,6 +49,9 @@ def _flag(option: str) -> str:
 @click.option("--image-column", default=D["image_column"], show_default=True, help="Labelled manifests' image column.")
 @click.option("--data-format", type=click.Choice(["csv", "parquet", "jsonl"]), default=None, show_default="from the name",
               help="Labelled manifests' and corrections' format.")
+@click.option("--keep-labels/--no-keep-labels", default=False, show_default=True,
+              help="With --init-weights BUNDLE: the attributes it has keep its labels (a label it does not know is scored as "
+                   "its Other, else unknown), so that their heads are kept even when the data is a subset of its own.")
 @click.option("--split-from", default=None,
               help="A bundle folder (or its split.parquet) whose rows keep their train/val/test split; other rows are "
                    "split afresh. Use it with --init-weights BUNDLE on that bundle's data, so that its test rows stay unseen.")

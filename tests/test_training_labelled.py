@@ -224,3 +224,24 @@ def test_demo_check_scores_the_bundle_attributes(catalog, tagged, tmp_path):
     assert result.exit_code == 0, result.output
     lines = [line.split()[0] for line in result.output.splitlines()[1:]]
     assert lines == ["colour", "garment", "all"]
+
+
+def test_keep_labels_keeps_the_starting_bundles_vocabularies_and_heads_on_a_subset(catalog, bundle, tmp_path):
+    """A few rows of the data: alone they would fold other labels (and lack some), so without --keep-labels the
+    heads could not be kept; with it the shared attributes keep the bundle's labels and heads."""
+    subset = tmp_path / "subset.parquet"
+    rows = pl.read_parquet(catalog).head(60).with_columns(pl.lit("images/").add(pl.col("photo").str.split("/").list.last()).alias("photo"))
+    rows.write_parquet(subset)
+    import shutil
+
+    shutil.copytree(catalog.parent / "images", tmp_path / "images")
+    out = tmp_path / "kept"
+    result = run("retrain", "--data", str(subset), "--attribute", "colour", "--attribute", "garment", "--id-column", "sku",
+                 "--image-column", "photo", "--init-weights", str(bundle), "--keep-labels", "--split-from", str(bundle),
+                 "--min-label-count", "8", "--out", str(out), "--log-dir", str(tmp_path / "logs"), *COMMON)
+    assert result.exit_code == 0, result.output
+    before, after = load_bundle(str(bundle)), load_bundle(str(out))
+    assert after.attribute_names == ["colour", "garment"]
+    assert {a.name: a.labels for a in after.attributes} == {a.name: a.labels for a in before.attributes}
+    assert after.training["heads_init"] == {"colour": "bundle", "garment": "bundle"}
+    assert sum(after.training["data"]["label_counts"]["colour"].values()) == 60

@@ -36,6 +36,7 @@ class RetrainConfig:
     image_column: str = "image"  # ... and --image-column
     data_format: str | None = None  # labelled manifests' format; None: from each name (as the tag job's --catalog-format)
     split_from: str | None = None  # a bundle (or its split.parquet) whose rows keep their split; None: a fresh split
+    keep_labels: bool = False  # with --init-weights BUNDLE: its attributes keep its label vocabulary (and so their heads)
     # Any timm model name. The default is the shipped model's, whose ImageNet weights the install carries
     # (the weights extra): a first retrain needs no hub.
     backbone: str = "tf_efficientnet_lite0"
@@ -97,6 +98,8 @@ class RetrainConfig:
         need(all(isinstance(c, str) and c.strip() for c in self.corrections), "corrections", "corrections must be file names")
         need(bool(self.id_column) and bool(self.image_column) and self.id_column != self.image_column, "id_column",
              "id_column and image_column must be two different column names")
+        need(not self.keep_labels or (self.init_weights is not None and os.path.isfile(os.path.join(self.init_weights, "model.json"))),
+             "keep_labels", "--keep-labels needs --init-weights naming a tagger bundle's folder (its model.json holds the labels)")
         need(self.data_format in (None, "csv", "parquet", "jsonl"), "data_format", f"data_format must be csv, parquet or jsonl, got {self.data_format!r}")
         need(bool(self.backbone), "backbone", "backbone is required (a timm model name, e.g. efficientnet_b3)")
         import timm

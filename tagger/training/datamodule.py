@@ -214,6 +214,8 @@ class FashionDataModule(pl.LightningDataModule):
         image_column: str = "image",
         data_format: str | None = None,
         split_from: str | None = None,
+        keep_labels: Mapping[str, Sequence[str]] | None = None,
+        keep_labels_training: Mapping[str, Any] | None = None,
     ):
         super().__init__()
         if cache_images not in CACHE_MODES:
@@ -235,6 +237,7 @@ class FashionDataModule(pl.LightningDataModule):
         self.corrections = tuple(corrections)
         self.id_column, self.image_column, self.data_format = id_column, image_column, data_format
         self.split_from = split_from
+        self.keep_labels, self.keep_labels_training = keep_labels, keep_labels_training or {}
         self._ready = False
 
     # ------------------------------------------------------------------ preparation
@@ -272,17 +275,40 @@ class FashionDataModule(pl.LightningDataModule):
             log.info("decoded %d images at %dpx into memory (%.0f MB) in %.1fs", len(pixels), size, pixels.nbytes / 1e6, time.monotonic() - started)
 
         self.min_label_count = resolve_min_label_count(self.min_label_count_spec, table.height)
-        folding = fold_rare_labels(table, self.attributes, self.min_label_count)
+        # Attributes whose vocabulary comes from the starting bundle (--keep-labels) are encoded as that bundle
+        # encodes them (its folded labels -> its Other; a label it never had -> Other, else unknown); the rest fold here.
+        kept = {a: list(v) for a, v in (self.keep_labels or {}).items() if a in self.attributes}
+        folding = fold_rare_labels(table, [a for a in self.attributes if a not in kept], self.min_label_count)
         table = folding.table
         self.folded, self.folded_into = folding.folded, folding.folded_into
-        # Per attribute and class, after folding: patchy labels are the rule in a real catalog, so say what there is.
-        self.label_stats = label_counts(table, self.attributes)
+        learnt = [a for a in self.attributes if a not in kept]
+        check_label_counts(label_counts(table, learnt), table.height, self.min_label_count, report.sources)  # before a head is built
+        vocab = build_vocabularies(table, learnt) if learnt else {}
+        self.vocab = {a: kept[a] if a in kept else vocab[a] for a in self.attributes}
+        if kept:
+            from ..data.labels import encode_labels
+
+            theirs = self.keep_labels_training.get("data") if isinstance(self.keep_labels_training.get("data"), Mapping) else {}
+            facts = {"data": {k: {a: v for a, v in (theirs.get(k) or {}).items() if a in kept} for k in ("folded", "folded_into")}}
+            self.folded.update(facts["data"]["folded"])
+            self.folded_into.update(facts["data"]["folded_into"])
+            columns = {a: table[a].to_list() for a in self.attributes}
+            self.targets, mappings = encode_labels(columns, self.vocab, facts, unknown_labels="other")
+            self.kept_labels = {a: {"unknown_as_other" if mappings[a].unknown_as_other else "unknown_excluded": mappings[a].n_unknown,
+                                    "labels": len(kept[a])} for a in kept}
+            for a, m in mappings.items():
+                if a in kept and m.n_unknown:
+                    log.info("labels %s: %d row(s) with a label the starting bundle does not have (e.g. %s) %s", a, m.n_unknown,
+                             ", ".join(list(m.unknown)[:3]), "scored as Other" if m.unknown_as_other else "left unknown")
+        else:
+            self.targets = encode_targets(table, self.vocab)
+            self.kept_labels = {}
+        # Per attribute and class, as trained: patchy labels are the rule in a real catalog, so say what there is.
+        self.label_stats = {a: _class_counts(self.targets[:, j], labels) for j, (a, labels) in enumerate(self.vocab.items())}
         for attr, counts in self.label_stats.items():
             log.info("labels %s: %d of %d rows (%d classes; %s)", attr, sum(counts.values()), table.height, len(counts),
                      ", ".join(f"{k} {v}" for k, v in list(counts.items())[:8]) + (", ..." if len(counts) > 8 else ""))
         check_label_counts(self.label_stats, table.height, self.min_label_count, report.sources)
-        self.vocab = build_vocabularies(table, self.attributes)
-        self.targets = encode_targets(table, self.vocab)
         self.assignment = stratified_split(
             self.targets, [len(v) for v in self.vocab.values()], val_fraction=self.val_fraction, test_fraction=self.test_fraction, seed=self.seed
         )
@@ -447,6 +473,11 @@ def _log_report(source: str, report: DataReport) -> None:
     if report.missing_image:
         log.warning("%s: %d row(s) have no file in images/ and were dropped (e.g. id %s)",
                     source, report.missing_image, ", ".join(report.missing_image_ids))
+
+
+def _class_counts(targets: np.ndarray, labels: Sequence[str]) -> dict[str, int]:
+    counts = np.bincount(targets[targets >= 0], minlength=len(labels))
+    return {labels[i]: int(counts[i]) for i in sorted(np.nonzero(counts)[0], key=lambda i: (-counts[i], labels[i]))}
 
 
 def _compact(pixels: np.ndarray, ok: np.ndarray) -> np.ndarray:

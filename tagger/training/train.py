@@ -148,6 +148,7 @@ def retrain(config: RetrainConfig) -> ModelBundle:
         image_column=config.image_column,
         data_format=config.data_format,
         split_from=config.split_from,
+        **_kept_labels(config),
     )
     datamodule.setup()
     datamodule.workers = resolve_workers(config.workers, device, datamodule.cached)
@@ -273,6 +274,7 @@ def retrain(config: RetrainConfig) -> ModelBundle:
             "folded": datamodule.folded,
             "folded_into": datamodule.folded_into,
             "label_counts": datamodule.label_stats,
+            "kept_labels": datamodule.kept_labels or None,
             "images_cached": datamodule.cached,
         },
         "split": {
@@ -328,6 +330,17 @@ def retrain(config: RetrainConfig) -> ModelBundle:
     )
     log.info("wrote bundle %s (model_version %s) in %.0fs", config.out, bundle.model_version, time.monotonic() - started)
     return bundle
+
+
+def _kept_labels(config: RetrainConfig) -> dict[str, Any]:
+    """``--keep-labels``: the starting bundle's vocabularies (and its folding facts) for the attributes it shares."""
+    if not config.keep_labels:
+        return {}
+    import json
+
+    meta = json.loads(open(os.path.join(config.init_weights, "model.json"), encoding="utf-8").read())
+    labels = {a["name"]: list(a["labels"]) for a in meta.get("attributes", []) if a.get("name") in config.attribute_names}
+    return {"keep_labels": labels, "keep_labels_training": meta.get("training") or {}}
 
 
 def _versions() -> dict[str, str]:
