@@ -39,6 +39,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
 	$(BIN)/python -m bench.cdn
+	$(BIN)/python -m bench.nightly_report
 
 clean:
 	rm -rf out

@@ -377,7 +377,7 @@ def iter_catalog_columns(
     *,
     fmt: str | None = None,
     storage_options: Mapping[str, Any] | None = None,
-    batch_rows: int = 65_536,
+    batch_rows: int = 8_192,
 ):
     """The named columns of a manifest as Arrow record batches of text, streamed in manifest order: a
     million-row catalog is never held whole (CSV and Parquet; JSON Lines has no streaming reader in
@@ -395,7 +395,8 @@ def iter_catalog_columns(
             delimiter = "\t" if url.lower().removesuffix(".gz").endswith(".tsv") else ","
             batches = csv.open_csv(
                 handle,
-                read_options=csv.ReadOptions(block_size=1 << 22),
+                # One thread, 1 MiB blocks: what the reader holds does not grow with the catalog.
+                read_options=csv.ReadOptions(block_size=1 << 20, use_threads=False),
                 parse_options=csv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
                 convert_options=csv.ConvertOptions(column_types={c: pa.string() for c in columns},
                                                    include_columns=columns, strings_can_be_null=True),

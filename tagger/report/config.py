@@ -49,8 +49,10 @@ class ReportConfig:
     max_disagreements: int = 10_000  # rows of the disagreements table, most confident first
     gallery: int = 24  # thumbnails of the top disagreements on the page
     thumb_size: int = 128
-    batch_rows: int = 65_536  # rows per streamed batch: what bounds the memory, whatever the night's size
-    bucket_rows: int = 250_000  # catalog rows joined at once; a bigger catalog is joined in id-hash buckets
+    # Rows per streamed batch, and the catalog rows joined at once (a bigger catalog is joined in id-hash buckets,
+    # a pass over the catalog and the tags each): together they bound the memory, whatever the night's size.
+    batch_rows: int = 8_192
+    bucket_rows: int = 20_000
     thresholds: Thresholds = field(default_factory=Thresholds)
 
     def __post_init__(self) -> None:

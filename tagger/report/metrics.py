@@ -154,40 +154,44 @@ def label_mix_table(run_date: str, previous_date: str | None, now: Profile, befo
 
 @dataclass
 class Agreement:
-    """Tags against the catalog's labels, accumulated over joined batches."""
+    """Tags against the catalog's labels, accumulated over joined Arrow tables (one bucket of ids at a time)."""
 
     columns: dict[str, str]  # attribute -> catalog column
     max_rows: int
     labelled: Counter = field(default_factory=Counter)
     agree: Counter = field(default_factory=Counter)
     pairs: dict[str, Counter] = field(default_factory=dict)  # attribute -> (catalog label, tag) -> rows
-    top: Any = None  # polars frame: the most confident disagreements so far
+    top: pa.Table | None = None  # the most confident disagreements so far
     disagreements: int = 0
 
-    def add(self, joined) -> None:
-        """``joined``: a polars frame of tags rows with the catalog's labels as ``truth:<attribute>``."""
-        import polars as pl
-
+    def add(self, joined: pa.Table) -> None:
+        """``joined``: tags rows with the catalog's labels as ``truth:<attribute>`` columns."""
         frames = [] if self.top is None else [self.top]
         for a in self.columns:
-            truth = pl.col(f"truth:{a}").str.strip_chars()
-            labelled = joined.filter(truth.is_not_null() & (truth != "")).with_columns(truth.alias(f"truth:{a}"))
-            if labelled.height == 0:
+            truth = pc.utf8_trim_whitespace(joined.column(f"truth:{a}"))
+            labelled = pc.fill_null(pc.not_equal(truth, ""), False)
+            wrong = pc.and_(labelled, pc.fill_null(pc.not_equal(joined.column(a), truth), True))
+            n_labelled, n_wrong = _count(labelled), _count(wrong)
+            if not n_labelled:
                 continue
-            wrong = labelled.filter(pl.col(a) != pl.col(f"truth:{a}"))
-            self.labelled[a] += labelled.height
-            self.agree[a] += labelled.height - wrong.height
-            self.disagreements += wrong.height
+            self.labelled[a] += n_labelled
+            self.agree[a] += n_labelled - n_wrong
+            self.disagreements += n_wrong
+            if not n_wrong:
+                continue
+            rows = pa.table({
+                "product_id": joined.column("product_id").filter(wrong), "image": joined.column("image").filter(wrong),
+                "attribute": pa.array([a] * n_wrong, pa.string()), "catalog_label": truth.filter(wrong),
+                "tag": joined.column(a).filter(wrong), "score": joined.column(f"{a}_score").filter(wrong).cast(pa.float32()),
+            })
             pairs = self.pairs.setdefault(a, Counter())
-            for truth_label, tag, count in wrong.group_by([f"truth:{a}", a]).len().iter_rows():
-                pairs[(truth_label, tag)] += count
-            frames.append(wrong.select(
-                pl.col("product_id"), pl.col("image"), pl.lit(a).alias("attribute"), pl.col(f"truth:{a}").alias("catalog_label"),
-                pl.col(a).alias("tag"), pl.col(f"{a}_score").cast(pl.Float32).alias("score"),
-            ))
+            for row in rows.group_by(["catalog_label", "tag"], use_threads=False).aggregate([([], "count_all")]).to_pylist():
+                pairs[(row["catalog_label"], row["tag"])] += row["count_all"]
+            frames.append(rows)
         if len(frames) > (self.top is not None):
-            self.top = (pl.concat(frames).sort(["score", "attribute", "product_id"], descending=[True, False, False])
-                        .head(self.max_rows))
+            merged = pa.concat_tables(frames).combine_chunks()
+            order = pc.sort_indices(merged, [("score", "descending"), ("attribute", "ascending"), ("product_id", "ascending")])
+            self.top = merged.take(order[: self.max_rows])
 
     def accuracy(self, attribute: str) -> float | None:
         return self.agree[attribute] / self.labelled[attribute] if self.labelled[attribute] else None
@@ -225,9 +229,11 @@ class Agreement:
     def disagreements_table(self) -> pa.Table:
         schema = pa.schema([("product_id", pa.string()), ("image", pa.string()), ("attribute", pa.string()),
                             ("catalog_label", pa.string()), ("tag", pa.string()), ("score", pa.float32())])
-        if self.top is None:
-            return schema.empty_table()
-        return self.top.to_arrow().cast(schema)
+        return schema.empty_table() if self.top is None else self.top.cast(schema)
+
+
+def _count(mask) -> int:
+    return int(pc.sum(mask).as_py() or 0)
 
 
 def crossed(thresholds: Thresholds, report: Mapping[str, Any]) -> list[str]:
@@ -259,34 +265,60 @@ def crossed(thresholds: Thresholds, report: Mapping[str, Any]) -> list[str]:
     return out
 
 
+# Per byte position (mod 64), a fixed random 64-bit weight: id_hash is a weighted sum of an id's bytes.
+_WEIGHTS = np.random.default_rng(20).integers(1, 2**63, 64, dtype=np.uint64)
+
+
+def id_hash(ids: pa.Array) -> np.ndarray:
+    """A uint64 per id (text), from its bytes, in numpy: which bucket of ids a row joins in. Fixed (not
+    per-process random), and without polars, whose allocator keeps what it used."""
+    ids = ids.cast(pa.large_string()) if not pa.types.is_large_string(ids.type) else ids
+    ids = pc.fill_null(ids, "")
+    offsets = np.frombuffer(ids.buffers()[1], dtype=np.int64)[ids.offset: ids.offset + len(ids) + 1]
+    data = np.frombuffer(ids.buffers()[2], dtype=np.uint8) if ids.buffers()[2] is not None else np.zeros(0, np.uint8)
+    data = data[offsets[0]: offsets[-1]].astype(np.uint64)
+    starts, lengths = offsets[:-1] - offsets[0], np.diff(offsets)
+    position = np.arange(len(data), dtype=np.int64) - np.repeat(starts, lengths)
+    with np.errstate(over="ignore"):
+        # A trailing 0 makes every start a valid index of reduceat, trailing empty ids included.
+        weighted = np.append(data * _WEIGHTS[position % 64], np.uint64(0))
+        sums = np.add.reduceat(weighted, starts) if len(ids) else np.zeros(0, np.uint64)
+        sums[lengths == 0] = 0
+        return (sums ^ (sums >> np.uint64(29))) * np.uint64(0x9E3779B97F4A7C15)
+
+
 def iter_joined(night: Night, catalog_batches, columns: Mapping[str, str], attributes: Iterable[str], batch_rows: int,
                 buckets: int):
-    """Tonight's tags joined by product id with the catalog's label columns, as polars frames, a bucket of ids
-    at a time: ``catalog_batches(bucket)`` streams the catalog (id + label columns, Arrow batches); with more
-    than one bucket both sides keep only the ids whose hash falls in the bucket, so the catalog is never held
-    whole. The first row of a repeated id wins, as in the tag job."""
-    import polars as pl
-
+    """Tonight's tags joined by product id with the catalog's label columns, one bucket of ids at a time, as Arrow
+    tables. ``catalog_batches()`` streams the catalog (id first, then the label columns); with more than one
+    bucket both sides keep only the ids whose hash falls in the bucket, so neither is ever held whole: the
+    memory is a bucket's, whatever the night's size, for a pass over both per bucket. The join is Arrow's
+    ``index_in`` (the first row of a repeated id wins, as in the tag job), which holds one hash table of the
+    bucket's ids; a hash join or polars keeps several times the data in allocator arenas (measured)."""
     attributes = list(attributes)
     wanted = ["product_id", "image", *attributes, *(f"{a}_score" for a in attributes)]
+    names = ["product_id", *(f"truth:{a}" for a in columns)]
 
-    def in_bucket(frame, k: int):
-        return frame if buckets == 1 else frame.filter(pl.col("product_id").hash(seed=0) % buckets == k)
+    def in_bucket(batch: pa.RecordBatch, k: int) -> pa.RecordBatch:
+        return batch if buckets == 1 else batch.filter(pa.array(id_hash(batch.column(0)) % buckets == k))
 
+    pool = pa.default_memory_pool()
     for k in range(buckets):
         parts = []
         for batch in catalog_batches():
-            frame = pl.from_arrow(batch)
-            frame = frame.select(pl.col(frame.columns[0]).alias("product_id"),
-                                 *[pl.col(c).alias(f"truth:{a}") for a, c in columns.items()])
-            parts.append(in_bucket(frame.filter(pl.col("product_id").is_not_null()), k))
-        if not parts:
-            continue
-        catalog = pl.concat(parts).unique(subset="product_id", keep="first", maintain_order=True)
+            batch = pa.RecordBatch.from_arrays(batch.columns, names=names)
+            parts.append(in_bucket(batch.filter(pc.is_valid(batch.column(0))), k))
+        catalog = pa.Table.from_batches(parts, pa.schema([(n, pa.string()) for n in names])).combine_chunks()
         del parts
-        for batch in night.iter_tags(wanted, batch_rows):
-            tags = in_bucket(pl.from_arrow(batch), k)
-            joined = tags.join(catalog, on="product_id", how="inner")
-            if joined.height:
-                yield joined
-        del catalog
+        tags = pa.Table.from_batches([in_bucket(b, k) for b in night.iter_tags(wanted, batch_rows)])
+        if tags.num_rows and catalog.num_rows:
+            index = pc.index_in(tags.column("product_id"), value_set=catalog.column("product_id"))
+            found = pc.is_valid(index)
+            labels = catalog.drop_columns(["product_id"]).take(index.filter(found))
+            joined = tags.filter(found)
+            for name in labels.column_names:
+                joined = joined.append_column(name, labels.column(name))
+            yield joined
+            del joined, labels, index
+        del catalog, tags
+        pool.release_unused()
