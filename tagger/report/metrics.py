@@ -13,7 +13,9 @@ so memory does not grow with the night. Definitions, as in Evidently's and whylo
 
 from __future__ import annotations
 
+import itertools
 import math
+import os
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -290,35 +292,73 @@ def id_hash(ids: pa.Array) -> np.ndarray:
 def iter_joined(night: Night, catalog_batches, columns: Mapping[str, str], attributes: Iterable[str], batch_rows: int,
                 buckets: int):
     """Tonight's tags joined by product id with the catalog's label columns, one bucket of ids at a time, as Arrow
-    tables. ``catalog_batches()`` streams the catalog (id first, then the label columns); with more than one
-    bucket both sides keep only the ids whose hash falls in the bucket, so neither is ever held whole: the
-    memory is a bucket's, whatever the night's size, for a pass over both per bucket. The join is Arrow's
-    ``index_in`` (the first row of a repeated id wins, as in the tag job), which holds one hash table of the
-    bucket's ids; a hash join or polars keeps several times the data in allocator arenas (measured)."""
+    tables. ``catalog_batches()`` streams the catalog (id first, then the label columns).
+
+    With more than one bucket, one pass over each side spills its rows, by the hash of the id, into a local
+    temporary Arrow file per bucket (a grace hash join); each bucket is then read back and joined alone. The
+    memory is a bucket's and a batch's, whatever the night's size; the catalog (maybe on S3) is read once. The
+    join is Arrow's ``index_in`` (the first row of a repeated id wins, as in the tag job), which holds one
+    hash table of the bucket's ids: a hash join, or polars, keeps several times the data in allocator arenas
+    (measured: bench/nightly_report.py)."""
+    import tempfile
+
     attributes = list(attributes)
     wanted = ["product_id", "image", *attributes, *(f"{a}_score" for a in attributes)]
     names = ["product_id", *(f"truth:{a}" for a in columns)]
+    catalog_schema = pa.schema([(n, pa.string()) for n in names])
 
-    def in_bucket(batch: pa.RecordBatch, k: int) -> pa.RecordBatch:
-        return batch if buckets == 1 else batch.filter(pa.array(id_hash(batch.column(0)) % buckets == k))
+    def catalog_stream():
+        for batch in catalog_batches():
+            batch = pa.RecordBatch.from_arrays(batch.columns, schema=catalog_schema)
+            yield batch.filter(pc.is_valid(batch.column(0)))
 
     pool = pa.default_memory_pool()
-    for k in range(buckets):
-        parts = []
-        for batch in catalog_batches():
-            batch = pa.RecordBatch.from_arrays(batch.columns, names=names)
-            parts.append(in_bucket(batch.filter(pc.is_valid(batch.column(0))), k))
-        catalog = pa.Table.from_batches(parts, pa.schema([(n, pa.string()) for n in names])).combine_chunks()
-        del parts
-        tags = pa.Table.from_batches([in_bucket(b, k) for b in night.iter_tags(wanted, batch_rows)])
-        if tags.num_rows and catalog.num_rows:
-            index = pc.index_in(tags.column("product_id"), value_set=catalog.column("product_id"))
-            found = pc.is_valid(index)
-            labels = catalog.drop_columns(["product_id"]).take(index.filter(found))
-            joined = tags.filter(found)
-            for name in labels.column_names:
-                joined = joined.append_column(name, labels.column(name))
-            yield joined
-            del joined, labels, index
-        del catalog, tags
-        pool.release_unused()
+    if buckets == 1:
+        yield from _join(pa.Table.from_batches(list(catalog_stream()), catalog_schema),
+                         pa.Table.from_batches(list(night.iter_tags(wanted, batch_rows))))
+        return
+    with tempfile.TemporaryDirectory(prefix="tagger-report-") as folder:
+        catalog_files = _spill(catalog_stream(), buckets, os.path.join(folder, "catalog"))
+        tags_files = _spill(night.iter_tags(wanted, batch_rows), buckets, os.path.join(folder, "tags"))
+        for catalog_file, tags_file in zip(catalog_files, tags_files):
+            with pa.memory_map(catalog_file) as c, pa.memory_map(tags_file) as t:
+                yield from _join(pa.ipc.open_file(c).read_all(), pa.ipc.open_file(t).read_all())
+            os.remove(catalog_file)
+            os.remove(tags_file)
+            pool.release_unused()
+
+
+def _spill(batches, buckets: int, prefix: str) -> list[str]:
+    """Rows of ``batches`` into one Arrow IPC file per bucket of ``id_hash(first column)``, in stream order
+    (none when there are no batches)."""
+    batches = iter(batches)
+    first = next(batches, None)
+    if first is None:
+        return []
+    paths = [f"{prefix}-{k:04d}.arrow" for k in range(buckets)]
+    writers = [pa.ipc.new_file(path, first.schema) for path in paths]
+    try:
+        for batch in itertools.chain([first], batches):
+            bucket = id_hash(batch.column(0)) % np.uint64(buckets)
+            order = np.argsort(bucket, kind="stable")
+            bounds = np.searchsorted(bucket[order], np.arange(buckets + 1, dtype=np.uint64))
+            for k in range(buckets):
+                if bounds[k + 1] > bounds[k]:
+                    writers[k].write_batch(batch.take(pa.array(order[bounds[k]: bounds[k + 1]])))
+    finally:
+        for writer in writers:
+            writer.close()
+    return paths
+
+
+def _join(catalog: pa.Table, tags: pa.Table):
+    if not (tags.num_rows and catalog.num_rows):
+        return
+    catalog, tags = catalog.combine_chunks(), tags.combine_chunks()
+    index = pc.index_in(tags.column("product_id"), value_set=catalog.column("product_id"))
+    found = pc.is_valid(index)
+    labels = catalog.drop_columns(["product_id"]).take(index.filter(found))
+    joined = tags.filter(found)
+    for name in labels.column_names:
+        joined = joined.append_column(name, labels.column(name))
+    yield joined
