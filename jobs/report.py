@@ -36,29 +36,31 @@ def threshold_options(function):
          "under its review threshold."),
         ("--max-error-rate", click.FloatRange(0.0, 1.0), "Exit 6 when a larger share of the manifest's rows ended as errors."),
         ("--max-rows-change", click.FloatRange(0.0), "Exit 6 when the manifest's rows changed by more than this share from the "
-         "night before (0.2: 20 %% fewer or more)."),
+         "night before (0.2: 20 % fewer or more)."),
     ]):
         function = click.option(name, type=kind, default=None, help=text)(function)
     return function
 
 
 def report_options(function):
+    """The report's options, in the order --help shows them: what to compare, where the catalog's labels are,
+    what to show, then the thresholds."""
+    function = threshold_options(function)
+    function = click.option("--gallery", type=click.IntRange(min=0), default=24, show_default=True,
+                            help="Products of the top disagreements shown with their thumbnail on the page.")(function)
+    function = click.option("--max-disagreements", type=click.IntRange(min=0), default=10_000, show_default=True,
+                            help="Rows of disagreements.parquet, the most confident first (report.json counts them all).")(function)
     function = click.option("--truth-column", "truth_columns", multiple=True, metavar="ATTRIBUTE=COLUMN", callback=_truth_columns,
                             help="The catalog column holding its own label of an attribute, repeatable. Default: the "
                             "catalog's columns named like the bundle's attributes.")(function)
-    function = click.option("--catalog", default=None, help="Read the catalog's labels from this manifest (joined by product "
-                            "id) instead of the one the run's plan names.")(function)
-    function = click.option("--catalog-format", type=click.Choice(["csv", "parquet", "jsonl"]), default=None,
-                            help="Override the format guessed from the catalog's name.")(function)
     function = click.option("--id-column", default=None, help="The catalog's product-id column (default: the tag run's, "
                             "else product_id).")(function)
-    function = click.option("--previous", default=None, metavar="YYYY-MM-DD", help="Compare with this run date instead of "
-                            "the latest complete one before --run-date.")(function)
-    function = click.option("--max-disagreements", type=click.IntRange(min=0), default=10_000, show_default=True,
-                            help="Rows of disagreements.parquet, the most confident first (report.json counts them all).")(function)
-    function = click.option("--gallery", type=click.IntRange(min=0), default=24, show_default=True,
-                            help="Products of the top disagreements shown with their thumbnail on the page.")(function)
-    return threshold_options(function)
+    function = click.option("--catalog-format", type=click.Choice(["csv", "parquet", "jsonl"]), default=None,
+                            help="Override the format guessed from the catalog's name.")(function)
+    function = click.option("--catalog", default=None, help="Read the catalog's labels from this manifest (joined by product "
+                            "id) instead of the one the run's plan names.")(function)
+    return click.option("--previous", default=None, metavar="YYYY-MM-DD", help="Compare with this run date instead of "
+                        "the latest complete one before --run-date.")(function)
 
 
 @click.command("report")

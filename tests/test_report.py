@@ -305,3 +305,24 @@ def test_report_html_renders_in_headless_chromium(tagged_demo, tmp_path, width):
     keep = os.environ.get("TAGGER_REPORT_SCREENSHOTS")
     if keep:
         shutil.copy(shot, Path(keep) / shot.name)
+
+
+def test_report_reads_and_writes_s3(tmp_path, s3_bucket):
+    from tests.conftest import upload_tree
+
+    bucket, fs = s3_bucket
+    catalog = tmp_path / "catalog.csv"
+    catalog.write_text("product_id,image,gender\np0,x.png,Women\np1,x.png,Men\n")
+    write_night(tmp_path / "local", "2026-11-26", mix_rows({"Men": 2}))
+    write_night(tmp_path / "local", "2026-11-27", mix_rows({"Men": 1, "Women": 1}), catalog=str(catalog))
+    upload_tree(fs, tmp_path / "local", f"{bucket}/out")
+    result = run("--out", f"s3://{bucket}/out", "--run-date", "2026-11-27", "--max-drift", "0.9")
+    assert result.exit_code == 0, result.output
+    fs.invalidate_cache()
+    folder = f"{bucket}/out/_reports/run_date=2026-11-27"
+    assert sorted(p.rsplit("/", 1)[1] for p in fs.ls(folder)) == sorted(
+        ["agreement.parquet", "confusions.parquet", "disagreements.parquet", "drift.parquet", "label_mix.parquet",
+         "report.html", "report.json"])
+    body = json.loads(fs.cat_file(f"{folder}/report.json"))
+    assert body["previous_run_date"] == "2026-11-26" and body["attributes"]["gender"]["agreement"]["accuracy"] == 0.0
+    assert "no image" in fs.cat_file(f"{folder}/report.html").decode() or "missing" in fs.cat_file(f"{folder}/report.html").decode()
