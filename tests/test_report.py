@@ -96,6 +96,8 @@ def test_a_shifted_label_mix_is_flagged_with_exit_6_and_the_tables_are_written(t
     assert result.exit_code == 6, result.output
     line = [l for l in result.output.splitlines() if "threshold crossed" in l]
     assert len(line) == 1 and "gender" in line[0] and "--max-drift 0.1" in line[0] and "colour" not in line[0]
+    psi = run("--out", str(tmp_path), "--run-date", "2026-11-28", "--max-psi", "0.25")
+    assert psi.exit_code == 6 and "gender label mix drifted from run_date=2026-11-26: PSI" in psi.output
     body = report_json(tmp_path, "2026-11-28")
     assert body["previous_run_date"] == "2026-11-26"
     d = body["attributes"]["gender"]["drift"]
@@ -326,3 +328,28 @@ def test_report_reads_and_writes_s3(tmp_path, s3_bucket):
     body = json.loads(fs.cat_file(f"{folder}/report.json"))
     assert body["previous_run_date"] == "2026-11-26" and body["attributes"]["gender"]["agreement"]["accuracy"] == 0.0
     assert "no image" in fs.cat_file(f"{folder}/report.html").decode() or "missing" in fs.cat_file(f"{folder}/report.html").decode()
+
+
+@pytest.mark.parametrize("allowed", [True, False])
+def test_gallery_reads_http_images_only_under_the_runs_own_allow_host(tmp_path, allowed):
+    from PIL import Image
+
+    from .http_server import PhotoServer
+
+    (tmp_path / "cdn").mkdir()
+    Image.new("RGB", (30, 40), (200, 30, 30)).save(tmp_path / "cdn" / "a.jpg", "JPEG")
+    server = PhotoServer(tmp_path / "cdn").start()
+    try:
+        catalog = tmp_path / "catalog.csv"
+        catalog.write_text(f"product_id,image,gender\na,{server.url}/img/a.jpg,Women\n")
+        write_night(tmp_path / "out", "2026-11-27", [{"product_id": "a", "image": f"{server.url}/img/a.jpg", "gender": "Men",
+                                                      "colour": "Red"}], catalog=str(catalog))
+        arguments = {"catalog": str(catalog), "allow_hosts": ["127.0.0.1"] if allowed else [],
+                     "allow_private_addresses": allowed, "allow_plain_http": allowed}
+        (tmp_path / "out" / "_runs" / "run_date=2026-11-27" / "summary.json").write_text(json.dumps({"arguments": arguments}))
+        assert run("--out", str(tmp_path / "out"), "--run-date", "2026-11-27").exit_code == 0
+        page = (tmp_path / "out" / "_reports" / "run_date=2026-11-27" / "report.html").read_text()
+        assert ("data:image/jpeg;base64," in page) == allowed
+        assert (len(server.requests) > 0) == allowed, "no URL is requested that the run was not allowed to read"
+    finally:
+        server.stop()

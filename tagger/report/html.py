@@ -34,7 +34,8 @@ p.meta { color: #555; margin: 0 0 14px; overflow-wrap: anywhere; }
 .banner ul { margin: 4px 0 0 18px; padding: 0; }
 .wide { overflow-x: auto; max-width: 100%; }
 table { border-collapse: collapse; background: #fff; font-variant-numeric: tabular-nums; }
-th, td { padding: 4px 9px; border-bottom: 1px solid #e3e5e8; text-align: right; vertical-align: top; }
+th, td { padding: 4px 9px; border-bottom: 1px solid #e3e5e8; text-align: right; vertical-align: top; white-space: nowrap; }
+td.text { white-space: normal; }
 th { background: #eef0f3; font-weight: 600; } th:first-child, td:first-child, td.text, th.text { text-align: left; }
 td.up { color: #a04000; } td.down { color: #1f618d; } td.alert, span.alert { color: #c0392b; font-weight: 600; }
 .grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(min(520px, 100%), 1fr)); gap: 14px; }
@@ -155,20 +156,36 @@ def gallery_items(disagreements: pa.Table, night: Night, config: ReportConfig) -
         item["pairs"].append(row)
     base = storage.parent((night.plan or {}).get("catalog") or config.catalog or config.out)
     items = list(products.values())
+    http = _http_policy(night)
     with ThreadPoolExecutor(max_workers=8) as pool:
-        for item, (uri, error) in zip(items, pool.map(lambda i: _thumbnail(storage.resolve(i["image"], base), config), items)):
+        for item, (uri, error) in zip(items, pool.map(lambda i: _thumbnail(storage.resolve(i["image"], base), config, http), items)):
             item["src"], item["error"] = uri, error
     return items
 
 
-def _thumbnail(location: str, config: ReportConfig) -> tuple[str | None, str | None]:
+def _http_policy(night: Night):
+    """The tag run's own ``--allow-host`` policy (its summary's arguments) for http(s) images: the report reads
+    no URL the run itself was not allowed to read. None (no http(s) image read) without one."""
+    from ..data.http import HttpPolicy
+
+    arguments = (night.summary or {}).get("arguments") or {}
+    if not arguments.get("allow_hosts"):
+        return None
+    try:
+        return HttpPolicy(tuple(arguments["allow_hosts"]), allow_private=bool(arguments.get("allow_private_addresses")),
+                          allow_plain_http=bool(arguments.get("allow_plain_http")))
+    except (ValueError, TypeError):
+        return None
+
+
+def _thumbnail(location: str, config: ReportConfig, http=None) -> tuple[str | None, str | None]:
     from PIL import Image
 
     from ..data.decode import ImageError, decode_image
     from ..data.reader import StorageUnavailable, fetch_image
 
     try:
-        data, _ = fetch_image(location, config.storage_options)
+        data, _ = fetch_image(location, config.storage_options, http=http)
         pixels = decode_image(data, config.thumb_size, source=location)
     except ImageError as exc:
         return None, exc.error_type
