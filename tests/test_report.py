@@ -128,9 +128,10 @@ def test_agreement_confusions_and_disagreements_equal_a_hand_computation(tmp_pat
         {"product_id": "007", "gender": "Men", "colour": "Black", "gender_score": 0.5, "colour_score": 0.2},
     ]
     catalog = tmp_path / "catalog.csv"
-    # e has no gender label (left out of gender), f is not tagged (no row to compare), 007 keeps its zeros.
+    # e has no gender label (left out of gender), f is not tagged (no row to compare), 007 keeps its zeros; a's
+    # second row is a repeated id: its first row counts, as in the tag job.
     catalog.write_text("product_id,image,sex,colour\na,a.png,Men,Black\nb,b.png,Women,Navy\nc,c.png,Women, Red \n"
-                       "d,d.png,Women,Red\ne,e.png,,Black\nf,f.png,Men,Black\n007,007.png,Women,Black\n")
+                       "d,d.png,Women,Red\ne,e.png,,Black\nf,f.png,Men,Black\n007,007.png,Women,Black\na,a.png,Women,Red\n")
     write_night(tmp_path / "out", "2026-11-27", rows, errors=[("f", "missing")], catalog=str(catalog))
     result = run("--out", str(tmp_path / "out"), "--run-date", "2026-11-27", "--truth-column", "gender=sex",
                  "--truth-column", "colour=colour", "--gallery", "0")
@@ -161,8 +162,11 @@ def test_a_catalog_bigger_than_a_bucket_is_joined_in_buckets_with_the_same_resul
     rows = [{"product_id": f"id{i}", "gender": str(labels[rng.integers(3)]), "colour": "Black",
              "gender_score": float(rng.random())} for i in range(500)]
     catalog = tmp_path / "catalog.parquet"
-    pq.write_table(pa.table({"product_id": [f"id{i}" for i in range(520)], "image": ["x"] * 520,
-                             "gender": [str(labels[rng.integers(3)]) for _ in range(520)]}), catalog)
+    # The last 50 rows repeat ids 0-49 with other labels: the first row of an id counts, bucketed or not.
+    ids = [f"id{i}" for i in range(520)] + [f"id{i}" for i in range(50)]
+    genders = [str(labels[rng.integers(3)]) for _ in range(520)]
+    genders += [str(labels[(list(labels).index(g) + 1) % 3]) for g in genders[:50]]
+    pq.write_table(pa.table({"product_id": ids, "image": ["x"] * 570, "gender": genders}), catalog)
     write_night(tmp_path / "out", "2026-11-27", rows, catalog=str(catalog))
     whole = build_report(ReportConfig(out=str(tmp_path / "out"), run_date="2026-11-27", gallery=0, batch_rows=64))
     buckets = build_report(ReportConfig(out=str(tmp_path / "out"), run_date="2026-11-27", gallery=0, batch_rows=64,
@@ -170,6 +174,7 @@ def test_a_catalog_bigger_than_a_bucket_is_joined_in_buckets_with_the_same_resul
     assert whole.report["agreement"]["columns"] == {"gender": "gender"}
     a, b = whole.report["attributes"]["gender"]["agreement"], buckets.report["attributes"]["gender"]["agreement"]
     assert a["labelled"] == b["labelled"] == 500 and a["agree"] == b["agree"] and 100 < a["agree"] < 250
+    assert a["agree"] == sum(r["gender"] == genders[i] for i, r in enumerate(rows))
     top = pq.read_table(Path(buckets.folder) / "disagreements.parquet")
     assert top.num_rows == 50 and top.column("score").to_pylist() == sorted(top.column("score").to_pylist(), reverse=True)
     assert buckets.report["agreement"]["disagreements"] == 500 - a["agree"]
