@@ -102,6 +102,8 @@ def test_a_shifted_label_mix_is_flagged_with_exit_6_and_the_tables_are_written(t
     assert body["previous_run_date"] == "2026-11-26"
     d = body["attributes"]["gender"]["drift"]
     assert d["new_labels"] == ["Girls"] and d["vanished_labels"] == []
+    gender = body["attributes"]["gender"]
+    assert gender["label_rows"] == {"Men": 80, "Girls": 10, "Women": 10} and gender["previous_label_rows"] == {"Men": 50, "Women": 50}
     assert d["movers"][0]["label"] == "Women" and d["movers"][0]["change"] == pytest.approx(-0.4)
     # Hand computation: p = (.8, .1, .1) for Men, Women, Girls; q = (.5, .5, 0) with Girls floored at 1e-4.
     p, q = np.array([0.1, 0.8, 0.1]), np.array([0.0, 0.5, 0.5])  # Girls, Men, Women

@@ -83,6 +83,10 @@ def build_report(config: ReportConfig) -> ReportResult:
             "score_histogram": now.hist[a].tolist(),
             "previous_score_histogram": past.hist[a].tolist() if past and a in past_attributes else None,
             "top_labels": [{"label": k, "rows": v} for k, v in sorted(now.mix[a].items(), key=lambda i: (-i[1], i[0]))[:5]],
+            # The bars on the page: every label's rows, tonight and the night before (label_mix.parquet has shares).
+            "label_rows": dict(sorted(now.mix[a].items(), key=lambda i: (-i[1], i[0]))),
+            "previous_label_rows": (dict(sorted(past.mix[a].items(), key=lambda i: (-i[1], i[0])))
+                                    if past and a in past_attributes else None),
             "drift": metrics.drift(now.mix[a], past.mix[a]) if past and a in past_attributes else None,
             "agreement": None,
         }
