@@ -24,17 +24,18 @@ ATTRS = ["gender", "colour"]
 
 
 def write_night(out: Path, run_date: str, rows: list[dict], *, errors: list[tuple[str, str]] = (), catalog: str | None = None,
-                attributes: list[str] = ATTRS, run_id: str | None = None) -> None:
+                attributes: list[str] = ATTRS, run_id: str | None = None, review: bool = True) -> None:
     """A committed night as the tag job leaves it: tags and errors parts, _SUCCESS, plan.json."""
     run_id = run_id or f"{run_date}-test"
     partition = Partition(str(out), run_date)
-    schema = writers.tags_schema(attributes)
+    schema = writers.tags_schema(attributes, review=review)
     now = datetime(2026, 11, 27, tzinfo=timezone.utc)
     columns = {"product_id": [r["product_id"] for r in rows], "image": [r.get("image", f"{r['product_id']}.png") for r in rows]}
     for a in attributes:
         columns[a] = [r[a] for r in rows]
         columns[f"{a}_score"] = [r.get(f"{a}_score", 0.9) for r in rows]
-    columns["needs_review"] = [r.get("needs_review", []) for r in rows]
+    if review:
+        columns["needs_review"] = [r.get("needs_review", []) for r in rows]
     columns["image_version"] = ["1-1"] * len(rows)
     columns["model_version"] = ["m1"] * len(rows)
     columns["run_id"] = [r.get("run_id", run_id) for r in rows]
@@ -360,3 +361,12 @@ def test_gallery_reads_http_images_only_under_the_runs_own_allow_host(tmp_path, 
         assert (len(server.requests) > 0) == allowed, "no URL is requested that the run was not allowed to read"
     finally:
         server.stop()
+
+
+def test_a_partition_written_before_needs_review_has_no_review_share(tmp_path):
+    write_night(tmp_path, "2026-11-26", mix_rows({"Men": 2}), review=False)
+    write_night(tmp_path, "2026-11-27", [{"product_id": "a", "gender": "Men", "colour": "Red", "needs_review": ["colour"]}])
+    assert run("--out", str(tmp_path), "--run-date", "2026-11-27", "--max-review-share", "0.5").exit_code == 6
+    body = report_json(tmp_path, "2026-11-27")
+    assert body["attributes"]["colour"]["review_share"] == 1.0 and body["attributes"]["colour"]["previous_review_share"] is None
+    assert body["previous_counts"]["review_share"] is None and "review_share" not in body["change"]

@@ -44,6 +44,7 @@ class Profile:
     hist: dict[str, np.ndarray] = field(default_factory=dict)
     score_sum: dict[str, float] = field(default_factory=dict)
     review: Counter = field(default_factory=Counter)
+    review_known: bool = False  # the tags have needs_review (partitions written before it existed do not)
 
     def share(self, attribute: str) -> dict[str, float]:
         total = sum(self.mix.get(attribute, {}).values())
@@ -54,7 +55,7 @@ class Profile:
         return self.score_sum[attribute] / count if count else None
 
     def review_share(self, attribute: str) -> float | None:
-        return self.review.get(attribute, 0) / self.rows if self.rows else None
+        return self.review.get(attribute, 0) / self.rows if self.rows and self.review_known else None
 
 
 def profile(night: Night, attributes: list[str], batch_rows: int) -> Profile:
@@ -74,6 +75,7 @@ def profile(night: Night, attributes: list[str], batch_rows: int) -> Profile:
                 result.hist[a] += np.histogram(np.clip(scores, 0.0, 1.0), bins=EDGES)[0]
                 result.score_sum[a] += float(scores.sum(dtype=np.float64))
         if REVIEW in names:
+            result.review_known = True
             column = batch.column(REVIEW)
             result.review.update(_value_counts(pc.list_flatten(column)))
             result.review_rows += int(pc.sum(pc.greater(pc.list_value_length(column), 0)).as_py() or 0)
@@ -90,7 +92,8 @@ def counts(night: Night, tags: Profile, batch_rows: int) -> dict[str, Any]:
     return {
         "rows": rows, "tagged": tags.rows - tags.reused, "reused": tags.reused, "errors": error_rows,
         "error_types": dict(sorted(errors.items())), "error_rate": error_rows / rows if rows else 0.0,
-        "review_rows": tags.review_rows, "review_share": tags.review_rows / tags.rows if tags.rows else None,
+        "review_rows": tags.review_rows if tags.review_known else None,
+        "review_share": tags.review_rows / tags.rows if tags.rows and tags.review_known else None,
     }
 
 
