@@ -62,7 +62,8 @@ $(AIRFLOW_STAMP): dags/requirements-airflow.txt dags/constraints-airflow.txt
 	touch $@
 
 # dag.test() with a temporary AIRFLOW_HOME (SQLite): two nights of the demo catalog, 2 mapped shard tasks,
-# each partition complete and equal to a single `tagger tag` run; exit-code -> retry mapping; timeouts.
+# each partition complete and equal to a single `tagger tag` run, then the report task; exit-code -> retry
+# mapping (report's 6: no retry); the unconfigured DAG failing its first task; {{ ds }} catalogs; pool/threads.
 test-airflow: $(STAMP) $(AIRFLOW_STAMP)
 	FT_TAGGER='$(BIN)/tagger' FT_PYTHON='$(BIN)/python' FT_CATALOG='$(CATALOG)' FT_MODEL='$(MODEL)' \
 	  $(AIRFLOW_VENV)/bin/python -m pytest -p no:cacheprovider --confcutdir=tests/airflow tests/airflow

@@ -26,6 +26,7 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException  # noq
 REPO = Path(__file__).resolve().parents[2]
 NIGHT_1, NIGHT_2 = "2026-11-26", "2026-11-27"
 SHARD_SIZE = 50  # the demo's rows (150-200 + 2 broken) -> 4-5 committed shards over the 2 mapped tasks
+THREADS = 2
 
 
 def _dag_module():
@@ -60,19 +61,31 @@ def job():
     return {k: os.path.abspath(v) for k, v in paths.items()}  # not resolve(): .venv/bin/python is a symlink
 
 
+def _as_list(callbacks) -> list:
+    return list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
+
+
 def test_the_dag_parses_with_its_schedule_mapping_retries_and_timeouts(dag_module):
     dag = dag_module.fashion_tagger_dag
     assert isinstance(dag, DAG) and dag.dag_id == "fashion_tagger"
-    assert set(dag.task_ids) == {"plan", "tag_shard", "finalize"}
+    assert set(dag.task_ids) == {"plan", "tag_shard", "finalize", "report"}
     assert type(dag.timetable).__name__ == "CronTriggerTimetable" and dag_module.SCHEDULE == "0 2 * * *"
     shard = dag.get_task("tag_shard")
     assert shard.upstream_task_ids == {"plan"} and dag.get_task("finalize").upstream_task_ids == {"plan", "tag_shard"}
+    assert dag.get_task("report").upstream_task_ids == {"plan", "finalize"}
     for task in dag.tasks:
         assert task.retries >= 1 and task.retry_exponential_backoff == 2.0 and task.execution_timeout is not None
-    assert set(dag.params) >= {"catalog", "model", "out", "num_shards", "shard_size", "incremental", "tagger"}
+        assert dag_module.on_failure in _as_list(task.on_failure_callback)
+    assert dag.dagrun_timeout == dag_module.DAGRUN_TIMEOUT and dag.dagrun_timeout.total_seconds() == 22 * 3600
+    assert dag_module.on_run_failure in _as_list(dag.on_failure_callback)
+    assert [asset.name for asset in dag.get_task("finalize").outlets] == ["fashion_tagger_tags"]
+    assert set(dag.params) >= {"demo", "catalog", "model", "out", "num_shards", "shard_size", "incremental",
+                               "threads", "workers", "report_max_drift", "report_min_agreement",
+                               "report_max_review_share", "tagger"}
 
 
-@pytest.mark.parametrize("code, retried", [(2, False), (3, False), (4, True), (5, True), (143, True), (1, True)])
+@pytest.mark.parametrize("code, retried", [(2, False), (3, False), (6, False), (4, True), (5, True), (143, True),
+                                           (1, True)])
 def test_exit_codes_map_to_fail_now_or_retry(dag_module, code, retried):
     with pytest.raises(AirflowException) as raised:
         dag_module.run_tagger("/bin/sh", ["-c", f"echo 'tagger tag: the last line'; exit {code}"])
@@ -114,14 +127,85 @@ def test_settings_come_from_params_then_variables_then_environment_then_defaults
     monkeypatch.setenv("FASHION_TAGGER_OUT", "/from-env")
     monkeypatch.setenv("FASHION_TAGGER_NUM_SHARDS", "3")
     monkeypatch.setenv("FASHION_TAGGER_CATALOG", "/from-env/catalog.csv")
+    monkeypatch.setenv("FASHION_TAGGER_MODEL", "/from-env/model")
     config = dag_module.resolve_config({"catalog": "s3://from-params/catalog.parquet", "incremental": False}, "2026-11-26")
     assert config["catalog"] == "s3://from-params/catalog.parquet"
     assert config["out"] == "s3://from-variable"
     assert config["num_shards"] == 3
-    assert config["model"] == dag_module.DEFAULTS["model"]
+    assert config["model"] == "/from-env/model"
     args = dag_module.tag_args(config)
     assert args[:2] == ["tag", "--catalog"] and "--since" not in args and args[args.index("--run-date") + 1] == "2026-11-26"
     assert "--since" in dag_module.tag_args({**config, "incremental": True})
+
+
+def test_unconfigured_the_plan_fails_naming_the_variables_and_demo_is_asked_for(dag_module, monkeypatch):
+    with pytest.raises(AirflowFailException) as raised:
+        dag_module.resolve_config({}, "2026-11-26")
+    message = str(raised.value)
+    assert "not configured" in message and "fashion_tagger_demo" in message
+    assert all(f"fashion_tagger_{name}" in message for name in ("catalog", "model", "out"))
+    with pytest.raises(AirflowFailException, match="set the Airflow Variables fashion_tagger_out \\("):
+        dag_module.resolve_config({"catalog": "c.csv", "model": "m"}, "2026-11-26")
+
+    monkeypatch.setenv("AIRFLOW_VAR_FASHION_TAGGER_DEMO", "true")  # demo mode, asked for by a Variable
+    config = dag_module.resolve_config({"out": "/elsewhere"}, "2026-11-26")
+    assert config["catalog"] == str(REPO / "demo/catalog.csv") and config["model"] == str(REPO / "models/fashion-lite0")
+    assert config["out"] == "/elsewhere"
+    assert dag_module.resolve_config({"demo": False, "catalog": "c", "model": "m", "out": "o"}, "2026-11-26")["demo"] is False
+
+
+def test_the_catalog_location_is_templated_by_the_run_date(dag_module):
+    conf = {"model": "m", "out": "s3://out"}
+    config = dag_module.resolve_config({**conf, "catalog": "s3://feed/{{ ds }}/catalog-{{ ds_nodash }}.parquet"},
+                                       "2026-11-26")
+    assert config["catalog"] == "s3://feed/2026-11-26/catalog-20261126.parquet"
+    assert dag_module.tag_args(config)[2] == config["catalog"]
+    with pytest.raises(AirflowFailException, match="catalog setting .* is not a valid template"):
+        dag_module.resolve_config({**conf, "catalog": "s3://feed/{{ yesterday }}/catalog.csv"}, "2026-11-26")
+
+
+def test_shard_tasks_take_a_pool_and_their_threads_and_workers_from_the_configuration(dag_module, monkeypatch):
+    assert dag_module.fashion_tagger_dag.get_task("tag_shard").pool == "default_pool"  # never a pool that may not exist
+    monkeypatch.setenv("FASHION_TAGGER_POOL", "fashion_tagger")
+    monkeypatch.setenv("FASHION_TAGGER_POOL_SLOTS", "2")
+    shard = _dag_module().fashion_tagger_dag.get_task("tag_shard")  # pools are fixed when the DAG is parsed
+    assert (shard.pool, shard.pool_slots) == ("fashion_tagger", 2)
+    for task in ("plan", "finalize", "report"):
+        assert dag_module.fashion_tagger_dag.get_task(task).pool == "default_pool"
+
+    conf = {"catalog": "c.csv", "model": "m", "out": "o"}
+    config = dag_module.resolve_config(conf, "2026-11-26")
+    args = dag_module.shard_args(config, "1/4")
+    assert args[args.index("--threads") + 1] == "2" and args[args.index("--workers") + 1] == "2"  # the defaults
+    assert "--threads" not in dag_module.tag_args(config)  # the plan's command: not part of its key
+    monkeypatch.setenv("AIRFLOW_VAR_FASHION_TAGGER_THREADS", "3")
+    config = dag_module.resolve_config({**conf, "workers": 1, "extra_args": "--batch-size 8"}, "2026-11-26")
+    args = dag_module.shard_args(config, "1/4")
+    assert args[args.index("--shard") + 1] == "1/4" and args[args.index("--threads") + 1] == "3"
+    assert args[args.index("--workers") + 1] == "1" and args[-2:] == ["--batch-size", "8"]
+    with pytest.raises(AirflowFailException, match="threads and workers"):
+        dag_module.resolve_config({**conf, "workers": -1}, "2026-11-26")
+
+
+def test_the_tagger_executable_is_looked_up_by_each_task_not_handed_over(dag_module, monkeypatch):
+    monkeypatch.setenv("FASHION_TAGGER_TAGGER", "/opt/worker/bin/tagger")
+    assert dag_module.tagger_executable({}) == "/opt/worker/bin/tagger"
+    assert dag_module.tagger_executable({"tagger": "/x/tagger"}) == "/x/tagger"
+    assert "tagger" not in dag_module.resolve_config({"catalog": "c", "model": "m", "out": "o"}, "2026-11-26")
+
+
+def test_the_failure_hook_is_a_dotted_name_resolved_when_the_dag_is_parsed(dag_module):
+    assert dag_module._callback("os.path:join") is os.path.join
+    with pytest.raises(ValueError, match="package.module:function"):
+        dag_module._callback("os.path.join")
+
+
+def test_report_thresholds_come_from_the_configuration(dag_module):
+    config = dag_module.resolve_config({"catalog": "c", "model": "m", "out": "o", "report_max_drift": 0.2,
+                                        "report_min_agreement": 0.8, "report_args": "--truth-column gender=gender"},
+                                       "2026-11-26")
+    assert dag_module.report_args(config) == ["report", "--out", "o", "--run-date", "2026-11-26", "--max-drift", "0.2",
+                                              "--min-agreement", "0.8", "--truth-column", "gender=gender"]
 
 
 def _fake_tagger(tmp_path: Path, body: str) -> str:
@@ -136,7 +220,8 @@ def test_under_airflow_exit_2_fails_at_once_and_exit_4_is_retried(dag_module, tm
     # exit 2 from the plan: failed on its first try, although retries are configured
     invalid = _fake_tagger(tmp_path, "echo 'tagger tag: invalid input: no such manifest' >&2; exit 2")
     run = dag.test(logical_date=_night("2026-10-01"),
-                   run_conf={"tagger": invalid, "out": str(tmp_path / "out2"), "num_shards": 2})
+                   run_conf={"tagger": invalid, "catalog": "c.csv", "model": "m", "out": str(tmp_path / "out2"),
+                             "num_shards": 2})
     states = _states(run)
     assert str(run.state) == "failed"
     assert states[("plan", -1)] == ("failed", 1), states
@@ -148,15 +233,88 @@ def test_under_airflow_exit_2_fails_at_once_and_exit_4_is_retried(dag_module, tm
 esac
 exit 0""")
     run = dag.test(logical_date=_night("2026-10-02"),
-                   run_conf={"tagger": flaky, "out": str(tmp_path / "out4"), "num_shards": 2})
+                   run_conf={"tagger": flaky, "catalog": "c.csv", "model": "m", "out": str(tmp_path / "out4"),
+                             "num_shards": 2})
     states = _states(run)
     assert str(run.state) == "success", states
     assert states[("tag_shard", 1)] == ("success", 2) and states[("tag_shard", 0)] == ("success", 1), states
 
 
+def test_under_airflow_unconfigured_fails_the_first_task_and_calls_the_failure_hook(dag_module, tmp_path, monkeypatch):
+    calls = []
+    module = _dag_module()  # dag.test() keeps an earlier run_conf in the DAG object's params: a fresh one
+    monkeypatch.setattr(module, "ON_FAILURE_HOOK", lambda context: calls.append(context["ti"].task_id))
+    never = _fake_tagger(tmp_path, f"touch {tmp_path / 'ran'}; exit 0")
+    run = module.fashion_tagger_dag.test(logical_date=_night("2026-10-03"), run_conf={"tagger": never})
+    states = _states(run)
+    assert str(run.state) == "failed" and states[("plan", -1)] == ("failed", 1), states
+    assert not (tmp_path / "ran").exists()  # nothing was started, nothing written
+    assert calls == ["plan"]  # once: the run's own callback leaves a task's failure to the task's
+
+
+def test_a_run_that_failed_without_a_failed_task_calls_the_hook(dag_module, monkeypatch):
+    calls = []
+    monkeypatch.setattr(dag_module, "ON_FAILURE_HOOK", lambda context: calls.append(context["reason"]))
+    dag_module.on_run_failure({"reason": "task_failure"})
+    dag_module.on_run_failure({"reason": "timed_out"})
+    assert calls == ["timed_out"]
+
+
+def test_under_airflow_a_crossed_report_threshold_fails_the_report_task_only(dag_module, tmp_path):
+    """Exit 6 from `tagger report` (after finalize committed the night): failed on its first try, not retried;
+    the shard and finalize tasks stay successful and the Asset event names the committed partition."""
+    calls = tmp_path / "calls"
+    fake = _fake_tagger(tmp_path, f"""echo "$*" >> {calls}
+[ "$1" = report ] && {{ echo 'tagger report: drift 0.41 > --max-drift 0.2 (article_type)' >&2; exit 6; }}
+exit 0""")
+    out = tmp_path / "out6"
+    conf = {"tagger": fake, "catalog": "s3://feed/{{ ds }}/catalog.csv", "model": "m", "out": str(out),
+            "num_shards": 2, "threads": 3, "workers": 1, "report_max_drift": 0.2, "report_min_agreement": 0.9}
+    run = dag_module.fashion_tagger_dag.test(logical_date=_night("2026-10-04"), run_conf=conf)
+    states = _states(run)
+    assert str(run.state) == "failed", states
+    assert states[("report", -1)] == ("failed", 1), states
+    assert all(state == "success" for (task, _), (state, _) in states.items() if task != "report"), states
+
+    lines = calls.read_text().splitlines()
+    assert sum("--plan-only" in line for line in lines) == 1 and lines[0].startswith("tag --catalog s3://feed/2026-10-04/catalog.csv ")
+    shards = sorted(line for line in lines if "--shard " in line)
+    assert [line.split("--shard ")[1].split()[0] for line in shards] == ["0/2", "1/2"]
+    assert all("--threads 3 --workers 1" in line for line in shards), shards
+    assert lines[-1] == f"report --out {out} --run-date 2026-10-04 --max-drift 0.2 --min-agreement 0.9", lines
+    assert sum(line.startswith("report ") for line in lines) == 1  # no retry
+
+    from airflow.models.asset import AssetEvent, AssetModel
+    from airflow.utils.session import create_session
+    with create_session() as session:
+        events = (session.query(AssetEvent).join(AssetModel, AssetEvent.asset_id == AssetModel.id)
+                  .filter(AssetModel.name == "fashion_tagger_tags").all())
+        extras = [event.extra for event in events]
+    assert {"run_date": "2026-10-04", "out": str(out), "tags": f"{out}/tags/run_date=2026-10-04",
+            "errors": f"{out}/errors/run_date=2026-10-04"} in extras, extras
+
+
+def _has_report(job: dict) -> bool:
+    """`tagger report` (issue #20) in the job under test, with the options the DAG's report task passes."""
+    result = subprocess.run([job["tagger"], "report", "--help"], capture_output=True, text=True, timeout=120)
+    return result.returncode == 0 and all(option in result.stdout
+                                          for option in ("--max-drift", "--min-agreement", "--max-review-share"))
+
+
+REPORT_MISSING = ("`tagger report` is not in this job yet (issue #20): the DAG's report task was tested against "
+                  "its contract with a stand-in tagger only")
+
+
+def test_the_jobs_tagger_report_has_the_options_the_report_task_passes(job):
+    if not _has_report(job):
+        pytest.skip(REPORT_MISSING)
+
+
 def _tag_single(job: dict, out: Path, date: str) -> None:
+    # --threads as the DAG's shard tasks: a score may differ in its last bit with the thread count
     command = [job["tagger"], "tag", "--catalog", job["catalog"], "--model", job["model"], "--out", str(out),
-               "--run-date", date, "--shard-size", str(SHARD_SIZE), "--progress", "none", "--workers", "1"]
+               "--run-date", date, "--shard-size", str(SHARD_SIZE), "--progress", "none", "--workers", "1",
+               "--threads", str(THREADS)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -171,14 +329,20 @@ def _compare(job: dict, a: Path, b: Path, date: str) -> dict:
 def test_two_nights_with_two_mapped_shards_equal_single_runs(dag_module, job, tmp_path):
     dag = dag_module.fashion_tagger_dag
     out, single = tmp_path / "airflow-out", tmp_path / "single-out"
-    conf = {"tagger": job["tagger"], "catalog": job["catalog"], "model": job["model"], "out": str(out),
-            "num_shards": 2, "shard_size": SHARD_SIZE, "extra_args": "--workers 1"}
+    tagger = job["tagger"]
+    has_report = _has_report(job)
+    if not has_report:  # the report task still runs, answered by a stand-in until #20's command is in the job
+        tagger = _fake_tagger(tmp_path, f'[ "$1" = report ] && {{ echo "{REPORT_MISSING}"; exit 0; }}\n'
+                                        f'exec {job["tagger"]} "$@"')
+    conf = {"tagger": tagger, "catalog": job["catalog"], "model": job["model"], "out": str(out),
+            "num_shards": 2, "shard_size": SHARD_SIZE, "threads": THREADS, "workers": 1}
 
     run = dag.test(logical_date=_night(NIGHT_1), run_conf=conf)
     states = _states(run)
     assert str(run.state) == "success", states
-    assert set(states) == {("plan", -1), ("tag_shard", 0), ("tag_shard", 1), ("finalize", -1)}
+    assert set(states) == {("plan", -1), ("tag_shard", 0), ("tag_shard", 1), ("finalize", -1), ("report", -1)}
     assert all(state == "success" for state, _ in states.values()), states
+    assert not has_report or (out / "_reports" / f"run_date={NIGHT_1}").is_dir()
 
     for table in ("tags", "errors"):
         success = out / table / f"run_date={NIGHT_1}" / "_SUCCESS"
@@ -195,6 +359,7 @@ def test_two_nights_with_two_mapped_shards_equal_single_runs(dag_module, job, tm
     # The next night: --since reuses every unchanged product of night 1 and still writes a complete partition.
     run = dag.test(logical_date=_night(NIGHT_2), run_conf=conf)
     assert str(run.state) == "success", _states(run)
+    assert not has_report or (out / "_reports" / f"run_date={NIGHT_2}").is_dir()
     summary_2 = json.loads((out / "_runs" / f"run_date={NIGHT_2}" / "summary.json").read_text())
     assert summary_2["status"] == "succeeded", summary_2
     assert summary_2["reused"] == summary["tagged"] + summary["reused"] and summary_2["tagged"] == 0, summary_2
