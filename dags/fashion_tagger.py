@@ -334,7 +334,7 @@ def _run_date(context: dict[str, Any]) -> str:
         "threads": Param(None, type=["null", "integer"], minimum=0, description="Model threads per shard task"),
         "workers": Param(None, type=["null", "integer"], minimum=0, description="Decode processes per shard task"),
         "extra_args": Param(None, type=["null", "string"], description="More `tagger tag` options"),
-        "report_max_drift": Param(None, type=["null", "number"], minimum=0),
+        "report_max_drift": Param(None, type=["null", "number"], minimum=0, maximum=1),
         "report_min_agreement": Param(None, type=["null", "number"], minimum=0, maximum=1),
         "report_max_review_share": Param(None, type=["null", "number"], minimum=0, maximum=1),
         "report_args": Param(None, type=["null", "string"], description="More `tagger report` options"),

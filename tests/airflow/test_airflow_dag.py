@@ -47,6 +47,12 @@ def _night(date: str) -> datetime:
     return datetime.fromisoformat(date).replace(hour=2, tzinfo=timezone.utc)  # the cron's 02:00 UTC
 
 
+def _test_run(date: str, conf: dict, module=None):
+    """dag.test() of the night `date` on a DAG parsed afresh: a DAG object keeps the params of its last
+    dag.test() run_conf, which would leak one test's settings into the next."""
+    return (module or _dag_module()).fashion_tagger_dag.test(logical_date=_night(date), run_conf=conf)
+
+
 def _states(dag_run) -> dict[tuple[str, int], tuple[str, int]]:
     return {(ti.task_id, ti.map_index): (str(ti.state), ti.try_number) for ti in dag_run.get_task_instances()}
 
@@ -216,12 +222,10 @@ def _fake_tagger(tmp_path: Path, body: str) -> str:
 
 
 def test_under_airflow_exit_2_fails_at_once_and_exit_4_is_retried(dag_module, tmp_path):
-    dag = dag_module.fashion_tagger_dag
     # exit 2 from the plan: failed on its first try, although retries are configured
     invalid = _fake_tagger(tmp_path, "echo 'tagger tag: invalid input: no such manifest' >&2; exit 2")
-    run = dag.test(logical_date=_night("2026-10-01"),
-                   run_conf={"tagger": invalid, "catalog": "c.csv", "model": "m", "out": str(tmp_path / "out2"),
-                             "num_shards": 2})
+    run = _test_run("2026-10-01", {"tagger": invalid, "catalog": "c.csv", "model": "m",
+                                   "out": str(tmp_path / "out2"), "num_shards": 2})
     states = _states(run)
     assert str(run.state) == "failed"
     assert states[("plan", -1)] == ("failed", 1), states
@@ -232,9 +236,8 @@ def test_under_airflow_exit_2_fails_at_once_and_exit_4_is_retried(dag_module, tm
   echo x >> {counter}; [ "$(wc -l < {counter})" -ge 2 ] || {{ echo 'storage unavailable' >&2; exit 4; }};;
 esac
 exit 0""")
-    run = dag.test(logical_date=_night("2026-10-02"),
-                   run_conf={"tagger": flaky, "catalog": "c.csv", "model": "m", "out": str(tmp_path / "out4"),
-                             "num_shards": 2})
+    run = _test_run("2026-10-02", {"tagger": flaky, "catalog": "c.csv", "model": "m",
+                                   "out": str(tmp_path / "out4"), "num_shards": 2})
     states = _states(run)
     assert str(run.state) == "success", states
     assert states[("tag_shard", 1)] == ("success", 2) and states[("tag_shard", 0)] == ("success", 1), states
@@ -242,10 +245,10 @@ exit 0""")
 
 def test_under_airflow_unconfigured_fails_the_first_task_and_calls_the_failure_hook(dag_module, tmp_path, monkeypatch):
     calls = []
-    module = _dag_module()  # dag.test() keeps an earlier run_conf in the DAG object's params: a fresh one
+    module = _dag_module()
     monkeypatch.setattr(module, "ON_FAILURE_HOOK", lambda context: calls.append(context["ti"].task_id))
     never = _fake_tagger(tmp_path, f"touch {tmp_path / 'ran'}; exit 0")
-    run = module.fashion_tagger_dag.test(logical_date=_night("2026-10-03"), run_conf={"tagger": never})
+    run = _test_run("2026-10-03", {"tagger": never}, module)
     states = _states(run)
     assert str(run.state) == "failed" and states[("plan", -1)] == ("failed", 1), states
     assert not (tmp_path / "ran").exists()  # nothing was started, nothing written
@@ -270,7 +273,7 @@ exit 0""")
     out = tmp_path / "out6"
     conf = {"tagger": fake, "catalog": "s3://feed/{{ ds }}/catalog.csv", "model": "m", "out": str(out),
             "num_shards": 2, "threads": 3, "workers": 1, "report_max_drift": 0.2, "report_min_agreement": 0.9}
-    run = dag_module.fashion_tagger_dag.test(logical_date=_night("2026-10-04"), run_conf=conf)
+    run = _test_run("2026-10-04", conf)
     states = _states(run)
     assert str(run.state) == "failed", states
     assert states[("report", -1)] == ("failed", 1), states
@@ -327,7 +330,6 @@ def _compare(job: dict, a: Path, b: Path, date: str) -> dict:
 
 
 def test_two_nights_with_two_mapped_shards_equal_single_runs(dag_module, job, tmp_path):
-    dag = dag_module.fashion_tagger_dag
     out, single = tmp_path / "airflow-out", tmp_path / "single-out"
     tagger = job["tagger"]
     has_report = _has_report(job)
@@ -337,7 +339,7 @@ def test_two_nights_with_two_mapped_shards_equal_single_runs(dag_module, job, tm
     conf = {"tagger": tagger, "catalog": job["catalog"], "model": job["model"], "out": str(out),
             "num_shards": 2, "shard_size": SHARD_SIZE, "threads": THREADS, "workers": 1}
 
-    run = dag.test(logical_date=_night(NIGHT_1), run_conf=conf)
+    run = _test_run(NIGHT_1, conf)
     states = _states(run)
     assert str(run.state) == "success", states
     assert set(states) == {("plan", -1), ("tag_shard", 0), ("tag_shard", 1), ("finalize", -1), ("report", -1)}
@@ -357,7 +359,7 @@ def test_two_nights_with_two_mapped_shards_equal_single_runs(dag_module, job, tm
     assert verdict["tags"]["rows"][0] + verdict["errors"]["rows"][0] == summary["rows"]
 
     # The next night: --since reuses every unchanged product of night 1 and still writes a complete partition.
-    run = dag.test(logical_date=_night(NIGHT_2), run_conf=conf)
+    run = _test_run(NIGHT_2, conf)
     assert str(run.state) == "success", _states(run)
     assert not has_report or (out / "_reports" / f"run_date={NIGHT_2}").is_dir()
     summary_2 = json.loads((out / "_runs" / f"run_date={NIGHT_2}" / "summary.json").read_text())
