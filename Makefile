@@ -19,7 +19,7 @@ OUT ?= out/demo
 RUN_DATE ?=
 TAG_ARGS ?=
 
-.PHONY: setup tag test bench clean browser-setup airflow-setup test-airflow image-tools image-base image image-run image-test
+.PHONY: setup tag test bench clean browser-setup airflow-setup test-airflow image-tools image-base image image-tag image-run image-test
 
 setup: $(STAMP)
 
@@ -77,9 +77,13 @@ IMAGE ?= localhost/fashion-tagger:latest
 IMAGE_BUILD ?= $(IMAGE)-build
 IMAGE_BASE ?= localhost/fashion-tagger-base:bookworm
 TORCH_VARIANT ?= cpu
+# full: the whole job; tag: tag, finalize and report with ONNX Runtime, no training stack (`make image-tag`).
+IMAGE_PROFILE ?= full
+IMAGE_EXTRAS ?= $(if $(filter tag,$(IMAGE_PROFILE)),onnx,runtimes)
 PIP_CA ?= $(or $(PIP_CERT),/etc/ssl/certs/ca-certificates.crt)
 PODMAN := CONTAINERS_CONF=$(CURDIR)/container/containers.conf podman --runtime runc
-IMAGE_BUILD_ARGS = --secret id=pip_ca,src=$(PIP_CA) --build-arg BASE=$(IMAGE_BASE) --build-arg TORCH_VARIANT=$(TORCH_VARIANT) -f Containerfile
+IMAGE_BUILD_ARGS = --secret id=pip_ca,src=$(PIP_CA) --build-arg BASE=$(IMAGE_BASE) --build-arg TORCH_VARIANT=$(TORCH_VARIANT) \
+  --build-arg PROFILE=$(IMAGE_PROFILE) --build-arg EXTRAS=$(IMAGE_EXTRAS) -f Containerfile
 IMAGE_RUN_OUT := out/container
 IMAGE_RUN_DATE := 2026-11-26
 
@@ -100,6 +104,10 @@ image: image-base
 	  $(PODMAN) build $(IMAGE_BUILD_ARGS) -t $(IMAGE) . && \
 	  $(PODMAN) image prune -f --filter label=org.fashion-tagger.image && \
 	  { set +x; } 2>/dev/null && echo "$(IMAGE): built in $$(( $$(date +%s) - start )) s, size $$($(PODMAN) image inspect --format '{{.Size}}' $(IMAGE) | numfmt --to=si --round=nearest --format=%.2f)B"
+
+# The tag-only image: `make image-test IMAGE_PROFILE=tag IMAGE=localhost/fashion-tagger:tag` also runs the demo in it.
+image-tag:
+	$(MAKE) --no-print-directory image IMAGE_PROFILE=tag IMAGE=localhost/fashion-tagger:tag
 
 # README "Container image", word for word (tests/test_container_readme.py holds them equal): tag the demo
 # catalog inside the image, non-root and without network, into out/container. CONTAINERS_CONF: on hosts
