@@ -96,7 +96,6 @@ DEFAULTS: dict[str, Any] = {
     "report_max_review_share": None,
     "report_args": "",  # more `tagger report` options, e.g. "--truth-column gender=gender"
 }
-SETTINGS = (*DEFAULTS, "tagger")
 
 NO_RETRY_EXIT_CODES = {2: "invalid input", 3: "more error rows than --max-error-rate",
                        6: "a report threshold was crossed"}
