@@ -14,7 +14,7 @@ REPORTS = "_reports"
 TABLES = ("label_mix", "drift", "agreement", "disagreements")
 
 # Shares are floored here before PSI's logarithm, so that a label seen on one night only gives a large but
-# finite term (Evidently floors at the same 1e-4).
+# finite term (Evidently's get_binned_data puts the same 1e-4 in place of a zero share).
 PSI_FLOOR = 1e-4
 SCORE_BINS = 20
 EDGE_LABELS = (0.0, 0.25, 0.5, 0.75, 1.0)  # score axis ticks on the page
