@@ -99,3 +99,17 @@ print(json.dumps(sorted({{name.split(".")[0] for name in sys.modules}} & set({so
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     assert json.loads(result.stdout.strip().splitlines()[-1]) == []
+
+
+def test_every_file_the_containerfile_copies_is_in_the_build_context():
+    """.containerignore is an allow-list: a file the Containerfile copies must be named in it, or the build fails."""
+    allowed = [line[1:].rstrip("/") for line in (REPO / ".containerignore").read_text().splitlines()
+               if line.startswith("!")]
+    copied = []
+    for line in (REPO / "Containerfile").read_text().splitlines():
+        words = line.split()
+        if words[:1] == ["COPY"] and not any(word.startswith("--from") for word in words):
+            copied += [word for word in words[1:-1] if not word.startswith("--")]
+    assert "container/requirements.py" in copied and "setup.cfg" in copied
+    missing = [path for path in copied if not any(path == a or path.startswith(a + "/") for a in allowed)]
+    assert not missing, f"copied by the Containerfile but not allowed by .containerignore: {missing}"
