@@ -312,3 +312,15 @@ def test_incremental_on_s3(demo, tiny_bundle, s3_bucket, tmp_path, monkeypatch, 
     assert facts["reused"] == len(good) - 1 and facts["tagged"] == 1
     night2 = pl.from_arrow(read_complete_partition(f"{out}/tags/run_date={NIGHT2}"))
     assert night2.filter(pl.col("run_id") == facts["run_id"])["product_id"].to_list() == [changed[0]]
+
+
+def test_summary_splits_the_read_products_and_counts_those_that_left(catalog, tiny_bundle, tmp_path):
+    """Night 2 reads a new product, a changed one and night 1's two error rows again; one product left."""
+    out = tmp_path / "out"
+    run(catalog, tiny_bundle, out, NIGHT1)
+    catalog.night2_changes()
+    result = run(catalog, tiny_bundle, out, NIGHT2, "--since", str(out))
+    since = summary(out, NIGHT2)["since"]
+    assert (since["new"], since["changed"], since["retried"], since["left"]) == (1, 1, 2, 1), since
+    assert since["in_previous"] == since["reused"] + since["changed"]
+    assert "new=1 changed=1 retried=2 left=1" in result.output

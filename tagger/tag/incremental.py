@@ -152,6 +152,9 @@ def plan_reuse(
         return facts
     facts["previous"] = previous.tags
     if previous.success.get("model_version") != model_version:
+        previous_ids = writers.read_complete_partition(previous.tags, options).column("product_id")
+        facts.update(_catalog_changes(manifest, previous, previous_ids.combine_chunks(), options))
+        facts["changed"] = facts["in_previous"]  # another model: every product it tagged is read again
         facts["reason"] = (
             f"the previous partition was tagged by model_version {previous.success.get('model_version')}, this run uses "
             f"{model_version}: every row is tagged"
@@ -163,6 +166,7 @@ def plan_reuse(
     prev_base = storage.parent(prev_plan["catalog"]) if prev_plan.get("catalog") else storage.parent(manifest.url)
     schema = writers.tags_schema(attributes, review=False)
     old = pl.from_arrow(writers.read_complete_partition(previous.tags, options).select(schema.names).cast(schema))
+    facts.update(_catalog_changes(manifest, previous, old.get_column("product_id").to_arrow(), options))
     old = old.filter(pl.col("model_version") == model_version)
     old = old.with_columns(pl.Series("location", resolve_locations(old.get_column("image").to_arrow(), prev_base))).drop("image")
 
@@ -179,6 +183,8 @@ def plan_reuse(
         keep = pc.fill_null(pc.equal(versions, matched.get_column("image_version").to_arrow()), False)
         matched = matched.filter(pl.Series(keep.to_numpy(zero_copy_only=False)))
     facts["reused"] = matched.height
+    # Products read again although the night before tagged them: image changed or moved (or another model).
+    facts["changed"] = facts["in_previous"] - matched.height
     if matched.height:
         table = matched.select(["row", *schema.names]).to_arrow()
         table = pa.table(
@@ -191,6 +197,25 @@ def plan_reuse(
         previous.tags, facts["reused"], manifest.num_rows, facts["candidates"], facts.get("version_lookup_s", 0.0),
     )
     return facts
+
+
+def _catalog_changes(manifest, previous: Previous, tagged_ids, options: Mapping[str, Any] | None) -> dict[str, int]:
+    """How tonight's catalog differs from the previous partition, by product id: ``new`` (in neither of its
+    tables), ``in_previous`` (in its tags: reused, or read again as ``changed``), ``retried`` (only in its
+    errors table: error rows are never reused) and ``left`` (in either table then, not in the catalog now).
+    Tonight's rows that are errors before any read (blank or repeated ids) count in none."""
+    try:
+        failed = writers.read_complete_partition(writers.partition_url(previous.out, "errors", previous.run_date), options).column("product_id")
+    except FileNotFoundError:  # no error rows that night: no part files listed
+        failed = pa.chunked_array([], pa.string())
+    current = pc.unique(manifest.table.filter(pc.equal(manifest.table.column("status"), "")).column("product_id"))
+    tagged = pc.unique(tagged_ids)
+    failed = pc.unique(failed.combine_chunks())
+    failed = failed.filter(pc.and_(pc.invert(pc.is_in(failed, value_set=tagged)), pc.not_equal(pc.utf8_length(failed), 0)))
+    in_tags = pc.sum(pc.is_in(current, value_set=tagged)).as_py() or 0
+    retried = pc.sum(pc.is_in(current, value_set=failed)).as_py() or 0
+    return {"new": len(current) - in_tags - retried, "in_previous": in_tags, "retried": retried,
+            "left": len(tagged) + len(failed) - in_tags - retried}
 
 
 def reuse_url(partition: Partition) -> str:

@@ -8,11 +8,14 @@ the shards without one, and several processes (``--shard I/N``) can share a part
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping
 from typing import Any
 
 from .. import storage
 from . import writers
+
+log = logging.getLogger(__name__)
 
 
 class Partition:
@@ -49,6 +52,7 @@ class Partition:
         """Remove the date's tags, errors and state: a new run replaces the partition, never adds to it."""
         for url in (self.tags, self.errors, self.state):
             storage.remove_tree(url, self.options)
+        self.write_indexes()  # a replaced date leaves the partitions index at once, not at the next commit
 
     def done_shards(self) -> set[int]:
         names = storage.list_files(storage.join(self.state, "shards"), self.options)
@@ -77,3 +81,15 @@ class Partition:
             storage.remove_stale_temporaries(url)  # left by a process killed mid-write; every shard is done now
         writers.write_success(self.errors, errors_parts, extra, self.options)
         writers.write_success(self.tags, tags_parts, extra, self.options)
+        self.write_indexes()
+
+    def write_indexes(self) -> None:
+        """Each table's ``_partitions.json`` (complete partitions, their files, the latest), after ``_SUCCESS``:
+        a reader that trusts the index never sees a partition before its ``_SUCCESS``."""
+        for table in ("errors", "tags"):
+            url = storage.join(self.out, table)
+            try:
+                writers.write_partitions_index(url, self.options)
+            except Exception as exc:  # derived data: the partitions and their _SUCCESS stand without it
+                log.warning("could not update %s/%s (%s: %s); the next commit of any date rewrites it",
+                            url, writers.INDEX_FILE, type(exc).__name__, exc)

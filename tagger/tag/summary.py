@@ -112,6 +112,9 @@ def summary_line(summary: dict[str, Any]) -> str:
     for key in ("tagged", "reused", "errors"):
         if key in summary:
             parts.append(f"{key}={summary[key]}")
+    since = summary.get("since") or {}
+    if "new" in since:  # --since: what was read (new, changed, last night's errors), and who left the catalog
+        parts.append(f"new={since['new']} changed={since['changed']} retried={since['retried']} left={since['left']}")
     if summary.get("needs_review", {}).get("rows"):
         parts.append(f"needs_review={summary['needs_review']['rows']}")
     rate = summary.get("this_process", {}).get("images_per_second")

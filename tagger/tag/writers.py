@@ -127,11 +127,67 @@ def read_success(partition: str, options: Mapping[str, Any] | None = None) -> di
         return None
 
 
+# Beside each table's partitions: which are complete, their files, and the latest, for readers that have no
+# Python from us (polars, DuckDB, pandas, Spark: README "Reading the tables"). A leading underscore, like
+# _SUCCESS, keeps Arrow datasets, Spark and `*.parquet` globs from taking it for data.
+INDEX_FILE = "_partitions.json"
+INDEX_FORMAT = 1
+
+
+def write_partitions_index(table: str, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Rebuild ``TABLE/_partitions.json`` from the ``_SUCCESS`` files under ``table`` and write it atomically.
+
+    Rebuilt from the partitions themselves rather than edited: two dates committed at once each write an index
+    that holds at least their own date, and the next commit (or wipe) puts back whatever one of them missed.
+    File paths are relative to the table folder, so the output root can be moved or mounted elsewhere.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+    from datetime import datetime, timezone
+
+    names = storage.list_files(table, options)
+    dates = sorted(n.split("=", 1)[1] for n in names if n.startswith("run_date="))
+    if not dates and INDEX_FILE not in names:
+        return {}  # a first run's wipe: no table yet, nothing to say
+    with ThreadPoolExecutor(max_workers=8) as pool:  # one small GET each on S3
+        successes = list(pool.map(lambda d: read_success(partition_url_in(table, d), options), dates))
+    partitions = []
+    for date, success in zip(dates, successes):
+        if success is None:
+            continue
+        partitions.append({
+            "run_date": date,
+            "files": [f"run_date={date}/{name}" for name in success.get("parts", {})],
+            "rows": success.get("rows"),
+            "run_id": success.get("run_id"),
+            "model_version": success.get("model_version"),
+            "committed_at": success.get("committed_at"),
+        })
+    body = {
+        "format": INDEX_FORMAT,
+        "table": table.rstrip("/").rsplit("/", 1)[-1],
+        "latest": partitions[-1]["run_date"] if partitions else None,
+        "run_dates": [p["run_date"] for p in partitions],
+        "files": [f for p in partitions for f in p["files"]],
+        "partitions": partitions,
+        "updated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    storage.write_bytes(storage.join(table, INDEX_FILE), json.dumps(body, indent=2).encode(), options)
+    return body
+
+
+def partition_url_in(table: str, run_date: str) -> str:
+    return storage.join(table, f"run_date={run_date}")
+
+
 def read_complete_partition(partition: str, options: Mapping[str, Any] | None = None) -> pa.Table:
     """The rows of a committed partition: exactly the part files its ``_SUCCESS`` lists.
 
-    Raises ``FileNotFoundError`` for a partition that is still being written or whose run failed.
+    Given a table root (``OUT/tags``) instead, the rows of every complete partition, with a ``run_date``
+    column (:func:`read_complete_table`). Raises ``FileNotFoundError`` for a partition that is still being
+    written or whose run failed, saying what was found.
     """
+    if not partition.rstrip("/").rsplit("/", 1)[-1].startswith("run_date="):
+        return read_complete_table(partition, options)
     success = read_success(partition, options)
     if success is None:
         raise FileNotFoundError(f"{partition}: no {SUCCESS_FILE}; the partition is incomplete (a run is in progress or failed)")
@@ -143,3 +199,40 @@ def read_complete_partition(partition: str, options: Mapping[str, Any] | None = 
     if not tables:
         raise FileNotFoundError(f"{partition}: {SUCCESS_FILE} lists no part files")
     return pa.concat_tables(tables)
+
+
+def read_complete_table(table: str, options: Mapping[str, Any] | None = None, *, run_dates: Sequence[str] | None = None,
+                        latest: bool = False) -> pa.Table:
+    """Every complete partition of a table (``OUT/tags`` or ``OUT/errors``), or those of ``run_dates``, or only
+    the ``latest``, as one table with a ``run_date`` column; incomplete partitions are skipped, and logged.
+
+    Columns added in a later night (``needs_review``) are null in the older ones.
+    """
+    import logging
+
+    log = logging.getLogger(__name__)
+    names = storage.list_files(table, options)
+    found = sorted(n.split("=", 1)[1] for n in names if n.startswith("run_date="))
+    if not found:
+        tables_here = [n for n in names if n in ("tags", "errors")]
+        hint = (f"; it looks like an output root: name a table, {storage.join(table, tables_here[0])}" if tables_here
+                else "; give a table folder (OUT/tags, OUT/errors) or one partition (OUT/tags/run_date=YYYY-MM-DD)")
+        raise FileNotFoundError(f"{table}: no run_date= partitions{hint}")
+    complete = {d: s for d in found if (s := read_success(partition_url_in(table, d), options)) is not None}
+    wanted = list(complete) if run_dates is None else [d for d in run_dates if d in complete]
+    if latest and wanted:
+        wanted = wanted[-1:]
+    skipped = [d for d in found if d not in complete]
+    log.info("%s: %d complete partition(s)%s%s; reading %s", table, len(complete),
+             f" ({min(complete)} .. {max(complete)})" if complete else "",
+             f", {len(skipped)} incomplete skipped ({', '.join(skipped[:5])})" if skipped else "",
+             ", ".join(wanted[:5]) + (" ..." if len(wanted) > 5 else "") if wanted else "none")
+    if not wanted:
+        missing = f" (none of {', '.join(run_dates)})" if run_dates is not None else ""
+        raise FileNotFoundError(f"{table}: no complete partition{missing}; found {', '.join(found)}, "
+                                f"{len(skipped)} without {SUCCESS_FILE} (being written, or their run failed)")
+    tables = []
+    for date in wanted:
+        part = read_complete_partition(partition_url_in(table, date), options)
+        tables.append(part.append_column("run_date", pa.array([date] * part.num_rows, pa.string())))
+    return pa.concat_tables(tables, promote_options="default")
