@@ -71,7 +71,10 @@ def _flag(option: str) -> str:
 @click.option("--warmup-epochs", type=click.FloatRange(min=0), default=D["warmup_epochs"], show_default=True)
 @click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True), default=D["label_smoothing"], show_default=True)
 @click.option("--max-epochs", type=click.IntRange(min=1), default=D["max_epochs"], show_default=True)
-@click.option("--max-minutes", type=click.FloatRange(min=0, min_open=True), default=None, help="Wall-clock limit on fitting; the LR schedule anneals within it and the best checkpoint so far is kept.")
+@click.option("--max-minutes", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Wall-clock limit on the command up to the end of training: loading the weights, reading the data, "
+                   "the frozen-trunk pass and the epochs; fitting gets what is left (the LR schedule anneals within it, the "
+                   "best checkpoint so far is kept). Scoring val and test and writing the bundle come after it.")
 @click.option("--patience", type=click.IntRange(min=1), default=D["patience"], show_default=True, help="Epochs without a better val/score before stopping.")
 @click.option("--freeze-backbone-epochs", type=click.IntRange(min=0), default=D["freeze_backbone_epochs"], show_default=True,
               help="Train only the heads for this many epochs first.")
@@ -96,8 +99,9 @@ def _flag(option: str) -> str:
 @click.option("--threads", type=click.IntRange(min=1), default=None, show_default="all cores",
               help="CPU threads for PyTorch; 1 is steadier on a machine shared with other jobs.")
 @click.option("--resume", type=click.Path(exists=True, dir_okay=False), default=None, help="Lightning checkpoint to continue from (e.g. .../checkpoints/last.ckpt).")
-@click.option("--log-dir", default=None, show_default="<out>/logs", help="TensorBoard logs and checkpoints (local).")
-@click.option("--progress/--no-progress", default=D["progress"], show_default=True, help="Lightning's progress bar.")
+@click.option("--log-dir", default=None, show_default="<out>.logs, beside the bundle",
+              help="TensorBoard logs and checkpoints (local); never inside the bundle folder by default.")
+@click.option("--progress/--no-progress", default=D["progress"], show_default=True, help="Lightning's progress bar (on stderr).")
 @storage_option
 def retrain(storage_options: tuple[str, ...], **options) -> None:
     """Train a tagger on Kaggle folders and/or labelled manifests and write a model bundle to --out."""

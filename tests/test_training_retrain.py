@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -206,3 +207,27 @@ def test_config_validation_names_the_setting(kaggle, tmp_path):
         RetrainConfig(data=str(kaggle), out=str(tmp_path), resume=str(tmp_path / "none.ckpt")).validate()
     assert error.value.option == "resume"
     assert np.isclose(RetrainConfig(data="d", out="o").validate().lr, 5e-4)
+
+
+def test_cli_bar_on_stderr_logs_beside_the_bundle_and_max_minutes_bounds_the_command(kaggle, tmp_path):
+    """Issue 23: `> log.txt` holds the summary, not bar frames; the bundle folder holds the bundle only; the
+    time limit counts the time spent before the first epoch."""
+    from jobs.retrain import retrain as command
+
+    out = tmp_path / "model"
+    args = ["--data", str(kaggle), "--out", str(out), "--backbone", "test_efficientnet", "--no-pretrained",
+            "--input-size", "32", "--batch-size", "32", "--max-epochs", "1", "--threads", "1", "--workers", "0"]
+    result = CliRunner().invoke(command, args)
+    assert result.exit_code == 0, result.output
+    assert "Epoch 0" in result.stderr and "Epoch" not in result.stdout and "mean macro-F1" in result.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.safetensors", "split.parquet"]
+    logs = Path(f"{out}.logs")
+    assert list(logs.glob("version_*/checkpoints/*.ckpt")), "checkpoints beside the bundle"
+    assert load_bundle(str(out)).training["log_dir"].startswith(str(logs))
+
+    from tagger.training import train
+
+    spent = config(kaggle, tmp_path / "late", max_minutes=0.001)
+    with pytest.raises(ConfigError, match="was spent before the first epoch"):
+        train.fit_budget_s(spent, time.monotonic() - 1)
+    assert train.fit_budget_s(config(kaggle, tmp_path / "o", max_minutes=10), time.monotonic() - 60) == pytest.approx(540, abs=5)

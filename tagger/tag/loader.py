@@ -203,11 +203,50 @@ def progress_meter(config: TagConfig, total: int) -> Any:
     mode = config.progress
     if mode == "auto":
         mode = "bar" if sys.stderr.isatty() else "log"
+    if mode == "ray":  # --engine ray: Ray's own per-operator bars, asked for, and then the only bars
+        mode = "none" if config.engine == "ray" else "bar"
     if mode == "bar":
-        from tqdm import tqdm
-
-        return tqdm(total=total, unit="img", desc="tagging", file=sys.stderr, dynamic_ncols=True)
+        return _Bar(total)
     return _LogProgress(total, config.log_every if mode == "log" else float("inf"))
+
+
+class _Bar:
+    """tqdm's bar, the one bar of a run, with log records routed through it while it is shown.
+
+    A record written straight to the terminal lands after the bar's last frame on the same line, and the
+    bar's next frame is drawn below it: a split line and a stale copy of the bar. tqdm's logging redirect
+    writes each record with ``tqdm.write``, which clears the bar, prints the record on its own line and
+    redraws the bar under it.
+    """
+
+    def __init__(self, total: int):
+        from tqdm import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        # Only loggers that print to the console themselves: tqdm adds its handler to every logger it is
+        # given, and one that only propagates would then print each record twice.
+        loggers = [logger for logger in (logging.root, logging.getLogger("ray"), logging.getLogger("ray.data"))
+                   if any(_is_console(h) for h in logger.handlers)]
+        self._redirect = logging_redirect_tqdm(loggers=loggers, tqdm_class=tqdm)
+        self._redirect.__enter__()
+        self._bar = tqdm(total=total, unit="img", desc="tagging", file=sys.stderr, dynamic_ncols=True)
+        self._closed = False
+
+    def update(self, n: int) -> None:
+        self._bar.update(n)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._bar.close()
+        finally:
+            self._redirect.__exit__(None, None, None)
+
+
+def _is_console(handler: logging.Handler) -> bool:
+    return isinstance(handler, logging.StreamHandler) and getattr(handler, "stream", None) in (sys.stdout, sys.stderr)
 
 
 class _LogProgress:

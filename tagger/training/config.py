@@ -51,7 +51,7 @@ class RetrainConfig:
     label_smoothing: float = 0.1
     drop_rate: float = 0.2
     max_epochs: int = 30
-    max_minutes: float | None = None  # wall-clock limit on fitting (Lightning max_time); the LR cosine fits inside it
+    max_minutes: float | None = None  # wall-clock limit from the start of retrain() to the end of fitting; fitting gets what is left (train.fit_budget_s)
     patience: int = 5  # epochs without a better val/score before early stopping
     freeze_backbone_epochs: int = 0  # train only the heads for this many epochs first
     freeze_stages: int = 0  # keep stem + this many block stages frozen; their features are cached once (CPU recipe)
@@ -67,7 +67,7 @@ class RetrainConfig:
     device: str = "auto"
     threads: int | None = None  # CPU threads for torch; None: torch's default (all cores)
     resume: str | None = None  # a Lightning checkpoint (e.g. <log-dir>/version_N/checkpoints/last.ckpt)
-    log_dir: str | None = None  # None: <out>/logs, or a temporary folder when out is remote
+    log_dir: str | None = None  # None: <out>.logs beside the bundle, or a temporary folder when out is remote
     storage_options: dict[str, Any] = field(default_factory=dict)
     progress: bool = True  # Lightning's progress bar and model summary
 

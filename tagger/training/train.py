@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import sys
 import tempfile
 import time
 import warnings
@@ -58,7 +60,53 @@ def resolve_log_dir(config: RetrainConfig) -> str:
     if storage.is_remote(config.out):
         # TensorBoard and checkpoints need a local folder; the bundle itself still goes to `out`.
         return tempfile.mkdtemp(prefix="tagger-retrain-")
-    return os.path.join(config.out, "logs")
+    # Beside the bundle, not in it: checkpoints (5x the bundle's size) and TensorBoard files are not the bundle.
+    return config.out.rstrip("/" + os.sep) + ".logs"
+
+
+def fit_budget_s(config: RetrainConfig, started: float) -> float | None:
+    """What is left of ``--max-minutes`` for fitting once the weights, the data and the frozen-trunk pass are
+    ready: the option bounds the command, not only its epochs. None: no limit."""
+    if not config.max_minutes:
+        return None
+    spent = time.monotonic() - started
+    left = config.max_minutes * 60 - spent
+    if left < 1:
+        raise ConfigError("max_minutes", f"--max-minutes {config.max_minutes:g} was spent before the first epoch (loading "
+                          f"weights, reading the data and any frozen-trunk pass took {spent / 60:.1f} min); raise it")
+    log.info("--max-minutes %g: %.1f min spent getting ready, %.1f min left for fitting", config.max_minutes, spent / 60, left / 60)
+    return left
+
+
+def _stderr_progress_bar():
+    from pytorch_lightning.callbacks import TQDMProgressBar
+
+    class StderrProgressBar(TQDMProgressBar):
+        """Lightning's bar on stderr, like every command's progress: stdout keeps the summary alone, so
+        `> log.txt` is not thousands of bar frames. Lightning hard-codes sys.stdout as each bar's file; it
+        is read while the bar is made, so each is made with stdout pointing at stderr."""
+
+        def init_sanity_tqdm(self):
+            with contextlib.redirect_stdout(sys.stderr):
+                return super().init_sanity_tqdm()
+
+        def init_train_tqdm(self):
+            with contextlib.redirect_stdout(sys.stderr):
+                return super().init_train_tqdm()
+
+        def init_validation_tqdm(self):
+            with contextlib.redirect_stdout(sys.stderr):
+                return super().init_validation_tqdm()
+
+        def init_predict_tqdm(self):
+            with contextlib.redirect_stdout(sys.stderr):
+                return super().init_predict_tqdm()
+
+        def init_test_tqdm(self):
+            with contextlib.redirect_stdout(sys.stderr):
+                return super().init_test_tqdm()
+
+    return StderrProgressBar()
 
 
 def check_resume(path: str, labels: dict[str, list[str]]) -> None:
@@ -108,7 +156,7 @@ def retrain(config: RetrainConfig) -> ModelBundle:
     from pytorch_lightning.loggers import TensorBoardLogger
 
     config.validate()
-    started = time.monotonic()
+    started = time.monotonic()  # --max-minutes counts from here: weights, data, trunk pass and fitting
     check_data_exists(config)
     device = resolve_device(config.device)
     if config.threads:
@@ -189,7 +237,7 @@ def retrain(config: RetrainConfig) -> ModelBundle:
         label_smoothing=config.label_smoothing,
         freeze_backbone_epochs=config.freeze_backbone_epochs,
         freeze_stages=config.freeze_stages,
-        time_budget_s=config.max_minutes * 60 if config.max_minutes else None,
+        time_budget_s=fit_budget_s(config, started),
     )
 
     log_dir = resolve_log_dir(config)
@@ -202,12 +250,14 @@ def retrain(config: RetrainConfig) -> ModelBundle:
         precision = "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
         torch.set_float32_matmul_precision("high")
     steps_per_epoch = max(1, len(datamodule.rows("train")) // max(1, min(config.batch_size, len(datamodule.rows("train")))))
+    if config.progress:
+        callbacks.append(_stderr_progress_bar())
     trainer = pl.Trainer(
         accelerator="gpu" if device == "cuda" else "cpu",
         devices=1,
         precision=precision,
         max_epochs=config.max_epochs,
-        max_time=timedelta(minutes=config.max_minutes) if config.max_minutes else None,
+        max_time=timedelta(seconds=module.time_budget_s) if module.time_budget_s else None,
         gradient_clip_val=config.grad_clip or None,
         logger=logger,
         callbacks=callbacks,

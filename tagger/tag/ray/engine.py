@@ -110,11 +110,13 @@ def _pipeline(data: Any, runner: Any, manifest: Manifest, bundle: ModelBundle, r
     # A stage's own exception (StorageUnavailable: exit 4, NonFiniteScores: exit 1), not a UserCodeException
     # that keeps only its text: the driver maps it to the job's exit code.
     context.raise_original_map_exception = True
-    progress = config.progress if config.progress != "auto" else ("bar" if _interactive() else "log")
-    context.enable_progress_bars = progress == "bar"  # Ray's bars on a terminal; our log lines otherwise
-    context.enable_operator_progress_bars = progress == "bar"
-    logging.getLogger("ray.data").setLevel(logging.INFO if progress == "bar" else logging.WARNING)
-    if progress != "bar":  # it would say, once per process, that the bars are off: that is the point
+    # One bar per run: the tagger's (or its log lines). Ray's per-operator bars and its hints are asked for
+    # with --progress ray; beside ours they interleave with it on the terminal.
+    ray_bars = config.progress == "ray"
+    context.enable_progress_bars = ray_bars
+    context.enable_operator_progress_bars = ray_bars
+    logging.getLogger("ray.data").setLevel(logging.INFO if ray_bars else logging.WARNING)
+    if not ray_bars:  # it would say, once per process, that the bars are off: that is the point
         logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
     if settings.runtime.name in ("onnx", "openvino"):
@@ -168,12 +170,6 @@ def _shippable(bundle: ModelBundle) -> ModelBundle:
     import dataclasses
 
     return dataclasses.replace(bundle, _checked_net=[])
-
-
-def _interactive() -> bool:
-    import sys
-
-    return sys.stderr.isatty()
 
 
 def _failure(exc: BaseException, committer: FragmentCommitter, stopped_by: str) -> BaseException:
