@@ -117,14 +117,13 @@ def choose_runtime(requested: str, device: torch.device, precision: str = "auto"
         return RuntimeChoice(requested, "asked for with --runtime")
     if bundle is not None and os.environ.get(AUTO_ENV, "measure") != "preference":
         return measured_choice(bundle, precision, threads=threads, batch_size=batch_size or MEASURE_BATCH)
-    native = cpu_has_bf16()
     wanted = "bf16" if precision == "bf16" else "fp32"  # auto precision: every runtime has fp32 on any CPU
     candidates = [r for r in CPU_PREFERENCE if wanted in CPU_PRECISIONS[r]]
     skipped = []
     for runtime in candidates:
         if installed(runtime):
-            reason = f"fastest installed on this CPU ({'native' if native else 'no native'} bfloat16"
-            reason += f", precision {precision})" + (f"; not installed: {', '.join(skipped)}" if skipped else "")
+            reason = f"the first installed of {', '.join(candidates)} (the order measured in docs/benchmarks.md)"
+            reason += f"; not installed: {', '.join(skipped)}" if skipped else ""
             if skipped:
                 extras = sorted({PACKAGES[s][1] for s in skipped})
                 log.warning("runtime auto: %s would be faster here but is not installed (pip install 'fashion-tagger[%s]'); "
