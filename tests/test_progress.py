@@ -90,3 +90,14 @@ def test_one_bar_per_run_whichever_engine(monkeypatch):
     ray_config = TagConfig(catalog="c", model="m", out="o", progress="ray", engine="ray")
     meter = progress_meter(ray_config, 1)
     assert isinstance(meter, _LogProgress) and meter.every == float("inf")
+
+
+def test_the_model_line_says_what_runs_in_what_arithmetic_and_why(tiny_bundle, caplog):
+    import torch
+
+    from tagger.model.bundle import load_bundle
+    from tagger.model.predictor import Predictor
+
+    caplog.set_level(logging.INFO, logger="tagger.model.predictor")
+    Predictor(load_bundle(tiny_bundle), torch.device("cpu"), precision="fp32", runtime="torch")
+    assert "model: torch computing in fp32: asked for with --runtime" in caplog.text, caplog.text
