@@ -62,6 +62,10 @@ def common_output_options(function):
 @click.option("--id-column", default="product_id", show_default=True, help="Manifest column with the product id.")
 @click.option("--image-column", default="image", show_default=True,
               help="Manifest column with the image: a path relative to the manifest, an absolute path or an s3:// URL.")
+@click.option("--image-separator", default=None, metavar="SEP",
+              help="The image cells hold several photos of the product, separated by SEP (e.g. ';'); its tags then come "
+              "from the mean of its photos' probabilities. A Parquet/JSON Lines list column needs no separator. "
+              "Default: none, a cell is one image.")
 @click.option("--catalog-format", type=click.Choice(["csv", "parquet", "jsonl"]), default=None, help="Override the format guessed from the name.")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True, help="auto uses CUDA when a GPU is visible, and says so.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)

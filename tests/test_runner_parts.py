@@ -131,7 +131,8 @@ def test_needs_review_lists_the_attributes_under_their_thresholds_for_tagged_and
     old = writers.tags_schema(ATTRIBUTES, review=False)
     carried = {f.name: pa.array([f"p{i}" if f.name == "product_id" else "v" for i in (2, 3)], f.type)
                for f in old if f.type == pa.string()}
-    carried |= {"gender_score": pa.array([0.2, 0.9], pa.float32()), "baseColour_score": pa.array([0.5, 0.95], pa.float32()),
+    carried |= {"images_used": pa.array([1, 1], pa.int32()),
+                "gender_score": pa.array([0.2, 0.9], pa.float32()), "baseColour_score": pa.array([0.5, 0.95], pa.float32()),
                 "tagged_at": pa.array([0, 0], pa.timestamp("us", tz="UTC"))}
     _write_reuse(partition, pa.table({"row": pa.array([2, 3], pa.int64()), **{n: carried[n] for n in old.names}}), 4, None)
     shards = ShardCommitter(partition, plan)

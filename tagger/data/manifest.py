@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -38,16 +39,25 @@ class ManifestError(ValueError):
     """The manifest as a whole cannot be used; the message names the file, and the row or column."""
 
 
+# How a Parquet/JSON Lines list of photos is written in the ``image`` column (and the tags table) when no
+# --image-separator is given: a character that no path or URL of a photo holds in practice.
+LIST_SEPARATOR = "|"
+
+
 @dataclass(frozen=True)
 class Manifest:
     url: str
-    # Columns: row (int64, 0-based manifest position), product_id, image (as written in the manifest),
-    # status ("" = to tag, else an error_type), message. Where to read each image: :meth:`locations`.
+    # Columns: row (int64, 0-based manifest position), product_id, image (as written in the manifest; a list
+    # of photos joined by ``separator``), status ("" = to tag, else an error_type), message. Where to read
+    # each image: :meth:`locations`, each photo: :meth:`photo_locations`.
     table: pa.Table
     fingerprint: str
     # The ``extra_columns`` asked for that the file has (retrain's label columns), as text, row for row with
     # ``table``; None when none were asked for (the tag job).
     extra: pa.Table | None = None
+    # Several photos per product: the separator of the image cells (--image-separator, or LIST_SEPARATOR for a
+    # list column); None: one photo per row, the image cell as a whole (today's meaning).
+    separator: str | None = None
 
     @property
     def num_rows(self) -> int:
@@ -60,7 +70,17 @@ class Manifest:
         run, while only planning and the workers' rows file need it.
         """
         source = self.table if rows is None else rows
-        return resolve_locations(source.column("image"), storage.parent(self.url))
+        return resolve_locations(source.column("image"), storage.parent(self.url), self.separator)
+
+    def photo_locations(self, rows: pa.Table) -> tuple[pa.Array, pa.Array]:
+        """One entry per photo of ``rows``, in order: its manifest row and its location. One photo per row
+        without a separator; else each non-blank piece of the cell, so a product's photos are consecutive."""
+        if self.separator is None:
+            return rows.column("row"), self.locations(rows)
+        pieces = split_photos(rows.column("image"), self.separator)
+        parents = pc.list_parent_indices(pieces)
+        return (pc.take(rows.column("row"), parents),
+                resolve_locations(pc.list_flatten(pieces), storage.parent(self.url)))
 
 
 def detect_format(url: str) -> str:
@@ -84,17 +104,23 @@ def read_manifest(
     fmt: str | None = None,
     storage_options: Mapping[str, Any] | None = None,
     extra_columns: tuple[str, ...] = (),
+    image_separator: str | None = None,
 ) -> Manifest:
     """``extra_columns``: more columns to keep as text (a labelled manifest's label columns); those the file
-    lacks are simply absent from :attr:`Manifest.extra`."""
+    lacks are simply absent from :attr:`Manifest.extra`. ``image_separator``: the image cells hold several
+    photos separated by it (a CSV); a list column (Parquet, JSON Lines) always holds several, joined by it or
+    by :data:`LIST_SEPARATOR` in ``image``."""
+    if image_separator is not None and not image_separator.strip():
+        raise ManifestError(f"--image-separator {image_separator!r}: a blank separator would split paths with spaces; use e.g. ';' or '|'")
     fmt = fmt or detect_format(url)
     data, info = _read_file(url, storage_options)
     table = _parse(data, fmt, url, (id_column, image_column), tuple(extra_columns))
     fingerprint = _fingerprint(url, info, data)
     del data  # a big manifest's bytes are not needed once parsed
     extra = _extra(table, url, extra_columns) if extra_columns else None
-    table = _select(table, url, id_column, image_column)
-    return Manifest(url=url, table=_annotate(table, storage.parent(url)), fingerprint=fingerprint, extra=extra)
+    table, separator = _select(table, url, id_column, image_column, image_separator)
+    return Manifest(url=url, table=_annotate(table, storage.parent(url), separator), fingerprint=fingerprint, extra=extra,
+                    separator=separator)
 
 
 def read_columns(
@@ -266,7 +292,8 @@ def _locate_bad_json(data: bytes) -> str | None:
     return None
 
 
-def _select(table: pa.Table, url: str, id_column: str, image_column: str) -> pa.Table:
+def _select(table: pa.Table, url: str, id_column: str, image_column: str,
+            separator: str | None = None) -> tuple[pa.Table, str | None]:
     missing = [c for c in (id_column, image_column) if c not in table.column_names]
     if missing:
         found = ", ".join(table.column_names) or "none"
@@ -277,15 +304,27 @@ def _select(table: pa.Table, url: str, id_column: str, image_column: str) -> pa.
     columns = []
     for name in (id_column, image_column):
         column = table.column(name)
+        if name == image_column and (pa.types.is_list(column.type) or pa.types.is_large_list(column.type)):
+            # Several photos per product as a list: kept as one text cell, the photos joined by the separator.
+            separator = separator or LIST_SEPARATOR
+            values = pc.list_flatten(column)
+            if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type) or pa.types.is_null(values.type)):
+                raise ManifestError(f"{url}: column {name!r} is a list of {values.type}; expected a list of image paths or URLs")
+            clash = pc.any(pc.match_substring(pc.fill_null(values.cast(pa.string()), ""), separator)).as_py()
+            if clash:
+                raise ManifestError(f"{url}: a photo in column {name!r} contains {separator!r}, which joins a product's "
+                                    "photos in the tags table; choose another with --image-separator")
+            columns.append(pc.binary_join(column.cast(pa.list_(pa.string())), separator))
+            continue
         if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type) or pa.types.is_integer(column.type)):
             raise ManifestError(f"{url}: column {name!r} has type {column.type}; expected text (or integer ids)")
         # Kept exactly as written: ' p1' and 'p1' are two ids (a join on the output must find what the
         # catalog holds). Blank values are caught in _annotate.
         columns.append(column.cast(pa.string()))
-    return pa.table({"product_id": columns[0], "image": columns[1]}).combine_chunks()
+    return pa.table({"product_id": columns[0], "image": columns[1]}).combine_chunks(), separator
 
 
-def _annotate(table: pa.Table, base: str) -> pa.Table:
+def _annotate(table: pa.Table, base: str, separator: str | None = None) -> pa.Table:
     """Add row numbers and the pre-model status of every row (locations: :meth:`Manifest.locations`).
 
     Vectorised in Arrow and numpy: a Python loop here would turn a million-row catalog into millions of
@@ -305,7 +344,10 @@ def _annotate(table: pa.Table, base: str) -> pa.Table:
     first = first_of_code[codes]
     del codes, first_of_code
     empty_id = pc.equal(pc.utf8_trim_whitespace(product_id), "").to_numpy(zero_copy_only=False)
-    empty_image = pc.equal(pc.utf8_trim_whitespace(image), "").to_numpy(zero_copy_only=False)
+    if separator is None:
+        empty_image = pc.equal(pc.utf8_trim_whitespace(image), "").to_numpy(zero_copy_only=False)
+    else:  # no photo at all among the pieces ("", " ; ")
+        empty_image = pc.equal(pc.list_value_length(split_photos(image, separator)), 0).to_numpy(zero_copy_only=False)
     invalid = empty_id | empty_image
     duplicate = ~invalid & (first != row)
     status = pc.if_else(pa.array(invalid), "invalid_row", pc.if_else(pa.array(duplicate), "duplicate_id", ""))
@@ -330,12 +372,30 @@ def _annotate(table: pa.Table, base: str) -> pa.Table:
     return result
 
 
-def resolve_locations(image: pa.Array | pa.ChunkedArray, base: str) -> pa.Array | pa.ChunkedArray:
+def split_photos(image: pa.Array | pa.ChunkedArray, separator: str) -> pa.ListArray:
+    """Each cell's photos: the pieces between separators, trimmed, blank ones dropped (a list per row)."""
+    if isinstance(image, pa.ChunkedArray):
+        image = image.combine_chunks()
+    pieces = pc.split_pattern(pc.fill_null(image.cast(pa.string()), ""), separator)
+    values = pc.utf8_trim_whitespace(pc.list_flatten(pieces))
+    keep = pc.not_equal(values, "").to_numpy(zero_copy_only=False)
+    parents = pc.list_parent_indices(pieces).to_numpy(zero_copy_only=False)
+    counts = np.bincount(parents[keep], minlength=len(image)) if len(parents) else np.zeros(len(image), np.int64)
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), values.filter(pa.array(keep)))
+
+
+def resolve_locations(image: pa.Array | pa.ChunkedArray, base: str, separator: str | None = None) -> pa.Array | pa.ChunkedArray:
     """The manifest's image column -> the locations to read (absolute paths or URLs).
 
     URLs and absolute paths stay as written, anything else is relative to ``base``, the manifest's folder.
-    Also used by ``--since`` to resolve a previous run's images against that run's manifest folder.
+    Also used by ``--since`` to resolve a previous run's images against that run's manifest folder. With a
+    ``separator``, each photo of a cell is resolved, and the cell's photos joined again by it.
     """
+    if separator is not None:
+        pieces = split_photos(image, separator)
+        resolved = resolve_locations(pc.list_flatten(pieces), base)
+        return pc.binary_join(pa.ListArray.from_arrays(pieces.offsets, resolved), separator)
     image = image.cast(pa.string())
     absolute = pc.or_(pc.match_substring(image, "://"), pc.starts_with(image, "/"))
     keep = pc.or_(absolute, pc.equal(image, ""))

@@ -301,6 +301,7 @@ class Batch:
     error_messages: list[str]
     size: int  # all rows in the batch, decoded or not
     previews: list[Any] | None = None  # per decoded image, when the dataset makes previews
+    images_used: np.ndarray | None = None  # per tagged row, the photos its tags come from (None: one each)
 
     def pin_memory(self) -> Batch:
         if self.images is not None:

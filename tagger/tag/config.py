@@ -47,6 +47,7 @@ class TagConfig:
     run_date: str = field(default_factory=today_utc)
     id_column: str = "product_id"
     image_column: str = "image"
+    image_separator: str | None = None  # several photos per product in one CSV cell, split by it (tagger.tag.photos)
     catalog_format: str | None = None
     device: str = "auto"
     batch_size: int = 64

@@ -165,10 +165,15 @@ def plan_reuse(
     prev_plan = Partition(previous.out, previous.run_date, options).read_plan() or {}
     prev_base = storage.parent(prev_plan["catalog"]) if prev_plan.get("catalog") else storage.parent(manifest.url)
     schema = writers.tags_schema(attributes, review=False)
-    old = pl.from_arrow(writers.read_complete_partition(previous.tags, options).select(schema.names).cast(schema))
+    previous_tags = writers.read_complete_partition(previous.tags, options)
+    if writers.IMAGES_USED_COLUMN not in previous_tags.column_names:  # written before several photos per product
+        previous_tags = previous_tags.append_column(writers.IMAGES_USED_COLUMN, pa.array(np.ones(previous_tags.num_rows, np.int32)))
+    old = pl.from_arrow(previous_tags.select(schema.names).cast(schema))
+    del previous_tags
     facts.update(_catalog_changes(manifest, previous, old.get_column("product_id").to_arrow(), options))
     old = old.filter(pl.col("model_version") == model_version)
-    old = old.with_columns(pl.Series("location", resolve_locations(old.get_column("image").to_arrow(), prev_base))).drop("image")
+    separator = manifest.separator
+    old = old.with_columns(pl.Series("location", resolve_locations(old.get_column("image").to_arrow(), prev_base, separator))).drop("image")
 
     valid = manifest.table.filter(pc.equal(manifest.table.column("status"), "")).select(["row", "product_id", "image"])
     current = pl.from_arrow(valid).with_columns(pl.Series("location", manifest.locations(valid)))
@@ -178,7 +183,7 @@ def plan_reuse(
     facts["candidates"] = matched.height
     if matched.height:
         t = time.time()
-        versions = current_versions(matched.get_column("location").to_arrow(), options, http=http)
+        versions = current_versions(matched.get_column("location").to_arrow(), options, http=http, separator=separator)
         facts["version_lookup_s"] = round(time.time() - t, 3)
         keep = pc.fill_null(pc.equal(versions, matched.get_column("image_version").to_arrow()), False)
         matched = matched.filter(pl.Series(keep.to_numpy(zero_copy_only=False)))
@@ -264,10 +269,20 @@ def read_reused(partition: Partition, start: int, stop: int, options: Mapping[st
 
 # -- current versions, without reading the images -----------------------------------------------
 def current_versions(locations: pa.Array | pa.ChunkedArray, options: Mapping[str, Any] | None = None, *,
-                     threads: int = STAT_THREADS, http: HttpPolicy | None = None) -> pa.Array:
-    """The image_version each location has now (None where it is missing or not a file), in order."""
+                     threads: int = STAT_THREADS, http: HttpPolicy | None = None, separator: str | None = None) -> pa.Array:
+    """The image_version each location has now (None where it is missing or not a file), in order.
+
+    ``separator``: each location is a product's photos joined by it, and so is its version (None when any
+    photo is missing: the product is read again), as :mod:`tagger.tag.photos` writes it."""
     if isinstance(locations, pa.ChunkedArray):
         locations = locations.combine_chunks()
+    if separator is not None:
+        from ..data.manifest import split_photos
+
+        pieces = split_photos(locations, separator)
+        versions = current_versions(pc.list_flatten(pieces), options, threads=threads, http=http)
+        # binary_join gives null for a list with a null element: one photo gone, the product is read again.
+        return pc.binary_join(pa.ListArray.from_arrays(pieces.offsets, versions), separator)
     n = len(locations)
     if n == 0:
         return pa.array([], pa.string())

@@ -51,7 +51,7 @@ def rows_to_read(manifest: Manifest, plan: Plan, pending: list[int], partition: 
 
 
 def write_rows(path: str, manifest: Manifest, readable: np.ndarray, chunk: int = 65_536) -> None:
-    """The rows to read (``row``, ``location``) as an Arrow IPC file for the workers to memory-map.
+    """The photos to read (``row``, ``location``) as an Arrow IPC file for the workers to memory-map.
 
     Written a slice of the manifest at a time: the locations of a million rows are never all in this
     process's memory (nor in the allocator's, to be shared with the forked workers).
@@ -61,7 +61,9 @@ def write_rows(path: str, manifest: Manifest, readable: np.ndarray, chunk: int =
         for start in range(0, manifest.num_rows, chunk):
             rows = manifest.table.slice(start, chunk).filter(pa.array(readable[start:start + chunk])).select(["row", "image"])
             if rows.num_rows:
-                writer.write_table(pa.table({"row": rows.column("row"), "location": manifest.locations(rows)}, schema=schema))
+                # One entry per photo: a product with several photos is several consecutive entries of its row.
+                numbers, locations = manifest.photo_locations(rows)
+                writer.write_table(pa.table({"row": numbers, "location": locations}, schema=schema))
     pa.default_memory_pool().release_unused()
 
 

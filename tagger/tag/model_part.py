@@ -43,7 +43,8 @@ class ModelSettings:
     def load(self, bundle: ModelBundle, manifest: Manifest) -> BatchModel:
         from ..model.predictor import Predictor
 
-        return BatchModel(Predictor(bundle, self.device, runtime=self.runtime, **self.precision), manifest)
+        return BatchModel(Predictor(bundle, self.device, runtime=self.runtime, **self.precision), manifest,
+                          probabilities=manifest.separator is not None)
 
     @contextmanager
     def cpu_threads(self) -> Iterator[None]:
@@ -62,8 +63,9 @@ class ModelSettings:
 class BatchModel:
     """A batch -> predictions and label strings (None, None when none of its images decoded)."""
 
-    def __init__(self, predictor: Any, manifest: Manifest):
+    def __init__(self, predictor: Any, manifest: Manifest, *, probabilities: bool = False):
         self.predictor, self.manifest = predictor, manifest
+        self.probabilities = probabilities  # several photos per product: their mean makes the tags (tag/photos.py)
         self.device = str(predictor.device)
         self.runtime = {"name": predictor.runtime.name, "precision": predictor.precision_name,
                         "reason": predictor.runtime.reason}
@@ -73,7 +75,7 @@ class BatchModel:
     def __call__(self, batch: Batch) -> tuple[Any, dict[str, np.ndarray] | None]:
         if batch.images is None:
             return None, None
-        predictions = self.predictor(batch.images)
+        predictions = self.predictor(batch.images, probabilities=self.probabilities)
         refuse_non_finite(predictions, batch, self.manifest)
         return predictions, self.predictor.labels(predictions)
 

@@ -21,8 +21,8 @@ if TYPE_CHECKING:  # the plan needs a bundle's version and attributes, not torch
 log = logging.getLogger("tagger.tag.runner")  # the runner's logger: the run's lines show one name
 
 # What the parts of a partition hold; a partial partition of another format is started over, never mixed
-# into (2: the tags table gained needs_review).
-PLAN_FORMAT = 2
+# into (2: the tags table gained needs_review; 3: images_used).
+PLAN_FORMAT = 3
 
 
 class PlanMismatch(RuntimeError):
@@ -42,6 +42,7 @@ def plan_key(config: TagConfig, manifest: Manifest, bundle: ModelBundle) -> dict
         "shard_size": config.shard_size,
         "since": config.since,
         "max_image_pixels": config.max_image_pixels,
+        "image_separator": manifest.separator,
     }
 
 

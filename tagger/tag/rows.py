@@ -83,6 +83,8 @@ class ShardRows:
         rows = batch.rows[mask]
         source = self.manifest.table.take(pa.array(rows))
         columns: dict[str, Any] = {"product_id": source.column("product_id"), "image": source.column("image")}
+        used = batch.images_used[mask] if batch.images_used is not None else np.ones(len(rows), np.int32)
+        columns[writers.IMAGES_USED_COLUMN] = pa.array(used, pa.int32())
         scores = {name: predictions.scores[name][mask] for name in self.attributes}
         for name in self.attributes:
             columns[name] = pa.array(labels[name][mask], pa.string())

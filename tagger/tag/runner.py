@@ -24,7 +24,7 @@ from ..model.bundle import ModelBundle, load_bundle
 from .config import TagConfig
 from .incremental import check_since
 from .lease import Lease
-from ..data.manifest import Manifest, read_manifest
+from ..data.manifest import Manifest, ManifestError, read_manifest
 from .partition import Partition
 from .loader import ImageLoader, WorkerFailure, check_transient, loop_failure, progress_meter, rows_to_read
 from .plan import PLAN_FORMAT, Plan, PlanMismatch, make_plan, plan_key
@@ -100,8 +100,12 @@ class TagRunner:
         config = self.config
         t = time.time()
         manifest = read_manifest(config.catalog, id_column=config.id_column, image_column=config.image_column,
+                                 image_separator=config.image_separator,
                                  fmt=config.catalog_format, storage_options=self.options)
         self.facts.timed("manifest_s", t)
+        if manifest.separator is not None and config.engine == "ray":
+            raise ManifestError(f"{config.catalog}: several photos per product (--image-separator or a list column) are "
+                                "tagged by the local engine only for now; run it without --engine ray")
         if pc.any(pc.match_substring(manifest.table.column("image"), "s3://")).as_py():
             storage.storage_options("s3://", self.options)  # images on S3: their endpoint is checked now, not per row
         t = time.time()
@@ -165,15 +169,25 @@ class TagRunner:
     def _loop(self, loader: ImageLoader, cursor: ShardCursor, model: BatchModel, rows: ShardRows) -> None:
         """Batches -> predictions -> the open shard's parts; a shard commits the moment its last row is in."""
         batches, progress = loader.batches(), progress_meter(self.config, len(loader))
+        photos = None
+        if loader.manifest.separator is not None:  # several photos per product: products assembled from photos
+            from .photos import PhotoAssembler
+
+            photos = PhotoAssembler(model.predictor, rows.attributes, loader.manifest.separator)
         try:
             cursor.advance()
             for batch in batches:
                 self.stop.check()
                 check_transient(batch)
                 predictions, labels = model(batch)
-                rows.write_batch(cursor, batch, predictions, labels, datetime.now(timezone.utc))
+                if photos is not None:
+                    rows.write_batch(cursor, *photos.feed(batch, predictions), datetime.now(timezone.utc))
+                else:
+                    rows.write_batch(cursor, batch, predictions, labels, datetime.now(timezone.utc))
                 self.facts.images += batch.size
                 progress.update(batch.size)
+            if photos is not None:
+                rows.write_batch(cursor, *photos.flush(), datetime.now(timezone.utc))
             self.stop.check()
             if cursor.current is not None:
                 raise RuntimeError(f"shard {cursor.current.index} still expects {cursor.current.remaining} row(s) after the last batch")

@@ -40,12 +40,15 @@ ERRORS_SCHEMA = pa.schema(
 # The attributes whose score is under the bundle's review threshold (empty list: none), so that the review
 # queue is one filter on the table rather than a join with model.json.
 REVIEW_COLUMN = "needs_review"
+IMAGES_USED_COLUMN = "images_used"
 
 
 def tags_schema(attributes: Sequence[str], *, review: bool = True) -> pa.Schema:
     """``review=False``: without :data:`REVIEW_COLUMN`, the columns a ``--since`` run carries over (the
     column is recomputed from the scores, so partitions written before it existed are reused too)."""
-    fields = [pa.field("product_id", pa.string(), nullable=False), pa.field("image", pa.string(), nullable=False)]
+    fields = [pa.field("product_id", pa.string(), nullable=False), pa.field("image", pa.string(), nullable=False),
+              # How many of the product's photos its tags come from (1 for a one-photo catalog).
+              pa.field(IMAGES_USED_COLUMN, pa.int32(), nullable=False)]
     for name in attributes:
         fields.append(pa.field(name, pa.string(), nullable=False))
         fields.append(pa.field(f"{name}_score", pa.float32(), nullable=False))

@@ -1,0 +1,166 @@
+"""Several photos per product (tagger/tag/photos.py): tags from the mean of the photos' probabilities.
+
+A product is tagged when at least one photo is read (``images_used`` says how many), an error row only when
+none is, with each photo's error in its message; batches stay by photo; ``--since`` re-tags a product when
+any of its photos changed.
+"""
+
+from __future__ import annotations
+
+import json
+from io import BytesIO
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from jobs.cli import cli
+from tagger.data.reader import load_image
+from tagger.model.bundle import load_bundle
+from tagger.model.predictor import Predictor
+from tagger.tag.writers import read_complete_partition
+
+NIGHT1, NIGHT2 = "2026-07-01", "2026-07-02"
+
+
+def photo(path: Path, colour, size=(48, 64)) -> str:
+    buffer = BytesIO()
+    Image.new("RGB", size, colour).save(buffer, "JPEG", quality=90)
+    path.write_bytes(buffer.getvalue())
+    return path.name
+
+
+@pytest.fixture()
+def shop(tmp_path) -> Path:
+    rng = np.random.default_rng(1)
+    for index in range(8):
+        photo(tmp_path / f"f{index}.jpg", tuple(int(v) for v in rng.integers(0, 255, 3)))
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    return tmp_path
+
+
+def tag(catalog: Path, model: str, out: Path, date: str, *extra: str):
+    args = ["tag", "--catalog", str(catalog), "--model", model, "--out", str(out), "--run-date", date, "--workers", "0",
+            "--progress", "none", "--max-error-rate", "1", "--batch-size", "4", *extra]
+    return CliRunner().invoke(cli, args, catch_exceptions=False)
+
+
+def tables(out: Path, date: str) -> tuple[pl.DataFrame, pl.DataFrame]:
+    return (pl.from_arrow(read_complete_partition(f"{out}/tags/run_date={date}")),
+            pl.from_arrow(read_complete_partition(f"{out}/errors/run_date={date}")))
+
+
+def probabilities(bundle_path: str, paths: list[Path]) -> dict[str, np.ndarray]:
+    bundle = load_bundle(bundle_path)
+    predictor = Predictor(bundle, torch.device("cpu"), precision="fp32")
+    images = torch.from_numpy(np.stack([load_image(str(p), bundle.input_size) for p in paths])).permute(0, 3, 1, 2)
+    return predictor(images, probabilities=True).probabilities
+
+
+def write_csv(path: Path, rows) -> Path:
+    path.write_text("product_id,image\n" + "".join(f'{pid},"{cell}"\n' for pid, cell in rows))
+    return path
+
+
+def test_tags_are_the_mean_of_the_photos_and_a_bad_photo_is_skipped(shop, tiny_bundle, tmp_path):
+    rows = [
+        ("two", "f0.jpg; f1.jpg"),
+        ("three_one_bad", "f2.jpg;gone.jpg;f3.jpg"),
+        ("one", "f4.jpg"),
+        ("none", "gone.jpg; broken.jpg; gone2.jpg"),
+        ("blank", " ; "),
+        ("forty", ";".join(f"f{i % 8}.jpg" for i in range(40))),  # 10 batches of 4 photos for one product
+        ("after", "f5.jpg;f6.jpg"),
+    ]
+    out = tmp_path / "out"
+    result = tag(write_csv(tmp_path / "c.csv", rows), tiny_bundle, out, NIGHT1, "--image-separator", ";")
+    assert result.exit_code == 0, result.output
+    tagged, errors = tables(out, NIGHT1)
+    used = dict(zip(tagged["product_id"], tagged["images_used"]))
+    assert used == {"two": 2, "three_one_bad": 2, "one": 1, "forty": 40, "after": 2}
+    assert tagged.filter(pl.col("product_id") == "two")["image"][0] == "f0.jpg; f1.jpg", "as written in the manifest"
+    failed = dict(zip(errors["product_id"], zip(errors["error_type"], errors["message"])))
+    assert set(failed) == {"none", "blank"} and failed["blank"][0] == "invalid_row"
+    error_type, message = failed["none"]
+    assert error_type == "missing" and "none of the 3 photos" in message
+    assert "gone.jpg" in message and "broken.jpg" in message and "gone2.jpg" in message
+
+    from tagger.attributes import ATTRIBUTES
+
+    bundle = load_bundle(tiny_bundle)
+    expected = {"two": ["f0.jpg", "f1.jpg"], "three_one_bad": ["f2.jpg", "f3.jpg"], "one": ["f4.jpg"],
+                "forty": [f"f{i % 8}.jpg" for i in range(40)]}
+    for product, names in expected.items():
+        probs = probabilities(tiny_bundle, [shop / n for n in names])
+        row = tagged.filter(pl.col("product_id") == product)
+        for spec in bundle.attributes:
+            mean = probs[spec.name].mean(axis=0)
+            assert row[spec.name][0] == spec.labels[int(mean.argmax())], (product, spec.name)
+            assert abs(row[f"{spec.name}_score"][0] - float(mean.max())) < 1e-5, (product, spec.name)
+    assert ATTRIBUTES  # the Kaggle names exist; the tiny bundle's attributes are what was compared
+
+
+def test_lists_in_parquet_and_jsonl(shop, tiny_bundle, tmp_path):
+    products = {"a": ["f0.jpg", "f1.jpg"], "b": ["gone.jpg", "f2.jpg", "f3.jpg"], "c": ["f4.jpg"]}
+    parquet = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"product_id": list(products), "image": list(products.values())}), parquet)
+    jsonl = tmp_path / "c.jsonl"
+    jsonl.write_text("".join(json.dumps({"product_id": k, "image": v}) + "\n" for k, v in products.items()))
+    results = []
+    for catalog in (parquet, jsonl):
+        out = tmp_path / f"out-{catalog.suffix[1:]}"
+        result = tag(catalog, tiny_bundle, out, NIGHT1)
+        assert result.exit_code == 0, result.output
+        tagged, errors = tables(out, NIGHT1)
+        assert errors.height == 0
+        assert dict(zip(tagged["product_id"], tagged["images_used"])) == {"a": 2, "b": 2, "c": 1}
+        assert dict(zip(tagged["product_id"], tagged["image"]))["a"] == "f0.jpg|f1.jpg"
+        results.append(tagged.drop("run_id", "tagged_at").sort("product_id"))
+    assert results[0].equals(results[1])
+
+
+def test_since_retags_a_product_when_any_photo_changed(shop, tiny_bundle, tmp_path):
+    rows = [("a", "f0.jpg;f1.jpg"), ("b", "f2.jpg;f3.jpg"), ("c", "f4.jpg"), ("d", "f5.jpg;gone.jpg")]
+    catalog = write_csv(tmp_path / "c.csv", rows)
+    out = tmp_path / "out"
+    assert tag(catalog, tiny_bundle, out, NIGHT1, "--image-separator", ";").exit_code == 0
+    photo(shop / "f3.jpg", (9, 9, 9), size=(40, 40))  # b's second photo changes
+    result = tag(catalog, tiny_bundle, out, NIGHT2, "--image-separator", ";", "--since", str(out))
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "_runs" / f"run_date={NIGHT2}" / "summary.json").read_text())
+    # a and c unchanged; b changed; d has a photo that could not be read, so it is tried again.
+    assert summary["reused"] == 2 and summary["tagged"] == 2, summary
+    night1, _ = tables(out, NIGHT1)
+    night2, _ = tables(out, NIGHT2)
+    run_ids = dict(zip(night2["product_id"], night2["run_id"]))
+    first = dict(zip(night1["product_id"], night1["run_id"]))
+    assert run_ids["a"] == first["a"] and run_ids["c"] == first["c"]
+    assert run_ids["b"] != first["b"] and run_ids["d"] != first["d"]
+
+
+def test_a_one_photo_catalog_is_unchanged_by_a_separator(shop, tiny_bundle, tmp_path):
+    rows = [("a", "f0.jpg"), ("b", "f1.jpg"), ("c", "gone.jpg")]
+    catalog = write_csv(tmp_path / "c.csv", rows)
+    plain, split = tmp_path / "plain", tmp_path / "split"
+    assert tag(catalog, tiny_bundle, plain, NIGHT1).exit_code == 0
+    assert tag(catalog, tiny_bundle, split, NIGHT1, "--image-separator", ";").exit_code == 0
+    a, ea = tables(plain, NIGHT1)
+    b, eb = tables(split, NIGHT1)
+    assert a.drop("run_id", "tagged_at").equals(b.drop("run_id", "tagged_at"))
+    assert set(a["images_used"]) == {1}
+    assert ea.drop("run_id").equals(eb.drop("run_id"))
+
+
+def test_the_ray_engine_refuses_several_photos_before_changing_anything(shop, tiny_bundle, tmp_path):
+    pytest.importorskip("ray")
+    out = tmp_path / "out"
+    result = tag(write_csv(tmp_path / "c.csv", [("a", "f0.jpg;f1.jpg")]), tiny_bundle, out, NIGHT1,
+                 "--image-separator", ";", "--engine", "ray")
+    assert result.exit_code == 2 and "local engine only" in result.output, result.output
+    assert not (out / "tags").exists()
