@@ -172,10 +172,11 @@ def test_a_partition_written_before_needs_review_existed_is_reused_and_gets_the_
     for row in night1.iter_rows(named=True):
         assert row["needs_review"] == [a for a in ATTRIBUTES if row[f"{a}_score"] < medians[a]]
     assert 0 < night1.filter(pl.col("needs_review").list.len() > 0).height < len(night1)
-    for part in (out / "tags" / f"run_date={NIGHT1}").glob("part-*.parquet"):  # as the release before wrote it
-        pq.write_table(pq.read_table(part).drop_columns(["needs_review"]), part)
+    for part in (out / "tags" / f"run_date={NIGHT1}").glob("part-*.parquet"):  # as the releases before wrote it
+        pq.write_table(pq.read_table(part).drop_columns(["needs_review", "images_used"]), part)
     run(catalog, bundle, out, NIGHT2, "--since", str(out))
     assert summary(out, NIGHT2)["reused"] == len(night1)
+    assert set(read(out, NIGHT2)["images_used"]) == {1}, "a partition from before several photos: one photo each"
     assert read(out, NIGHT2).sort("product_id").select("product_id", "needs_review").equals(
         night1.sort("product_id").select("product_id", "needs_review")), "recomputed from the carried-over scores"
 
