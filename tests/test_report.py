@@ -30,13 +30,13 @@ def write_night(out: Path, run_date: str, rows: list[dict], *, errors: list[tupl
     partition = Partition(str(out), run_date)
     schema = writers.tags_schema(attributes, review=review)
     now = datetime(2026, 11, 27, tzinfo=timezone.utc)
-    columns = {"product_id": [r["product_id"] for r in rows], "image": [r.get("image", f"{r['product_id']}.png") for r in rows],
-               "images_used": [1] * len(rows)}
+    columns = {"product_id": [r["product_id"] for r in rows], "image": [r.get("image", f"{r['product_id']}.png") for r in rows]}
     for a in attributes:
         columns[a] = [r[a] for r in rows]
         columns[f"{a}_score"] = [r.get(f"{a}_score", 0.9) for r in rows]
     if review:
         columns["needs_review"] = [r.get("needs_review", []) for r in rows]
+    columns["images_used"] = [1] * len(rows)
     columns["image_version"] = ["1-1"] * len(rows)
     columns["model_version"] = ["m1"] * len(rows)
     columns["run_id"] = [r.get("run_id", run_id) for r in rows]

@@ -83,14 +83,14 @@ class ShardRows:
         rows = batch.rows[mask]
         source = self.manifest.table.take(pa.array(rows))
         columns: dict[str, Any] = {"product_id": source.column("product_id"), "image": source.column("image")}
-        used = batch.images_used[mask] if batch.images_used is not None else np.ones(len(rows), np.int32)
-        columns[writers.IMAGES_USED_COLUMN] = pa.array(used, pa.int32())
         scores = {name: predictions.scores[name][mask] for name in self.attributes}
         for name in self.attributes:
             columns[name] = pa.array(labels[name][mask], pa.string())
             columns[f"{name}_score"] = pa.array(scores[name], pa.float32())
         columns[writers.REVIEW_COLUMN] = self._review(output, scores)
         n = len(rows)
+        used = batch.images_used[mask] if batch.images_used is not None else np.ones(n, np.int32)
+        columns[writers.IMAGES_USED_COLUMN] = pa.array(used, pa.int32())
         columns["image_version"] = pa.array([v for v, keep in zip(batch.versions, mask) if keep], pa.string())
         columns["model_version"] = pa.array([self.model_version] * n, pa.string())
         columns["run_id"] = pa.array([self.plan.run_id] * n, pa.string())

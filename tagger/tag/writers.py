@@ -46,15 +46,15 @@ IMAGES_USED_COLUMN = "images_used"
 def tags_schema(attributes: Sequence[str], *, review: bool = True) -> pa.Schema:
     """``review=False``: without :data:`REVIEW_COLUMN`, the columns a ``--since`` run carries over (the
     column is recomputed from the scores, so partitions written before it existed are reused too)."""
-    fields = [pa.field("product_id", pa.string(), nullable=False), pa.field("image", pa.string(), nullable=False),
-              # How many of the product's photos its tags come from (1 for a one-photo catalog).
-              pa.field(IMAGES_USED_COLUMN, pa.int32(), nullable=False)]
+    fields = [pa.field("product_id", pa.string(), nullable=False), pa.field("image", pa.string(), nullable=False)]
     for name in attributes:
         fields.append(pa.field(name, pa.string(), nullable=False))
         fields.append(pa.field(f"{name}_score", pa.float32(), nullable=False))
     if review:
         fields.append(pa.field(REVIEW_COLUMN, pa.list_(pa.string()), nullable=False))
     fields += [
+        # How many of the product's photos its tags come from (1 for a one-photo catalog).
+        pa.field(IMAGES_USED_COLUMN, pa.int32(), nullable=False),
         # Where the image stood when it was tagged (size + mtime, or ETag): lets tomorrow's run reuse
         # today's tags for an unchanged image under the same model_version.
         pa.field("image_version", pa.string(), nullable=False),
