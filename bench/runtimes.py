@@ -32,6 +32,10 @@ VARIANTS = {
     "torch auto (as shipped before --runtime)": ("torch", "auto", True),
     "onnx": ("onnx", "auto", True),
     "openvino": ("openvino", "auto", True),
+    "openvino fp32": ("openvino", "fp32", True),
+    # int8: the export quantized once per model_version, calibrated on $TAGGER_INT8_CALIBRATION (else generated images)
+    "onnx int8": ("onnx", "int8", True),
+    "openvino int8": ("openvino", "int8", True),
 }
 
 
@@ -127,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--batches", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--runtimes", default=",".join(VARIANTS), help="comma-separated names of " + "; ".join(VARIANTS))
+    parser.add_argument("--runtimes", default=",".join(v for v in VARIANTS if "int8" not in v and v != "openvino fp32"),
+                        help="comma-separated names of " + "; ".join(VARIANTS))
     parser.add_argument("--decode-images", type=int, default=48)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (and so every runtime's); 0: torch's default")
     parser.add_argument("--section", default="runtimes", help="docs/benchmarks.md section to rewrite")

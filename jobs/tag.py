@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from tagger.tag.config import (DEVICES, ENGINES, PROGRESS_MODES, RUNTIMES, START_METHODS, TagConfig, default_workers,
+from tagger.tag.config import (PRECISIONS, DEVICES, ENGINES, PROGRESS_MODES, RUNTIMES, START_METHODS, TagConfig, default_workers,
                                parse_shard, today_utc)
 from tagger.data.decode import DEFAULT_MAX_IMAGE_PIXELS
 from tagger.data.http import split_hosts
@@ -92,9 +92,12 @@ def common_output_options(function):
               help="Decompression-bomb guard: larger images become error rows (too_large).")
 @click.option("--draft-decode/--no-draft-decode", default=True, show_default=True,
               help="Decode JPEGs at reduced scale (libjpeg DCT scaling) before resizing.")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
+@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
               help="Model arithmetic. auto: fp16 autocast on CUDA; on the CPU bf16 autocast where the CPU has native "
-              "bfloat16 (AVX512-BF16/AMX: ~1.5x faster, top labels equal except near-ties), else fp32. fp32: no autocast.")
+              "bfloat16 (AVX512-BF16/AMX: ~1.5x faster, top labels equal except near-ties), else fp32. fp32: no autocast. "
+              "int8 (CPU, ONNX Runtime or OpenVINO): the ONNX export statically quantized, calibrated once per model_version "
+              "(TAGGER_INT8_CALIBRATION: a folder of the catalog's photos; else generated images); never chosen by auto, "
+              "its accuracy loss is per model (README, Performance).")
 @click.option("--runtime", type=click.Choice(RUNTIMES), default="auto", show_default=True,
               help="What runs the model. auto: PyTorch on CUDA; on the CPU the fastest installed of ONNX Runtime, OpenVINO "
               "and PyTorch (and fp32/bf16) for this --precision, measured on this CPU on the model's first run and cached "

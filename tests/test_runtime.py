@@ -338,3 +338,59 @@ def test_tag_job_measures_before_out_changes_and_records_the_choice(demo, driven
     runtime = json.loads((out / "_runs" / "run_date=2026-01-03" / "summary.json").read_text())["this_process"]["runtime"]
     assert "measured fastest on this CPU" in runtime["reason"]
     assert f"{runtime['name']} {runtime['precision']}" in runtime["measured_images_per_s"]
+
+
+# -- int8 ----------------------------------------------------------------------------------------------
+INT8 = pytest.mark.skipif(not runtimes.installed("onnx"), reason="extra [onnx] not installed (the quantizer is onnxruntime's)")
+
+
+@INT8
+def test_int8_is_quantized_once_per_model_and_calibration_and_runs(driven_bundle, photos, tmp_path, monkeypatch):
+    bundle = load_bundle(driven_bundle)
+    cache = None  # the module's cache: the tag job's test below reuses this quantization
+    first = runtimes.int8_model(bundle, cache)
+    records = list(first.parent.glob("int8-*.json"))
+    assert len(records) == 1 and json.loads(records[0].read_text())["calibration"]["source"] == "generated"
+    quantized = []
+    monkeypatch.setattr("onnxruntime.quantization.quantize_static", lambda *a, **k: quantized.append(1))
+    assert runtimes.int8_model(bundle, cache) == first and quantized == []  # cached: not quantized again
+    # Another calibration set is another int8 model; fewer than 16 usable photos is a setting error.
+    folder = tmp_path / "calibration"
+    folder.mkdir()
+    for i, data in enumerate(photos[:3]):
+        (folder / f"{i}.jpg").write_bytes(data)
+    monkeypatch.setenv("TAGGER_INT8_CALIBRATION", str(folder))
+    with pytest.raises(RuntimeSettingError, match="at least 16 are needed"):
+        runtimes.int8_model(bundle, cache)
+    monkeypatch.undo()
+    predictor = Predictor(bundle, CPU, precision="int8", runtime="onnx")
+    reference = Predictor(bundle, CPU, precision="fp32", runtime="torch")
+    images = batch([decode_image(d, bundle.input_size) for d in photos])
+    got, expected = predictor(images), reference(images)
+    assert predictor.precision_name == "int8"
+    # The tiny model's heads are near-ties, which int8 rounding may flip: agreement is checked loosely here; the
+    # shipped model's int8 accuracy on the test split is measured in its model card.
+    agree = np.mean([(got.indices[n] == expected.indices[n]).mean() for n in bundle.attribute_names])
+    assert agree >= 0.6 and all(np.isfinite(got.scores[n]).all() for n in bundle.attribute_names)
+
+
+def test_int8_needs_an_exported_runtime():
+    with pytest.raises(ValueError, match="--precision int8 runs the quantized ONNX export"):
+        precision_settings("int8", CPU, "torch")
+    assert precision_settings("int8", CPU, "openvino") == {"amp": False, "int8": True}
+    assert runtimes.candidates("auto") == [c for c in runtimes.candidates("auto") if c[1] != "int8"]
+
+
+@INT8
+def test_tag_job_with_int8_records_it(demo, driven_bundle, tmp_path):
+    from tests.test_tag import tag
+
+    out = tmp_path / "out"
+    result = tag("--catalog", str(demo.catalog), "--model", driven_bundle, "--out", str(out), "--run-date", "2026-01-04",
+                 "--runtime", "onnx", "--precision", "int8")
+    assert result.exit_code == 0, result.output
+    runtime = json.loads((out / "_runs" / "run_date=2026-01-04" / "summary.json").read_text())["this_process"]["runtime"]
+    assert (runtime["name"], runtime["precision"]) == ("onnx", "int8")
+    result = tag("--catalog", str(demo.catalog), "--model", driven_bundle, "--out", str(tmp_path / "o2"), "--runtime", "torch",
+                 "--precision", "int8")
+    assert result.exit_code == 2 and "int8" in result.output

@@ -59,7 +59,11 @@ def precision_settings(precision: str, device: torch.device, runtime: str = "tor
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if runtime not in ("torch", "auto"):
         computed = runtimes.cpu_precision(runtime, precision)
+        if computed == "int8":
+            return {"amp": False, "int8": True}
         return {"amp": True, "amp_dtype": torch.bfloat16} if computed == "bf16" else {"amp": False}
+    if precision == "int8":
+        raise ValueError("--precision int8 runs the quantized ONNX export on the CPU: use --runtime onnx, openvino or auto")
     if precision == "auto":
         return {"amp": True, "amp_dtype": torch.bfloat16} if device.type == "cpu" and _cpu_has_bf16() else {}
     if precision == "fp32":
@@ -99,7 +103,7 @@ class Predictor:
 
     def __init__(self, model: ModelBundle | TaggerNet, device: torch.device, *, precision: str | None = None,
                  amp: bool | None = None, channels_last: bool = True, amp_dtype: torch.dtype | None = None,
-                 runtime: str | RuntimeChoice = "torch", runtime_cache: str | None = None):
+                 runtime: str | RuntimeChoice = "torch", runtime_cache: str | None = None, int8: bool = False):
         if not isinstance(runtime, RuntimeChoice):
             runtime = choose_runtime(runtime, device, precision or "auto",
                                      bundle=model if isinstance(model, ModelBundle) and amp is None else None)
@@ -110,7 +114,8 @@ class Predictor:
             if amp is not None or amp_dtype is not None:
                 raise ValueError("give either precision or amp/amp_dtype, not both")
             settings = precision_settings(precision, device, self.runtime.name)
-            amp, amp_dtype = settings.get("amp"), settings.get("amp_dtype")
+            amp, amp_dtype, int8 = settings.get("amp"), settings.get("amp_dtype"), settings.get("int8", False)
+        self.int8 = int8
         self.bundle = model if isinstance(model, ModelBundle) else None
         self.device = device
         self.amp = device.type == "cuda" if amp is None else amp
@@ -121,6 +126,8 @@ class Predictor:
         self.net: TaggerNet | None = None
         self.exported: runtimes.ExportedModel | None = None
         if self.runtime.name == "torch":
+            if self.int8:
+                raise ValueError("int8 runs the quantized ONNX export: use runtime onnx or openvino")
             net = model.build_net() if isinstance(model, ModelBundle) else model
             self.net = net.eval().to(device).to(memory_format=self.memory_format)
         else:
@@ -128,7 +135,7 @@ class Predictor:
                 raise ValueError(f"runtime {self.runtime.name} runs a bundle's exported network; a bare network runs with runtime torch")
             if self.amp and self.amp_dtype != torch.bfloat16:
                 raise ValueError(f"runtime {self.runtime.name} runs on the CPU in fp32 or bf16, not {self.amp_dtype}")
-            computed = "bf16" if self.amp else "fp32"
+            computed = "int8" if self.int8 else "bf16" if self.amp else "fp32"
             if computed not in runtimes.CPU_PRECISIONS[self.runtime.name]:
                 raise ValueError(f"runtime {self.runtime.name} computes {' or '.join(runtimes.CPU_PRECISIONS[self.runtime.name])}, not {computed}")
             self.exported = runtimes.ExportedModel(self.bundle, self.runtime.name, computed, runtime_cache)
@@ -138,7 +145,9 @@ class Predictor:
 
     @property
     def precision_name(self) -> str:
-        """What the model computes in: fp32, bf16 or fp16 (autocast for PyTorch, the engine's setting otherwise)."""
+        """What the model computes in: fp32, bf16, fp16 (autocast for PyTorch, the engine's setting otherwise) or int8."""
+        if self.int8:
+            return "int8"
         if not self.amp:
             return "fp32"
         return "bf16" if self.amp_dtype == torch.bfloat16 else "fp16"

@@ -49,8 +49,9 @@ EXPORT_FORMAT = 1  # bump when the exported graph's contract (inputs, outputs, n
 # OpenVINO fp32 1.4x). With --precision bf16 ONNX Runtime is out (no bf16 kernels on its CPU provider).
 # A runtime that is not installed is skipped, and the log names the extra that would have given it.
 CPU_PREFERENCE = ("onnx", "openvino", "torch")
-# Which precisions each runtime computes on the CPU (fp16 is CUDA-only everywhere).
-CPU_PRECISIONS = {"torch": ("fp32", "bf16"), "onnx": ("fp32",), "openvino": ("fp32", "bf16")}
+# Which precisions each runtime computes on the CPU (fp16 is CUDA-only everywhere). int8: the ONNX export
+# statically quantized (int8_model), which both ONNX Runtime and OpenVINO run.
+CPU_PRECISIONS = {"torch": ("fp32", "bf16"), "onnx": ("fp32", "int8"), "openvino": ("fp32", "bf16", "int8")}
 
 
 class RuntimeSettingError(ValueError):
@@ -117,7 +118,7 @@ def choose_runtime(requested: str, device: torch.device, precision: str = "auto"
         return RuntimeChoice(requested, "asked for with --runtime")
     if bundle is not None and os.environ.get(AUTO_ENV, "measure") != "preference":
         return measured_choice(bundle, precision, threads=threads, batch_size=batch_size or MEASURE_BATCH)
-    wanted = "bf16" if precision == "bf16" else "fp32"  # auto precision: every runtime has fp32 on any CPU
+    wanted = precision if precision in ("bf16", "int8") else "fp32"  # auto precision: every runtime has fp32 on any CPU
     candidates = [r for r in CPU_PREFERENCE if wanted in CPU_PRECISIONS[r]]
     skipped = []
     for runtime in candidates:
@@ -153,15 +154,15 @@ AUTO_ENV = "TAGGER_AUTO_RUNTIME"
 # Seconds each candidate runs after its warm-up batch: enough for a stable rate of a small CPU model, short
 # enough that all candidates cost well under a minute on the first run of a model_version on a CPU.
 MEASURE_SECONDS = 1.5
-MEASURE_BATCH = 16
+MEASURE_BATCH = 8
 CHOICE_FORMAT = 1  # bump when what a cached choice means changes
 
 
 def candidates(precision: str) -> list[tuple[str, str]]:
     """(runtime, precision) pairs ``auto`` may choose from on this CPU, for ``--precision``: each runtime in
     what it computes; under ``auto`` fp32 everywhere and bf16 only where the CPU has it natively (bf16 was
-    validated against fp32 within tests/test_decode_equivalence.py's tolerance). int8 is never a candidate:
-    its accuracy loss is per model (see --precision int8), not within what the bundle was validated at."""
+    validated against fp32 within tests/test_decode_equivalence.py's tolerance). int8 is a candidate only when
+    ``--precision int8`` asks for it: its accuracy loss is per model, not within what the bundle was validated at."""
     if precision == "auto":
         wanted = ("fp32", "bf16") if cpu_has_bf16() else ("fp32",)
     else:
@@ -459,6 +460,121 @@ def _check_export(net: TaggerNet, names: list[str], path: Path) -> dict[str, Any
     return {"by": engine_name, "images": int(images.shape[0]), "max_probability_difference": worst}
 
 
+# -- int8: the export statically quantized ------------------------------------------------------------
+
+INT8_FORMAT = 1  # bump when how the int8 model is made changes (calibration, quantizer settings)
+# TAGGER_INT8_CALIBRATION: a folder of photos like the catalog's (the first INT8_CALIBRATION_IMAGES by name)
+# that set the int8 model's activation ranges; unset: generated product drawings (tagger.demo), which need no
+# data but fit real photos less well (README, Performance, has both measured on the shipped model).
+INT8_CALIBRATION_ENV = "TAGGER_INT8_CALIBRATION"
+INT8_CALIBRATION_IMAGES = 200
+_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+
+
+def calibration_images(size: int) -> tuple[np.ndarray, dict[str, Any]]:
+    """uint8 NCHW images that calibrate the int8 model, and what they were (recorded, part of the cache key)."""
+    import hashlib
+
+    from ..data.decode import ImageError, decode_image
+
+    folder = os.environ.get(INT8_CALIBRATION_ENV)
+    if folder:
+        files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)[:INT8_CALIBRATION_IMAGES]
+        pixels = []
+        for path in files:
+            try:
+                pixels.append(decode_image(path.read_bytes(), size, source=str(path)))
+            except (ImageError, OSError) as exc:
+                log.warning("int8 calibration: %s skipped (%s)", path, exc)
+        if len(pixels) < 16:
+            raise RuntimeSettingError(
+                f"{INT8_CALIBRATION_ENV}={folder}: {len(pixels)} usable photo(s) (.jpg/.png/.webp), at least 16 are needed "
+                f"to calibrate --precision int8 (up to {INT8_CALIBRATION_IMAGES} are used); point it at a folder of catalog photos or unset it"
+            )
+        names = hashlib.sha256("\n".join(p.name for p in files).encode()).hexdigest()[:16]
+        source = {"source": "folder", "folder": str(Path(folder).resolve()), "images": len(pixels), "names_sha256": names}
+    else:
+        from ..demo.drawn import CLASSES, render_product
+
+        rng = np.random.default_rng(0)
+        pixels = []
+        for i in range(64):
+            labels = {name: values[rng.integers(len(values))] for name, values in CLASSES.items()}
+            drawing = render_product(labels, (size * 3 // 4, size), seed=(i, 22))
+            pixels.append(decode_image(_png(drawing), size))
+        source = {"source": "generated", "images": len(pixels)}
+    return np.stack(pixels).transpose(0, 3, 1, 2).copy(), source
+
+
+def _png(image) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def int8_model(bundle: ModelBundle, cache_dir: str | Path | None = None) -> Path:
+    """The bundle's ONNX export quantized to int8 (ONNX Runtime's static QDQ quantization: weights int8 per
+    channel, activations uint8 per tensor, ranges from :func:`calibration_images`), made once per
+    ``model_version`` and calibration set beside the fp32 export (``int8-<calibration>.json`` records it)."""
+    import hashlib
+
+    fp32 = onnx_model(bundle, cache_dir)
+    folder = fp32.parent
+    images, source = calibration_images(bundle.input_size)
+    tag = hashlib.sha256(json.dumps({"format": INT8_FORMAT, **source}, sort_keys=True).encode()).hexdigest()[:12]
+    record_file = folder / f"int8-{tag}.json"
+    try:
+        record = json.loads(record_file.read_text())
+        path = folder / record["file"]
+        if record.get("fp32_sha256") == file_sha256(fp32) and path.is_file() and file_sha256(path) == record["sha256"]:
+            log.info("int8 model of %s: %s (cached; calibrated on %s)", bundle.model_version, path, record["calibration"])
+            return path
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    started = time.time()
+    log.info("int8 model of %s: quantizing the ONNX export, calibrated on %d %s image(s); once per model_version",
+             bundle.model_version, source["images"], source["source"])
+    try:
+        from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+    except ImportError:
+        raise RuntimeSettingError("--precision int8 quantizes with onnxruntime: pip install 'fashion-tagger[onnx]'") from None
+
+    class Batches(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{"images": images[i:i + 16]} for i in range(0, len(images), 16)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    prepared = folder / f"int8-prep.{os.getpid()}.partial"
+    partial = folder / f"int8.{os.getpid()}.partial"
+    # The quantizer logs a line per adjusted weight scale on the root logger: hundreds of lines, none actionable.
+    logging.disable(logging.INFO)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quant_pre_process(str(fp32), str(prepared))
+            quantize_static(str(prepared), str(partial), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    finally:
+        logging.disable(logging.NOTSET)
+    prepared.unlink(missing_ok=True)
+    digest = file_sha256(partial)
+    path = folder / f"model-int8-{digest[:16]}.onnx"
+    os.replace(partial, path)
+    record = {"int8_format": INT8_FORMAT, "model_version": bundle.model_version, "file": path.name, "sha256": digest,
+              "fp32_sha256": file_sha256(fp32), "calibration": source, "quantizer": "onnxruntime.quantization.quantize_static "
+              "QDQ, per-channel int8 weights, uint8 activations, MinMax", "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    tmp = folder / f"{record_file.name}.{os.getpid()}.partial"
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, record_file)
+    log.info("int8 model of %s done in %.0f s: %s", bundle.model_version, time.time() - started, path)
+    return path
+
+
 # -- engines: uint8 NCHW numpy/torch batch -> list of logits arrays, in attribute order -------------
 
 class OnnxRuntimeEngine:
@@ -469,8 +585,8 @@ class OnnxRuntimeEngine:
     def __init__(self, path: Path, precision: str, threads: int):
         import onnxruntime as ort
 
-        if precision != "fp32":
-            raise ValueError(f"ONNX Runtime's CPU provider runs fp32 here, not {precision}")
+        if precision not in ("fp32", "int8"):
+            raise ValueError(f"ONNX Runtime's CPU provider runs fp32 or int8 here, not {precision}")
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.intra_op_num_threads = threads
@@ -480,7 +596,7 @@ class OnnxRuntimeEngine:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.input = self.session.get_inputs()[0].name
-        self.description = f"onnxruntime {ort.__version__} CPU fp32, {threads} thread(s)"
+        self.description = f"onnxruntime {ort.__version__} CPU {precision}, {threads} thread(s)"
 
     def __call__(self, images: torch.Tensor) -> list[np.ndarray]:
         # The reader's batches are NCHW views of NHWC memory; ONNX Runtime wants C-contiguous input.
@@ -496,6 +612,8 @@ class OpenVinoEngine:
         import openvino as ov
 
         core = ov.Core()
+        # int8: the quantized graph's QuantizeLinear/DequantizeLinear pairs make OpenVINO run those layers in
+        # int8; what is left between them stays f32.
         config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads,
                   "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32"}
         self.compiled = core.compile_model(core.read_model(str(path)), "CPU", config)
@@ -519,7 +637,7 @@ class ExportedModel:
     def __init__(self, bundle: ModelBundle, runtime: str, precision: str, cache_dir: str | Path | None = None):
         _require(runtime)
         self.runtime, self.precision = runtime, precision
-        self.path = onnx_model(bundle, cache_dir)
+        self.path = int8_model(bundle, cache_dir) if precision == "int8" else onnx_model(bundle, cache_dir)
         self._engine: Any = None
         self._threads = 0
 

@@ -14,7 +14,7 @@ from ..data.http import HttpPolicy
 
 DEVICES = ("auto", "cpu", "cuda")
 ENGINES = ("local", "ray")  # what tags the pending shards: this process and its DataLoader, or Ray Data (tagger.tag.ray)
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # what each means: tagger.model.predictor.precision_settings
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")  # what each means: tagger.model.predictor.precision_settings
 RUNTIMES = ("auto", "torch", "onnx", "openvino")  # what runs the model: tagger.model.runtimes.choose_runtime
 PROGRESS_MODES = ("auto", "bar", "log", "none", "ray")  # ray: Ray's own bars (--engine ray) instead of ours
 START_METHODS = ("auto", "fork", "forkserver", "spawn")
