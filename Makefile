@@ -40,6 +40,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.run
 	$(BIN)/python -m bench.cdn
 	$(BIN)/python -m bench.nightly_report
+	$(BIN)/python -m bench.bound
 
 clean:
 	rm -rf out

@@ -159,11 +159,13 @@ def main(argv: list[str] | None = None) -> int:
     else:
         model_path = str(catalogs.bundle(args.backbone, args.size))
         model = f"{args.backbone} @ {args.size} px, random init"
-    choice = choose_runtime("auto", torch.device("cpu"))
+    # What the tag job's `auto` would pick for this model here: measured (or found in the choice cache).
+    choice = choose_runtime("auto", torch.device("cpu"), bundle=load_bundle(model_path))
+    auto = f"{choice.name} {choice.precision}" if choice.precision else choice.name
     results = {"command": command.strip(), "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "machine": procmem.machine_info(), "native_bf16": cpu_has_bf16(), "model": model,
                "batch_size": args.batch_size, "batches": args.batches, "rounds": args.rounds,
-               "auto": choice.name, "auto_reason": choice.reason}
+               "auto": auto, "auto_reason": choice.reason}
     results["model_only"] = model_only(model_path, names, args.batch_size, args.batches, args.rounds)
     if args.decode_images:
         try:
