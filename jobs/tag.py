@@ -111,7 +111,8 @@ def common_output_options(function):
               "(docs/benchmarks.md). Results may differ in the last float bit with the thread count. With --engine ray: "
               "threads per CPU model actor (0: up to 4, no more than a node's CPUs).")
 @click.option("--progress", type=click.Choice(PROGRESS_MODES), default="auto", show_default=True,
-              help="auto: a bar on an interactive terminal, periodic log lines otherwise.")
+              help="auto: a bar on an interactive terminal (log lines go through it), periodic log lines otherwise. "
+              "ray: with --engine ray, Ray Data's own per-operator bars instead of ours.")
 @click.option("--lease-ttl", type=click.FloatRange(1, 86_400), default=120.0, show_default=True,
               help="Seconds after its last heartbeat (renewed every ttl/4) that another run may take over the date "
               "from a run that died on another machine. A dead run on this machine is taken over at once.")
