@@ -84,6 +84,49 @@ def costs(tree: Path, spec: dict, label: str) -> dict:
     return result
 
 
+def _steady(full: dict) -> tuple[float | None, float | None]:
+    """img/s and CPU ms per photo of the photos the full run has beyond the short one; None where the machine's
+    load swung so much between the two runs that the difference is not positive (no figure rather than a wrong one)."""
+    few = full["small_run"]
+    extra = full["rows"] - few["rows"]
+    wall = full["wall_s"] - few["wall_s"]
+    cpu = full["cpu_ms_per_image"] * full["rows"] - few["cpu_ms_per_image"] * few["rows"]
+    return (round(extra / wall, 2) if wall > 0 else None), (round(cpu / extra, 1) if cpu > 0 else None)
+
+
+def _median(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def summarise(results: dict) -> None:
+    """Per side: the costs, the limit, the job's rates against it; today / before per round. Also re-run on a raw
+    JSON by ``--render`` (the arithmetic only, nothing measured again)."""
+    runs, component, cores = results["runs"], results["component"], results["cores"]
+    sides = {}
+    for side in SIDES:
+        c = component[side]
+        steady = [_steady(x) for x in runs[side]]
+        rate, steady_rate = _median(x["images_per_s"] for x in runs[side]), _median(s[0] for s in steady)
+        steady_cpu = _median(s[1] for s in steady)
+        limit = cores * 1000 / (c["decode_cpu_ms"] + c["model_cpu_ms"])
+        sides[side] = {**c, "runtime": f"{c['runtime']} {c['precision']}", "limit_images_per_s": round(limit, 1),
+                       "images_per_s": rate, "runs": [x["images_per_s"] for x in runs[side]],
+                       "steady_images_per_s": steady_rate, "steady_runs": [s[0] for s in steady],
+                       "cpu_ms_per_image": _median(x["cpu_ms_per_image"] for x in runs[side]),
+                       "steady_cpu_ms_per_image": steady_cpu, "steady_cpu_runs": [s[1] for s in steady],
+                       "share_of_limit": round(steady_rate / limit, 3) if steady_rate else None,
+                       "cpu_efficiency": round((c["decode_cpu_ms"] + c["model_cpu_ms"]) / steady_cpu, 3) if steady_cpu else None}
+    per_round = [round(t["images_per_s"] / b["images_per_s"], 2) for t, b in zip(runs["today"], runs["before"])]
+    costs = {side: component[side]["decode_cpu_ms"] + component[side]["model_cpu_ms"] for side in SIDES}
+    results.update(sides=sides, speedup_per_round=per_round, speedup=_median(per_round),
+                   cost_ratio=round(costs["before"] / costs["today"], 2))
+
+
+def _f(value, fmt: str = ".1f", none: str = "n/a") -> str:
+    return none if value is None else format(value, fmt)
+
+
 def markdown(r: dict) -> str:
     lines = [
         f"Command: `{r['command']}` ({r['started_at']}, {r['elapsed_s']:.0f} s)  ",
@@ -98,16 +141,17 @@ def markdown(r: dict) -> str:
     for side in SIDES:
         s = r["sides"][side]
         lines.append(f"| {side} | {s['runtime']} | {s['decode_cpu_ms']:.1f} | {s['model_cpu_ms']:.1f} | {s['limit_images_per_s']:.1f} "
-                     f"| {s['images_per_s']:.2f} ({', '.join(f'{x:.2f}' for x in s['runs'])}) "
-                     f"| {s['steady_images_per_s']:.2f} ({', '.join(f'{x:.2f}' for x in s['steady_runs'])}) | {s['share_of_limit']:.0%} "
-                     f"| {s['steady_cpu_ms_per_image']:.1f} | {s['cpu_efficiency']:.0%} |")
-    lines += ["", f"**today / before, end to end, same run: whole process {r['speedup_per_round']} per round (median "
-              f"{r['speedup']:.2f}x); steady state {r['steady_speedup_per_round']} (median {r['steady_speedup']:.2f}x); "
-              f"CPU per photo in the steady state {r['cpu_speedup']:.2f}x less.**",
-              "", "Steady state: the run of all photos minus the run of the first "
-              f"{SMALL} (start-up, imports, model load, worker start drop out). The limit assumes every core does nothing "
-              "but decode and run the model; CPU efficiency = (decode + model) / the job's CPU per photo, which a loaded "
-              "machine hardly moves, while the share of the limit in img/s needs the cores to be the job's alone."]
+                     f"| {_f(s['images_per_s'], '.2f')} ({', '.join(_f(x, '.2f') for x in s['runs'])}) "
+                     f"| {_f(s['steady_images_per_s'], '.2f')} ({', '.join(_f(x, '.2f') for x in s['steady_runs'])}) "
+                     f"| {_f(s['share_of_limit'], '.0%')} | {_f(s['steady_cpu_ms_per_image'])} ({', '.join(_f(x) for x in s['steady_cpu_runs'])}) "
+                     f"| {_f(s['cpu_efficiency'], '.0%')} |")
+    lines += ["", f"**today / before: decode + model CPU per photo {r['cost_ratio']:.2f}x less (limit "
+              f"{r['sides']['today']['limit_images_per_s']:.0f} vs {r['sides']['before']['limit_images_per_s']:.0f} img/s); "
+              f"end to end, whole process, same run: {r['speedup_per_round']} per round (median {_f(r['speedup'], '.2f')}x).**",
+              "", f"Steady state: the run of all photos minus the run of the first {SMALL} (start-up, imports, model load, "
+              "worker start drop out); n/a where the machine's load swung so much between the two runs that the difference "
+              "is not positive. The limit assumes every core does nothing but decode and run the model; CPU efficiency = "
+              "(decode + model) / the job's steady CPU per photo; the share of the limit in img/s needs the cores to be the job's alone."]
     return "\n".join(lines)
 
 
@@ -120,7 +164,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--against", default="18c6b55", help="the commit to compare with (default: before issue #22)")
     parser.add_argument("--model", default=str(catalogs.ROOT / "models" / "fashion-lite0"))
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--render", metavar="RAW_JSON", help="recompute the figures and the section from a raw JSON "
+                        "of an earlier run (bench/results/raw/bound-*.json); nothing is measured")
     args = parser.parse_args(argv)
+    if args.render:
+        results = json.loads(Path(args.render).read_text())
+        if "runs" not in results:  # written before the raw JSON kept the runs at the top level
+            results["runs"] = {side: results["sides"][side]["raw"] for side in SIDES}
+            results["component"] = {side: {k: results["sides"][side][k] for k in
+                                           ("decode_cpu_ms", "model_cpu_ms", "runtime", "precision", "threads", "photos")}
+                                    for side in SIDES}
+            for side in SIDES:
+                results["component"][side]["runtime"] = results["component"][side]["runtime"].split(" ")[0]
+        summarise(results)
+        text = markdown(results)
+        print(text)
+        if not args.no_write:
+            report.update_section("bound", text, results, module="bound")
+        return 0
     command = "python -m bench.bound " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     try:
         catalogs.sample_dir()
@@ -150,33 +211,11 @@ def main(argv: list[str] | None = None) -> int:
         for side in SIDES if r % 2 == 0 else tuple(reversed(SIDES)):
             few = job(trees[side], {**base, "catalog": str(small)}, f"round {r + 1} {side} ({SMALL})")
             full = job(trees[side], {**base, "catalog": str(catalog)}, f"round {r + 1} {side} ({args.images})")
-            extra = full["rows"] - few["rows"]
-            full["steady_images_per_s"] = round(extra / max(1e-9, full["wall_s"] - few["wall_s"]), 2)
-            full["steady_cpu_ms_per_image"] = round((full["cpu_ms_per_image"] * full["rows"] - few["cpu_ms_per_image"] * few["rows"]) / extra, 1)
             full["small_run"] = few
             runs[side].append(full)
-    cores = os.cpu_count() or 1
-    sides = {}
-    for side in SIDES:
-        c = component[side]
-        rate = statistics.median(x["images_per_s"] for x in runs[side])
-        steady = statistics.median(x["steady_images_per_s"] for x in runs[side])
-        steady_cpu = statistics.median(x["steady_cpu_ms_per_image"] for x in runs[side])
-        limit = cores * 1000 / (c["decode_cpu_ms"] + c["model_cpu_ms"])
-        sides[side] = {**c, "runtime": f"{c['runtime']} {c['precision']}", "limit_images_per_s": round(limit, 1),
-                       "images_per_s": rate, "runs": [x["images_per_s"] for x in runs[side]],
-                       "steady_images_per_s": steady, "steady_runs": [x["steady_images_per_s"] for x in runs[side]],
-                       "cpu_ms_per_image": statistics.median(x["cpu_ms_per_image"] for x in runs[side]),
-                       "steady_cpu_ms_per_image": steady_cpu, "share_of_limit": round(steady / limit, 3),
-                       "cpu_efficiency": round((c["decode_cpu_ms"] + c["model_cpu_ms"]) / steady_cpu, 3),
-                       "job_runtime": runs[side][0].get("runtime"), "raw": runs[side]}
-    per_round = [round(t["images_per_s"] / b["images_per_s"], 2) for t, b in zip(runs["today"], runs["before"])]
-    steady_round = [round(t["steady_images_per_s"] / b["steady_images_per_s"], 2) for t, b in zip(runs["today"], runs["before"])]
-    results.update(sides=sides, speedup_per_round=per_round, speedup=statistics.median(per_round),
-                   steady_speedup_per_round=steady_round, steady_speedup=statistics.median(steady_round),
-                   cpu_speedup=round(sides["before"]["steady_cpu_ms_per_image"] / sides["today"]["steady_cpu_ms_per_image"], 2),
-                   cores=cores, machine_after={"load_average": procmem.machine_info()["load_average"]},
-                   elapsed_s=round(time.time() - started, 1))
+    results.update(component=component, runs=runs, cores=os.cpu_count() or 1,
+                   machine_after={"load_average": procmem.machine_info()["load_average"]}, elapsed_s=round(time.time() - started, 1))
+    summarise(results)
     raw = catalogs.ROOT / "bench" / "results" / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     (raw / f"bound-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}.json").write_text(json.dumps(results, indent=2))
