@@ -19,7 +19,7 @@ OUT ?= out/demo
 RUN_DATE ?=
 TAG_ARGS ?=
 
-.PHONY: setup tag test bench clean browser-setup airflow-setup test-airflow image-tools image-base image image-tag image-run image-test
+.PHONY: setup tag test test-precision bench clean browser-setup airflow-setup test-airflow image-tools image-base image image-tag image-run image-test
 
 setup: $(STAMP)
 
@@ -35,6 +35,12 @@ tag: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# The tests that compare scores across paths, as if on a CPU with native bfloat16 and as if without (whichever
+# this CPU is, `make test` ran the other branch too): TAGGER_CPU_BF16 forces what `--precision auto` sees.
+test-precision: $(STAMP)
+	TAGGER_CPU_BF16=1 $(BIN)/python -m pytest -m precision -q
+	TAGGER_CPU_BF16=0 $(BIN)/python -m pytest -m precision -q
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run

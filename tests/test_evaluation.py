@@ -189,6 +189,7 @@ def test_labels_are_mapped_like_retrain_made_its_targets():
 # ---------------------------------------------------------------------------------------------- end to end
 
 
+@pytest.mark.precision
 def test_evaluate_writes_the_report_and_reproduces_retrains_test_metrics(retrained, data, tmp_path):
     from tagger.model.bundle import load_bundle
     from tagger.evaluation.report import METRICS_SCHEMA
@@ -232,6 +233,34 @@ def test_evaluate_writes_the_report_and_reproduces_retrains_test_metrics(retrain
     assert all(any(line.startswith(name + " ") for line in result.stdout.splitlines()) for name in bundle.attribute_names)
 
 
+@pytest.mark.precision
+@pytest.mark.parametrize("native_bf16", ["1", "0"])
+def test_retrain_scores_on_the_runtime_and_precision_evaluate_picks_at_auto(data, tmp_path, monkeypatch, native_bf16):
+    """With PyTorch the only runtime, auto is bf16 autocast on a CPU with native bfloat16 and fp32 elsewhere:
+    retrain's recorded test metrics (and the thresholds calibrated beside them) must be those of the scores
+    that evaluate (and tag) compute at auto, on either kind of CPU. Equal, not close: the same runtime, the
+    same precision, the same images. (With ONNX Runtime installed, auto is ONNX Runtime fp32 on every CPU:
+    the test above.)"""
+    from tagger.model import runtimes
+    from tagger.model.bundle import load_bundle
+    from tagger.training import RetrainConfig, retrain
+
+    monkeypatch.setenv("TAGGER_CPU_BF16", native_bf16)
+    monkeypatch.setattr(runtimes, "installed", lambda name: name == "torch")
+    out = tmp_path / "bundle"
+    retrain(RetrainConfig(data=str(data), out=str(out), backbone="test_efficientnet", pretrained=False, input_size=32,
+                          max_epochs=1, batch_size=16, workers=0, val_fraction=0.2, test_fraction=0.2, progress=False,
+                          cache_images="on", log_dir=str(tmp_path / "logs")))
+    bundle = load_bundle(str(out))
+    precision = "bf16" if native_bf16 == "1" else "fp32"
+    assert {k: bundle.training["scored_with"][k] for k in ("runtime", "precision")} == {"runtime": "torch", "precision": precision}
+    result = evaluate("--model", str(out), "--data", str(data), "--split", "test", "--out", str(tmp_path / "report"), "--no-plots")
+    assert result.exit_code == 0, result.output
+    for row in pq.read_table(tmp_path / "report" / "metrics.parquet").to_pylist():
+        facts = bundle.training["metrics"]["test"][row["attribute"]]
+        assert (row["accuracy"], row["macro_f1"]) == (facts["accuracy"], facts["macro_f1"]), row["attribute"]
+
+
 def test_a_constant_model_scores_what_a_hand_count_says(data, tmp_path):
     from tagger.training.split import write_split
 
@@ -269,6 +298,7 @@ def test_a_constant_model_scores_what_a_hand_count_says(data, tmp_path):
     assert not (out / "plots").exists()
 
 
+@pytest.mark.precision
 def test_split_all_evaluates_an_external_folder(retrained, external, tmp_path):
     from tagger.model.bundle import load_bundle
 

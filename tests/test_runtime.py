@@ -7,8 +7,11 @@ Tolerance, stated once and tested here (runtimes in fp32 against PyTorch fp32, s
   the same; the export computes the same fp32 graph, only the summation order differs;
 * the top label is equal, except where PyTorch's two best labels are within ``TIE_MARGIN`` = 1e-3 of
   probability (a near-tie that a last-bit difference may flip);
-* OpenVINO in bf16 (only on a CPU with native bfloat16): the rule of bf16 autocast in
+* OpenVINO in bf16 (only on a CPU with native bfloat16, or with TAGGER_CPU_BF16=1): the rule of bf16 autocast in
   tests/test_decode_equivalence.py, scores within 0.05 and disagreements only within 0.05 of a tie.
+
+Every comparison here names its precision (``--precision fp32`` or bf16), so the tolerances hold whatever
+``auto`` would pick; ``make test-precision`` runs the module with TAGGER_CPU_BF16=1 and =0 to keep it so.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ TIE_MARGIN = 1e-3
 BF16_SCORE = 0.05
 BF16_TIE = 0.05
 CPU = torch.device("cpu")
+pytestmark = pytest.mark.precision
 EXPORTED = [pytest.param(name, marks=pytest.mark.skipif(not runtimes.installed(name), reason=f"extra [{name}] not installed"))
             for name in ("onnx", "openvino")]
 

@@ -94,6 +94,7 @@ def test_manifest_formats_give_the_same_tags(demo, tiny_bundle, tmp_path):
     assert results[0].equals(results[1]) and results[0].equals(results[2])
 
 
+@pytest.mark.precision
 def test_a_corrupt_image_mid_batch_changes_no_other_product(demo, tiny_bundle, tmp_path):
     rows = [r for r in catalog_rows(demo)[:-2]][:9]
     corrupt = tmp_path / "corrupt.jpg"
@@ -118,6 +119,7 @@ def test_a_corrupt_image_mid_batch_changes_no_other_product(demo, tiny_bundle, t
         mine = together.filter(pl.col("product_id") == pid)
         for name in ATTRIBUTES:
             assert alone[name][0] == mine[name][0], (pid, name)
+            # 1e-5: at auto the CPU runs ONNX Runtime fp32 (any CPU), where batch composition moves only last bits.
             assert alone[f"{name}_score"][0] == pytest.approx(mine[f"{name}_score"][0], abs=1e-5)
 
 

@@ -129,6 +129,23 @@ def save_bundle(
     training: Mapping[str, Any] | None = None,
     storage_options: Mapping[str, Any] | None = None,
 ) -> ModelBundle:
+    weights, meta = _content(net, backbone=backbone, labels=labels, thresholds=thresholds, training=training)
+    # Weights first, model.json last: a folder with a model.json is a finished bundle.
+    storage.write_bytes(storage.join(out, WEIGHTS_FILE), weights, storage_options)
+    storage.write_bytes(storage.join(out, META_FILE), json.dumps(meta, indent=2).encode(), storage_options)
+    return _from_meta(out, meta, weights)
+
+
+def unsaved_bundle(net: TaggerNet, *, backbone: str, labels: Mapping[str, Sequence[str]]) -> ModelBundle:
+    """``net`` as a bundle that exists only in memory (no thresholds, no training facts, path ``<unsaved>``):
+    retrain scores its val/test splits through it, so that they run on the runtime and at the precision
+    that tag and evaluate pick for the saved bundle (an exported runtime needs a bundle to export)."""
+    weights, meta = _content(net, backbone=backbone, labels=labels, thresholds=None, training=None)
+    return _from_meta("<unsaved>", meta, weights)
+
+
+def _content(net: TaggerNet, *, backbone: str, labels: Mapping[str, Sequence[str]], thresholds: Mapping[str, float] | None,
+             training: Mapping[str, Any] | None) -> tuple[bytes, dict[str, Any]]:
     from safetensors.torch import save as save_safetensors
 
     problem = attribute_name_problem(list(labels))
@@ -151,10 +168,7 @@ def save_bundle(
         "training": {"created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), **(training or {})},
     }
     meta["model_version"] = compute_model_version(weights, meta)
-    # Weights first, model.json last: a folder with a model.json is a finished bundle.
-    storage.write_bytes(storage.join(out, WEIGHTS_FILE), weights, storage_options)
-    storage.write_bytes(storage.join(out, META_FILE), json.dumps(meta, indent=2).encode(), storage_options)
-    return _from_meta(out, meta, weights)
+    return weights, meta
 
 
 def load_bundle(path: str, storage_options: Mapping[str, Any] | None = None) -> ModelBundle:

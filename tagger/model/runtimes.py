@@ -87,8 +87,22 @@ def _require(runtime: str) -> None:
         )
 
 
+# Forces cpu_has_bf16's answer: 1 = as if the CPU had native bfloat16, 0 = as if not; unset = ask the CPU.
+# What ``auto`` picks follows it, so the test suite also runs the native-bf16 branch on a CPU without it (bf16
+# autocast is emulated there: the same numbers, only slower); .ci/run runs the precision tests both ways.
+CPU_BF16_ENV = "TAGGER_CPU_BF16"
+_CPU_BF16_WORDS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
+
+
 def cpu_has_bf16() -> bool:
-    """Native bfloat16 arithmetic (AVX512-BF16 or AMX): without it bf16 is emulated and slower than fp32."""
+    """Native bfloat16 arithmetic (AVX512-BF16 or AMX): without it bf16 is emulated and slower than fp32.
+    ``$TAGGER_CPU_BF16`` (1/0) overrides the answer."""
+    forced = os.environ.get(CPU_BF16_ENV, "").strip().lower()
+    if forced:
+        if forced not in _CPU_BF16_WORDS:
+            raise RuntimeSettingError(f"{CPU_BF16_ENV}={os.environ[CPU_BF16_ENV]!r}: expected 1 (as if the CPU had native "
+                                      "bfloat16) or 0 (as if not); unset it to ask the CPU")
+        return _CPU_BF16_WORDS[forced]
     checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     return any(check() for check in checks if check is not None)
 

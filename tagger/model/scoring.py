@@ -147,17 +147,22 @@ def run_model(
 
 
 def predict_batches(
-    net: Any, batches: Iterable[tuple[Any, Any]], device: Any, precision: str = "auto"
+    model: Any, batches: Iterable[tuple[Any, Any]], device: Any, precision: str = "auto"
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Softmax probabilities per attribute ``{attr: (n, n_labels) float32}`` and the targets ``(n, n_attr)``
-    of retrain's ``(uint8 images, targets)`` batches, through the tag job's Predictor and precision (the
-    review thresholds are calibrated on these scores). ``net`` is left in the mode it was in."""
+    of retrain's ``(uint8 images, targets)`` batches, through the tag job's Predictor (the review thresholds
+    are calibrated on these scores). ``model``: a :class:`tagger.model.predictor.Predictor` made by the caller
+    (retrain: its unsaved bundle on the runtime and precision that tag picks at ``auto``), or a network,
+    run by PyTorch at ``precision`` and left in the mode it was in."""
     import torch
 
     from .predictor import Predictor
 
-    was_training = net.training
-    predictor = Predictor(net, torch.device(device), precision=precision)
+    if isinstance(model, Predictor):
+        predictor, net, was_training = model, None, False
+    else:
+        net, was_training = model, model.training  # before the Predictor puts it in eval mode
+        predictor = Predictor(net, torch.device(device), precision=precision)
     probs: dict[str, list[np.ndarray]] = {}
     targets: list[np.ndarray] = []
     try:
@@ -169,7 +174,8 @@ def predict_batches(
                 probs.setdefault(attr, []).append(values)
             targets.append(batch_targets.numpy())
     finally:
-        net.train(was_training)
+        if net is not None:
+            net.train(was_training)
     if not targets:
         raise ValueError("no image of this split could be decoded; nothing to evaluate")
     return {attr: np.concatenate(v) for attr, v in probs.items()}, np.concatenate(targets)

@@ -145,6 +145,24 @@ def check_net(net: TaggerNet, backbone: str) -> None:
         net.train(was_training)
 
 
+def scoring_predictor(net: TaggerNet, backbone: str, labels: dict[str, list[str]], device: str, export_cache: str):
+    """The Predictor that scores val and test: the trained weights as an unsaved bundle, on the runtime and
+    precision that ``tagger tag``/``evaluate`` pick at ``auto`` here (an ONNX export, on a CPU, made into
+    ``export_cache``: its model_version is not the saved bundle's, whose thresholds are not known yet).
+    An export that cannot be made or does not match PyTorch (tag would refuse it too) is not worth the
+    training: PyTorch at auto precision scores instead, with a warning, and the bundle records which scored."""
+    from ..model.bundle import unsaved_bundle
+    from ..model.predictor import Predictor
+
+    bundle = unsaved_bundle(net, backbone=backbone, labels=labels)
+    try:
+        return Predictor(bundle, torch.device(device), precision="auto", runtime="auto", runtime_cache=export_cache)
+    except (RuntimeError, OSError, ValueError) as exc:
+        log.warning("val/test scoring: the runtime tag would pick failed (%s); scoring with PyTorch instead, whose "
+                    "numbers tag writes with --runtime torch", exc)
+        return Predictor(bundle, torch.device(device), precision="auto", runtime="torch")
+
+
 def retrain(config: RetrainConfig) -> ModelBundle:
     """Train on ``config.data`` and write the bundle to ``config.out``; returns the saved bundle.
 
@@ -285,9 +303,14 @@ def retrain(config: RetrainConfig) -> ModelBundle:
     else:
         log.warning("no validation epoch finished (time limit?); saving the last weights, not a validated best")
 
-    # Through the tag job's Predictor at its default precision: the thresholds fit the scores it writes.
-    val_probs, val_targets = predict_batches(net, datamodule.loader("val"), device)
-    test_probs, test_targets = predict_batches(net, datamodule.loader("test"), device)
+    # Through the tag job's Predictor on the runtime and precision it picks at auto on this machine: the
+    # thresholds fit, and the test metrics are, the scores that tag writes and evaluate reproduces.
+    with tempfile.TemporaryDirectory(prefix="tagger-retrain-export-") as export_cache:
+        scorer = scoring_predictor(net, config.backbone, labels, device, export_cache)
+        val_probs, val_targets = predict_batches(scorer, datamodule.loader("val"), device)
+        test_probs, test_targets = predict_batches(scorer, datamodule.loader("test"), device)
+        scored_with = {"runtime": scorer.runtime.name, "precision": scorer.precision_name, "reason": scorer.runtime.reason}
+        del scorer
     net.cpu()
     val_metrics = split_metrics(val_probs, val_targets)
     test_metrics = split_metrics(test_probs, test_targets)
@@ -362,6 +385,7 @@ def retrain(config: RetrainConfig) -> ModelBundle:
         "seed": config.seed,
         "device": device,
         "precision": precision,
+        "scored_with": scored_with,
         "log_dir": logger.log_dir,
         "best_checkpoint": best.best_model_path or None,
         "versions": _versions(),
