@@ -12,7 +12,7 @@ from tagger.tag.config import (PRECISIONS, DEVICES, ENGINES, PROGRESS_MODES, RUN
 from tagger.data.decode import DEFAULT_MAX_IMAGE_PIXELS
 from tagger.data.http import split_hosts
 
-from .options import parse_storage_options, storage_option
+from .options import max_image_bytes_option, parse_storage_options, storage_option
 
 log = logging.getLogger("tagger.tag")
 
@@ -88,6 +88,7 @@ def common_output_options(function):
               help="A --since that does not exist (yet) tags every row instead of exiting 2. Not needed when --since is "
               "this run's own --out, whose first night is allowed to be empty.")
 @click.option("--run-id", default=None, help="Run identifier stored in every row (default: date + random suffix).")
+@max_image_bytes_option
 @click.option("--max-image-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_IMAGE_PIXELS, show_default=True,
               help="Decompression-bomb guard: larger images become error rows (too_large).")
 @click.option("--draft-decode/--no-draft-decode", default=True, show_default=True,
@@ -214,7 +215,7 @@ def _execute(config, stop, finalize_only: bool, command: str) -> int:
     from tagger.model.runtimes import RuntimeSettingError
     from tagger.tag.runner import (EXIT_CRASH, EXIT_INTERRUPTED, EXIT_INVALID_INPUT, EXIT_PARTITION_BUSY, EXIT_STORAGE,
                                Interrupted, NonFiniteScores, PlanMismatch, TagRunner, WorkerFailure)
-    from tagger.storage import OutputLocationError, StorageConfigError, is_permanent, is_unavailable
+    from tagger.storage import OutputLocationError, StorageConfigError, describe_unavailable, is_permanent, is_unavailable
     from tagger.tag.ray import RayEngineError  # the exception only: ray itself is imported on the ray branch
 
     runner = TagRunner(config, stop)
@@ -251,9 +252,11 @@ def _execute(config, stop, finalize_only: bool, command: str) -> int:
         return _fail(EXIT_CRASH, f"failed: {exc}", command)
     except Exception as exc:
         if is_permanent(exc):  # a storage setting or name that no retry can fix: an input error, not an outage
-            return _fail(EXIT_INVALID_INPUT, f"invalid input: storage configuration: {type(exc).__name__}: {exc}", command)
+            # One line: botocore's validation messages span several (and quote their regexes).
+            return _fail(EXIT_INVALID_INPUT, f"invalid input: storage configuration: {type(exc).__name__}: {' '.join(str(exc).split())}",
+                         command)
         if is_unavailable(exc):  # e.g. the manifest, the bundle or an output file on a store that is down
-            return _fail(EXIT_STORAGE, f"storage unavailable: {type(exc).__name__}: {exc}. Committed shards are kept; "
+            return _fail(EXIT_STORAGE, f"storage unavailable: {describe_unavailable(exc)}. Committed shards are kept; "
                                        "running the same command again resumes", command)
         log.exception("the run failed")
         return _fail(EXIT_CRASH, f"failed: {type(exc).__name__}: {exc}", command)

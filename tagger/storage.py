@@ -11,6 +11,7 @@ import errno
 import logging
 import os
 import posixpath
+import re
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -109,6 +110,22 @@ def check_endpoint(endpoint: Any) -> None:
                                  "(AWS_ENDPOINT_URL, AWS_ENDPOINT_URL_S3 or --storage-option endpoint_url)")
 
 
+# botocore's own rule for a bucket name (it also takes access-point ARNs, which pass here as they are); checked
+# up front so that a bad name is one line naming it, not botocore's message with both of its regexes.
+_BUCKET_NAME = re.compile(r"[a-zA-Z0-9.\-_]{1,255}")
+
+
+def check_bucket_name(url: str) -> None:
+    """Refuse an ``s3://`` URL whose bucket name no store accepts (:class:`StorageConfigError`, one line)."""
+    if protocol(url) not in ("s3", "s3a"):
+        return
+    bucket = url.split("://", 1)[1].split("/", 1)[0]
+    if bucket.startswith("arn:") or _BUCKET_NAME.fullmatch(bucket):
+        return
+    raise StorageConfigError(f"{url}: {bucket!r} is not a valid S3 bucket name (letters, digits, '.', '-' and '_' only, "
+                             "1-255 characters; AWS itself: 3-63 lowercase letters, digits, '.' and '-')")
+
+
 def is_permanent(exc: BaseException | None) -> bool:
     """Whether ``exc`` (or what caused it) is a configuration error of the storage that no retry fixes."""
     seen: set[int] = set()
@@ -146,7 +163,7 @@ def check_output_location(url: str, options: Mapping[str, Any] | None = None) ->
     fs, path = filesystem(url, options)
     bucket = path.split("/", 1)[0]
     try:
-        fs.call_s3("head_bucket", Bucket=bucket)
+        fs.call_s3("head_bucket", Bucket=bucket, **deadline(url, options))
     except FileNotFoundError:
         raise OutputLocationError(f"--out {url}: bucket {bucket!r} does not exist; create it or fix --out") from None
     except PermissionError:
@@ -204,6 +221,15 @@ def read_deadline(url: str, options: Mapping[str, Any] | None = None) -> float |
     return attempts * per_attempt + sum(min(2.0**i, 20.0) for i in range(attempts - 1))
 
 
+def deadline(url: str, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``timeout=`` for one call of an async filesystem's (s3fs) blocking method on ``url``: fsspec's ``sync`` takes
+    it and raises FSTimeoutError (storage unavailable, exit 4) when the call, all its retries included, outlasts
+    :func:`read_deadline`. Without it a store that accepts connections and never answers holds the run for
+    botocore's budget times s3fs's retry layers (hours at the defaults). Local paths: no keyword."""
+    seconds = read_deadline(url, options)
+    return {"timeout": seconds} if seconds else {}
+
+
 def filesystem(url: str, options: Mapping[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem and in-filesystem path for ``url``.
 
@@ -235,13 +261,28 @@ def resolve(location: str, relative_to: str) -> str:
 
 
 def read_bytes(url: str, options: Mapping[str, Any] | None = None) -> bytes:
+    """The whole object, within :func:`read_deadline` on S3."""
     fs, path = filesystem(url, options)
-    return fs.cat_file(path)
+    return fs.cat_file(path, **deadline(url, options))
+
+
+def info(url: str, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """fsspec's ``info`` (size, type, ETag...), within :func:`read_deadline` on S3."""
+    fs, path = filesystem(url, options)
+    return fs.info(path, **deadline(url, options))
+
+
+def modified_at(url: str, options: Mapping[str, Any] | None = None) -> float:
+    """When the store last wrote the file, in seconds since the epoch, by the store's clock (S3's
+    LastModified; a local file's mtime)."""
+    details = info(url, options)
+    stamp = details.get("LastModified", details.get("mtime", details.get("created")))
+    return stamp.timestamp() if hasattr(stamp, "timestamp") else float(stamp)
 
 
 def exists(url: str, options: Mapping[str, Any] | None = None) -> bool:
     fs, path = filesystem(url, options)
-    return fs.exists(path)
+    return fs.exists(path, **deadline(url, options))
 
 
 def remove_tree(url: str, options: Mapping[str, Any] | None = None) -> None:
@@ -256,9 +297,33 @@ def list_files(url: str, options: Mapping[str, Any] | None = None) -> list[str]:
     fs, path = filesystem(url, options)
     if is_remote(url):
         fs.invalidate_cache(path)
-    if not fs.exists(path):
+    if not fs.exists(path, **deadline(url, options)):
         return []
-    return sorted(posixpath.basename(p) for p in fs.ls(path, detail=False))
+    return sorted(posixpath.basename(p) for p in fs.ls(path, detail=False, **deadline(url, options)))
+
+
+def file_sizes(url: str, options: Mapping[str, Any] | None = None) -> dict[str, int]:
+    """The files directly in the folder ``url`` with their sizes in bytes ({} when there is no such folder):
+    one listing, fresh (fsspec's listing cache is dropped first)."""
+    fs, path = filesystem(url, options)
+    if is_remote(url):
+        fs.invalidate_cache(path)
+    try:
+        entries = fs.ls(path, detail=True, **deadline(url, options))
+    except FileNotFoundError:
+        return {}
+    return {posixpath.basename(e["name"].rstrip("/")): int(e.get("size") or 0) for e in entries if e.get("type") == "file"}
+
+
+def remove_file(url: str, options: Mapping[str, Any] | None = None) -> None:
+    """Delete one file; gone already is fine."""
+    fs, path = filesystem(url, options)
+    try:
+        fs.rm_file(path, **deadline(url, options))
+    except FileNotFoundError:
+        pass
+    if is_remote(url):
+        fs.invalidate_cache(posixpath.dirname(path))
 
 
 TEMP_MARK = ".tmp-"
@@ -346,6 +411,14 @@ def is_unavailable(exc: BaseException | None) -> bool:
             return True
         exc = exc.__cause__ or exc.__context__
     return False
+
+
+def describe_unavailable(exc: BaseException) -> str:
+    """``exc`` (storage unavailable) in words: fsspec's timeout says nothing itself."""
+    if type(exc).__name__ == "FSTimeoutError":
+        return ("the store did not answer within the read deadline (attempts x (connect + read timeout) + back-off "
+                "of config_kwargs, see tagger.storage.read_deadline)")
+    return f"{type(exc).__name__}: {exc}"
 
 
 def redact(value: Any) -> Any:

@@ -159,3 +159,41 @@ def test_plan_only_with_shard_is_refused(job):
     _, base = job
     result = tag(*base, "--plan-only", "--shard", "0/3")
     assert result.exit_code == 2
+
+
+@pytest.mark.parametrize("how", ["resume", "finalize"])
+def test_a_lost_committed_part_is_tagged_again_never_published(job, single_run, how):
+    """A done marker is a claim about files: resume and finalize check it against a listing (each part there,
+    at the size it was committed with). A shard whose part is gone is tagged again by the next run, never
+    listed in a _SUCCESS over rows that do not exist."""
+    out, base = job
+    assert tag(*base).exit_code == 0
+    for table in ("tags", "errors"):  # as a run killed just before its _SUCCESS would have left it
+        (out / table / f"run_date={DATE}" / "_SUCCESS").unlink()
+    lost = out / "tags" / f"run_date={DATE}" / "part-00003.parquet"
+    lost.unlink()
+    marker = state(out) / "shards" / "00003.json"
+    assert "bytes" in json.loads(marker.read_text())
+    if how == "finalize":
+        refused = invoke("finalize", "--out", str(out), "--run-date", DATE)
+        assert refused.exit_code == 2, refused.output
+        assert "shard 3: tags/part-00003.parquet is missing" in refused.output and "run the same tag command again" in refused.output
+        assert not success(out).exists() and not marker.exists()
+    result = tag(*base)
+    assert result.exit_code == 0, result.output
+    assert lost.exists() and success(out).exists()
+    assert json.loads((state(out) / "summary.json").read_text())["this_process"]["shards_committed"] == 1
+    assert comparable(read(out, "tags")).equals(comparable(single_run[0]))
+    assert comparable(read(out, "errors")).equals(comparable(single_run[1]))
+
+
+def test_a_part_cut_short_after_its_commit_is_tagged_again(job, single_run):
+    out, base = job
+    assert tag(*base).exit_code == 0
+    for table in ("tags", "errors"):
+        (out / table / f"run_date={DATE}" / "_SUCCESS").unlink()
+    part = out / "errors" / f"run_date={DATE}" / "part-00000.parquet"
+    part.write_bytes(part.read_bytes()[:-10])
+    result = tag(*base)
+    assert result.exit_code == 0, result.output
+    assert comparable(read(out, "errors")).equals(comparable(single_run[1]))

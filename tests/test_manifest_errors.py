@@ -199,3 +199,10 @@ def test_jsonl_ids_that_are_numbers_on_some_lines(demo, tiny_bundle, tmp_path):
     result = tag("--catalog", str(path), "--model", tiny_bundle, "--out", str(out))
     assert result.exit_code == 0, result.output
     assert sorted(read(out, "tags")["product_id"].to_list()) == sorted(r[0] for r in good)
+
+
+def test_one_column_named_as_both_id_and_image_is_exit_2_in_one_line(demo, tmp_path):
+    catalog = write_csv(tmp_path / "m.csv", demo_rows(demo, 3))
+    output = refused(tmp_path, catalog, "--id-column", "image", "--image-column", "image")
+    assert "--id-column and --image-column both name 'image'" in output
+    assert len(output.strip().splitlines()) == 1, output

@@ -10,7 +10,10 @@ import os
 import shutil
 import signal
 import subprocess
+import socket
 import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -197,6 +200,65 @@ def test_sigterm_while_reading_the_manifest_or_the_bundle_stops_at_once(demo, ti
     assert not (tmp_path / "out").exists()
 
 
+@contextmanager
+def silent_endpoint():
+    """An "S3 endpoint" on 127.0.0.1 that accepts every connection and never sends a byte; yields its URL and
+    the list of connections it accepted (each one botocore attempt, or s3fs retry, that reached it)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+    server.settimeout(0.05)
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                accepted.append(server.accept()[0])
+            except OSError:  # the accept timeout: look at the stop flag again
+                continue
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.getsockname()[1]}", accepted
+    finally:
+        stop.set()
+        thread.join()
+        for connection in accepted:
+            connection.close()
+        server.close()
+
+
+# One attempt of 1 s connect + 1 s read: storage.read_deadline gives each read 2 s, retries included.
+SHORT_BUDGET = ("--storage-option", "config_kwargs.connect_timeout=1", "--storage-option", "config_kwargs.read_timeout=1",
+                "--storage-option", 'config_kwargs.retries={"total_max_attempts": 1}')
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("silent", ["manifest", "bundle"])
+def test_a_store_that_never_answers_is_exit_4_within_the_read_deadline(demo, tiny_bundle, tmp_path, silent):
+    """Every manifest and bundle read has a deadline (storage.read_deadline: attempts x (connect + read timeout)
+    + back-off), so s3fs's retry layers cannot multiply botocore's: the run ends with exit 4 after a
+    read, where s3fs's retries used to multiply botocore's (here 5 connections, 1.2 s apart, then exit 4; at
+    the default settings 5 x 541 s for a manifest read, which `timeout 600` killed).
+    Measured by what reached the endpoint, not by a clock: one connection per attempt, one attempt per read in
+    this budget, and the first read that fails ends the run."""
+    with silent_endpoint() as (url, accepted):
+        catalog = "s3://bucket/catalog.csv" if silent == "manifest" else str(demo.catalog)
+        model = "s3://bucket/model" if silent == "bundle" else tiny_bundle
+        out = tmp_path / "out"
+        result = tag("--catalog", catalog, "--model", model, "--out", str(out), "--storage-option", f"endpoint_url={url}",
+                     *SHORT_BUDGET)
+        reached = len(accepted)
+    assert result.exit_code == 4, result.output
+    assert "storage unavailable: the store did not answer within the read deadline" in one_line(result.output)
+    # Before the deadline: botocore's one attempt times s3fs's five retries, each a connection (0 is possible
+    # here: on a loaded machine making the S3 client may take the whole 2 s).
+    assert reached <= 2, reached
+    assert not out.exists()
+
+
 # -- 7: permanent storage errors are exit 2 at once -----------------------------------------------------
 @pytest.mark.parametrize("endpoint, message", [
     ("http://AKIAEXAMPLE:s3cr3t-value@127.0.0.1:9", "carries credentials"),
@@ -215,7 +277,9 @@ def test_a_malformed_endpoint_is_an_input_error_not_an_outage(tiny_bundle, tmp_p
 def test_an_invalid_bucket_name_is_an_input_error(s3_endpoint, tiny_bundle, tmp_path):
     result = tag("--catalog", "s3://Bad_Bucket!/catalog.csv", "--model", tiny_bundle, "--out", str(tmp_path / "out"))
     assert result.exit_code == 2
-    assert "invalid input" in one_line(result.output) and "Bad_Bucket!" in result.output
+    line = one_line(result.output)
+    assert "invalid input" in line and "'Bad_Bucket!' is not a valid S3 bucket name" in line
+    assert len(result.output.strip().splitlines()) == 1 and "regex" not in result.output, result.output  # not botocore's dump
 
 
 def test_an_output_bucket_that_does_not_exist_is_exit_2_before_the_model_loads(demo, s3_endpoint, tmp_path):

@@ -197,6 +197,28 @@ def test_bad_images_mid_batch_are_error_rows_and_change_no_neighbour(demo, tiny_
     assert_same_rows(tags, comparable(clean)[0])
 
 
+def test_max_image_bytes_reaches_the_decode_tasks(demo, tiny_bundle, ray_address, tmp_path):
+    """The too_large row advises --max-image-bytes: the Ray engine takes it as the local one does."""
+    images = demo_images(demo)[:6]
+    sizes = sorted(Path(image).stat().st_size for _, image in images)
+    cap = sizes[2]  # the larger half is refused from its size
+    out = tmp_path / "capped"
+    result = ray_tag("--catalog", str(write_manifest(tmp_path / "c.csv", images)), "--model", tiny_bundle, "--out", str(out),
+                     "--max-image-bytes", str(cap), "--max-error-rate", "1")
+    assert result.exit_code == 0, result.output
+    tags, errors = comparable(out)
+    assert errors.height == sum(size > cap for size in sizes) and tags.height == 6 - errors.height
+    assert set(errors["error_type"]) == {"too_large"} and all("--max-image-bytes" in m for m in errors["message"])
+
+
+def test_an_unwritable_onnx_cache_leaves_the_previous_partition_as_it_was(demo, tiny_bundle, ray_address, tmp_path, monkeypatch):
+    from .test_runtime import runtimes, unwritable_cache_keeps_the_partition
+
+    if not runtimes.installed("onnx"):
+        pytest.skip("extra [onnx] not installed")
+    unwritable_cache_keeps_the_partition(demo, tiny_bundle, tmp_path, monkeypatch, "--engine", "ray")
+
+
 # -- exactly once under faults --------------------------------------------------------------------------
 def dying_actor(marker: Path):
     """The model actor, killed (os._exit) at its second batch, once: Ray restarts it and retries the batch."""

@@ -398,3 +398,78 @@ def test_tag_job_with_int8_records_it(demo, driven_bundle, tmp_path):
     result = tag("--catalog", str(demo.catalog), "--model", driven_bundle, "--out", str(tmp_path / "o2"), "--runtime", "torch",
                  "--precision", "int8")
     assert result.exit_code == 2 and "int8" in result.output
+
+
+@pytest.mark.skipif(not runtimes.installed("onnx"), reason="extra [onnx] not installed")
+def test_an_unwritable_cache_leaves_the_previous_partition_as_it_was(demo, tiny_bundle, tmp_path, monkeypatch):
+    """The runtime is an input: its export (or cached file) and a trial batch come before the lease and the
+    start-over, so an exit 2 for an unwritable cache keeps the complete partition an earlier run wrote."""
+    unwritable_cache_keeps_the_partition(demo, tiny_bundle, tmp_path, monkeypatch)
+
+
+def unwritable_cache_keeps_the_partition(demo, tiny_bundle, tmp_path, monkeypatch, *extra: str) -> None:
+    """``extra``: options of the second run (tests/test_ray_engine.py adds --engine ray)."""
+    from tests.test_tag import tag
+
+    out = tmp_path / "out"
+    first = tag("--catalog", str(demo.catalog), "--model", tiny_bundle, "--out", str(out), "--run-date", "2026-01-02",
+                "--runtime", "torch", "--max-error-rate", "0.5")
+    assert first.exit_code == 0, first.output
+    partition = out / "tags" / "run_date=2026-01-02"
+    before = sorted((p.name, p.stat().st_size) for p in partition.iterdir())
+    assert "_SUCCESS" in dict(before)
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the cache folder would go")  # unwritable even for root, unlike chmod 555
+    monkeypatch.setenv("TAGGER_CACHE", str(blocked))
+    second = tag("--catalog", str(demo.catalog), "--model", tiny_bundle, "--out", str(out), "--run-date", "2026-01-02",
+                 "--runtime", "onnx", "--max-error-rate", "0.5", *extra)
+    assert second.exit_code == 2, second.output
+    assert "set TAGGER_CACHE to a writable folder" in second.output
+    assert sorted((p.name, p.stat().st_size) for p in partition.iterdir()) == before
+
+
+def test_the_cpu_bf16_switch_forces_what_auto_sees(tiny_bundle, monkeypatch):
+    """TAGGER_CPU_BF16 answers cpu_has_bf16 (1: as if native, 0: as if not), so both branches of auto run on any CPU."""
+    monkeypatch.setenv("TAGGER_CPU_BF16", "1")
+    assert runtimes.cpu_has_bf16() and precision_settings("auto", CPU, "torch") == {"amp": True, "amp_dtype": torch.bfloat16}
+    assert Predictor(load_bundle(tiny_bundle), CPU, precision="auto", runtime="torch").precision_name == "bf16"
+    monkeypatch.setenv("TAGGER_CPU_BF16", "0")
+    assert not runtimes.cpu_has_bf16() and precision_settings("auto", CPU, "torch") == {}
+    assert Predictor(load_bundle(tiny_bundle), CPU, precision="auto", runtime="torch").precision_name == "fp32"
+    monkeypatch.setenv("TAGGER_CPU_BF16", "maybe")
+    with pytest.raises(RuntimeSettingError, match="TAGGER_CPU_BF16='maybe'"):
+        runtimes.cpu_has_bf16()
+
+
+@pytest.mark.skipif(not runtimes.installed("onnx"), reason="extra [onnx] not installed")
+def test_a_forged_cached_export_is_caught_at_load_and_exported_again(driven_bundle, tmp_path, caplog):
+    """A record and a sha256 are easily rewritten together: another network's export, recorded under this
+    model_version with its own hash, passes both. The check against PyTorch at every load catches it."""
+    bundle = load_bundle(driven_bundle)
+    cache = tmp_path / "cache"
+    path = runtimes.onnx_model(bundle, cache)
+    other_net = bundle.build_net()
+    with torch.no_grad():
+        for head in other_net.heads.values():
+            head.bias.add_(3.0 * torch.arange(head.bias.numel()))
+    other = save_bundle(other_net, str(tmp_path / "other"), backbone=bundle.backbone,
+                        labels={a.name: list(a.labels) for a in bundle.attributes})
+    forged = runtimes.onnx_model(other, tmp_path / "other-cache")
+    path.write_bytes(forged.read_bytes())  # same shapes, same name; the record now vouches for it
+    record_file = cache / bundle.model_version / "export.json"
+    record = json.loads(record_file.read_text())
+    record["sha256"] = runtimes.file_sha256(path)
+    record_file.write_text(json.dumps(record))
+    with caplog.at_level(logging.WARNING, logger="tagger.model.runtimes"):
+        used = runtimes.onnx_model(bundle, cache)
+    assert "is not this model's network" in caplog.text and "exporting again" in caplog.text
+    images = trial_batch_for(bundle)
+    expected = Predictor(bundle, CPU, precision="fp32", runtime="torch")(images)
+    got = Predictor(bundle, CPU, precision="fp32", runtime="onnx", runtime_cache=str(cache))(images)
+    for name in bundle.attribute_names:
+        assert np.abs(got.scores[name] - expected.scores[name]).max() <= FP32_SCORE
+    assert runtimes.file_sha256(used) != runtimes.file_sha256(forged)
+
+
+def trial_batch_for(bundle) -> torch.Tensor:
+    return runtimes.trial_images(bundle.input_size, 4)

@@ -233,3 +233,18 @@ def test_log_progress_lines_when_not_interactive(demo, tiny_bundle, tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert "succeeded: run_date=" in result.output.splitlines()[-1]
+
+
+def test_max_image_bytes_is_the_option_a_too_large_row_advises(demo, tiny_bundle, tmp_path):
+    from tests.test_images import write_manifest
+
+    images = [(pid, str(Path(demo.root, img))) for pid, img in catalog_rows(demo)[:6]]
+    sizes = sorted(Path(image).stat().st_size for _, image in images)
+    cap = sizes[2]  # the larger half is refused from its size, before it is read
+    out = tmp_path / "capped"
+    result = tag("--catalog", str(write_manifest(tmp_path / "c.csv", images)), "--model", tiny_bundle, "--out", str(out),
+                 "--run-date", DATE, "--max-image-bytes", str(cap), "--max-error-rate", "1")
+    assert result.exit_code == 0, result.output
+    errors = read(out, "errors")
+    assert errors.height == sum(size > cap for size in sizes) and read(out, "tags").height == 6 - errors.height
+    assert set(errors["error_type"]) == {"too_large"} and all("--max-image-bytes" in m for m in errors["message"])

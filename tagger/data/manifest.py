@@ -112,6 +112,9 @@ def read_manifest(
     by :data:`LIST_SEPARATOR` in ``image``."""
     if image_separator is not None and not image_separator.strip():
         raise ManifestError(f"--image-separator {image_separator!r}: a blank separator would split paths with spaces; use e.g. ';' or '|'")
+    if id_column == image_column:  # one column cannot be both: Arrow would select it twice and fail on the name
+        raise ManifestError(f"--id-column and --image-column both name {id_column!r}; a product's id and its image "
+                            "are two columns of the manifest: name each with its own option")
     fmt = fmt or detect_format(url)
     data, info = _read_file(url, storage_options)
     table = _parse(data, fmt, url, (id_column, image_column), tuple(extra_columns))
@@ -140,9 +143,8 @@ def read_columns(
 
 
 def _read_file(url: str, storage_options: Mapping[str, Any] | None) -> tuple[bytes, Mapping[str, Any]]:
-    fs, path = storage.filesystem(url, storage_options)
     try:
-        info = fs.info(path)
+        info = storage.info(url, storage_options)
     except FileNotFoundError:
         raise ManifestError(f"{url}: manifest not found") from None
     except PermissionError as exc:
@@ -154,8 +156,9 @@ def _read_file(url: str, storage_options: Mapping[str, Any] | None) -> tuple[byt
         raise ManifestError(f"{url}: is not a regular file ({info.get('type')}: a FIFO, device or socket); "
                             "--catalog takes a manifest file, written out in full before the run")
     try:
-        with fs.open(path, "rb", compression="infer") as handle:
-            data = handle.read()
+        # One whole-object read (within the store's deadline, see storage.read_deadline), then decompressed
+        # in memory: a streamed read's many small requests would each wait out the store on their own.
+        data = _decompress(storage.read_bytes(url, storage_options), url)
     except (EOFError, zlib.error, lzma.LZMAError, gzip.BadGzipFile) as exc:
         raise ManifestError(f"{url}: cannot decompress the manifest ({type(exc).__name__}: {exc}); is it really compressed as its name says?") from None
     if not data.strip():
@@ -174,6 +177,18 @@ def _extra(table: pa.Table, url: str, names: tuple[str, ...]) -> pa.Table:
             raise ManifestError(f"{url}: column {name!r} has type {column.type}; a label column holds text (or numbers)")
         columns[name] = column.cast(pa.string())
     return pa.table(columns) if columns else pa.table({"_": pa.nulls(table.num_rows, pa.string())}).drop(["_"])
+
+
+def _decompress(raw: bytes, url: str) -> bytes:
+    """``raw`` as its name's suffix says it is compressed (.gz, .bz2, .xz, .zst...: fsspec's inference)."""
+    from fsspec.compression import compr
+    from fsspec.utils import infer_compression
+
+    codec = infer_compression(url)
+    if codec is None:
+        return raw
+    with compr[codec](io.BytesIO(raw), mode="rb") as handle:
+        return handle.read()
 
 
 def sniff_format(data: bytes) -> str | None:

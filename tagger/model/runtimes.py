@@ -371,15 +371,22 @@ def onnx_model(bundle: ModelBundle, cache_dir: str | Path | None = None) -> Path
     Exported once per ``model_version`` (a hash of the weights and of everything in model.json that changes
     predictions) into ``<cache>/<model_version>/``, beside ``export.json`` (model_version, shapes, the
     file's sha256, how it was made and checked). A cached file is used only when its record matches the
-    bundle and the file matches its hash; anything else is exported again. A fresh export is checked
-    against PyTorch on generated images before it is recorded (:func:`_check_export`).
+    bundle, the file matches its hash, and it computes what the bundle's PyTorch network computes on
+    generated images (:func:`_check_export`, at every load: a record and a hash are easily rewritten
+    together, so they only say the file is whole, not that it is this model); anything else is exported
+    again. A fresh export is checked the same way before it is recorded.
     """
     _require_export()
     folder = Path(cache_dir or onnx_cache_dir()) / bundle.model_version
     path, why = _trusted(folder, bundle)
     if path is not None:
-        log.info("ONNX export of model %s: %s (%s)", bundle.model_version, path, why)
-        return path
+        try:
+            check = _check_export(bundle.build_net().float().eval(), bundle.attribute_names, path)
+        except Exception as exc:  # another network's export under this model's record, forged or damaged
+            why = f"{path} is not this model's network ({exc})"
+        else:
+            log.info("ONNX export of model %s: %s (cached; checked: %s)", bundle.model_version, path, check)
+            return path
     if why != "no export yet":
         log.warning("ONNX export of model %s not trusted: %s; exporting again", bundle.model_version, why)
     try:
@@ -435,6 +442,11 @@ def _require_export() -> None:
         )
 
 
+def trial_images(size: int, n: int) -> torch.Tensor:
+    """Deterministic uint8 images (``n``, 3, ``size``, ``size``) for a trial or check pass."""
+    return _check_images(size, n)
+
+
 def _check_images(size: int, n: int) -> torch.Tensor:
     """Deterministic uint8 images with structure (gradients + noise): something a conv net responds to."""
     rng = np.random.default_rng(0)
@@ -465,7 +477,7 @@ def _check_export(net: TaggerNet, names: list[str], path: Path) -> dict[str, Any
     for i, name in enumerate(names):
         p = torch.from_numpy(np.asarray(got[i], dtype=np.float32)).softmax(1)
         worst = max(worst, float((p - expected[name].float().softmax(1)).abs().max()))
-    if not worst <= EXPORT_TOLERANCE:
+    if not worst <= EXPORT_TOLERANCE:  # also NaN
         raise RuntimeError(
             f"the ONNX export of this model does not compute what PyTorch computes (largest probability "
             f"difference {worst:.2e} > {EXPORT_TOLERANCE:g} on generated images, run by {engine_name}); "

@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from .. import storage
-from ..data.decode import DEFAULT_MAX_IMAGE_PIXELS
+from ..data.decode import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS
 from ..data.http import HttpPolicy
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -63,6 +63,7 @@ class TagConfig:
     since_missing_ok: bool = False  # a --since that does not exist tags everything instead of exit 2
     run_id: str | None = None
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES  # larger files are too_large rows, refused from their size
     draft_decode: bool = True
     precision: str = "auto"  # auto (CUDA fp16, CPU bf16 where native else fp32) | fp32 | bf16 | fp16, see inference.precision_settings
     runtime: str = "auto"  # auto (by device and measured speed) | torch | onnx | openvino, see runtimes.choose_runtime
@@ -119,6 +120,8 @@ class TagConfig:
             problems.append("threads must be >= 0 (0: automatic)")
         if self.max_image_pixels < 1:
             problems.append("max_image_pixels must be >= 1")
+        if self.max_image_bytes < 1:
+            problems.append("max_image_bytes must be >= 1")
         if not 1.0 <= self.lease_ttl <= 86_400:
             problems.append("lease_ttl must be in [1, 86400] seconds")
         if not 0.0 <= self.lease_wait <= 86_400:

@@ -87,8 +87,8 @@ class ImageLoader:
         write_rows(rows_file, self.manifest, self._readable)
         self._readable = None
         self.dataset = ImageRows(rows_file, self._input_size, storage_options=config.storage_options,
-                                 max_pixels=config.max_image_pixels, draft=config.draft_decode,
-                                 http=config.http_policy())
+                                 max_pixels=config.max_image_pixels, max_bytes=config.max_image_bytes,
+                                 draft=config.draft_decode, http=config.http_policy())
         workers = config.workers if len(self.dataset) > 0 else 0
         self.loader = torch.utils.data.DataLoader(
             self.dataset,

@@ -39,12 +39,27 @@ class ModelSettings:
             self.precision = precision_settings(self.runtime.precision or config.precision, self.device, self.runtime.name)
         except ValueError as exc:  # a precision this device or runtime does not compute: a bad option (exit 2)
             raise RuntimeSettingError(str(exc)) from None
+        self._prepared: Any = None  # the Predictor prepare() built and tried, handed to load()
+
+    def prepare(self, bundle: ModelBundle) -> None:
+        """The model made ready to run, before the partition is touched: the Predictor built (for ONNX
+        Runtime/OpenVINO: the export made, or the cached file checked) and one trial batch through it. A cache
+        that cannot be written (exit 2) or a runtime that cannot run this network then fails the run
+        with the previous partition untouched, instead of after the start-over wiped it."""
+        from ..model.predictor import Predictor
+
+        predictor = Predictor(bundle, self.device, runtime=self.runtime, **self.precision)
+        with self.cpu_threads():  # the threads the tag loop runs with: the session is made once
+            trial_batch(predictor, bundle.input_size)
+        self._prepared = predictor
 
     def load(self, bundle: ModelBundle, manifest: Manifest) -> BatchModel:
         from ..model.predictor import Predictor
 
-        return BatchModel(Predictor(bundle, self.device, runtime=self.runtime, **self.precision), manifest,
-                          probabilities=manifest.separator is not None)
+        predictor, self._prepared = self._prepared, None
+        if predictor is None or predictor.bundle is not bundle:
+            predictor = Predictor(bundle, self.device, runtime=self.runtime, **self.precision)
+        return BatchModel(predictor, manifest, probabilities=manifest.separator is not None)
 
     @contextmanager
     def cpu_threads(self) -> Iterator[None]:
@@ -58,6 +73,14 @@ class ModelSettings:
             yield
         finally:
             torch.set_num_threads(previous)
+
+
+def trial_batch(predictor: Any, input_size: int) -> None:
+    """Two generated images through ``predictor``: what a runtime fails on (a session it cannot make, an
+    operator it lacks) fails here, before the run changes anything."""
+    from ..model.runtimes import trial_images
+
+    predictor(trial_images(input_size, 2))
 
 
 class BatchModel:

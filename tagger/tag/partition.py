@@ -61,6 +61,13 @@ class Partition:
     def mark_shard_done(self, shard: int, stats: Mapping[str, Any]) -> None:
         self._write_json(self.shard_marker(shard), stats)
 
+    def unmark_shard_done(self, shard: int) -> None:
+        storage.remove_file(self.shard_marker(shard), self.options)
+
+    def part_sizes(self) -> dict[str, dict[str, int]]:
+        """The files of the tags and errors folders with their sizes: one listing each (on S3, not a HEAD per part)."""
+        return {"tags": storage.file_sizes(self.tags, self.options), "errors": storage.file_sizes(self.errors, self.options)}
+
     def read_shard_stats(self, shards: range) -> list[dict[str, Any]]:
         stats = []
         for shard in shards:

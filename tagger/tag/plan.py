@@ -11,6 +11,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from .. import storage
+from ..data.decode import DEFAULT_MAX_IMAGE_BYTES
 from ..data.manifest import Manifest
 from .config import TagConfig
 from .partition import Partition
@@ -43,6 +44,8 @@ def plan_key(config: TagConfig, manifest: Manifest, bundle: ModelBundle) -> dict
         "since": config.since,
         "max_image_pixels": config.max_image_pixels,
         "image_separator": manifest.separator,
+        # Only when not the default: plans written before the option existed stay resumable.
+        **({"max_image_bytes": config.max_image_bytes} if config.max_image_bytes != DEFAULT_MAX_IMAGE_BYTES else {}),
     }
 
 

@@ -75,6 +75,7 @@ class TagRunner:
         config = self.config
         for url in (config.out, config.catalog, config.model, config.since):
             if url:
+                storage.check_bucket_name(url)
                 storage.storage_options(url, self.options)  # a malformed endpoint fails here, not after retries
         storage.check_output_location(config.out, self.options)
         check_since(config.since, config.out, self.options, missing_ok=config.since_missing_ok)
@@ -83,6 +84,7 @@ class TagRunner:
         if config.engine != "ray":
             manifest, bundle = self._read_inputs()
             self.model = ModelSettings(config, bundle)
+            self.model.prepare(bundle)  # the runtime is an input too: export and a trial batch, before the lease
             return manifest, bundle
         # Ray starts (5 s on 2 cores) while another thread reads the manifest and loads the bundle (3 s): its
         # start-up is most of what the Ray engine costs on one machine. ray.init stays on the main thread,
@@ -94,7 +96,9 @@ class TagRunner:
             except BaseException:
                 inputs.result()  # a bad manifest or bundle (exit 2) is what the user fixes first
                 raise
-            return inputs.result()
+            manifest, bundle = inputs.result()
+        self.model.prepare(bundle)
+        return manifest, bundle
 
     def _read_inputs(self) -> tuple[Manifest, ModelBundle]:
         config = self.config

@@ -8,6 +8,7 @@ and that the partition still holds its plan, so a run that was replaced never co
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -20,6 +21,8 @@ from .config import TagConfig
 from .lease import Lease, LeaseHeld, LeaseLost, lease_folder
 from .partition import Partition
 from .plan import Plan, PlanMismatch, now_iso
+
+log = logging.getLogger("tagger.runner")
 
 
 @dataclass
@@ -51,6 +54,9 @@ class ShardOutput:
             "needs_review": {"rows": self.review_rows, "attributes": {k: v for k, v in self.review.items() if v}},
             "parts": {"tags": {writers.part_name(self.index): self.tags.rows},
                       "errors": {writers.part_name(self.index): self.errors.rows}},
+            # What resume and finalize check against a listing before they trust the marker (lost_parts).
+            "bytes": {"tags": {writers.part_name(self.index): self.tags.bytes},
+                      "errors": {writers.part_name(self.index): self.errors.bytes}},
             "seconds": round(time.time() - self.started, 3),
             "finished_at": now_iso(),
         }
@@ -89,6 +95,22 @@ class ShardCursor:
             self.current.tags.abort()
             self.current.errors.abort()
             self.current = None
+
+
+def lost_parts(stats: list[dict[str, Any]], sizes: dict[str, dict[str, int]]) -> dict[int, str]:
+    """Shards whose marker lists a part that ``sizes`` (table -> part -> bytes, a listing) lacks, or holds at
+    another size than the marker recorded (markers written before sizes were recorded: presence only)."""
+    lost: dict[int, str] = {}
+    for body in stats:
+        for table, parts in body["parts"].items():
+            recorded = (body.get("bytes") or {}).get(table, {})
+            for name in parts:
+                found = sizes.get(table, {}).get(name)
+                if found is None:
+                    lost[body["shard"]] = f"{table}/{name} is missing"
+                elif name in recorded and recorded[name] != found:
+                    lost[body["shard"]] = f"{table}/{name} has {found} bytes, committed with {recorded[name]}"
+    return lost
 
 
 @contextmanager
@@ -140,10 +162,23 @@ class ShardCommitter:
         self.committed += 1
 
     def pending(self, fanout: tuple[int, int] | None) -> tuple[range, list[int]]:
-        """This task's shards, and those of them not done yet."""
+        """This task's shards, and those of them not done yet: a shard whose marker lists a part that is
+        gone (or not the size it was committed with) is not done, and runs again."""
         mine = self.plan.shards(fanout)
-        done = self.partition.done_shards()
+        done = self.partition.done_shards() & set(mine)
+        if done:
+            done -= set(self._drop_lost(self.partition.read_shard_stats(sorted(done))))
         return mine, [s for s in mine if s not in done]
+
+    def _drop_lost(self, stats: list[dict[str, Any]]) -> dict[int, str]:
+        """Remove the done markers of shards whose committed parts are not all there (one listing per table),
+        so that they count as not done; returns them with what is wrong."""
+        lost = lost_parts(stats, self.partition.part_sizes())
+        for shard, problem in lost.items():
+            log.warning("%s: shard %d: %s; its done marker is removed and the shard is tagged again",
+                        self.partition.state, shard, problem)
+            self.partition.unmark_shard_done(shard)
+        return lost
 
     def all_done(self) -> bool:
         return self.partition.done_shards() >= set(range(self.plan.num_shards))
@@ -163,6 +198,13 @@ class ShardCommitter:
         if foreign:
             raise LeaseLost(f"{self.partition.state}: shard(s) {foreign[:20]} were committed by another run than "
                             f"{plan.run_id}; not committing a partition that mixes runs. Re-run the date.")
+        lost = self._drop_lost(stats)
+        if lost:
+            shown = "; ".join(f"shard {shard}: {problem}" for shard, problem in sorted(lost.items())[:5])
+            raise PlanMismatch(
+                f"{self.partition.state}: {len(lost)} done shard(s) lost a committed part ({shown}); no _SUCCESS written. "
+                "Their done markers were removed: run the same tag command again (it tags those shards again and commits)"
+            )
         return stats
 
     def commit_partition(self, stats: list[dict[str, Any]]) -> None:

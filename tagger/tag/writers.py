@@ -83,6 +83,7 @@ class PartWriter:
         self.url = url
         self.schema = schema
         self.rows = 0
+        self.bytes = 0  # the committed file's size: the shard's done marker records it, resume and finalize check it
         self._pending: list[pa.RecordBatch] = []
         self._pending_rows = 0
         self._row_group_rows = row_group_rows
@@ -108,7 +109,8 @@ class PartWriter:
 
     def commit(self) -> None:
         self._flush()
-        self._writer.close()
+        self._writer.close()  # the footer; the sink stays open (pyarrow closes only files it opened itself)
+        self.bytes = int(self._sink.tell())
         self._sink.commit()
 
     def abort(self) -> None:

@@ -161,6 +161,17 @@ class RayModelSettings:
             raise RuntimeSettingError(str(exc)) from None
         self.threads = config.threads
 
+    def prepare(self, bundle: Any) -> None:
+        """For ONNX Runtime/OpenVINO (CPU actors): the export made here (or the cached one checked) and a trial
+        batch run, before the partition is touched, as the local engine does; the actors on this machine then
+        find it cached instead of racing to export. PyTorch actors build their network from the bundle alone."""
+        if self.runtime.name not in ("onnx", "openvino"):
+            return
+        from ...model.predictor import Predictor
+        from ..model_part import trial_batch
+
+        trial_batch(Predictor(bundle, self.device, runtime=self.runtime, **self.precision), bundle.input_size)
+
     def actors(self) -> dict[str, Any]:
         """The model actor pool: one actor per GPU of the cluster (``num_gpus=1`` each), else :func:`cpu_actors`."""
         if self.device.type == "cuda":

@@ -119,10 +119,7 @@ def _pipeline(data: Any, runner: Any, manifest: Manifest, bundle: ModelBundle, r
     if not ray_bars:  # it would say, once per process, that the bars are off: that is the point
         logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
-    if settings.runtime.name in ("onnx", "openvino"):
-        from ...model.runtimes import onnx_model
-
-        onnx_model(bundle)  # exported once here, not raced by actors on this machine
+    # ONNX Runtime/OpenVINO: the export was made (or found cached) by settings.prepare, before the lease.
     actors = settings.actors()
     dataset = data.from_arrow(_row_blocks(manifest, readable, max(config.batch_size, 64) * 4))
     # Decode tasks: 1 CPU each, as many at once as the cluster has CPUs free; each reserves the memory of its
@@ -134,7 +131,7 @@ def _pipeline(data: Any, runner: Any, manifest: Manifest, bundle: ModelBundle, r
         decode_rows, batch_size=config.batch_size, batch_format="pyarrow", num_cpus=1, memory=decode_memory,
         udf_modifying_row_count=False,
         fn_kwargs={"size": bundle.input_size, "storage_options": dict(config.storage_options),
-                   "max_pixels": config.max_image_pixels, "draft": config.draft_decode,
+                   "max_pixels": config.max_image_pixels, "max_bytes": config.max_image_bytes, "draft": config.draft_decode,
                    "http": config.http_policy()},
     )
     shipped = _shippable(bundle)

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from ...data.decode import DEFAULT_MAX_IMAGE_BYTES
 from ...data.http import HttpPolicy
 from ...data.reader import TRANSIENT, ImageRows, StorageUnavailable
 
@@ -20,7 +21,7 @@ ROW_COLUMNS = ("row", "image_version", "error_type", "message")
 
 
 def decode_rows(batch: pa.Table, *, size: int, storage_options: dict[str, Any], max_pixels: int,
-                draft: bool, http: HttpPolicy | None = None) -> dict[str, np.ndarray]:
+                draft: bool, http: HttpPolicy | None = None, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> dict[str, np.ndarray]:
     """Rows ``(row, location)`` -> pixels or the row's typed error, through the project's one decode path
     (:class:`tagger.data.reader.ImageRows`: fetch under the store's deadline, size caps, :func:`decode_image`).
 
@@ -28,7 +29,7 @@ def decode_rows(batch: pa.Table, *, size: int, storage_options: dict[str, Any], 
     :class:`StorageUnavailable`: the run stops (exit 4) instead of committing it as an error row.
     """
     rows = ImageRows(batch.select(["row", "location"]), size, storage_options=storage_options, max_pixels=max_pixels,
-                     draft=draft, http=http)
+                     max_bytes=max_bytes, draft=draft, http=http)
     n = len(rows)
     pixels = np.zeros((n, size, size, 3), dtype=np.uint8)
     versions, error_types, messages = [""] * n, [""] * n, [""] * n
