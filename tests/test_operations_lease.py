@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import polars as pl
@@ -217,3 +218,20 @@ def test_a_run_whose_lease_is_taken_over_stops_at_its_next_commit(demo, tiny_bun
     assert "partition lost" in text and "taken over by run intruder-run" in text
     assert not (out / "tags" / f"run_date={DATE}" / SUCCESS_FILE).exists()
     assert len(markers(out)) < ROWS // 10, "the fenced run went on committing"
+
+
+def test_a_heartbeat_from_the_future_is_not_believed_past_the_stores_own_clock(tmp_path, caplog):
+    """A host whose clock runs a day ahead stamps its heartbeats a day ahead. Alive, it keeps the date (the
+    store saw its file written just now); dead, the date is free a ttl after its last write, not a day later."""
+    folder = lease_folder(str(tmp_path), DATE)
+    ahead = Lease(folder, ttl=60, run="skewed", clock=lambda: time.time() + 86_400)
+    ahead.acquire()
+    live = Lease(folder, ttl=60, run="now", clock=time.time)
+    with pytest.raises(LeaseHeld, match="owned by run skewed"):
+        live.acquire()
+    assert "claims a heartbeat 86" in caplog.text and "clock skew" in caplog.text
+    ahead._stop.set()  # the skewed run dies: no more heartbeats
+    later = Lease(folder, ttl=60, run="later", clock=lambda: time.time() + 61)
+    later.acquire()  # before: refused until the claimed heartbeat was a ttl old, a day from now
+    assert later.generation == ahead.generation + 1
+    later.release()

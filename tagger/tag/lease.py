@@ -104,10 +104,26 @@ class Lease:
         if not generations:
             return 0, None
         try:
-            return generations[-1], json.loads(storage.read_bytes(self._url(generations[-1]), self.options))
+            holder = json.loads(storage.read_bytes(self._url(generations[-1]), self.options))
+            return generations[-1], self._believable(generations[-1], holder)
         except (FileNotFoundError, ValueError):
             # Removed by hand since the listing (files appear whole: a hard link, a single PUT): nothing to respect.
             return generations[-1], {}
+
+    def _believable(self, generation: int, holder: dict[str, Any]) -> dict[str, Any]:
+        """``holder`` with a heartbeat this run can believe. One stamped more than a ttl ahead of this clock (a
+        host whose clock runs ahead, a hand-edited file) would hold the date until that moment came, days
+        perhaps, with nobody alive behind it: the store's own time of the file's last write stands in for it.
+        A live owner on such a host keeps rewriting the file, so its lease stays live; a dead one's expires
+        a ttl after its last write, as any other."""
+        claimed = float(holder.get("heartbeat_at", 0.0)) if isinstance(holder, dict) else 0.0
+        if not isinstance(holder, dict) or claimed - self.clock() <= float(holder.get("ttl", self.ttl)):
+            return holder
+        written = storage.modified_at(self._url(generation), self.options)
+        log.warning("%s: generation %d claims a heartbeat %.0fs ahead of this clock (clock skew on host %s?); "
+                    "going by the store's time of its last write instead", self.folder, generation,
+                    claimed - self.clock(), holder.get("host"))
+        return {**holder, "heartbeat_at": min(claimed, written), "claimed_heartbeat_at": claimed}
 
     def vacancy(self, holder: dict[str, Any] | None) -> str:
         """Why ``holder`` may be taken over, or "" while it is live."""
