@@ -147,19 +147,24 @@ def check_net(net: TaggerNet, backbone: str) -> None:
 
 def scoring_predictor(net: TaggerNet, backbone: str, labels: dict[str, list[str]], device: str, export_cache: str):
     """The Predictor that scores val and test: the trained weights as an unsaved bundle, on the runtime and
-    precision that ``tagger tag``/``evaluate`` pick at ``auto`` here (an ONNX export, on a CPU, made into
-    ``export_cache``: its model_version is not the saved bundle's, whose thresholds are not known yet).
+    precision that ``tagger evaluate`` picks at ``auto`` here (:func:`tagger.evaluation.evaluate._device`: on a
+    CPU the first installed of ONNX Runtime, OpenVINO, PyTorch, not measured; an ONNX export is made into
+    ``export_cache``, as its model_version is not the saved bundle's, whose thresholds are not known yet).
     An export that cannot be made or does not match PyTorch (tag would refuse it too) is not worth the
     training: PyTorch at auto precision scores instead, with a warning, and the bundle records which scored."""
     from ..model.bundle import unsaved_bundle
     from ..model.predictor import Predictor
+    from ..model.runtimes import choose_runtime
 
     bundle = unsaved_bundle(net, backbone=backbone, labels=labels)
     try:
-        return Predictor(bundle, torch.device(device), precision="auto", runtime="auto", runtime_cache=export_cache)
+        # No bundle given: the order of preference, as evaluate decides, not a measurement that may pick another
+        # runtime or precision (and other scores) on another try.
+        choice = choose_runtime("auto", torch.device(device), "auto")
+        return Predictor(bundle, torch.device(device), precision="auto", runtime=choice, runtime_cache=export_cache)
     except (RuntimeError, OSError, ValueError) as exc:
-        log.warning("val/test scoring: the runtime tag would pick failed (%s); scoring with PyTorch instead, whose "
-                    "numbers tag writes with --runtime torch", exc)
+        log.warning("val/test scoring: the runtime evaluate would pick failed (%s); scoring with PyTorch instead, "
+                    "whose numbers tag writes with --runtime torch", exc)
         return Predictor(bundle, torch.device(device), precision="auto", runtime="torch")
 
 
@@ -303,8 +308,8 @@ def retrain(config: RetrainConfig) -> ModelBundle:
     else:
         log.warning("no validation epoch finished (time limit?); saving the last weights, not a validated best")
 
-    # Through the tag job's Predictor on the runtime and precision it picks at auto on this machine: the
-    # thresholds fit, and the test metrics are, the scores that tag writes and evaluate reproduces.
+    # Through the tag job's Predictor on the runtime and precision evaluate picks at auto on this machine: the
+    # thresholds fit, and the test metrics are, the scores that evaluate reproduces.
     with tempfile.TemporaryDirectory(prefix="tagger-retrain-export-") as export_cache:
         scorer = scoring_predictor(net, config.backbone, labels, device, export_cache)
         val_probs, val_targets = predict_batches(scorer, datamodule.loader("val"), device)
