@@ -129,7 +129,7 @@ def save_bundle(
     training: Mapping[str, Any] | None = None,
     storage_options: Mapping[str, Any] | None = None,
 ) -> ModelBundle:
-    weights, meta = _content(net, backbone=backbone, labels=labels, thresholds=thresholds, training=training)
+    weights, meta = _content(out, net, backbone=backbone, labels=labels, thresholds=thresholds, training=training)
     # Weights first, model.json last: a folder with a model.json is a finished bundle.
     storage.write_bytes(storage.join(out, WEIGHTS_FILE), weights, storage_options)
     storage.write_bytes(storage.join(out, META_FILE), json.dumps(meta, indent=2).encode(), storage_options)
@@ -140,11 +140,11 @@ def unsaved_bundle(net: TaggerNet, *, backbone: str, labels: Mapping[str, Sequen
     """``net`` as a bundle that exists only in memory (no thresholds, no training facts, path ``<unsaved>``):
     retrain scores its val/test splits through it, so that they run on the runtime and at the precision
     that tag and evaluate pick for the saved bundle (an exported runtime needs a bundle to export)."""
-    weights, meta = _content(net, backbone=backbone, labels=labels, thresholds=None, training=None)
+    weights, meta = _content("<unsaved>", net, backbone=backbone, labels=labels, thresholds=None, training=None)
     return _from_meta("<unsaved>", meta, weights)
 
 
-def _content(net: TaggerNet, *, backbone: str, labels: Mapping[str, Sequence[str]], thresholds: Mapping[str, float] | None,
+def _content(out: str, net: TaggerNet, *, backbone: str, labels: Mapping[str, Sequence[str]], thresholds: Mapping[str, float] | None,
              training: Mapping[str, Any] | None) -> tuple[bytes, dict[str, Any]]:
     from safetensors.torch import save as save_safetensors
 
