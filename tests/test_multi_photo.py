@@ -164,3 +164,13 @@ def test_the_ray_engine_refuses_several_photos_before_changing_anything(shop, ti
                  "--image-separator", ";", "--engine", "ray")
     assert result.exit_code == 2 and "local engine only" in result.output, result.output
     assert not (out / "tags").exists()
+
+
+def test_retrain_refuses_a_labelled_manifest_with_lists_of_photos(tmp_path):
+    from tagger.data.kaggle import DataError, DataReport
+    from tagger.data.labelled import _read_labelled_manifest
+
+    catalog = tmp_path / "labelled.parquet"
+    pq.write_table(pa.table({"product_id": ["a"], "image": [["x.jpg", "y.jpg"]], "gender": ["Men"]}), catalog)
+    with pytest.raises(DataError, match="one image per row"):
+        _read_labelled_manifest(str(catalog), ["gender"], None, "product_id", "image", None, DataReport())

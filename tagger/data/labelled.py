@@ -125,6 +125,10 @@ def _read_labelled_manifest(url, attributes, storage_options, id_column, image_c
                                  storage_options=storage_options, extra_columns=tuple(attributes))
     except ManifestError as exc:
         raise DataError(str(exc)) from None
+    if manifest.separator is not None:
+        # A list of photos (the tag job's several photos per product) is no training row: one photo, one label set.
+        raise DataError(f"{url}: column {image_column!r} holds lists of photos; a labelled manifest names one image per "
+                        "row (repeat the labels on a row per photo to train on each)")
     rows = manifest.table
     status = rows.column("status").to_pylist()
     report.lines += rows.num_rows
