@@ -151,7 +151,8 @@ def test_manifest_paths_cannot_make_the_job_write_outside_out(demo, tiny_bundle,
     errors = pl.from_arrow(read_complete_partition(f"{out}/errors/run_date={DATE}"))
     assert sorted(tags["product_id"].to_list() + errors["product_id"].to_list()) == sorted(r[0] for r in rows)
     assert dict(errors.select("product_id", "error_type").iter_rows())["../../../etc/passwd"] == "decode"
-    assert {p.name for p in (out / "tags").iterdir()} == {f"run_date={DATE}"}
+    # the one night written, beside the table's index of complete nights (_partitions.json)
+    assert {p.name for p in (out / "tags").iterdir()} == {f"run_date={DATE}", "_partitions.json"}
 
 
 def test_image_urls_are_never_fetched_over_http(demo, tiny_bundle, tmp_path):
