@@ -371,3 +371,15 @@ def test_a_partition_written_before_needs_review_has_no_review_share(tmp_path):
     body = report_json(tmp_path, "2026-11-27")
     assert body["attributes"]["colour"]["review_share"] == 1.0 and body["attributes"]["colour"]["previous_review_share"] is None
     assert body["previous_counts"]["review_share"] is None and "review_share" not in body["change"]
+
+
+def test_a_product_of_several_photos_is_shown_by_its_first():
+    from types import SimpleNamespace
+
+    from tagger.report.html import _first_photo
+
+    several = SimpleNamespace(plan={"key": {"image_separator": "|"}})
+    assert _first_photo("front.jpg|back.jpg", several) == "front.jpg"
+    # one photo per row (no separator planned): a '|' in a path is part of the path
+    assert _first_photo("a|b.jpg", SimpleNamespace(plan={"key": {"image_separator": None}})) == "a|b.jpg"
+    assert _first_photo("a.jpg", SimpleNamespace(plan=None)) == "a.jpg"

@@ -152,7 +152,8 @@ def gallery_items(disagreements: pa.Table, night: Night, config: ReportConfig) -
         if item is None:
             if len(products) >= config.gallery:
                 continue
-            item = products[row["product_id"]] = {"product_id": row["product_id"], "image": row["image"], "pairs": []}
+            item = products[row["product_id"]] = {"product_id": row["product_id"], "image": _first_photo(row["image"], night),
+                                                  "pairs": []}
         item["pairs"].append(row)
     base = storage.parent((night.plan or {}).get("catalog") or config.catalog or config.out)
     items = list(products.values())
@@ -161,6 +162,12 @@ def gallery_items(disagreements: pa.Table, night: Night, config: ReportConfig) -
         for item, (uri, error) in zip(items, pool.map(lambda i: _thumbnail(storage.resolve(i["image"], base), config, http), items)):
             item["src"], item["error"] = uri, error
     return items
+
+
+def _first_photo(image: str, night: Night) -> str:
+    """A product tagged from several photos (its image cell joined by the plan's separator) is shown by its first."""
+    separator = ((night.plan or {}).get("key") or {}).get("image_separator")
+    return image.split(separator)[0].strip() if separator and separator in image else image
 
 
 def _http_policy(night: Night):
