@@ -28,7 +28,9 @@ def format_summary(bundle: ModelBundle) -> str:
     folded = data.get("folded") or {}
     if folded:
         into = data.get("folded_into", {})
-        parts = [f"{attr}: {len(labels)} -> {into.get(attr, 'Other')}" for attr, labels in folded.items()]
+        kept = data.get("kept_labels") or {}
+        parts = [f"{attr}: {len(labels)} -> {into.get(attr, 'Other')}" + (" (as the --init-weights bundle folded them)" if attr in kept else "")
+                 for attr, labels in folded.items()]
         lines.append(f"folded   labels under {data.get('min_label_count')} rows; " + "; ".join(parts))
     counts = data.get("label_counts") or {}
     patchy = {a: sum(c.values()) for a, c in counts.items() if sum(c.values()) < rows.get("used", 0)}
