@@ -169,18 +169,17 @@ AUTO_ENV = "TAGGER_AUTO_RUNTIME"
 # enough that all candidates cost well under a minute on the first run of a model_version on a CPU.
 MEASURE_SECONDS = 1.5
 MEASURE_BATCH = 8
-CHOICE_FORMAT = 1  # bump when what a cached choice means changes
+CHOICE_FORMAT = 2  # bump when what a cached choice means changes (2: auto measures fp32 candidates only)
 
 
 def candidates(precision: str) -> list[tuple[str, str]]:
     """(runtime, precision) pairs ``auto`` may choose from on this CPU, for ``--precision``: each runtime in
-    what it computes; under ``auto`` fp32 everywhere and bf16 only where the CPU has it natively (bf16 was
-    validated against fp32 within tests/test_decode_equivalence.py's tolerance). int8 is a candidate only when
-    ``--precision int8`` asks for it: its accuracy loss is per model, not within what the bundle was validated at."""
-    if precision == "auto":
-        wanted = ("fp32", "bf16") if cpu_has_bf16() else ("fp32",)
-    else:
-        wanted = (precision,)
+    what it computes. Under ``--precision auto`` only fp32, the arithmetic the bundle's metrics and review
+    thresholds were computed in: every fp32 runtime gives the same scores within float jitter, so tag, evaluate
+    and retrain's scoring agree on any machine, whichever runtime wins here. bf16 (faster where the CPU has it
+    natively, and a few tags different: docs/benchmarks.md) and int8 (a measured accuracy loss) are chosen only
+    when ``--precision`` asks for them, and then measured among the runtimes that compute them."""
+    wanted = ("fp32",) if precision == "auto" else (precision,)
     return [(r, p) for r in CPU_PREFERENCE for p in wanted if p in CPU_PRECISIONS[r] and installed(r)]
 
 
