@@ -550,7 +550,7 @@ def test_the_committer_takes_each_row_once_and_refuses_gaps(demo, tiny_bundle, t
     def fragment(name: str, numbers) -> None:
         numbers = np.asarray(numbers, dtype=np.int64)
         n = len(numbers)
-        columns = {"row": numbers, "image_version": ["v"] * n, "error_type": [""] * n, "message": [""] * n}
+        columns = {"row": numbers, "photo": np.zeros(n, np.int32), "image_version": ["v"] * n, "error_type": [""] * n, "message": [""] * n}
         for attribute in bundle.attribute_names:
             columns[attribute] = [bundle.attributes[0].labels[0]] * n
             columns[f"{attribute}_score"] = np.full(n, 0.5, np.float32)

@@ -24,7 +24,7 @@ from ..model.bundle import ModelBundle, load_bundle
 from .config import TagConfig
 from .incremental import check_since
 from .lease import Lease
-from ..data.manifest import Manifest, ManifestError, read_manifest
+from ..data.manifest import Manifest, read_manifest
 from .partition import Partition
 from .loader import ImageLoader, WorkerFailure, check_transient, loop_failure, progress_meter, rows_to_read
 from .plan import PLAN_FORMAT, Plan, PlanMismatch, make_plan, plan_key
@@ -107,9 +107,6 @@ class TagRunner:
                                  image_separator=config.image_separator,
                                  fmt=config.catalog_format, storage_options=self.options)
         self.facts.timed("manifest_s", t)
-        if manifest.separator is not None and config.engine == "ray":
-            raise ManifestError(f"{config.catalog}: several photos per product (--image-separator or a list column) are "
-                                "tagged by the local engine only for now; run it without --engine ray")
         if pc.any(pc.match_substring(manifest.table.column("image"), "s3://")).as_py():
             storage.storage_options("s3://", self.options)  # images on S3: their endpoint is checked now, not per row
         t = time.time()

@@ -18,9 +18,10 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from ... import storage
-from ...data.manifest import Manifest
+from ...data.manifest import Manifest, split_photos
 from ...data.reader import StorageUnavailable
 from ...model.bundle import ModelBundle
 from ..loader import progress_meter, rows_to_read
@@ -56,12 +57,17 @@ def tag_shards(runner: Any, manifest: Manifest, bundle: ModelBundle, shards: Sha
     if mine:
         storage.remove_tree(mine, runner.options)
     folder = storage.join(root, uuid.uuid4().hex[:12])
-    total = int(readable.sum())
-    progress = progress_meter(config, total)
+    photos = photo_counts(manifest)
+    photo_reads = np.bincount(manifest.table.column("row").to_numpy()[readable] // plan.shard_size,
+                              weights=photos[readable], minlength=plan.num_shards).astype(np.int64)
+    progress = progress_meter(config, int(photos[readable].sum()))
     committer = FragmentCommitter(folder, shards, rows, {s: int(reads[s]) for s in pending}, readable, runner.options,
-                                  progress, stop=runner.stop)
+                                  progress, stop=runner.stop, photos=photos,
+                                  photo_reads={s: int(photo_reads[s]) for s in pending}, separator=manifest.separator,
+                                  labels=bundle.attributes)
     sink = ShardSink(folder, plan.shard_size, bundle.attribute_names, runner.options,
-                     min_rows=min(plan.shard_size, max(config.batch_size, 1024)))
+                     min_rows=min(plan.shard_size, max(config.batch_size, 1024)),
+                     probabilities=manifest.separator is not None)
     sink.committer = committer
     try:
         committer.sweep()  # shards with nothing to read (all settled by the manifest check or --since) commit now
@@ -140,7 +146,8 @@ def _pipeline(data: Any, runner: Any, manifest: Manifest, bundle: ModelBundle, r
         compute=ActorPoolStrategy(min_size=actors["min_size"], max_size=actors["max_size"]),
         num_cpus=actors["num_cpus"], num_gpus=actors["num_gpus"] or None,
         fn_constructor_kwargs={"bundle": shipped, "device": settings.device.type, "runtime": settings.runtime,
-                               "precision": settings.precision, "threads": actors["threads"]},
+                               "precision": settings.precision, "threads": actors["threads"],
+                               "probabilities": manifest.separator is not None},
     )
     log.info("ray: %d row(s) to read: decode tasks (1 CPU each) -> %d-%d model actor(s) on %s (%s%s) -> shard sink",
              int(readable.sum()), actors["min_size"], actors["max_size"], settings.device.type, settings.runtime.name,
@@ -148,15 +155,33 @@ def _pipeline(data: Any, runner: Any, manifest: Manifest, bundle: ModelBundle, r
     return dataset
 
 
+def photo_counts(manifest: Manifest, chunk: int = 65_536) -> np.ndarray:
+    """Per manifest row, how many photos it names (1 each without a separator): the committer's unit of
+    coverage is the photo, so that a shard commits only when every photo of its products has landed."""
+    if manifest.separator is None:
+        return np.ones(manifest.num_rows, dtype=np.int64)
+    counts = [pc.list_value_length(split_photos(manifest.table.column("image").slice(start, chunk), manifest.separator))
+              for start in range(0, manifest.num_rows, chunk)]
+    return np.concatenate([np.asarray(c.to_numpy(zero_copy_only=False), dtype=np.int64) for c in counts] or
+                          [np.zeros(0, np.int64)])
+
+
 def _row_blocks(manifest: Manifest, readable: np.ndarray, block_rows: int, chunk: int = 65_536) -> list[pa.Table]:
-    """The rows to read, ``(row, location)``, cut into blocks: the decode stage's unit of parallelism."""
-    schema = pa.schema([("row", pa.int64()), ("location", pa.string())])
+    """The photos to read, ``(row, photo, location)``, cut into blocks: the decode stage's unit of parallelism.
+    One entry per photo, ``photo`` its place among its product's photos (0 with one photo per row)."""
+    schema = pa.schema([("row", pa.int64()), ("photo", pa.int32()), ("location", pa.string())])
     blocks = []
     for start in range(0, manifest.num_rows, chunk):
         rows = manifest.table.slice(start, chunk).filter(pa.array(readable[start:start + chunk])).select(["row", "image"])
         if not rows.num_rows:
             continue
-        table = pa.table({"row": rows.column("row"), "location": manifest.locations(rows)}, schema=schema).combine_chunks()
+        numbers, locations = manifest.photo_locations(rows)
+        numbers = np.asarray(numbers.to_numpy(), dtype=np.int64)
+        # A product's photos are consecutive: each one's place is its distance from the product's first.
+        first = np.flatnonzero(np.r_[True, numbers[1:] != numbers[:-1]])
+        photo = np.arange(len(numbers)) - np.repeat(first, np.diff(np.r_[first, len(numbers)]))
+        table = pa.table({"row": numbers, "photo": photo.astype(np.int32), "location": locations},
+                         schema=schema).combine_chunks()
         blocks += [table.slice(i, block_rows) for i in range(0, table.num_rows, block_rows)]
     return blocks
 

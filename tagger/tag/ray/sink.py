@@ -13,6 +13,12 @@ that is not atomic, no done markers, no ``_SUCCESS``. Here:
   same for every attempt) with the local engine's own :class:`~tagger.tag.rows.ShardRows` and commits them
   with :class:`~tagger.tag.shards.ShardCommitter` (fence, parts, done marker), then deletes the fragments.
 
+Several photos per product: each photo is a row of the fragments (``row`` its product's, ``photo`` its place
+among the product's photos, ``<attribute>_probs`` its probabilities); "a row" below is then a photo, a shard
+is committed when all its products' photos have landed, and the commit turns them into product rows with
+the local engine's :class:`~tagger.tag.photos.PhotoAssembler` (mean of the probabilities) before writing.
+A product's photos may come from different blocks, tasks and fragments: only the commit sees them all.
+
 Exactly once: a row is written from the first fragment (in name order) that holds it; the same row in a
 fragment of a retried write task (one that failed after its file landed), of a task Ray ran twice, or
 arriving after its shard was committed is dropped. A shard is committed only when every one of its rows to
@@ -60,11 +66,13 @@ def fragments_root(partition: Partition) -> str:
     return storage.join(partition.state, "ray")
 
 
-def fragment_schema(attributes: list[str]) -> pa.Schema:
-    fields = [pa.field("row", pa.int64()), pa.field("image_version", pa.string()), pa.field("error_type", pa.string()),
-              pa.field("message", pa.string())]
+def fragment_schema(attributes: list[str], probabilities: bool = False) -> pa.Schema:
+    fields = [pa.field("row", pa.int64()), pa.field("photo", pa.int32()), pa.field("image_version", pa.string()),
+              pa.field("error_type", pa.string()), pa.field("message", pa.string())]
     for name in attributes:
         fields += [pa.field(name, pa.string()), pa.field(f"{name}_score", pa.float32())]
+        if probabilities:
+            fields.append(pa.field(f"{name}_probs", pa.list_(pa.float32())))
     return pa.schema(fields + [pa.field("tagged_at", pa.timestamp("us", tz="UTC"))])
 
 
@@ -77,8 +85,9 @@ class ShardSink(Datasink):
     """Workers: :meth:`write`; the driver: :meth:`on_write_complete` / :meth:`on_write_failed` (the committer)."""
 
     def __init__(self, folder: str, shard_size: int, attributes: list[str], options: dict[str, Any] | None,
-                 min_rows: int = 1024):
+                 min_rows: int = 1024, probabilities: bool = False):
         self.folder, self.shard_size, self.attributes = folder, shard_size, list(attributes)
+        self.probabilities = probabilities  # several photos per product: each photo's probabilities kept
         self.options = dict(options or {})
         self._min_rows = min_rows
         self.committer: FragmentCommitter | None = None  # the driver's; never pickled to a worker
@@ -106,9 +115,9 @@ class ShardSink(Datasink):
             return []
         if storage.exists(storage.join(self.folder, ABORT_FILE), self.options):
             raise RunAborted(f"{self.folder}: the driver stopped committing (see its log); not writing")
-        schema = fragment_schema(self.attributes)
-        columns = list(ROW_COLUMNS) + [c for name in self.attributes for c in (name, f"{name}_score")]
-        table = pa.concat_tables([t.select(columns).cast(schema.remove(len(schema) - 1)) for t in tables])
+        schema = fragment_schema(self.attributes, self.probabilities)
+        columns = [f.name for f in schema][:-1]
+        table = pa.concat_tables([_as_lists(t.select(columns)).cast(schema.remove(len(schema) - 1)) for t in tables])
         table = table.append_column(schema.field("tagged_at"), pa.array([datetime.now(timezone.utc)] * table.num_rows,
                                                                          schema.field("tagged_at").type))
         shard_of_row = table.column("row").to_numpy() // self.shard_size
@@ -133,6 +142,16 @@ class ShardSink(Datasink):
     def on_write_failed(self, error: Exception) -> None:
         if self.committer is not None:
             self.committer.stop()
+
+
+def _as_lists(table: pa.Table) -> pa.Table:
+    """Ray's tensor columns (the probabilities, one vector per photo) as plain Arrow lists of float32."""
+    for index, field in enumerate(table.schema):
+        if isinstance(field.type, pa.ExtensionType):
+            values = np.concatenate([np.asarray(chunk.to_numpy(), dtype=np.float32) for chunk in table.column(index).chunks])
+            column = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1] if values.ndim == 2 else 0)
+            table = table.set_column(index, field.name, column.cast(pa.list_(pa.float32())))
+    return table
 
 
 class RunAborted(RuntimeError):
@@ -165,14 +184,21 @@ class FragmentCommitter:
 
     def __init__(self, folder: str, shards: ShardCommitter, rows: ShardRows, expected: dict[int, int],
                  readable: np.ndarray, options: dict[str, Any] | None, progress: Any = None, poll: float = 0.5,
-                 stop: StopFlag | None = None):
+                 stop: StopFlag | None = None, photos: np.ndarray | None = None,
+                 photo_reads: dict[int, int] | None = None, separator: str | None = None, labels: Any = None):
         self.folder, self.shards, self.rows, self.options = folder, shards, rows, dict(options or {})
         self.expected, self.readable, self.progress, self.poll = dict(expected), readable, progress, poll
         self.stop_flag = stop  # the run's SIGTERM/SIGINT handling, for the commits made on the main thread
         self.shard_size = shards.plan.shard_size
+        # The unit of coverage: each photo of each row has a slot, first[row] + photo (one photo per row without
+        # a separator: the slot is the row). ``photo_reads``: per pending shard, how many photos are read.
+        self.photos = np.ones(len(readable), np.int64) if photos is None else np.asarray(photos, np.int64)
+        self.first = np.concatenate([[0], np.cumsum(self.photos)])
+        self.photo_reads = dict(self.expected if photo_reads is None else photo_reads)
+        self.separator, self.labels = separator, labels  # several photos: the manifest's separator, bundle.attributes
         self.open: set[int] = set(self.expected)  # pending shards not committed yet
-        self.fragments: dict[str, np.ndarray] = {}  # fragment name -> its rows (shard-local), for open shards
-        self.covered: dict[int, np.ndarray] = {}  # open shard -> which of its rows some fragment holds
+        self.fragments: dict[str, np.ndarray] = {}  # fragment name -> its slots (shard-local), for open shards
+        self.covered: dict[int, np.ndarray] = {}  # open shard -> which of its slots some fragment holds
         self.images = 0  # rows read by the workers and committed by this process
         self.duplicates = 0  # rows dropped because another fragment held them first
         self.failure: BaseException | None = None
@@ -230,7 +256,7 @@ class FragmentCommitter:
             for shard in sorted(self.open):
                 if self._stop.is_set() and threading.current_thread() is self._thread:
                     break  # the run is stopping (SIGTERM, a failure): no more commits from this thread
-                if int(self.covered.get(shard, np.zeros(0, bool)).sum()) == self.expected[shard]:
+                if int(self.covered.get(shard, np.zeros(0, bool)).sum()) == self.photo_reads[shard]:
                     self._commit_whole(shard)
 
     def _commit_whole(self, shard: int) -> None:
@@ -244,15 +270,18 @@ class FragmentCommitter:
         self.stop_flag.check()
 
     def _add(self, name: str, shard: int) -> None:
-        rows = read_fragment(storage.join(self.folder, name), self.options, ["row"]).column("row").to_numpy()
+        table = read_fragment(storage.join(self.folder, name), self.options, ["row", "photo"])
+        rows, photo = table.column("row").to_numpy(), table.column("photo").to_numpy().astype(np.int64)
         start = shard * self.shard_size
-        outside = (rows < start) | (rows >= min(start + self.shard_size, len(self.readable)))
-        if outside.any() or not self.readable[rows].all():
-            bad = rows[outside][:5] if outside.any() else rows[~self.readable[rows]][:5]
-            raise RuntimeError(f"fragment {name} holds manifest rows {[int(r) + 1 for r in bad]} that shard {shard} "
-                               "does not read; not committing it")
-        covered = self.covered.setdefault(shard, np.zeros(self.shard_size, dtype=bool))
-        local = rows - start
+        end = min(start + self.shard_size, len(self.readable))
+        outside = (rows < start) | (rows >= end)
+        if not outside.any():
+            outside = ~self.readable[rows] | (photo < 0) | (photo >= self.photos[rows])
+        if outside.any():
+            raise RuntimeError(f"fragment {name} holds manifest rows {[int(r) + 1 for r in rows[outside][:5]]} that shard "
+                               f"{shard} does not read; not committing it")
+        covered = self.covered.setdefault(shard, np.zeros(int(self.first[end] - self.first[start]), dtype=bool))
+        local = self.first[rows] + photo - self.first[start]
         fresh = int((~covered[np.unique(local)]).sum())
         covered[local] = True
         self.fragments[name] = local
@@ -266,10 +295,14 @@ class FragmentCommitter:
         cursor = ShardCursor([shard], lambda _: output, self.shards.commit)
         try:
             cursor.advance()  # commits at once a shard with nothing to read
-            taken = np.zeros(self.shard_size, dtype=bool)
+            start = shard * self.shard_size
+            end = min(start + self.shard_size, len(self.readable))
+            taken = np.zeros(int(self.first[end] - self.first[start]), dtype=bool)
+            photos = []  # several photos per product: the shard's photos, assembled into products at the end
             for name in names:
                 table = read_fragment(storage.join(self.folder, name), self.options)
-                local = table.column("row").to_numpy() - shard * self.shard_size
+                rows = table.column("row").to_numpy()
+                local = self.first[rows] + table.column("photo").to_numpy().astype(np.int64) - self.first[start]
                 keep = np.zeros(len(local), dtype=bool)
                 keep[np.unique(local, return_index=True)[1]] = True  # once within the fragment
                 keep &= ~taken[local]  # and not already taken from an earlier one
@@ -278,8 +311,13 @@ class FragmentCommitter:
                     continue
                 taken[local[keep]] = True
                 kept = table.filter(pa.array(keep))
+                if self.separator is not None:
+                    photos.append(kept)
+                    continue
                 batch, predictions, labels = fragment_batch(kept, self.rows.attributes)
                 self.rows.write_batch(cursor, batch, predictions, labels, kept.column("tagged_at")[0].as_py())
+            if photos:
+                self._write_products(cursor, pa.concat_tables(photos))
             if cursor.current is not None:
                 raise RuntimeError(f"shard {shard}: its fragments hold {int(taken.sum())} of its "
                                    f"{self.expected[shard]} rows to read; not committing it")
@@ -287,11 +325,27 @@ class FragmentCommitter:
             cursor.abort()
             raise
         self.open.discard(shard)
-        self.images += self.expected[shard]
+        self.images += self.photo_reads[shard]
         for name in names:
             del self.fragments[name]
             self._remove(name)
         self.covered.pop(shard, None)
+
+    def _write_products(self, cursor: ShardCursor, table: pa.Table) -> None:
+        """A shard's photos -> its product rows, through the local engine's assembler: in manifest order, each
+        product's photos in their order, so that the mean and ``images_used`` are the local engine's."""
+        from ..photos import PhotoAssembler
+
+        table = table.sort_by([("row", "ascending"), ("photo", "ascending")])
+        batch, predictions = photo_batch(table, self.rows.attributes)
+        assembler = PhotoAssembler(SimpleNamespace(labels=self._labels), self.rows.attributes, self.separator)
+        tagged_at = table.column("tagged_at")[0].as_py()
+        self.rows.write_batch(cursor, *assembler.feed(batch, predictions), tagged_at)
+        self.rows.write_batch(cursor, *assembler.flush(), tagged_at)
+
+    def _labels(self, predictions: Any) -> dict[str, np.ndarray]:
+        """Label strings from the bundle's vocabularies (what the actors' Predictor.labels does)."""
+        return {spec.name: np.asarray(spec.labels, dtype=object)[predictions.indices[spec.name]] for spec in self.labels}
 
     def _rows_in(self, name: str) -> int:
         fs, path = storage.filesystem(storage.join(self.folder, name), self.options)
@@ -311,7 +365,7 @@ class FragmentCommitter:
         """After the last write task: every pending shard is committed, or the run fails saying which are not."""
         with self._lock:
             if self.open:
-                missing = {s: self.expected[s] - int(self.covered.get(s, np.zeros(0, bool)).sum()) for s in sorted(self.open)}
+                missing = {s: self.photo_reads[s] - int(self.covered.get(s, np.zeros(0, bool)).sum()) for s in sorted(self.open)}
                 shown = ", ".join(f"shard {s}: {n} row(s)" for s, n in list(missing.items())[:10])
                 raise RuntimeError(f"Ray finished but rows never reached the sink ({shown}); those shards were not "
                                    "committed, the same command resumes them")
@@ -330,3 +384,17 @@ def fragment_batch(table: pa.Table, attributes: list[str]) -> tuple[Batch, Any, 
     scores = {name: table.column(f"{name}_score").to_numpy()[good] for name in attributes}
     labels = {name: np.asarray(table.column(name).to_pylist(), dtype=object)[good] for name in attributes}
     return batch, SimpleNamespace(scores=scores), labels
+
+
+def photo_batch(table: pa.Table, attributes: list[str]) -> tuple[Batch, Any]:
+    """A shard's photos (fragment rows with ``<attribute>_probs``) as the per-photo :class:`Batch` and
+    probabilities that :meth:`PhotoAssembler.feed` takes from the local engine's model."""
+    batch, _, _ = fragment_batch(table, attributes)
+    good = pc.equal(table.column("error_type"), "").to_numpy(zero_copy_only=False)
+    n = int(good.sum())
+    probabilities = {}
+    for name in attributes:
+        column = table.column(f"{name}_probs").combine_chunks()
+        values = np.asarray(column.flatten().to_numpy(zero_copy_only=False), dtype=np.float32)
+        probabilities[name] = values.reshape(len(table), -1)[good] if len(table) else values.reshape(0, 0)
+    return batch, SimpleNamespace(probabilities=probabilities) if n else None

@@ -3,6 +3,10 @@
 Both keep every row: a row that cannot be read or decoded leaves the decode stage as an error row (its
 ``error_type`` and ``message`` set, its pixels zero) and passes the model stage untouched, so that each
 stage returns exactly one row per row it was given, keyed by its manifest ``row`` throughout.
+
+Several photos per product: each photo is one Ray row, ``row`` its product's manifest row and ``photo`` its
+place among the product's photos; the model stage then also hands on each photo's probabilities
+(``<attribute>_probs``), which the driver averages per product (:mod:`tagger.tag.photos`) when it commits.
 """
 
 from __future__ import annotations
@@ -17,12 +21,12 @@ from ...data.http import HttpPolicy
 from ...data.reader import TRANSIENT, ImageRows, StorageUnavailable
 
 # Columns leaving the model stage, beside ``<attribute>`` and ``<attribute>_score``: what a fragment holds.
-ROW_COLUMNS = ("row", "image_version", "error_type", "message")
+ROW_COLUMNS = ("row", "photo", "image_version", "error_type", "message")
 
 
 def decode_rows(batch: pa.Table, *, size: int, storage_options: dict[str, Any], max_pixels: int,
                 draft: bool, http: HttpPolicy | None = None, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> dict[str, np.ndarray]:
-    """Rows ``(row, location)`` -> pixels or the row's typed error, through the project's one decode path
+    """Rows ``(row, photo, location)`` -> pixels or the row's typed error, through the project's one decode path
     (:class:`tagger.data.reader.ImageRows`: fetch under the store's deadline, size caps, :func:`decode_image`).
 
     A read that failed for a reason retrying later may fix (the store is down) raises
@@ -47,6 +51,7 @@ def decode_rows(batch: pa.Table, *, size: int, storage_options: dict[str, Any], 
             pixels[index] = item.pixels
     return {
         "row": row_numbers,
+        "photo": batch.column("photo").to_numpy().astype(np.int32),
         "image_version": np.array(versions, dtype=object),
         "error_type": np.array(error_types, dtype=object),
         "message": np.array(messages, dtype=object),
@@ -59,7 +64,8 @@ class ModelActor:
     batches: the decoded rows go through the network, every row comes out with its labels and scores (error
     rows with empty labels, score 0, never read by the sink as tags)."""
 
-    def __init__(self, bundle: Any, device: str, runtime: Any, precision: dict[str, Any], threads: int = 0):
+    def __init__(self, bundle: Any, device: str, runtime: Any, precision: dict[str, Any], threads: int = 0,
+                 probabilities: bool = False):
         import torch
 
         from ...model.predictor import Predictor
@@ -67,6 +73,8 @@ class ModelActor:
         if device == "cpu" and threads > 0:
             torch.set_num_threads(threads)
         self.attributes = bundle.attribute_names
+        # Several photos per product: each photo's whole softmax vector goes on, for the driver's mean.
+        self.probabilities = {spec.name: len(spec.labels) for spec in bundle.attributes} if probabilities else None
         self.predictor = Predictor(bundle, torch.device(device), runtime=runtime, **precision)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -78,15 +86,19 @@ class ModelActor:
         for name in self.attributes:
             out[name] = np.full(n, "", dtype=object)
             out[f"{name}_score"] = np.zeros(n, dtype=np.float32)
+            if self.probabilities:
+                out[f"{name}_probs"] = np.zeros((n, self.probabilities[name]), dtype=np.float32)
         if good.any():
             # NHWC uint8 viewed as NCHW: channels-last strides, as the local engine's collate makes them.
             images = torch.from_numpy(np.ascontiguousarray(batch["pixels"][good])).permute(0, 3, 1, 2)
-            predictions = self.predictor(images)
+            predictions = self.predictor(images, probabilities=bool(self.probabilities))
             refuse_non_finite(predictions, batch["row"][good])
             labels = self.predictor.labels(predictions)
             for name in self.attributes:
                 out[name][good] = labels[name]
                 out[f"{name}_score"][good] = predictions.scores[name]
+                if self.probabilities:
+                    out[f"{name}_probs"][good] = predictions.probabilities[name]
         return out
 
 
