@@ -5,7 +5,7 @@ as the local engine; the runner's finalize step (summary, error-rate gate, ``_SU
 
 The manifest is read and checked by the project's reader on the driver (:func:`tagger.data.manifest.read_manifest`:
 its up-front exit-2 checks, the repeated-id rule and the fingerprint need the whole column), then handed to
-Ray Data as Arrow blocks of ``(row, location)`` for the rows to read.
+Ray Data as Arrow blocks of ``(row, photo, location)``, one per photo of the rows to read.
 """
 
 from __future__ import annotations
