@@ -144,8 +144,8 @@ def test_nan_scores_fail_the_run_and_are_never_written(demo, tiny_bundle, tmp_pa
 
     real = Predictor.__call__
 
-    def poisoned(self, images):
-        predictions = real(self, images)
+    def poisoned(self, images, **kwargs):
+        predictions = real(self, images, **kwargs)
         name = next(iter(predictions.scores))
         predictions.scores[name][-1] = np.nan  # e.g. an fp16 overflow on a GPU
         return predictions
