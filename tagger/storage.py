@@ -399,6 +399,19 @@ def write_bytes(url: str, data: bytes, options: Mapping[str, Any] | None = None)
     sink.commit()
 
 
+def write_parquet(url: str, table: Any, options: Mapping[str, Any] | None = None) -> None:
+    """Write an Arrow table as one Parquet file (zstd), whole or absent, as :func:`write_bytes` does."""
+    import pyarrow.parquet as pq
+
+    sink = CommittedFile(url, options)
+    try:
+        pq.write_table(table, sink, compression="zstd")
+    except BaseException:
+        sink.abort()
+        raise
+    sink.commit()
+
+
 def is_unavailable(exc: BaseException | None) -> bool:
     """Whether ``exc`` (or what caused it) says the storage is unreachable or failing for now, after retries,
     rather than that the request itself was wrong: the run should stop and be retried later (exit 4)."""

@@ -8,7 +8,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from .. import storage
 from .config import ReportConfig
@@ -23,13 +22,7 @@ def file_names(tables: list[str]) -> list[str]:
 def write_report(config: ReportConfig, tables: dict[str, pa.Table], report: dict[str, Any], page: str) -> tuple[str, str]:
     folder, options = config.folder, config.storage_options
     for name, table in tables.items():
-        sink = storage.CommittedFile(storage.join(folder, f"{name}.parquet"), options)
-        try:
-            pq.write_table(table, sink, compression="zstd")
-        except BaseException:
-            sink.abort()
-            raise
-        sink.commit()
+        storage.write_parquet(storage.join(folder, f"{name}.parquet"), table, options)
     storage.write_bytes(storage.join(folder, FIGURES), json.dumps(report, indent=2, default=_plain).encode(), options)
     page_url = storage.join(folder, PAGE)
     storage.write_bytes(page_url, page.encode("utf-8"), options)

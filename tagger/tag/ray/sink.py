@@ -159,13 +159,7 @@ class RunAborted(RuntimeError):
 
 
 def write_fragment(url: str, table: pa.Table, options: dict[str, Any] | None) -> None:
-    sink = storage.CommittedFile(url, options)
-    try:
-        pq.write_table(table, sink, compression="zstd")
-    except BaseException:
-        sink.abort()
-        raise
-    sink.commit()
+    storage.write_parquet(url, table, options)
 
 
 def read_fragment(url: str, options: dict[str, Any] | None, columns: list[str] | None = None) -> pa.Table:
