@@ -53,6 +53,10 @@ EXIT_OK, EXIT_CRASH, EXIT_INVALID_INPUT, EXIT_STORAGE = 0, 1, 2, 4
 @click.option("--max-confusion-classes", type=click.IntRange(min=0), default=20, show_default=True,
               help="Draw confusion matrices for attributes with at most this many classes.")
 @click.option("--plots/--no-plots", default=True, show_default=True, help="Write the PNG figures.")
+@click.option("--check-precision", is_flag=True,
+              help="Score the split twice with --runtime, in fp32 and in --precision (bf16 or int8), and record in the "
+              "bundle's model.json whether every attribute stayed within 0.5 point of fp32; where it did, --runtime auto "
+              "may choose that runtime and precision (on a CPU that computes it natively). Writes no report folder.")
 @storage_option
 def evaluate(**options) -> None:
     """Score a model bundle on a split of Kaggle-layout data: accuracy, macro/weighted F1, majority baseline,
@@ -66,7 +70,9 @@ def evaluate(**options) -> None:
     options["storage_options"] = parse_storage_options(options["storage_options"])
     options["data"] = options["data"][0] if len(options["data"]) == 1 else list(options["data"])
     options["corrections"] = list(options["corrections"])
-    sys.exit(execute(EvaluateConfig(**options)))
+    check = options.pop("check_precision")
+    config = EvaluateConfig(**options)
+    sys.exit(execute_check(config) if check else execute(config))
 
 
 def execute(config) -> int:
@@ -90,6 +96,30 @@ def execute(config) -> int:
         return _fail(EXIT_CRASH, f"failed: {type(exc).__name__}: {exc}")
     click.echo(summary_text(evaluation))
     click.echo(f"report: {written['report.md']} ({len(written)} files)", err=True)
+    return EXIT_OK
+
+
+def execute_check(config) -> int:
+    """--check-precision: both scorings, the table, the record written into the bundle."""
+    from tagger import storage
+    from tagger.data.kaggle import DataError
+    from tagger.data.reader import StorageUnavailable
+    from tagger.evaluation import EvaluationError
+    from tagger.evaluation.precision_check import check_precision, check_text
+    from tagger.model.bundle import BundleError, record_precision_check
+
+    try:
+        record, _, _ = check_precision(config)
+        record_precision_check(config.model, record, config.storage_options)
+    except (EvaluationError, BundleError, DataError, ValueError) as exc:
+        return _fail(EXIT_INVALID_INPUT, f"invalid input: {exc}")
+    except Exception as exc:
+        if isinstance(exc, StorageUnavailable) or storage.is_unavailable(exc):
+            return _fail(EXIT_STORAGE, f"storage unavailable: {type(exc).__name__}: {exc}")
+        log.exception("precision check failed")
+        return _fail(EXIT_CRASH, f"failed: {type(exc).__name__}: {exc}")
+    click.echo(check_text(record))
+    click.echo(f"recorded in {storage.join(config.model, 'model.json')} (precision_checks)", err=True)
     return EXIT_OK
 
 

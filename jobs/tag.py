@@ -100,8 +100,8 @@ def common_output_options(function):
               "(TAGGER_INT8_CALIBRATION: a folder of the catalog's photos; else generated images); never chosen by auto, "
               "its accuracy loss is per model (README, Performance).")
 @click.option("--runtime", type=click.Choice(RUNTIMES), default="auto", show_default=True,
-              help="What runs the model. auto: PyTorch on CUDA; on the CPU the fastest installed of ONNX Runtime, OpenVINO "
-              "and PyTorch (and fp32/bf16) for this --precision, measured on this CPU on the model's first run and cached "
+              help="What runs the model. auto: PyTorch on CUDA; on the CPU whichever installed of ONNX Runtime, OpenVINO "
+              "and PyTorch costs the least CPU per image at this --precision (fp32 under auto), measured on this CPU on the model's first run and cached "
               "in $TAGGER_CACHE/runtime-choice, logged and recorded in the run summary (TAGGER_AUTO_RUNTIME=preference: "
               "the first installed, unmeasured). onnx/openvino (CPU only) run the bundle's network exported to ONNX, cached per model_version "
               "in $TAGGER_CACHE/onnx (default ~/.cache/fashion-tagger/onnx); they need the extras "

@@ -384,3 +384,47 @@ def test_device_cuda_without_a_gpu_exit_2(tiny_bundle, data, tmp_path):
         pytest.skip("a GPU is visible")
     result = evaluate("--model", tiny_bundle, "--data", str(data), "--split", "all", "--device", "cuda")
     assert result.exit_code == 2 and "CUDA" in result.output
+
+
+def _openvino() -> bool:
+    from tagger.model import runtimes
+
+    return runtimes.installed("openvino")
+
+
+@pytest.mark.skipif(not _openvino(), reason="extra [openvino] not installed")
+def test_check_precision_scores_both_ways_and_records_the_verdict_in_the_bundle(retrained, data, tmp_path):
+    import shutil
+
+    from tagger.model.bundle import load_bundle
+
+    folder = tmp_path / "bundle"
+    shutil.copytree(retrained, folder)
+    before = load_bundle(str(folder))
+    result = evaluate("--model", str(folder), "--data", str(data), "--split", "test", "--runtime", "openvino",
+                      "--precision", "bf16", "--check-precision", "--workers", "0")
+    assert result.exit_code == 0, result.output
+    after = load_bundle(str(folder))
+    assert after.model_version == before.model_version  # a check changes no prediction
+    record = after.precision_checks["openvino bf16"]
+    assert record["model_version"] == before.model_version and record["split"] == "test"
+    assert list(record["attributes"]) == after.attribute_names
+    drops = [v["drop_points"] for v in record["attributes"].values() if v["drop_points"] is not None]
+    assert record["largest_drop_points"] == max(drops) and record["passed"] == (max(drops) <= 0.5) == after.validated("openvino", "bf16")
+    assert "precision check of openvino bf16 against fp32" in result.stdout and ("PASSED" if record["passed"] else "FAILED") in result.stdout
+    # Its fp32 side is what a plain evaluate computes with the same runtime in fp32.
+    plain = evaluate("--model", str(folder), "--data", str(data), "--split", "test", "--runtime", "openvino", "--precision", "fp32",
+                     "--out", str(tmp_path / "report"), "--no-plots", "--workers", "0")
+    assert plain.exit_code == 0, plain.output
+    for row in pq.read_table(tmp_path / "report" / "metrics.parquet").to_pylist():
+        assert record["attributes"][row["attribute"]]["accuracy_fp32"] == pytest.approx(row["accuracy"], abs=1e-9)
+    assert not (folder.parent / "out").exists()  # no report folder written by the check
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--runtime", "openvino", "--precision", "fp32"], "give --precision bf16 or int8"),
+    (["--runtime", "onnx", "--precision", "bf16"], "--runtime torch or openvino"),
+])
+def test_check_precision_refuses_what_it_cannot_compare(tiny_bundle, data, args, message):
+    result = evaluate("--model", tiny_bundle, "--data", str(data), "--split", "all", "--check-precision", *args)
+    assert result.exit_code == 2 and message in result.output, result.output

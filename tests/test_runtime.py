@@ -276,23 +276,29 @@ def measuring(monkeypatch, tmp_path):
 
 def test_auto_measures_once_and_caches_the_choice_by_model_cpu_libraries_and_threads(driven_bundle, measuring, monkeypatch, caplog):
     bundle = load_bundle(driven_bundle)
-    rates = {"torch fp32": 10.0, "torch bf16": 30.0, "onnx fp32": 20.0, "openvino fp32": 25.0, "openvino bf16": 40.0}
+    # CPU ms per image: the least wins.
+    costs = {"torch fp32": 50.0, "torch bf16": 30.0, "onnx fp32": 24.0, "openvino fp32": 15.0, "openvino bf16": 8.0}
     timed = []
     monkeypatch.setattr(runtimes, "installed", lambda name: True)
     monkeypatch.setattr(runtimes, "cpu_has_bf16", lambda: True)
-    monkeypatch.setattr(runtimes, "_measure", lambda b, r, p, *args: timed.append(f"{r} {p}") or rates[f"{r} {p}"])
+
+    def measure_all(b, pairs, *args):
+        timed.extend(f"{r} {p}" for r, p in pairs)
+        return {f"{r} {p}": costs[f"{r} {p}"] for r, p in pairs}
+
+    monkeypatch.setattr(runtimes, "_measure_all", measure_all)
     with caplog.at_level(logging.INFO, logger="tagger.model.runtimes"):
         choice = choose_runtime("auto", CPU, bundle=bundle, threads=2)
     # --precision auto: fp32 candidates only, the arithmetic the bundle was validated in, even where bf16 is
     # native and faster: tag, evaluate and retrain's scoring then compute the same scores on any machine.
     assert (choice.name, choice.precision) == ("openvino", "fp32")
-    fp32 = {n: r for n, r in rates.items() if n.endswith("fp32")}
+    fp32 = {n: r for n, r in costs.items() if n.endswith("fp32")}
     assert sorted(timed) == sorted(fp32) and choice.measured == fp32
-    assert "openvino fp32 is the fastest here" in caplog.text and "cached in" in choice.reason
+    assert "openvino fp32 costs the least CPU here" in caplog.text and "cached in" in choice.reason
     # Same model, CPU, libraries and threads: the cached choice, nothing measured again.
     timed.clear()
     again = choose_runtime("auto", CPU, bundle=bundle, threads=2)
-    assert timed == [] and (again.name, again.precision) == ("openvino", "fp32") and "measured fastest on this CPU on" in again.reason
+    assert timed == [] and (again.name, again.precision) == ("openvino", "fp32") and "measured cheapest on this CPU on" in again.reason
     # --precision bf16 asks for bf16: measured among the runtimes that compute it (another key).
     bf16 = choose_runtime("auto", CPU, "bf16", bundle=bundle, threads=2)
     assert (bf16.name, bf16.precision) == ("openvino", "bf16") and sorted(timed) == ["openvino bf16", "torch bf16"]
@@ -326,6 +332,7 @@ def test_a_candidate_that_fails_is_skipped_and_said_in_the_log(driven_bundle, me
     assert (choice.name, choice.precision) == ("torch", "fp32")
     assert "candidate onnx fp32 failed and is skipped" in caplog.text and "cannot run here" in caplog.text
     assert choice.measured["onnx fp32"].startswith("failed: RuntimeError") and choice.measured["torch fp32"] > 0
+    assert list(choice.measured) == ["onnx fp32", "torch fp32"]  # candidate order, whatever failed when
 
 
 def test_tag_job_measures_before_out_changes_and_records_the_choice(demo, driven_bundle, measuring, tmp_path, monkeypatch):
@@ -344,8 +351,9 @@ def test_tag_job_measures_before_out_changes_and_records_the_choice(demo, driven
     assert result.exit_code == 0, result.output
     assert seen == [False]  # measured once, before anything under --out existed
     runtime = json.loads((out / "_runs" / "run_date=2026-01-03" / "summary.json").read_text())["this_process"]["runtime"]
-    assert "measured fastest on this CPU" in runtime["reason"]
-    assert f"{runtime['name']} {runtime['precision']}" in runtime["measured_images_per_s"]
+    assert "measured cheapest on this CPU" in runtime["reason"]
+    measured = runtime["measured_cpu_ms_per_image"]
+    assert measured[f"{runtime['name']} {runtime['precision']}"] == min(v for v in measured.values() if isinstance(v, float))
 
 
 # -- int8 ----------------------------------------------------------------------------------------------
@@ -477,3 +485,65 @@ def test_a_forged_cached_export_is_caught_at_load_and_exported_again(driven_bund
 
 def trial_batch_for(bundle) -> torch.Tensor:
     return runtimes.trial_images(bundle.input_size, 4)
+
+
+# -- a reduced precision the bundle passed a check in --------------------------------------------------
+def _checked_copy(driven_bundle, tmp_path, checks: dict[str, bool]) -> str:
+    """The driven bundle copied, with precision checks recorded as passed/failed (the record as
+    `tagger evaluate --check-precision` writes it, the figures made up)."""
+    import shutil
+
+    from tagger.model.bundle import record_precision_check
+
+    folder = tmp_path / "checked"
+    shutil.copytree(driven_bundle, folder)
+    version = load_bundle(str(folder)).model_version
+    for candidate, passed in checks.items():
+        record_precision_check(str(folder), {"candidate": candidate, "model_version": version, "passed": passed,
+                                             "tolerance_points": 0.5, "largest_drop_points": 0.2 if passed else 2.2})
+    return str(folder)
+
+
+def test_auto_adds_a_reduced_precision_only_where_the_bundle_passed_its_check_and_the_cpu_computes_it(driven_bundle, tmp_path, monkeypatch):
+    from tagger.model.bundle import BundleError, record_precision_check
+
+    plain = load_bundle(driven_bundle)
+    checked = load_bundle(_checked_copy(driven_bundle, tmp_path, {"openvino bf16": True, "onnx int8": False}))
+    # A check changes no prediction: the same model_version, so the export and resumable plans stay valid.
+    assert checked.model_version == plain.model_version
+    assert checked.validated("openvino", "bf16") and not checked.validated("onnx", "int8") and not checked.validated("torch", "bf16")
+    monkeypatch.setattr(runtimes, "installed", lambda name: True)
+    fp32 = [("onnx", "fp32"), ("openvino", "fp32"), ("torch", "fp32")]
+    monkeypatch.setenv("TAGGER_CPU_BF16", "1")
+    assert runtimes.candidates("auto", checked) == fp32 + [("openvino", "bf16")]  # the failed int8 never competes
+    assert runtimes.candidates("auto", plain) == fp32 and runtimes.candidates("auto") == fp32
+    # The cached choice of the unchecked bundle is not reused once a check passed: the candidates are in its key.
+    assert runtimes._choice_file(runtimes.choice_key(checked, "auto", 2), None) != runtimes._choice_file(runtimes.choice_key(plain, "auto", 2), None)
+    # Without native bfloat16 bf16 is emulated (slower, and not what was checked): fp32 only.
+    monkeypatch.setenv("TAGGER_CPU_BF16", "0")
+    assert runtimes.candidates("auto", checked) == fp32
+    # An explicit --precision is measured among the runtimes that compute it, checked or not.
+    assert runtimes.candidates("int8", checked) == [("onnx", "int8"), ("openvino", "int8")]
+    # A check is recorded only on the model it scored.
+    with pytest.raises(BundleError, match="is not the checked one"):
+        record_precision_check(checked.path, {"candidate": "openvino bf16", "model_version": "0" * 16, "passed": True})
+
+
+@pytest.mark.skipif(not runtimes.installed("openvino"), reason="extra [openvino] not installed")
+def test_evaluate_at_auto_scores_what_the_tag_job_computes_when_a_checked_bf16_wins(demo, driven_bundle, measuring, tmp_path, monkeypatch):
+    """On a CPU with native bf16 where the bundle's checked OpenVINO bf16 costs the least, tag writes bf16 tags:
+    evaluate at auto must score those, not fp32 ones (issue 18: the same numbers on one machine)."""
+    from tagger.evaluation.evaluate import EvaluateConfig, evaluate as run_evaluate
+    from tests.test_tag import tag
+
+    folder = _checked_copy(driven_bundle, tmp_path, {"openvino bf16": True})
+    monkeypatch.setenv("TAGGER_CPU_BF16", "1")
+    costs = {"onnx fp32": 24.0, "openvino fp32": 15.0, "torch fp32": 60.0, "openvino bf16": 8.0}
+    monkeypatch.setattr(runtimes, "_measure_all", lambda b, pairs, *a: {f"{r} {p}": costs[f"{r} {p}"] for r, p in pairs if f"{r} {p}" in costs})
+    out = tmp_path / "out"
+    result = tag("--catalog", str(demo.catalog), "--model", folder, "--out", str(out), "--run-date", "2026-01-04")
+    assert result.exit_code == 0, result.output
+    runtime = json.loads((out / "_runs" / "run_date=2026-01-04" / "summary.json").read_text())["this_process"]["runtime"]
+    assert (runtime["name"], runtime["precision"]) == ("openvino", "bf16")
+    evaluation = run_evaluate(EvaluateConfig(model=folder, data=str(demo.root), split="all", workers=0, plots=False))
+    assert evaluation.computed == "openvino bf16"

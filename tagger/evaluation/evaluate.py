@@ -118,6 +118,7 @@ class Evaluation:
     notes: list[str]
     seconds: float
     device: str
+    computed: str = ""  # the runtime that ran the model, and its precision where auto chose that too
 
     @property
     def out(self) -> str:
@@ -154,7 +155,7 @@ def evaluate(config: EvaluateConfig) -> Evaluation:
             f"{config.model} has no {SPLIT_FILE}, so its {config.split} rows are unknown (bundles written by "
             "`tagger retrain` carry one). Use --split all to evaluate every row of --data, e.g. an external test set."
         )
-    device, runtime = _device(config.device, config.precision, config.runtime)
+    device, runtime = _device(config.device, config.precision, config.runtime, bundle)
 
     # The bundle's attributes are the label columns to read: whatever it was trained on, not the Kaggle seven.
     kaggle = load_training_data(config.data, bundle.attribute_names, options, corrections=config.corrections,
@@ -201,6 +202,7 @@ def evaluate(config: EvaluateConfig) -> Evaluation:
         ok=outputs.ok, errors=outputs.errors, raw_labels=raw, targets=targets, top_index=outputs.top_index,
         top_score=outputs.top_score, data_fingerprint=kaggle.fingerprint, data_rows=kaggle.report.to_dict(), notes=notes,
         seconds=time.monotonic() - started, device=str(device),
+        computed=f"{runtime.name} {runtime.precision}" if runtime.precision else runtime.name,
     )
 
 
@@ -266,16 +268,18 @@ def _read_split(url: str, options: Mapping[str, Any]) -> dict[str, str]:
         raise EvaluationError(f"{url}: not a readable split file ({type(exc).__name__}: {exc})") from None
 
 
-def _device(requested: str, precision: str, runtime: str = "auto"):
+def _device(requested: str, precision: str, runtime: str = "auto", bundle=None):
     """The device and runtime, with the precision checked against them (fp16 is for CUDA, ONNX Runtime is
-    fp32) and the runtime's package against what is installed, before any image is read."""
+    fp32) and the runtime's package against what is installed, before any image is read. ``auto`` with the
+    bundle: the tag job's own choice (measured and cached per model_version and CPU), so that on a CPU where
+    the bundle's checked bf16 wins, evaluate scores what tag writes."""
     from ..model.predictor import precision_settings, resolve_device
     from ..model.runtimes import choose_runtime
 
     try:
         device = resolve_device(requested)
-        chosen = choose_runtime(runtime, device, precision)
-        precision_settings(precision, device, chosen.name)
+        chosen = choose_runtime(runtime, device, precision, bundle=bundle)
+        precision_settings(chosen.precision if chosen.precision and precision == "auto" else precision, device, chosen.name)
     except (RuntimeError, ValueError) as exc:
         raise EvaluationError(str(exc)) from None
     return device, chosen

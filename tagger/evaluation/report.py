@@ -276,7 +276,7 @@ def _md_header(evaluation: Evaluation) -> list[str]:
         f"{data_rows.get('missing_image', 0)} without an image file), fingerprint `{evaluation.data_fingerprint}`",
         f"- **Split**: {evaluation.split}" + (" (every row with an image)" if evaluation.split == "all" else " (from the bundle's split.parquet)"),
         f"- **Rows evaluated**: {evaluation.n_rows}, of which {evaluation.n_unreadable} unreadable image(s)",
-        f"- **Run**: {evaluation.seconds:.1f} s on {evaluation.device} (precision {cfg.precision}), batch size {cfg.batch_size}",
+        f"- **Run**: {evaluation.seconds:.1f} s on {evaluation.device} (precision {cfg.precision}{'; ' + evaluation.computed if evaluation.computed else ''}), batch size {cfg.batch_size}",
     ]
     if evaluation.notes:
         lines += ["", "**Notes**", ""] + [f"- {note}" for note in evaluation.notes]

@@ -52,6 +52,10 @@ class ModelBundle:
     model_version: str
     training: Mapping[str, Any] = field(default_factory=dict)
     weights: bytes = field(default=b"", repr=False)
+    # "runtime precision" (e.g. "openvino bf16") -> the record of `tagger evaluate --check-precision`: the split
+    # scored both in fp32 and in that arithmetic, per attribute, and whether every attribute stayed within the
+    # tolerance. Not part of model_version: a check says how the same model behaves, it changes no prediction.
+    precision_checks: Mapping[str, Any] = field(default_factory=dict)
     # The network built by check_weights(), handed to the next build_net() call instead of a second build.
     _checked_net: list = field(default_factory=list, repr=False, compare=False)
 
@@ -70,6 +74,12 @@ class ModelBundle:
 
     def label_counts(self) -> dict[str, int]:
         return {a.name: len(a.labels) for a in self.attributes}
+
+    def validated(self, runtime: str, precision: str) -> bool:
+        """Whether ``runtime`` computing in ``precision`` passed this bundle's precision check: on a test split,
+        no attribute's accuracy more than the check's tolerance below fp32's (tagger.evaluation.precision_check)."""
+        record = self.precision_checks.get(f"{runtime} {precision}")
+        return isinstance(record, Mapping) and record.get("passed") is True
 
     def check_weights(self) -> None:
         """Build the network and load the weights into it now, so that weights that do not fit (or hold NaN)
@@ -308,7 +318,23 @@ def _from_meta(path: str, meta: Mapping[str, Any], weights: bytes) -> ModelBundl
         model_version=meta["model_version"],
         training=meta.get("training", {}),
         weights=weights,
+        precision_checks=meta.get("precision_checks") if isinstance(meta.get("precision_checks"), Mapping) else {},
     )
+
+
+def record_precision_check(path: str, record: Mapping[str, Any], storage_options: Mapping[str, Any] | None = None) -> ModelBundle:
+    """Add (or replace) one precision check in the bundle's model.json, written whole or not at all. The
+    bundle must be the one the check scored: same model_version, so a check never lands on another model."""
+    meta_url = storage.join(path, META_FILE)
+    meta = json.loads(storage.read_bytes(meta_url, storage_options))
+    if meta.get("model_version") != record.get("model_version"):
+        raise BundleError(f"{path}: model_version {meta.get('model_version')} is not the checked one ({record.get('model_version')}); "
+                          "the bundle changed during the check, run it again")
+    checks = dict(meta.get("precision_checks") or {})
+    checks[str(record["candidate"])] = dict(record)
+    meta["precision_checks"] = checks
+    storage.write_bytes(meta_url, json.dumps(meta, indent=2).encode(), storage_options)
+    return load_bundle(path, storage_options)
 
 
 def state_dict_from_checkpoint(path: str) -> dict[str, torch.Tensor]:

@@ -139,7 +139,7 @@ class Predictor:
             if computed not in runtimes.CPU_PRECISIONS[self.runtime.name]:
                 raise ValueError(f"runtime {self.runtime.name} computes {' or '.join(runtimes.CPU_PRECISIONS[self.runtime.name])}, not {computed}")
             self.exported = runtimes.ExportedModel(self.bundle, self.runtime.name, computed, runtime_cache)
-        # What runs, in what arithmetic, then why ("model: onnx computing in fp32: measured fastest on this CPU just
+        # What runs, in what arithmetic, then why ("model: onnx computing in fp32: measured cheapest on this CPU just
         # now (...)"): the arithmetic used, never a --precision setting that reads as contradicting it.
         log.info("model: %s computing in %s: %s", self.runtime.name, self.precision_name, self.runtime.reason)
 

@@ -112,7 +112,7 @@ def choose_runtime(requested: str, device: torch.device, precision: str = "auto"
     """``--runtime`` -> the runtime that will run, checked now (before a run touches anything).
 
     ``auto``: PyTorch on CUDA (AMP, channels-last: the only GPU path shipped); on the CPU, given the
-    ``bundle``, the fastest candidate measured on this CPU (:func:`measured_choice`, cached); without a
+    ``bundle``, the candidate measured cheapest in CPU per image on this CPU (:func:`measured_choice`, cached); without a
     bundle, or with ``TAGGER_AUTO_RUNTIME=preference``, the first installed runtime that computes
     ``precision`` in the order of :data:`CPU_PREFERENCE`. An explicit runtime that is not installed, or that
     does not run on ``device``, is :class:`RuntimeSettingError`.
@@ -165,22 +165,38 @@ def cpu_precision(runtime: str, precision: str) -> str:
 # TAGGER_AUTO_RUNTIME=preference: `auto` takes the first installed runtime of CPU_PREFERENCE without measuring
 # (a choice that does not depend on the machine's load: the tests, or a user comparing runs).
 AUTO_ENV = "TAGGER_AUTO_RUNTIME"
-# Seconds each candidate runs after its warm-up batch: enough for a stable rate of a small CPU model, short
-# enough that all candidates cost well under a minute on the first run of a model_version on a CPU.
-MEASURE_SECONDS = 1.5
+# Seconds all candidates together run after their warm-up batches, in MEASURE_ROUNDS rounds alternating between
+# them: enough for a stable figure of a small CPU model, short enough that measuring costs well under a minute
+# on the first run of a model_version on a CPU.
+MEASURE_SECONDS = 4.0
+MEASURE_ROUNDS = 3
 MEASURE_BATCH = 8
-CHOICE_FORMAT = 2  # bump when what a cached choice means changes (2: auto measures fp32 candidates only)
+CHOICE_FORMAT = 3  # bump when what a cached choice means changes (2: fp32 candidates only; 3: by CPU ms per image,
+# and the precisions the bundle passed a check in)
 
 
-def candidates(precision: str) -> list[tuple[str, str]]:
-    """(runtime, precision) pairs ``auto`` may choose from on this CPU, for ``--precision``: each runtime in
-    what it computes. Under ``--precision auto`` only fp32, the arithmetic the bundle's metrics and review
-    thresholds were computed in: every fp32 runtime gives the same scores within float jitter, so tag, evaluate
-    and retrain's scoring agree on any machine, whichever runtime wins here. bf16 (faster where the CPU has it
-    natively, and a few tags different: docs/benchmarks.md) and int8 (a measured accuracy loss) are chosen only
-    when ``--precision`` asks for them, and then measured among the runtimes that compute them."""
-    wanted = ("fp32",) if precision == "auto" else (precision,)
-    return [(r, p) for r in CPU_PREFERENCE for p in wanted if p in CPU_PRECISIONS[r] and installed(r)]
+def candidates(precision: str, bundle: ModelBundle | None = None) -> list[tuple[str, str]]:
+    """(runtime, precision) pairs ``auto`` may choose from on this CPU, for ``--precision``: each installed
+    runtime in what it computes.
+
+    Under ``--precision auto``: fp32, the arithmetic the bundle's metrics and review thresholds were computed
+    in (every fp32 runtime gives the same scores within float jitter, so tag, evaluate and retrain's scoring
+    agree whichever wins here); and a reduced precision only where ``bundle`` records that this runtime, in
+    that precision, passed its precision check (``tagger evaluate --check-precision``: every attribute within
+    the tolerance of fp32 on a test split) and this CPU computes it natively (bf16: AVX512-BF16 or AMX; on
+    other CPUs it is emulated, slower and not what was checked). A check that failed, or none, keeps that
+    candidate out. An explicit ``--precision bf16``/``int8`` measures the runtimes that compute it, checked or not.
+    """
+    if precision != "auto":
+        return [(r, precision) for r in CPU_PREFERENCE if precision in CPU_PRECISIONS[r] and installed(r)]
+    pairs = [(r, "fp32") for r in CPU_PREFERENCE if installed(r)]
+    if bundle is not None:
+        for runtime in CPU_PREFERENCE:
+            for reduced in ("bf16", "int8"):
+                if (reduced in CPU_PRECISIONS[runtime] and bundle.validated(runtime, reduced) and installed(runtime)
+                        and (reduced != "bf16" or cpu_has_bf16())):
+                    pairs.append((runtime, reduced))
+    return pairs
 
 
 def cpu_identity() -> dict[str, Any]:
@@ -217,7 +233,7 @@ def choice_key(bundle: ModelBundle, precision: str, threads: int) -> dict[str, A
     """Everything a measured choice depends on; a cached choice is used only when all of it is equal."""
     return {"format": CHOICE_FORMAT, "model_version": bundle.model_version, "precision": precision,
             "cpu": cpu_identity(), "libraries": library_versions(), "threads": threads,
-            "candidates": [f"{r} {p}" for r, p in candidates(precision)]}
+            "candidates": [f"{r} {p}" for r, p in candidates(precision, bundle)]}
 
 
 def _choice_file(key: dict[str, Any], cache_dir: str | Path | None) -> Path:
@@ -231,11 +247,20 @@ def _choice_file(key: dict[str, Any], cache_dir: str | Path | None) -> Path:
 
 def measured_choice(bundle: ModelBundle, precision: str = "auto", *, threads: int = 0, batch_size: int = MEASURE_BATCH,
                     cache_dir: str | Path | None = None, seconds: float | None = None) -> RuntimeChoice:
-    """The fastest (runtime, precision) for ``bundle`` on this CPU, measured once and cached.
+    """The cheapest (runtime, precision) for ``bundle`` on this CPU, measured once and cached.
 
-    Each candidate (:func:`candidates`) runs the bundle's network on generated images for ``seconds``
-    after a warm-up batch, with ``threads`` (0: torch's count now), one after the other in this process.
-    The winner is cached under a key of model_version, --precision, CPU model and flags, library versions,
+    Cheapest in CPU time per image, not in images per second: in the tag job the decode workers share the
+    cores with the model, so the job's rate follows the CPU a photo costs (decode + model) once the cores are
+    busy, and a runtime that spends more CPU to finish a batch sooner (threads that spin or split small
+    layers) slows the job down. CPU time is also what a shared machine's neighbours move least: on the
+    2-core AMX Xeon of issue 22, under load, images per second ranked ONNX Runtime first (36.5 against
+    OpenVINO's 35.3) while on a quiet machine OpenVINO fp32 costs 15 CPU ms an image against ONNX
+    Runtime's 24 and the job runs 1.4x faster with it (docs/benchmarks.md, "Where the bound lies").
+
+    Each candidate (:func:`candidates`) is made and warmed up on generated images, then all of them run in
+    MEASURE_ROUNDS rounds alternating in order (``seconds`` in all), with ``threads`` (0: torch's count
+    now), in this process; a candidate's figure is its best round (noise only ever adds CPU time). The
+    winner is cached under a key of model_version, --precision, CPU model and flags, library versions,
     threads and the candidate list (:func:`choice_key`): a later run with the same key reuses it without
     measuring. A candidate that fails (export, engine, forward pass) is skipped and said in the log.
     """
@@ -245,7 +270,7 @@ def measured_choice(bundle: ModelBundle, precision: str = "auto", *, threads: in
     try:
         record = json.loads(path.read_text())
         if record.get("key") == key and record.get("runtime") in CPU_PRECISIONS:
-            choice = RuntimeChoice(record["runtime"], f"measured fastest on this CPU on {record['measured_at']} "
+            choice = RuntimeChoice(record["runtime"], f"measured cheapest on this CPU on {record['measured_at']} "
                                    f"({_rates_text(record['measured'])}; cached in {path})", record["precision"], record["measured"])
             log.info("runtime auto: %s %s, %s", choice.name, choice.precision, choice.reason)
             return choice
@@ -254,58 +279,76 @@ def measured_choice(bundle: ModelBundle, precision: str = "auto", *, threads: in
     pairs = key["candidates"]
     log.info("runtime auto: measuring %s for model %s on this CPU (%s, %d thread(s)), once per model_version and CPU",
              ", ".join(pairs), bundle.model_version, key["cpu"]["model"], threads)
-    measured: dict[str, Any] = {}
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        for runtime, computed in candidates(precision):
-            name = f"{runtime} {computed}"
-            try:
-                measured[name] = round(_measure(bundle, runtime, computed, batch_size, MEASURE_SECONDS if seconds is None else seconds), 2)
-            except Exception as exc:  # a candidate that cannot run here is not a reason to stop the run
-                measured[name] = f"failed: {type(exc).__name__}: {exc}"[:300]
-                log.warning("runtime auto: candidate %s failed and is skipped (%s: %s)", name, type(exc).__name__, exc)
+        measured = _measure_all(bundle, candidates(precision, bundle), batch_size, MEASURE_SECONDS if seconds is None else seconds)
     finally:
         torch.set_num_threads(previous)
-    rates = {n: v for n, v in measured.items() if isinstance(v, float)}
-    if not rates:
+    costs = {n: v for n, v in measured.items() if isinstance(v, float)}
+    if not costs:
         raise RuntimeSettingError(f"runtime auto: no runtime could run model {bundle.model_version} on this CPU "
                                   f"({'; '.join(f'{n}: {v}' for n, v in measured.items())}); use --runtime torch and report it")
-    best = max(rates, key=rates.get)
+    best = min(costs, key=costs.get)
     runtime, computed = best.split(" ")
     when = datetime.now(timezone.utc).isoformat(timespec="seconds")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")
         tmp.write_text(json.dumps({"key": key, "runtime": runtime, "precision": computed, "measured": measured,
-                                   "measured_at": when, "batch_size": batch_size}, indent=1))
+                                   "unit": "CPU ms per image", "measured_at": when, "batch_size": batch_size}, indent=1))
         os.replace(tmp, path)
         where = f"cached in {path}"
     except OSError as exc:  # a read-only cache costs a measurement per run, nothing else
         where = f"not cached: {exc}"
         log.warning("runtime auto: cannot cache the choice under %s (%s); set TAGGER_CACHE to a writable folder", path.parent, exc)
-    choice = RuntimeChoice(runtime, f"measured fastest on this CPU just now ({_rates_text(measured)}; {where})", computed, measured)
-    log.info("runtime auto: %s %s is the fastest here: %s", runtime, computed, _rates_text(measured))
+    choice = RuntimeChoice(runtime, f"measured cheapest on this CPU just now ({_rates_text(measured)}; {where})", computed, measured)
+    log.info("runtime auto: %s %s costs the least CPU here: %s", runtime, computed, _rates_text(measured))
     return choice
 
 
 def _rates_text(measured: dict[str, Any]) -> str:
-    ranked = sorted(measured.items(), key=lambda kv: -kv[1] if isinstance(kv[1], float) else 0)
-    return ", ".join(f"{n} {v:.1f} img/s" if isinstance(v, float) else f"{n} {v}" for n, v in ranked)
+    ranked = sorted(measured.items(), key=lambda kv: kv[1] if isinstance(kv[1], float) else float("inf"))
+    return ", ".join(f"{n} {v:.1f} CPU ms/img" if isinstance(v, float) else f"{n} {v}" for n, v in ranked)
 
 
-def _measure(bundle: ModelBundle, runtime: str, precision: str, batch_size: int, seconds: float) -> float:
-    """Images per second of ``runtime`` in ``precision`` on generated images, after one warm-up batch."""
+def _measure_all(bundle: ModelBundle, pairs: list[tuple[str, str]], batch_size: int, seconds: float) -> dict[str, Any]:
+    """Per candidate, its best round's CPU milliseconds per image (process CPU time: every thread of the
+    runtime counts), or why it failed."""
     from .predictor import Predictor
 
-    predictor = Predictor(bundle, torch.device("cpu"), precision=precision, runtime=RuntimeChoice(runtime, "measuring"))
     images = _check_images(bundle.input_size, batch_size)
-    predictor(images)
-    done, started = 0, time.perf_counter()
-    while done == 0 or time.perf_counter() - started < seconds:
-        predictor(images)
-        done += batch_size
-    return done / (time.perf_counter() - started)
+    measured: dict[str, Any] = {}
+    ready = {}
+    for runtime, computed in pairs:
+        name = f"{runtime} {computed}"
+        try:
+            predictor = Predictor(bundle, torch.device("cpu"), precision=computed, runtime=RuntimeChoice(runtime, "measuring"))
+            predictor(images)  # warm-up: the session, lazy kernels, first allocations
+            ready[name] = predictor
+        except Exception as exc:  # a candidate that cannot run here is not a reason to stop the run
+            _failed(measured, name, exc)
+    share = seconds / max(1, MEASURE_ROUNDS * len(ready))
+    for _ in range(MEASURE_ROUNDS):
+        for name, predictor in list(ready.items()):
+            try:
+                done, cpu, started = 0, time.process_time(), time.perf_counter()
+                while done == 0 or time.perf_counter() - started < share:
+                    predictor(images)
+                    done += batch_size
+                cost = 1000 * (time.process_time() - cpu) / done
+            except Exception as exc:
+                _failed(measured, name, exc)
+                del ready[name]
+                continue
+            measured[name] = round(min(cost, measured.get(name, cost)), 2)
+    names = [f"{r} {p}" for r, p in pairs]
+    return {name: measured[name] for name in names if name in measured}  # in candidate order
+
+
+def _failed(measured: dict[str, Any], name: str, exc: Exception) -> None:
+    measured[name] = f"failed: {type(exc).__name__}: {exc}"[:300]
+    log.warning("runtime auto: candidate %s failed and is skipped (%s: %s)", name, type(exc).__name__, exc)
 
 
 # -- the ONNX export and its cache -------------------------------------------------------------------

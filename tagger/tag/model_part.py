@@ -92,8 +92,8 @@ class BatchModel:
         self.device = str(predictor.device)
         self.runtime = {"name": predictor.runtime.name, "precision": predictor.precision_name,
                         "reason": predictor.runtime.reason}
-        if predictor.runtime.measured:  # --runtime auto measured the candidates: their rates, in img/s
-            self.runtime["measured_images_per_s"] = predictor.runtime.measured
+        if predictor.runtime.measured:  # --runtime auto measured the candidates: what an image cost each
+            self.runtime["measured_cpu_ms_per_image"] = predictor.runtime.measured
 
     def __call__(self, batch: Batch) -> tuple[Any, dict[str, np.ndarray] | None]:
         if batch.images is None:
