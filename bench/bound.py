@@ -35,7 +35,10 @@ from pathlib import Path
 
 from . import catalogs, procmem, report
 
-SIDES = ("today", "before")
+SIDES = ("today", "today-fp32", "before")
+# today-fp32: today's code as on a CPU without native bfloat16 (TAGGER_CPU_BF16=0), where `auto` has only the fp32
+# runtimes to choose from; on such a CPU it is the same as today.
+SIDE_ENV = {"today-fp32": {"TAGGER_CPU_BF16": "0"}}
 SMALL = 16  # photos of the short run whose costs are subtracted (see main)
 
 
@@ -52,8 +55,8 @@ def baseline_tree(commit: str) -> Path:
     return tree
 
 
-def _env(tree: Path) -> dict:
-    return {**os.environ, "PYTHONPATH": str(tree)}
+def _env(tree: Path, side: str = "today") -> dict:
+    return {**os.environ, "PYTHONPATH": str(tree), **SIDE_ENV.get(side, {})}
 
 
 def _result(argv: list[str], env: dict, label: str) -> tuple[dict, dict, float]:
@@ -64,9 +67,9 @@ def _result(argv: list[str], env: dict, label: str) -> tuple[dict, dict, float]:
     return json.loads(lines[-1].removeprefix("BENCH-RESULT ")), memory, wall
 
 
-def job(tree: Path, spec: dict, label: str) -> dict:
+def job(tree: Path, spec: dict, label: str, side: str) -> dict:
     # -P: bench.child comes from ``tree`` (PYTHONPATH), not from this tree's folder.
-    result, memory, _ = _result([sys.executable, "-P", "-m", "bench.child", json.dumps(spec)], _env(tree), label)
+    result, memory, _ = _result([sys.executable, "-P", "-m", "bench.child", json.dumps(spec)], _env(tree, side), label)
     n = result["rows"]
     result["images_per_s"] = round(n / result["wall_s"], 2)
     result["cpu_ms_per_image"] = round(1000 * memory["cpu_s"] / n, 1)
@@ -76,9 +79,9 @@ def job(tree: Path, spec: dict, label: str) -> dict:
     return result
 
 
-def costs(tree: Path, spec: dict, label: str) -> dict:
+def costs(tree: Path, spec: dict, label: str, side: str) -> dict:
     child = catalogs.ROOT / "bench" / "bound_child.py"
-    result, _, _ = _result([sys.executable, "-P", str(child), json.dumps(spec)], _env(tree), label)
+    result, _, _ = _result([sys.executable, "-P", str(child), json.dumps(spec)], _env(tree, side), label)
     print(f"  {label:<22} decode {result['decode_cpu_ms']:.1f} CPU ms/photo, model {result['model_cpu_ms']:.1f} "
           f"({result['runtime']} {result['precision']})", file=sys.stderr, flush=True)
     return result
@@ -104,7 +107,7 @@ def summarise(results: dict) -> None:
     JSON by ``--render`` (the arithmetic only, nothing measured again)."""
     runs, component, cores = results["runs"], results["component"], results["cores"]
     sides = {}
-    for side in SIDES:
+    for side in [s for s in SIDES if s in runs]:  # raw JSON of older runs has no today-fp32
         c = component[side]
         steady = [_steady(x) for x in runs[side]]
         rate, steady_rate = _median(x["images_per_s"] for x in runs[side]), _median(s[0] for s in steady)
@@ -117,10 +120,17 @@ def summarise(results: dict) -> None:
                        "steady_cpu_ms_per_image": steady_cpu, "steady_cpu_runs": [s[1] for s in steady],
                        "share_of_limit": round(steady_rate / limit, 3) if steady_rate else None,
                        "cpu_efficiency": round((c["decode_cpu_ms"] + c["model_cpu_ms"]) / steady_cpu, 3) if steady_cpu else None}
-    per_round = [round(t["images_per_s"] / b["images_per_s"], 2) for t, b in zip(runs["today"], runs["before"])]
-    costs = {side: component[side]["decode_cpu_ms"] + component[side]["model_cpu_ms"] for side in SIDES}
-    results.update(sides=sides, speedup_per_round=per_round, speedup=_median(per_round),
-                   cost_ratio=round(costs["before"] / costs["today"], 2))
+    def ratios(side: str) -> dict:
+        whole = [round(t["images_per_s"] / b["images_per_s"], 2) for t, b in zip(runs[side], runs["before"])]
+        steady = [round(_steady(t)[0] / _steady(b)[0], 2) if _steady(t)[0] and _steady(b)[0] else None
+                  for t, b in zip(runs[side], runs["before"])]
+        cost = component[side]["decode_cpu_ms"] + component[side]["model_cpu_ms"]
+        return {"per_round": whole, "median": _median(whole), "steady_per_round": steady, "steady_median": _median(steady),
+                "cost_ratio": round((component["before"]["decode_cpu_ms"] + component["before"]["model_cpu_ms"]) / cost, 2)}
+
+    versus = {side: ratios(side) for side in sides if side != "before"}
+    results.update(sides=sides, versus_before=versus, speedup_per_round=versus["today"]["per_round"],
+                   speedup=versus["today"]["median"], cost_ratio=versus["today"]["cost_ratio"])
 
 
 def _f(value, fmt: str = ".1f", none: str = "n/a") -> str:
@@ -138,16 +148,23 @@ def markdown(r: dict) -> str:
         "(median; runs) | job img/s, steady state (median; runs) | share of the limit (steady) | job CPU ms/photo (steady) | CPU efficiency |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for side in SIDES:
+    for side in r["sides"]:
         s = r["sides"][side]
         lines.append(f"| {side} | {s['runtime']} | {s['decode_cpu_ms']:.1f} | {s['model_cpu_ms']:.1f} | {s['limit_images_per_s']:.1f} "
                      f"| {_f(s['images_per_s'], '.2f')} ({', '.join(_f(x, '.2f') for x in s['runs'])}) "
                      f"| {_f(s['steady_images_per_s'], '.2f')} ({', '.join(_f(x, '.2f') for x in s['steady_runs'])}) "
                      f"| {_f(s['share_of_limit'], '.0%')} | {_f(s['steady_cpu_ms_per_image'])} ({', '.join(_f(x) for x in s['steady_cpu_runs'])}) "
                      f"| {_f(s['cpu_efficiency'], '.0%')} |")
-    lines += ["", f"**today / before: decode + model CPU per photo {r['cost_ratio']:.2f}x less (limit "
-              f"{r['sides']['today']['limit_images_per_s']:.0f} vs {r['sides']['before']['limit_images_per_s']:.0f} img/s); "
-              f"end to end, whole process, same run: {r['speedup_per_round']} per round (median {_f(r['speedup'], '.2f')}x).**",
+    lines.append("")
+    for side, v in r.get("versus_before", {"today": {"per_round": r["speedup_per_round"], "median": r["speedup"],
+                                                     "cost_ratio": r["cost_ratio"]}}).items():
+        steady = (f"; steady state {v['steady_per_round']} (median {_f(v['steady_median'], '.2f')}x)"
+                  if v.get("steady_per_round") else "")
+        lines.append(f"**{side} / before: decode + model CPU per photo {v['cost_ratio']:.2f}x less (limit "
+                     f"{r['sides'][side]['limit_images_per_s']:.0f} vs {r['sides']['before']['limit_images_per_s']:.0f} img/s); "
+                     f"end to end, same run, whole process {v['per_round']} per round (median {_f(v['median'], '.2f')}x){steady}.**  ")
+    lines += ["", "`today-fp32`: today's code with `TAGGER_CPU_BF16=0`, as on a CPU without native bfloat16, where `auto` "
+              "chooses among fp32 runtimes only (on such a CPU it is `today`).",
               "", f"Steady state: the run of all photos minus the run of the first {SMALL} (start-up, imports, model load, "
               "worker start drop out); n/a where the machine's load swung so much between the two runs that the difference "
               "is not positive. The limit assumes every core does nothing but decode and run the model; CPU efficiency = "
@@ -170,11 +187,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.render:
         results = json.loads(Path(args.render).read_text())
         if "runs" not in results:  # written before the raw JSON kept the runs at the top level
-            results["runs"] = {side: results["sides"][side]["raw"] for side in SIDES}
+            results["runs"] = {side: results["sides"][side]["raw"] for side in ("today", "before")}
             results["component"] = {side: {k: results["sides"][side][k] for k in
                                            ("decode_cpu_ms", "model_cpu_ms", "runtime", "precision", "threads", "photos")}
-                                    for side in SIDES}
-            for side in SIDES:
+                                    for side in ("today", "before")}
+            for side in ("today", "before"):
                 results["component"][side]["runtime"] = results["component"][side]["runtime"].split(" ")[0]
         summarise(results)
         text = markdown(results)
@@ -189,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: {exc}", file=sys.stderr)
         return 0
     started = time.time()
-    trees = {"today": catalogs.ROOT, "before": baseline_tree(args.against)}
+    trees = {"today": catalogs.ROOT, "today-fp32": catalogs.ROOT, "before": baseline_tree(args.against)}
     catalog, images = catalogs.large_catalog(args.images)
     warm, _ = catalogs.large_catalog(SMALL)
     base = {"variant": "tagger", "model": str(Path(args.model).resolve()), "batch_size": args.batch_size,
@@ -199,9 +216,9 @@ def main(argv: list[str] | None = None) -> int:
                "images": args.images, "batch_size": args.batch_size, "workers": args.workers, "rounds": args.rounds,
                "against": args.against, "mean_file_kb": round(sum(p.stat().st_size for p in set(images)) / len(set(images)) / 1024, 1)}
     for side in SIDES:  # first use: export and `auto`'s measuring, cached, out of the timed runs
-        job(trees[side], {**base, "catalog": str(warm)}, f"{side} warm-up")
+        job(trees[side], {**base, "catalog": str(warm)}, f"{side} warm-up", side)
     component = {side: costs(trees[side], {"catalog": str(catalog), "model": base["model"], "batch_size": args.batch_size,
-                                           "images": min(64, args.images)}, f"{side} costs") for side in SIDES}
+                                           "images": min(64, args.images)}, f"{side} costs", side) for side in SIDES}
     # Each side runs the catalog twice per round, at SMALL photos and at all of them: the difference is the
     # job's steady state, what a large catalog sees (process start, imports, model load and worker start-up
     # are the same in both and drop out).
@@ -209,8 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, list[dict]] = {side: [] for side in SIDES}
     for r in range(args.rounds):
         for side in SIDES if r % 2 == 0 else tuple(reversed(SIDES)):
-            few = job(trees[side], {**base, "catalog": str(small)}, f"round {r + 1} {side} ({SMALL})")
-            full = job(trees[side], {**base, "catalog": str(catalog)}, f"round {r + 1} {side} ({args.images})")
+            few = job(trees[side], {**base, "catalog": str(small)}, f"round {r + 1} {side} ({SMALL})", side)
+            full = job(trees[side], {**base, "catalog": str(catalog)}, f"round {r + 1} {side} ({args.images})", side)
             full["small_run"] = few
             runs[side].append(full)
     results.update(component=component, runs=runs, cores=os.cpu_count() or 1,

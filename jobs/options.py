@@ -60,8 +60,9 @@ precision_option = click.option(
 )
 runtime_option = click.option(
     "--runtime", type=click.Choice(RUNTIMES), default="auto", show_default=True,
-    help="What runs the model, as `tagger tag --runtime` (auto: PyTorch on CUDA, on the CPU the fastest installed "
-    "runtime): use the tag job's setting to see the scores it writes.",
+    help="What runs the model, as `tagger tag --runtime` (auto: PyTorch on CUDA; on the CPU the first installed fp32 "
+    "runtime, or the tag job's own measured choice where the bundle passed a precision check in a precision this CPU "
+    "computes natively): use the tag job's setting to see the scores it writes.",
 )
 max_image_bytes_option = click.option(
     "--max-image-bytes", type=click.IntRange(min=1), default=DEFAULT_MAX_IMAGE_BYTES, show_default=True,

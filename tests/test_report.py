@@ -383,3 +383,24 @@ def test_a_product_of_several_photos_is_shown_by_its_first():
     # one photo per row (no separator planned): a '|' in a path is part of the path
     assert _first_photo("a|b.jpg", SimpleNamespace(plan={"key": {"image_separator": None}})) == "a|b.jpg"
     assert _first_photo("a.jpg", SimpleNamespace(plan=None)) == "a.jpg"
+
+
+def test_a_change_of_arithmetic_between_nights_is_said_on_the_page(tmp_path):
+    """A night tagged in bf16 after one in fp32 (the job moved to a CPU with native bfloat16, where the bundle's
+    checked bf16 wins): a few near-tie tags move without the catalog changing, and the page says why."""
+    for date, prefix, computed in (("2026-11-26", "p", ("onnx", "fp32")), ("2026-11-27", "q", ("openvino", "bf16"))):
+        write_night(tmp_path, date, mix_rows({"Men": 50, "Women": 50}, prefix=prefix))
+        state = tmp_path / "_runs" / f"run_date={date}"
+        state.mkdir(parents=True, exist_ok=True)
+        (state / "summary.json").write_text(json.dumps({"this_process": {"runtime": {"name": computed[0], "precision": computed[1]}}}))
+    result = run("--out", str(tmp_path), "--run-date", "2026-11-27")
+    assert result.exit_code == 0, result.output
+    body = report_json(tmp_path, "2026-11-27")
+    assert (body["computed"], body["previous_computed"]) == ("openvino bf16", "onnx fp32")
+    page = (tmp_path / "_reports" / "run_date=2026-11-27" / "report.html").read_text()
+    assert "computed in openvino bf16" in page and "The arithmetic changed since run_date=2026-11-26 (onnx fp32 → openvino bf16)" in page
+    # Another fp32 runtime is float jitter, not a change worth a banner.
+    (tmp_path / "_runs" / "run_date=2026-11-27" / "summary.json").write_text(
+        json.dumps({"this_process": {"runtime": {"name": "openvino", "precision": "fp32"}}}))
+    assert run("--out", str(tmp_path), "--run-date", "2026-11-27").exit_code == 0
+    assert "The arithmetic changed" not in (tmp_path / "_reports" / "run_date=2026-11-27" / "report.html").read_text()

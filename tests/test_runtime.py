@@ -289,8 +289,9 @@ def test_auto_measures_once_and_caches_the_choice_by_model_cpu_libraries_and_thr
     monkeypatch.setattr(runtimes, "_measure_all", measure_all)
     with caplog.at_level(logging.INFO, logger="tagger.model.runtimes"):
         choice = choose_runtime("auto", CPU, bundle=bundle, threads=2)
-    # --precision auto: fp32 candidates only, the arithmetic the bundle was validated in, even where bf16 is
-    # native and faster: tag, evaluate and retrain's scoring then compute the same scores on any machine.
+    # --precision auto and a bundle with no precision check: fp32 candidates only, the arithmetic the bundle was
+    # validated in, even where bf16 is native and cheaper: tag, evaluate and retrain's scoring then compute the same
+    # scores on any machine (a passed check adds its candidate: the test after the int8 ones).
     assert (choice.name, choice.precision) == ("openvino", "fp32")
     fp32 = {n: r for n, r in costs.items() if n.endswith("fp32")}
     assert sorted(timed) == sorted(fp32) and choice.measured == fp32
@@ -524,6 +525,16 @@ def test_auto_adds_a_reduced_precision_only_where_the_bundle_passed_its_check_an
     assert runtimes.candidates("auto", checked) == fp32
     # An explicit --precision is measured among the runtimes that compute it, checked or not.
     assert runtimes.candidates("int8", checked) == [("onnx", "int8"), ("openvino", "int8")]
+    # int8 passed with one set of calibration photos competes only while the job calibrates on the same ones.
+    from tagger.model.bundle import record_precision_check as record
+
+    int8 = {"candidate": "openvino int8", "model_version": checked.model_version, "passed": True, "calibration": {"source": "generated"}}
+    checked = record(checked.path, int8)
+    assert ("openvino", "int8") in runtimes.candidates("auto", checked)
+    photos = tmp_path / "calibration"
+    photos.mkdir()
+    monkeypatch.setenv("TAGGER_INT8_CALIBRATION", str(photos))
+    assert ("openvino", "int8") not in runtimes.candidates("auto", checked)
     # A check is recorded only on the model it scored.
     with pytest.raises(BundleError, match="is not the checked one"):
         record_precision_check(checked.path, {"candidate": "openvino bf16", "model_version": "0" * 16, "passed": True})
@@ -547,3 +558,7 @@ def test_evaluate_at_auto_scores_what_the_tag_job_computes_when_a_checked_bf16_w
     assert (runtime["name"], runtime["precision"]) == ("openvino", "bf16")
     evaluation = run_evaluate(EvaluateConfig(model=folder, data=str(demo.root), split="all", workers=0, plots=False))
     assert evaluation.computed == "openvino bf16"
+    # Without a passed check there is nothing but fp32 to choose: evaluate keeps the order retrain's scoring uses
+    # (so it reproduces retrain's recorded metrics exactly), whatever the measuring would say.
+    plain = run_evaluate(EvaluateConfig(model=driven_bundle, data=str(demo.root), split="all", workers=0, plots=False))
+    assert plain.computed == runtimes.choose_runtime("auto", CPU).name == "onnx"

@@ -270,15 +270,20 @@ def _read_split(url: str, options: Mapping[str, Any]) -> dict[str, str]:
 
 def _device(requested: str, precision: str, runtime: str = "auto", bundle=None):
     """The device and runtime, with the precision checked against them (fp16 is for CUDA, ONNX Runtime is
-    fp32) and the runtime's package against what is installed, before any image is read. ``auto`` with the
-    bundle: the tag job's own choice (measured and cached per model_version and CPU), so that on a CPU where
-    the bundle's checked bf16 wins, evaluate scores what tag writes."""
+    fp32) and the runtime's package against what is installed, before any image is read.
+
+    ``auto``: the first installed of ONNX Runtime, OpenVINO, PyTorch in fp32, as retrain's scoring picks it,
+    so that evaluate reproduces retrain's recorded metrics exactly; tag's measured fp32 choice may be another
+    fp32 runtime, equal within float jitter. Where the bundle passed a precision check in a reduced precision
+    this CPU computes natively, tag may choose that, and its tags differ by more than jitter: then evaluate
+    takes tag's own measured choice (cached per model_version and CPU), to score what tag writes."""
     from ..model.predictor import precision_settings, resolve_device
-    from ..model.runtimes import choose_runtime
+    from ..model.runtimes import candidates, choose_runtime
 
     try:
         device = resolve_device(requested)
-        chosen = choose_runtime(runtime, device, precision, bundle=bundle)
+        reduced = bundle is not None and precision == "auto" and any(p != "fp32" for _, p in candidates("auto", bundle))
+        chosen = choose_runtime(runtime, device, precision, bundle=bundle if reduced else None)
         precision_settings(chosen.precision if chosen.precision and precision == "auto" else precision, device, chosen.name)
     except (RuntimeError, ValueError) as exc:
         raise EvaluationError(str(exc)) from None

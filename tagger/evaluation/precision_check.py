@@ -25,7 +25,7 @@ REDUCED = ("bf16", "int8")
 def check_precision(config: EvaluateConfig, tolerance: float = TOLERANCE_POINTS) -> tuple[dict[str, Any], Evaluation, Evaluation]:
     """Score ``config``'s split in fp32 and in ``config.precision`` with ``config.runtime`` -> (record, fp32
     evaluation, reduced evaluation). Raises :class:`EvaluationError` for a runtime or precision that is not one to check."""
-    from ..model.runtimes import CPU_PRECISIONS, cpu_identity, library_versions
+    from ..model.runtimes import CPU_PRECISIONS, calibration_identity, cpu_identity, library_versions
 
     if config.precision not in REDUCED:
         raise EvaluationError(f"--check-precision compares a reduced precision with fp32: give --precision {' or '.join(REDUCED)}, "
@@ -61,6 +61,7 @@ def check_precision(config: EvaluateConfig, tolerance: float = TOLERANCE_POINTS)
         "largest_drop_points": max(drops),
         "split": config.split, "rows": int(reduced.ok.sum()), "data_fingerprint": reduced.data_fingerprint,
         "attributes": attributes,
+        **({"calibration": calibration_identity()} if config.precision == "int8" else {}),
         "cpu": cpu_identity()["model"], "libraries": library_versions(),
         "checked_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

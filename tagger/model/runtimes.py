@@ -194,7 +194,9 @@ def candidates(precision: str, bundle: ModelBundle | None = None) -> list[tuple[
         for runtime in CPU_PREFERENCE:
             for reduced in ("bf16", "int8"):
                 if (reduced in CPU_PRECISIONS[runtime] and bundle.validated(runtime, reduced) and installed(runtime)
-                        and (reduced != "bf16" or cpu_has_bf16())):
+                        and (reduced != "bf16" or cpu_has_bf16())
+                        # int8's ranges come from its calibration photos: the check holds for the ones it used
+                        and (reduced != "int8" or bundle.precision_checks[f"{runtime} int8"].get("calibration") == calibration_identity())):
                     pairs.append((runtime, reduced))
     return pairs
 
@@ -537,6 +539,22 @@ INT8_FORMAT = 1  # bump when how the int8 model is made changes (calibration, qu
 INT8_CALIBRATION_ENV = "TAGGER_INT8_CALIBRATION"
 INT8_CALIBRATION_IMAGES = 200
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
+
+
+def calibration_identity() -> dict[str, Any]:
+    """What :func:`calibration_images` would calibrate on now, without decoding anything: the folder and a hash
+    of the names it would take, or the generated set. A precision check of int8 records it."""
+    import hashlib
+
+    folder = os.environ.get(INT8_CALIBRATION_ENV)
+    if not folder:
+        return {"source": "generated"}
+    try:
+        files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in _IMAGE_SUFFIXES)[:INT8_CALIBRATION_IMAGES]
+    except OSError:
+        return {"source": "folder", "folder": str(Path(folder).resolve()), "names_sha256": None}
+    names = hashlib.sha256("\n".join(p.name for p in files).encode()).hexdigest()[:16]
+    return {"source": "folder", "folder": str(Path(folder).resolve()), "names_sha256": names}
 
 
 def calibration_images(size: int) -> tuple[np.ndarray, dict[str, Any]]:

@@ -60,6 +60,8 @@ def build_report(config: ReportConfig) -> ReportResult:
         "run_id": night.run_id,
         "model_version": night.model_version,
         "previous_model_version": before.model_version if before else None,
+        "computed": night.computed,
+        "previous_computed": before.computed if before else None,
         "catalog": (night.plan or {}).get("catalog"),
         "counts": counts,
         "previous_counts": previous_counts,

@@ -212,8 +212,15 @@ def render_page(report: dict[str, Any], gallery: list[dict[str, Any]], config: R
            "</head><body><main>", f"<h1>Tagging report · run_date={e(date)}</h1>"]
     compared = (f"compared with the night before, run_date={e(previous)}" if previous
                 else "first night: no earlier complete night to compare with")
-    out.append(f'<p class="meta">{compared} · run {e(str(r["run_id"]))} · model {e(str(r["model_version"]))} · '
+    computed = f' · computed in {e(r["computed"])}' if r.get("computed") else ""
+    out.append(f'<p class="meta">{compared} · run {e(str(r["run_id"]))} · model {e(str(r["model_version"]))}{computed} · '
                f'generated {e(r["generated_at"])} in {r.get("duration_s", 0):.1f} s</p>')
+    now, then = r.get("computed"), r.get("previous_computed")
+    if previous and now and then and now.split()[-1] != then.split()[-1]:
+        # fp32 runtimes agree within float jitter; another precision moves a few near-tie tags (the bundle's precision check counts them)
+        out.append(f'<div class="banner note">The arithmetic changed since run_date={e(previous)} ({e(then)} → {e(now)}): a few '
+                   "near-tie tags differ without the catalog changing; the bundle's precision check (model.json, precision_checks) "
+                   "says how many on its test split.</div>")
     if previous and r["previous_model_version"] and r["previous_model_version"] != r["model_version"]:
         out.append(f'<div class="banner note">The model changed since run_date={e(previous)} ({e(r["previous_model_version"])} → '
                    f'{e(str(r["model_version"]))}): drift below may be the model\'s, not the catalog\'s.</div>')

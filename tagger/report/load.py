@@ -53,6 +53,14 @@ class Night:
         return self.tags_success.get("model_version") or (self.plan or {}).get("model_version")
 
     @property
+    def computed(self) -> str | None:
+        """What ran the model, in what arithmetic ("openvino bf16"), as the run summary recorded it; None if not."""
+        runtime = ((self.summary or {}).get("this_process") or {}).get("runtime")
+        if isinstance(runtime, Mapping) and runtime.get("name") and runtime.get("precision"):
+            return f"{runtime['name']} {runtime['precision']}"
+        return None
+
+    @property
     def tag_rows(self) -> int:
         return int(self.tags_success.get("rows", 0))
 
