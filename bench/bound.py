@@ -1,10 +1,11 @@
 """Where the bound lies, for the shipped model on 1800x2400 photos, today's code against an older commit.
 
-    python -m bench.bound [--images 128] [--rounds 2] [--workers 2] [--batch-size 32] [--against 18c6b55]
+    python -m bench.bound [--images 1024] [--rounds 2] [--workers 2] [--batch-size 32] [--against 18c6b55]
                           [--model models/fashion-lite0] [--no-write]
 
-For each side (``today``: this tree; ``before``: the tree of commit ``--against``, extracted once with ``git
-archive`` under bench/work/, run with ``PYTHONPATH`` pointing at it):
+For each side (``today``: this tree; ``today-fp32``: this tree with ``TAGGER_CPU_BF16=0``, as on a CPU without
+native bfloat16, where ``auto`` chooses among fp32 runtimes only; ``before``: the tree of commit ``--against``,
+extracted once with ``git archive`` under bench/work/, run with ``PYTHONPATH`` pointing at it):
 
 * the two costs (bench/bound_child.py, in its own process): decode CPU ms per photo (one worker's share)
   and model CPU ms per photo (the runtime ``--runtime auto`` picks, at torch's thread count);
@@ -174,7 +175,7 @@ def markdown(r: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.bound", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=128)
+    parser.add_argument("--images", type=int, default=1024)  # enough that start-up (~6 s) is not most of the run
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=32)

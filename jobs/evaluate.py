@@ -76,24 +76,17 @@ def evaluate(**options) -> None:
 
 
 def execute(config) -> int:
-    from tagger import storage
-    from tagger.model.bundle import BundleError
-    from tagger.evaluation import EvaluationError
     from tagger.evaluation.evaluate import evaluate as run
     from tagger.evaluation.report import summary_text, write_report
-    from tagger.data.reader import StorageUnavailable
-    from tagger.data.kaggle import DataError
 
-    try:
+    def work():
         evaluation = run(config)
-        written = write_report(evaluation)
-    except (EvaluationError, BundleError, DataError) as exc:
-        return _fail(EXIT_INVALID_INPUT, f"invalid input: {exc}")
-    except Exception as exc:
-        if isinstance(exc, StorageUnavailable) or storage.is_unavailable(exc):
-            return _fail(EXIT_STORAGE, f"storage unavailable: {type(exc).__name__}: {exc}")
-        log.exception("evaluation failed")
-        return _fail(EXIT_CRASH, f"failed: {type(exc).__name__}: {exc}")
+        return evaluation, write_report(evaluation)
+
+    done, code = _guarded(work, "evaluation")
+    if done is None:
+        return code
+    evaluation, written = done
     click.echo(summary_text(evaluation))
     click.echo(f"report: {written['report.md']} ({len(written)} files)", err=True)
     return EXIT_OK
@@ -101,26 +94,49 @@ def execute(config) -> int:
 
 def execute_check(config) -> int:
     """--check-precision: both scorings, the table, the record written into the bundle."""
+    import os
+
+    from tagger import storage
+    from tagger.evaluation.precision_check import check_precision, check_text
+    from tagger.model.bundle import record_precision_check
+
+    meta = storage.join(config.model, "model.json")
+    if "://" not in config.model and os.path.isfile(meta) and not (os.access(meta, os.W_OK) and os.access(config.model, os.W_OK)):
+        # found now, not after minutes of scoring: the verdict is written into the bundle
+        return _fail(EXIT_INVALID_INPUT, f"invalid input: {meta} is not writable, and the check records its verdict there; "
+                     "copy the bundle to a folder you can write and check that copy")
+
+    def work():
+        record, _, _ = check_precision(config)
+        record_precision_check(config.model, record, config.storage_options)
+        return record
+
+    record, code = _guarded(work, "precision check")
+    if record is None:
+        return code
+    click.echo(check_text(record))
+    click.echo(f"recorded in {meta} (precision_checks)", err=True)
+    return EXIT_OK
+
+
+def _guarded(work, what: str):
+    """``work()`` -> (its result, None), or (None, the exit code) with the reason said: 2 invalid input, 4 storage
+    unavailable, 1 anything else."""
     from tagger import storage
     from tagger.data.kaggle import DataError
     from tagger.data.reader import StorageUnavailable
     from tagger.evaluation import EvaluationError
-    from tagger.evaluation.precision_check import check_precision, check_text
-    from tagger.model.bundle import BundleError, record_precision_check
+    from tagger.model.bundle import BundleError
 
     try:
-        record, _, _ = check_precision(config)
-        record_precision_check(config.model, record, config.storage_options)
-    except (EvaluationError, BundleError, DataError, ValueError) as exc:
-        return _fail(EXIT_INVALID_INPUT, f"invalid input: {exc}")
+        return work(), None
+    except (EvaluationError, BundleError, DataError) as exc:
+        return None, _fail(EXIT_INVALID_INPUT, f"invalid input: {exc}")
     except Exception as exc:
         if isinstance(exc, StorageUnavailable) or storage.is_unavailable(exc):
-            return _fail(EXIT_STORAGE, f"storage unavailable: {type(exc).__name__}: {exc}")
-        log.exception("precision check failed")
-        return _fail(EXIT_CRASH, f"failed: {type(exc).__name__}: {exc}")
-    click.echo(check_text(record))
-    click.echo(f"recorded in {storage.join(config.model, 'model.json')} (precision_checks)", err=True)
-    return EXIT_OK
+            return None, _fail(EXIT_STORAGE, f"storage unavailable: {type(exc).__name__}: {exc}")
+        log.exception("%s failed", what)
+        return None, _fail(EXIT_CRASH, f"failed: {type(exc).__name__}: {exc}")
 
 
 def _fail(code: int, message: str) -> int:

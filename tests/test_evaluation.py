@@ -428,3 +428,19 @@ def test_check_precision_scores_both_ways_and_records_the_verdict_in_the_bundle(
 def test_check_precision_refuses_what_it_cannot_compare(tiny_bundle, data, args, message):
     result = evaluate("--model", tiny_bundle, "--data", str(data), "--split", "all", "--check-precision", *args)
     assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_check_precision_on_a_read_only_bundle_is_exit_2_before_scoring(tiny_bundle, data, tmp_path, monkeypatch):
+    import os
+    import shutil
+
+    from tagger.evaluation import precision_check
+
+    folder = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, folder)
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if str(path).startswith(str(folder)) and mode == os.W_OK else real(path, mode))
+    monkeypatch.setattr(precision_check, "evaluate", lambda *a, **k: pytest.fail("scored a bundle whose verdict cannot be written"))
+    result = evaluate("--model", str(folder), "--data", str(data), "--split", "all", "--runtime", "openvino", "--precision", "bf16",
+                      "--check-precision")
+    assert result.exit_code == 2 and "is not writable" in result.output and "copy the bundle" in result.output, result.output
