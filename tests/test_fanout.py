@@ -87,6 +87,20 @@ def test_shard_tasks_in_any_order_commit_once_and_equal_a_single_run(job, single
     assert summary["rows"] == 50 and summary["tagged"] == len(tags) and summary["errors"] == len(errors)
     success_body = json.loads(success(out).read_text())
     assert sorted(success_body["parts"]) == [f"part-{i:05d}.parquet" for i in range(8)]
+    # Each shard's marker names the arithmetic its tags were computed in; the summary counts the tagged rows of each.
+    assert len(summary["computed"]) == 1 and sum(summary["computed"].values()) == summary["tagged"]
+
+
+def test_shard_tasks_computing_in_different_arithmetic_are_counted_apart(job):
+    """Fan-out tasks on two kinds of CPU (one with native bf16, where `auto` may take a bundle's checked bf16):
+    the partition is still one night, and its summary says which share of the tags each arithmetic made."""
+    out, base = job
+    assert tag(*base, "--plan-only").exit_code == 0
+    assert tag(*base, "--shard", "0/2", "--runtime", "torch", "--precision", "fp32").exit_code == 0
+    last = tag(*base, "--shard", "1/2", "--runtime", "torch", "--precision", "bf16")
+    assert last.exit_code == 0, last.output
+    summary = json.loads((state(out) / "summary.json").read_text())
+    assert set(summary["computed"]) == {"torch fp32", "torch bf16"} and sum(summary["computed"].values()) == summary["tagged"]
 
 
 def test_a_shard_task_that_runs_twice_writes_nothing_twice(job):

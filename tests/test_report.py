@@ -404,3 +404,9 @@ def test_a_change_of_arithmetic_between_nights_is_said_on_the_page(tmp_path):
         json.dumps({"this_process": {"runtime": {"name": "openvino", "precision": "fp32"}}}))
     assert run("--out", str(tmp_path), "--run-date", "2026-11-27").exit_code == 0
     assert "The arithmetic changed" not in (tmp_path / "_reports" / "run_date=2026-11-27" / "report.html").read_text()
+    # Fan-out tasks on two kinds of CPU: the partition's counts of each shard's arithmetic say so.
+    (tmp_path / "_runs" / "run_date=2026-11-27" / "summary.json").write_text(
+        json.dumps({"computed": {"onnx fp32": 30, "openvino bf16": 70}, "this_process": {"runtime": {"name": "onnx", "precision": "fp32"}}}))
+    assert run("--out", str(tmp_path), "--run-date", "2026-11-27").exit_code == 0
+    assert report_json(tmp_path, "2026-11-27")["computed"] == "mixed: onnx fp32 (30% of tagged rows), openvino bf16 (70% of tagged rows)"
+    assert "computed in different arithmetic" in (tmp_path / "_reports" / "run_date=2026-11-27" / "report.html").read_text()

@@ -216,7 +216,11 @@ def render_page(report: dict[str, Any], gallery: list[dict[str, Any]], config: R
     out.append(f'<p class="meta">{compared} · run {e(str(r["run_id"]))} · model {e(str(r["model_version"]))}{computed} · '
                f'generated {e(r["generated_at"])} in {r.get("duration_s", 0):.1f} s</p>')
     now, then = r.get("computed"), r.get("previous_computed")
-    if previous and now and then and now.split()[-1] != then.split()[-1]:
+    if now and now.startswith("mixed"):
+        out.append(f'<div class="banner note">This night\'s shards were computed in different arithmetic ({e(now)}): fan-out '
+                   "tasks ran on different kinds of CPU. Tags may differ in near-ties between shards; pin --precision fp32 "
+                   "(or one kind of machine) for one arithmetic.</div>")
+    elif previous and now and then and not then.startswith("mixed") and now.split()[-1] != then.split()[-1]:
         # fp32 runtimes agree within float jitter; another precision moves a few near-tie tags (the bundle's precision check counts them)
         out.append(f'<div class="banner note">The arithmetic changed since run_date={e(previous)} ({e(then)} → {e(now)}): a few '
                    "near-tie tags differ without the catalog changing; the bundle's precision check (model.json, precision_checks) "

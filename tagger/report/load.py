@@ -54,7 +54,15 @@ class Night:
 
     @property
     def computed(self) -> str | None:
-        """What ran the model, in what arithmetic ("openvino bf16"), as the run summary recorded it; None if not."""
+        """What ran the model, in what arithmetic ("openvino bf16"), as the run summary recorded it: the shards'
+        markers counted ("mixed: ..." where fan-out tasks on different CPUs computed differently), else the
+        summarising process's runtime; None if not recorded."""
+        counts = (self.summary or {}).get("computed")
+        if isinstance(counts, Mapping) and counts:
+            if len(counts) == 1:
+                return str(next(iter(counts)))
+            total = sum(counts.values()) or 1
+            return "mixed: " + ", ".join(f"{name} ({n / total:.0%} of tagged rows)" for name, n in counts.items())
         runtime = ((self.summary or {}).get("this_process") or {}).get("runtime")
         if isinstance(runtime, Mapping) and runtime.get("name") and runtime.get("precision"):
             return f"{runtime['name']} {runtime['precision']}"

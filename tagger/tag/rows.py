@@ -28,8 +28,10 @@ class ShardRows:
     the bundle's)."""
 
     def __init__(self, partition: Partition, plan: Plan, manifest: Manifest, attributes: list[str], model_version: str,
-                 options: dict[str, Any] | None = None, *, review_thresholds: Mapping[str, float] | None = None):
+                 options: dict[str, Any] | None = None, *, review_thresholds: Mapping[str, float] | None = None,
+                 computed: str | None = None):
         self.partition, self.plan, self.manifest, self.options = partition, plan, manifest, options
+        self.computed = computed  # "<runtime> <precision>" of the model, recorded in each shard's marker
         self.attributes, self.model_version = attributes, model_version
         self.thresholds = {name: float((review_thresholds or {}).get(name, 0.0)) for name in attributes}
         self.schema = writers.tags_schema(attributes)
@@ -42,6 +44,7 @@ class ShardRows:
             tags=writers.PartWriter(storage.join(self.partition.tags, name), self.schema, self.options),
             errors=writers.PartWriter(storage.join(self.partition.errors, name), writers.ERRORS_SCHEMA, self.options),
             remaining=reads,
+            computed=self.computed,
         )
         # Rows already judged by the manifest check (empty id or image, repeated id) go out first.
         start, stop = shard * self.plan.shard_size, (shard + 1) * self.plan.shard_size

@@ -32,7 +32,7 @@ from .model_part import BatchModel, ModelSettings, NonFiniteScores
 from .rows import ShardRows
 from .shards import ShardCommitter, ShardCursor, ShardOutput, owning_partition
 from .stop import Interrupted, StopFlag
-from .summary import ProcessFacts, RunResult, over_error_rate, partition_counts, summary_line, write_summary
+from .summary import ProcessFacts, RunResult, computed_name, over_error_rate, partition_counts, summary_line, write_summary
 
 __all__ = ["TagRunner", "RunResult", "StopFlag", "Interrupted", "PlanMismatch", "NonFiniteScores", "WorkerFailure",
            "Plan", "plan_key", "PLAN_FORMAT", "ShardCursor", "ShardOutput", "summary_line"]
@@ -159,7 +159,7 @@ class TagRunner:
         model = self.model.load(bundle, manifest)
         self.facts.device, self.facts.runtime = model.device, model.runtime
         rows = ShardRows(self.partition, plan, manifest, bundle.attribute_names, bundle.model_version, self.options,
-                         review_thresholds=bundle.review_thresholds)
+                         review_thresholds=bundle.review_thresholds, computed=computed_name(model.runtime))
         cursor = ShardCursor(pending, lambda s: rows.open(s, int(reads[s])), shards.commit)
         loader = ImageLoader(self.config, manifest, readable, bundle.input_size, self.model.device.type == "cuda", self.stop)
         del readable

@@ -39,6 +39,7 @@ class ShardOutput:
     reused: int = 0
     review: Counter = field(default_factory=Counter)  # attribute -> tags under its review threshold
     review_rows: int = 0  # tag rows with at least one such attribute
+    computed: str | None = None  # what ran the model on this shard's images ("openvino bf16"), for its marker
 
     def stats(self, run_id: str) -> dict[str, Any]:
         """The done marker's body."""
@@ -57,6 +58,9 @@ class ShardOutput:
             # What resume and finalize check against a listing before they trust the marker (lost_parts).
             "bytes": {"tags": {writers.part_name(self.index): self.tags.bytes},
                       "errors": {writers.part_name(self.index): self.errors.bytes}},
+            # Fan-out tasks on different machines may compute in different arithmetic (`auto` and a bundle
+            # checked in bf16: bf16 where the CPU has it natively): the partition's summary counts each.
+            **({"computed": self.computed} if self.computed and self.tagged else {}),
             "seconds": round(time.time() - self.started, 3),
             "finished_at": now_iso(),
         }

@@ -55,6 +55,10 @@ def partition_counts(plan: Plan, stats: list[dict[str, Any]]) -> dict[str, Any]:
         raise RuntimeError(f"shards account for {rows} rows but the manifest has {plan.rows}; not committing")
     tags = sum(s["tagged"] + s["reused"] for s in stats)
     review_rows = sum(s.get("needs_review", {}).get("rows", 0) for s in stats)
+    computed: Counter = Counter()  # arithmetic -> rows tagged in it this run (markers before it was recorded: none)
+    for s in stats:
+        if s.get("computed"):
+            computed[s["computed"]] += s["tagged"]
     return {
         **plan.facts(),
         "tagged": sum(s["tagged"] for s in stats),
@@ -67,7 +71,15 @@ def partition_counts(plan: Plan, stats: list[dict[str, Any]]) -> dict[str, Any]:
             "share": round(review_rows / tags if tags else 0.0, 6),
             "attributes": dict(sorted(review.items())),
         },
+        "computed": dict(sorted(computed.items())),
     }
+
+
+def computed_name(runtime: dict[str, Any] | None) -> str | None:
+    """A process's runtime facts -> "<runtime> <precision>" ("openvino bf16"), None when unknown."""
+    if isinstance(runtime, dict) and runtime.get("name") and runtime.get("precision"):
+        return f"{runtime['name']} {runtime['precision']}"
+    return None
 
 
 def over_error_rate(counts: dict[str, Any], max_error_rate: float) -> str:
