@@ -562,3 +562,49 @@ def test_evaluate_at_auto_scores_what_the_tag_job_computes_when_a_checked_bf16_w
     # (so it reproduces retrain's recorded metrics exactly), whatever the measuring would say.
     plain = run_evaluate(EvaluateConfig(model=driven_bundle, data=str(demo.root), split="all", workers=0, plots=False))
     assert plain.computed == runtimes.choose_runtime("auto", CPU).name == "onnx"
+
+
+# -- a cached export checked against the bundle's reference outputs -----------------------------------
+@pytest.mark.skipif(not runtimes.installed("onnx"), reason="extra [onnx] not installed")
+def test_a_cached_export_that_reproduces_the_reference_outputs_spares_building_the_network(demo, driven_bundle, tmp_path, monkeypatch):
+    """save_bundle records what the network computes on the check images; a later run whose cached export
+    reproduces them neither imports timm nor builds the network (a run's start: ~2.5 s less), and tags the same."""
+    from tagger.model.bundle import ModelBundle
+    from tests.test_tag import read, tag
+
+    bundle = load_bundle(driven_bundle)
+    assert bundle.reference_outputs["images"] == runtimes.check_images_digest(runtimes.trial_images(bundle.input_size, 2))
+    assert set(bundle.reference_outputs["probabilities"]) == set(bundle.attribute_names)
+    monkeypatch.setenv("TAGGER_CACHE", str(tmp_path / "cache"))
+    args = ("--catalog", str(demo.catalog), "--model", driven_bundle, "--runtime", "onnx")
+    first = tag(*args, "--out", str(tmp_path / "first"), "--run-date", "2026-01-05")
+    assert first.exit_code == 0, first.output
+
+    def no_network(self):
+        raise AssertionError("built the PyTorch network although the cached export reproduces the reference outputs")
+
+    monkeypatch.setattr(ModelBundle, "_build", no_network)
+    runtimes._REFERENCE_CHECKED.clear()
+    second = tag(*args, "--out", str(tmp_path / "second"), "--run-date", "2026-01-05")
+    assert second.exit_code == 0, second.output
+    columns = [c for c in read(tmp_path / "first", "tags", "2026-01-05").columns if c not in ("run_id", "tagged_at")]
+    assert read(tmp_path / "second", "tags", "2026-01-05").select(columns).sort("product_id").equals(
+        read(tmp_path / "first", "tags", "2026-01-05").select(columns).sort("product_id"))
+
+
+@pytest.mark.skipif(not runtimes.installed("onnx"), reason="extra [onnx] not installed")
+def test_reference_outputs_of_other_check_images_fall_back_to_the_pytorch_check(driven_bundle, tmp_path, caplog):
+    import shutil
+
+    folder = tmp_path / "bundle"
+    shutil.copytree(driven_bundle, folder)
+    meta = json.loads((folder / "model.json").read_text())
+    meta["reference_outputs"]["images"] = "sha256:made-on-other-images"
+    (folder / "model.json").write_text(json.dumps(meta))
+    bundle = load_bundle(str(folder))
+    cache = tmp_path / "cache"
+    runtimes.onnx_model(bundle, cache)
+    assert runtimes.verified_export(bundle, cache) is None  # not usable: the tag job builds the network to check
+    with caplog.at_level(logging.INFO, logger="tagger.model.runtimes"):
+        assert runtimes.onnx_model(bundle, cache).is_file()
+    assert "cached; checked:" in caplog.text  # against PyTorch, as before reference outputs existed

@@ -56,6 +56,11 @@ class ModelBundle:
     # scored both in fp32 and in that arithmetic, per attribute, and whether every attribute stayed within the
     # tolerance. Not part of model_version: a check says how the same model behaves, it changes no prediction.
     precision_checks: Mapping[str, Any] = field(default_factory=dict)
+    # What the network computes in fp32 on the deterministic check images (tagger.model.runtimes.trial_images):
+    # per attribute, the softmax probabilities, with a hash of the images. A cached ONNX export that reproduces
+    # them is this model's, checked without building the PyTorch network (timm's import alone is ~2.5 s of
+    # every run's start). Written by save_bundle; not part of model_version (it follows from the weights).
+    reference_outputs: Mapping[str, Any] = field(default_factory=dict)
     # The network built by check_weights(), handed to the next build_net() call instead of a second build.
     _checked_net: list = field(default_factory=list, repr=False, compare=False)
 
@@ -178,6 +183,7 @@ def _content(out: str, net: TaggerNet, *, backbone: str, labels: Mapping[str, Se
         "training": {"created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), **(training or {})},
     }
     meta["model_version"] = compute_model_version(weights, meta)
+    meta["reference_outputs"] = reference_outputs(net, list(labels))
     return weights, meta
 
 
@@ -319,7 +325,34 @@ def _from_meta(path: str, meta: Mapping[str, Any], weights: bytes) -> ModelBundl
         training=meta.get("training", {}),
         weights=weights,
         precision_checks=meta.get("precision_checks") if isinstance(meta.get("precision_checks"), Mapping) else {},
+        reference_outputs=meta.get("reference_outputs") if isinstance(meta.get("reference_outputs"), Mapping) else {},
     )
+
+
+def reference_outputs(net: TaggerNet, names: Sequence[str]) -> dict[str, Any]:
+    """``net``'s fp32 probabilities on the check images, as model.json's ``reference_outputs`` holds them."""
+    from .runtimes import check_images_digest, trial_images
+
+    images = trial_images(int(net.data_config.input_size), 2)
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.inference_mode():
+            logits = net(images.to(next(net.parameters()).device))
+    finally:
+        net.train(was_training)
+    return {"images": check_images_digest(images), "probabilities": {
+        name: logits[name].float().softmax(1).cpu().tolist() for name in names}}
+
+
+def record_reference_outputs(path: str, storage_options: Mapping[str, Any] | None = None) -> ModelBundle:
+    """Add ``reference_outputs`` to a bundle written before save_bundle recorded them (the network is built once)."""
+    bundle = load_bundle(path, storage_options)
+    meta_url = storage.join(path, META_FILE)
+    meta = json.loads(storage.read_bytes(meta_url, storage_options))
+    meta["reference_outputs"] = reference_outputs(bundle.build_net(), bundle.attribute_names)
+    storage.write_bytes(meta_url, json.dumps(meta, indent=2).encode(), storage_options)
+    return load_bundle(path, storage_options)
 
 
 def record_precision_check(path: str, record: Mapping[str, Any], storage_options: Mapping[str, Any] | None = None) -> ModelBundle:

@@ -423,6 +423,8 @@ def onnx_model(bundle: ModelBundle, cache_dir: str | Path | None = None) -> Path
     _require_export()
     folder = Path(cache_dir or onnx_cache_dir()) / bundle.model_version
     path, why = _trusted(folder, bundle)
+    if path is not None and _reproduces_reference(bundle, path):
+        return path
     if path is not None:
         try:
             check = _check_export(bundle.build_net().float().eval(), bundle.attribute_names, path)
@@ -478,6 +480,52 @@ def _export(bundle: ModelBundle, folder: Path) -> Path:
     return path
 
 
+# (model_version, export file's sha256) pairs this process has seen reproduce the bundle's reference outputs.
+_REFERENCE_CHECKED: dict[tuple[str, str], dict[str, Any]] = {}
+
+
+def verified_export(bundle: ModelBundle, cache_dir: str | Path | None = None) -> Path | None:
+    """The cached export of ``bundle`` if it is whole and reproduces the bundle's reference outputs, else None
+    (nothing is exported or built here). Such an export proves the bundle's weights are this network, so the
+    tag job then skips building the PyTorch network just to check them."""
+    if not bundle.reference_outputs or not (installed("onnx") or installed("openvino")):
+        return None
+    path, _ = _trusted(Path(cache_dir or onnx_cache_dir()) / bundle.model_version, bundle)
+    return path if path is not None and _reproduces_reference(bundle, path) else None
+
+
+def _reproduces_reference(bundle: ModelBundle, path: Path) -> bool:
+    """Whether the export at ``path`` computes the bundle's recorded fp32 probabilities on the check images
+    (within EXPORT_TOLERANCE, as a fresh export must match PyTorch). False where the bundle has none, or they
+    were computed on other check images (then the PyTorch network is built and compared, as before)."""
+    reference = bundle.reference_outputs
+    images = _check_images(bundle.input_size, 2)
+    if not reference or reference.get("images") != check_images_digest(images):
+        return False
+    key = (bundle.model_version, file_sha256(path))  # the content: a file replaced in place is checked again
+    if key in _REFERENCE_CHECKED:
+        return True
+    try:
+        engine_name = "onnx" if installed("onnx") else "openvino"
+        got = ENGINES[engine_name](path, "fp32", threads=max(1, torch.get_num_threads()))(images)
+        worst = 0.0
+        for i, name in enumerate(bundle.attribute_names):
+            p = torch.from_numpy(np.asarray(got[i], dtype=np.float32)).softmax(1)
+            worst = max(worst, float((p - torch.tensor(reference["probabilities"][name])).abs().max()))
+    except Exception as exc:  # a damaged file, a reference of another shape: fall back to the PyTorch check
+        log.warning("ONNX export of model %s: checking it against the bundle's reference outputs failed (%s: %s); "
+                    "checking it against the PyTorch network instead", bundle.model_version, type(exc).__name__, exc)
+        return False
+    if not worst <= EXPORT_TOLERANCE:  # also NaN
+        log.warning("ONNX export of model %s at %s does not reproduce the bundle's reference outputs (largest probability "
+                    "difference %.2e); checking it against the PyTorch network", bundle.model_version, path, worst)
+        return False
+    _REFERENCE_CHECKED[key] = {"by": engine_name, "max_probability_difference": worst}
+    log.info("ONNX export of model %s: %s (cached; reproduces the bundle's reference outputs: largest probability "
+             "difference %.1e, by %s)", bundle.model_version, path, worst, engine_name)
+    return True
+
+
 def _require_export() -> None:
     if importlib.util.find_spec(EXPORT_PACKAGE) is None:
         raise RuntimeSettingError(
@@ -489,6 +537,13 @@ def _require_export() -> None:
 def trial_images(size: int, n: int) -> torch.Tensor:
     """Deterministic uint8 images (``n``, 3, ``size``, ``size``) for a trial or check pass."""
     return _check_images(size, n)
+
+
+def check_images_digest(images: torch.Tensor) -> str:
+    """A hash of the check images: a bundle's reference outputs hold only for the images they were computed on."""
+    import hashlib
+
+    return "sha256:" + hashlib.sha256(np.ascontiguousarray(images.numpy()).tobytes()).hexdigest()[:32]
 
 
 def _check_images(size: int, n: int) -> torch.Tensor:
