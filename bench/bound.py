@@ -7,8 +7,9 @@ For each side (``today``: this tree; ``today-fp32``: this tree with ``TAGGER_CPU
 native bfloat16, where ``auto`` chooses among fp32 runtimes only; ``before``: the tree of commit ``--against``,
 extracted once with ``git archive`` under bench/work/, run with ``PYTHONPATH`` pointing at it):
 
-* the two costs (bench/bound_child.py, in its own process): decode CPU ms per photo (one worker's share)
-  and model CPU ms per photo (the runtime ``--runtime auto`` picks, at torch's thread count);
+* the two costs (bench/bound_child.py, in its own process, in every round; the median of the rounds): decode CPU
+  ms per photo (one worker's share) and model CPU ms per photo (the runtime ``--runtime auto`` picks, at torch's
+  thread count);
 * the limit they imply for this machine's cores: ``cores x 1000 / (decode + model)`` img/s, the rate the job
   would reach if every core did nothing but decode and run the model;
 * the job end to end (``tagger tag`` through bench/child.py, ``--runtime auto``, the same catalog, batch size
@@ -218,8 +219,10 @@ def main(argv: list[str] | None = None) -> int:
                "against": args.against, "mean_file_kb": round(sum(p.stat().st_size for p in set(images)) / len(set(images)) / 1024, 1)}
     for side in SIDES:  # first use: export and `auto`'s measuring, cached, out of the timed runs
         job(trees[side], {**base, "catalog": str(warm)}, f"{side} warm-up", side)
-    component = {side: costs(trees[side], {"catalog": str(catalog), "model": base["model"], "batch_size": args.batch_size,
-                                           "images": min(64, args.images)}, f"{side} costs", side) for side in SIDES}
+    cost_spec = {"catalog": str(catalog), "model": base["model"], "batch_size": args.batch_size, "images": min(64, args.images)}
+    # The two costs are measured in every round beside the job (a machine's speed drifts: one measurement at
+    # the start made a limit the later rounds did not share); the figure is the median of the rounds.
+    measured_costs: dict[str, list[dict]] = {side: [] for side in SIDES}
     # Each side runs the catalog twice per round, at SMALL photos and at all of them: the difference is the
     # job's steady state, what a large catalog sees (process start, imports, model load and worker start-up
     # are the same in both and drop out).
@@ -227,10 +230,14 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, list[dict]] = {side: [] for side in SIDES}
     for r in range(args.rounds):
         for side in SIDES if r % 2 == 0 else tuple(reversed(SIDES)):
+            measured_costs[side].append(costs(trees[side], cost_spec, f"round {r + 1} {side} costs", side))
             few = job(trees[side], {**base, "catalog": str(small)}, f"round {r + 1} {side} ({SMALL})", side)
             full = job(trees[side], {**base, "catalog": str(catalog)}, f"round {r + 1} {side} ({args.images})", side)
             full["small_run"] = few
             runs[side].append(full)
+    component = {side: {**measured_costs[side][0], "rounds": measured_costs[side],
+                        **{k: round(statistics.median(c[k] for c in measured_costs[side]), 2) for k in ("decode_cpu_ms", "model_cpu_ms")}}
+                 for side in SIDES}
     results.update(component=component, runs=runs, cores=os.cpu_count() or 1,
                    machine_after={"load_average": procmem.machine_info()["load_average"]}, elapsed_s=round(time.time() - started, 1))
     summarise(results)

@@ -410,8 +410,11 @@ def test_check_precision_scores_both_ways_and_records_the_verdict_in_the_bundle(
     assert record["model_version"] == before.model_version and record["split"] == "test"
     assert list(record["attributes"]) == after.attribute_names
     drops = [v["drop_points"] for v in record["attributes"].values() if v["drop_points"] is not None]
-    assert record["largest_drop_points"] == max(drops) and record["passed"] == (max(drops) <= 0.5) == after.validated("openvino", "bf16")
-    assert "precision check of openvino bf16 against fp32" in result.stdout and ("PASSED" if record["passed"] else "FAILED") in result.stdout
+    assert record["largest_drop_points"] == max(drops)
+    # A few dozen test rows cannot show a 0.5-point drop: the check does not pass on them, whatever the drops.
+    assert record["rows"] < 200 and record["passed"] is False and not after.validated("openvino", "bf16")
+    assert "fewer than the 200 a check needs" in result.stdout
+    assert "precision check of openvino bf16 against fp32" in result.stdout and "FAILED" in result.stdout
     # Its fp32 side is what a plain evaluate computes with the same runtime in fp32.
     plain = evaluate("--model", str(folder), "--data", str(data), "--split", "test", "--runtime", "openvino", "--precision", "fp32",
                      "--out", str(tmp_path / "report"), "--no-plots", "--workers", "0")
