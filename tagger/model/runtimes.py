@@ -506,12 +506,8 @@ def _reproduces_reference(bundle: ModelBundle, path: Path) -> bool:
     if key in _REFERENCE_CHECKED:
         return True
     try:
-        engine_name = "onnx" if installed("onnx") else "openvino"
-        got = ENGINES[engine_name](path, "fp32", threads=max(1, torch.get_num_threads()))(images)
-        worst = 0.0
-        for i, name in enumerate(bundle.attribute_names):
-            p = torch.from_numpy(np.asarray(got[i], dtype=np.float32)).softmax(1)
-            worst = max(worst, float((p - torch.tensor(reference["probabilities"][name])).abs().max()))
+        expected = {name: torch.tensor(reference["probabilities"][name]) for name in bundle.attribute_names}
+        engine_name, worst = _export_difference(path, images, expected)
     except Exception as exc:  # a damaged file, a reference of another shape: fall back to the PyTorch check
         log.warning("ONNX export of model %s: checking it against the bundle's reference outputs failed (%s: %s); "
                     "checking it against the PyTorch network instead", bundle.model_version, type(exc).__name__, exc)
@@ -564,18 +560,24 @@ def _check_images(size: int, n: int) -> torch.Tensor:
 EXPORT_TOLERANCE = 1e-4
 
 
+def _export_difference(path: Path, images: torch.Tensor, expected: dict[str, torch.Tensor]) -> tuple[str, float]:
+    """The export at ``path`` run in fp32 (ONNX Runtime, else OpenVINO) on ``images`` -> (engine, the largest
+    difference of any softmax probability from ``expected``, attribute -> probabilities, in output order)."""
+    engine_name = "onnx" if installed("onnx") else "openvino"
+    got = ENGINES[engine_name](path, "fp32", threads=max(1, torch.get_num_threads()))(images)
+    worst = 0.0
+    for i, probabilities in enumerate(expected.values()):
+        p = torch.from_numpy(np.asarray(got[i], dtype=np.float32)).softmax(1)
+        worst = max(worst, float((p - probabilities).abs().max()))
+    return engine_name, worst
+
+
 def _check_export(net: TaggerNet, names: list[str], path: Path) -> dict[str, Any]:
     """Run the export (ONNX Runtime, else OpenVINO, in fp32) and PyTorch on the same generated images."""
     images = _check_images(int(net.data_config.input_size), 2)
     with torch.inference_mode():
-        expected = net(images)
-    engine_name = "onnx" if installed("onnx") else "openvino"
-    engine = ENGINES[engine_name](path, "fp32", threads=max(1, torch.get_num_threads()))
-    got = engine(images)
-    worst = 0.0
-    for i, name in enumerate(names):
-        p = torch.from_numpy(np.asarray(got[i], dtype=np.float32)).softmax(1)
-        worst = max(worst, float((p - expected[name].float().softmax(1)).abs().max()))
+        logits = net(images)
+    engine_name, worst = _export_difference(path, images, {name: logits[name].float().softmax(1) for name in names})
     if not worst <= EXPORT_TOLERANCE:  # also NaN
         raise RuntimeError(
             f"the ONNX export of this model does not compute what PyTorch computes (largest probability "
