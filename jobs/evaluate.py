@@ -7,9 +7,11 @@ import sys
 
 import click
 
+from tagger.data.http import split_hosts
 from tagger.tag.config import DEVICES, default_workers
 
 from .options import (
+    http_options,
     max_image_bytes_option,
     max_image_pixels_option,
     parse_storage_options,
@@ -53,6 +55,7 @@ EXIT_OK, EXIT_CRASH, EXIT_INVALID_INPUT, EXIT_STORAGE = 0, 1, 2, 4
 @click.option("--max-confusion-classes", type=click.IntRange(min=0), default=20, show_default=True,
               help="Draw confusion matrices for attributes with at most this many classes.")
 @click.option("--plots/--no-plots", default=True, show_default=True, help="Write the PNG figures.")
+@http_options
 @click.option("--check-precision", is_flag=True,
               help="Score the split twice with --runtime, in fp32 and in --precision (bf16 or int8), and record in the "
               "bundle's model.json whether every attribute stayed within 0.5 point of fp32; where it did, --runtime auto "
@@ -70,6 +73,7 @@ def evaluate(**options) -> None:
     options["storage_options"] = parse_storage_options(options["storage_options"])
     options["data"] = options["data"][0] if len(options["data"]) == 1 else list(options["data"])
     options["corrections"] = list(options["corrections"])
+    options["allow_hosts"] = split_hosts(options["allow_hosts"])
     check = options.pop("check_precision")
     config = EvaluateConfig(**options)
     sys.exit(execute_check(config) if check else execute(config))

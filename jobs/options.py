@@ -72,3 +72,25 @@ max_image_pixels_option = click.option(
     "--max-image-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_IMAGE_PIXELS, show_default=True,
     help="Decompression-bomb guard: larger images are too_large errors, refused from their header.",
 )
+
+
+def http_options(command):
+    """--allow-host, --allow-private-addresses, --allow-plain-http and --http-deadline: which http(s):// images a
+    command may read (tag and evaluate; tagger.data.http.http_policy)."""
+    options = [
+        click.option("--allow-host", "allow_hosts", multiple=True, metavar="HOST", envvar="TAGGER_ALLOW_HOSTS",
+                     help="Read https:// images from HOST (repeatable; *.example.com for its subdomains; TAGGER_ALLOW_HOSTS: "
+                     "space- or comma-separated). Without it every http(s):// image is an invalid_location error row."),
+        click.option("--allow-private-addresses", is_flag=True, envvar="TAGGER_ALLOW_PRIVATE_ADDRESSES",
+                     help="Let allowed hosts resolve to private, loopback or link-local addresses (a CDN inside your "
+                     "network; tests). Refused by default: a manifest must not reach internal services."),
+        click.option("--allow-plain-http", is_flag=True, envvar="TAGGER_ALLOW_PLAIN_HTTP",
+                     help="Also read http:// (not only https://) from the allowed hosts: a server you trust on a network "
+                     "you trust."),
+        click.option("--http-deadline", type=click.FloatRange(min=1), default=120.0, show_default=True,
+                     help="Seconds one http(s) image may take, retries of 429/5xx included; past it the server counts as "
+                     "unavailable (exit 4, as S3 down)."),
+    ]
+    for option in reversed(options):  # as stacked decorators: --help lists them in this order
+        command = option(command)
+    return command

@@ -12,7 +12,7 @@ from tagger.tag.config import (PRECISIONS, DEVICES, ENGINES, PROGRESS_MODES, RUN
 from tagger.data.decode import DEFAULT_MAX_IMAGE_PIXELS
 from tagger.data.http import split_hosts
 
-from .options import max_image_bytes_option, parse_storage_options, storage_option
+from .options import http_options, max_image_bytes_option, parse_storage_options, storage_option
 
 log = logging.getLogger("tagger.tag")
 
@@ -128,17 +128,7 @@ def common_output_options(function):
 @click.option("--report", "write_report", is_flag=True,
               help="After a run that completes the partition, write its morning report (`tagger report`, no thresholds) "
               "under OUT/_reports/run_date=D/. A report that fails is said on stderr; the tag's exit code stands.")
-@click.option("--allow-host", "allow_hosts", multiple=True, metavar="HOST", envvar="TAGGER_ALLOW_HOSTS",
-              help="Read https:// images from HOST (repeatable; *.example.com for its subdomains; TAGGER_ALLOW_HOSTS: "
-              "space- or comma-separated). Without it every http(s):// image is an invalid_location error row.")
-@click.option("--allow-private-addresses", is_flag=True, envvar="TAGGER_ALLOW_PRIVATE_ADDRESSES",
-              help="Let allowed hosts resolve to private, loopback or link-local addresses (a CDN inside your network; "
-              "tests). Refused by default: a manifest must not reach internal services.")
-@click.option("--allow-plain-http", is_flag=True, envvar="TAGGER_ALLOW_PLAIN_HTTP",
-              help="Also read http:// (not only https://) from the allowed hosts: a server you trust on a network you trust.")
-@click.option("--http-deadline", type=click.FloatRange(min=1), default=120.0, show_default=True,
-              help="Seconds one http(s) image may take, retries of 429/5xx included; past it the server counts as "
-              "unavailable (exit 4, as S3 down).")
+@http_options
 def tag(**options) -> None:
     """Tag every product of a catalog manifest and write the date's Parquet partitions.
 

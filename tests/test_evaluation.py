@@ -447,3 +447,39 @@ def test_check_precision_on_a_read_only_bundle_is_exit_2_before_scoring(tiny_bun
     result = evaluate("--model", str(folder), "--data", str(data), "--split", "all", "--runtime", "openvino", "--precision", "bf16",
                       "--check-precision")
     assert result.exit_code == 2 and "is not writable" in result.output and "copy the bundle" in result.output, result.output
+
+
+def test_evaluate_reads_a_labelled_manifest_of_cdn_urls_from_allowed_hosts_only(retrained, data, tmp_path):
+    """A retailer's labelled catalog points at its CDN: evaluate reads those photos as the tag job does, from
+    the hosts --allow-host names, and scores them like the same photos on disk."""
+    from .http_server import PhotoServer
+
+    rows = styles_rows(data)[:12]
+    server = PhotoServer(data / "images").start()
+    try:
+        names = ["gender", "masterCategory", "subCategory", "articleType", "baseColour", "season", "usage"]
+        for kind, location in (("local", lambda r: str(data / "images" / f"{r['id']}.jpg")),
+                               ("cdn", lambda r: f"{server.url}/img/{r['id']}.jpg")):
+            with open(tmp_path / f"{kind}.csv", "w", newline="") as handle:
+                writer = csv.writer(handle)
+                writer.writerow(["product_id", "image", *names])
+                writer.writerows([r["id"], location(r), *(r[n] for n in names)] for r in rows)
+        local = evaluate("--model", retrained, "--data", str(tmp_path / "local.csv"), "--split", "all", "--workers", "0",
+                         "--out", str(tmp_path / "local"), "--no-plots")
+        assert local.exit_code == 0, local.output
+        refused = evaluate("--model", retrained, "--data", str(tmp_path / "cdn.csv"), "--split", "all", "--workers", "0",
+                           "--out", str(tmp_path / "refused"), "--no-plots")
+        assert refused.exit_code == 2 and "none of the 12 images could be decoded" in refused.output
+        assert "--allow-host" in refused.output, refused.output
+        allowed = evaluate("--model", retrained, "--data", str(tmp_path / "cdn.csv"), "--split", "all", "--workers", "0",
+                           "--out", str(tmp_path / "cdn"), "--no-plots", "--allow-host", "127.0.0.1",
+                           "--allow-private-addresses", "--allow-plain-http")
+        assert allowed.exit_code == 0, allowed.output
+        assert server.count("GET", "/img/") == 12
+    finally:
+        server.stop()
+    same = ["attribute", "n", "accuracy", "macro_f1"]
+    assert (pq.read_table(tmp_path / "cdn" / "metrics.parquet").select(same).to_pylist()
+            == pq.read_table(tmp_path / "local" / "metrics.parquet").select(same).to_pylist())
+    widen = evaluate("--model", retrained, "--data", str(tmp_path / "cdn.csv"), "--split", "all", "--allow-plain-http")
+    assert widen.exit_code == 2 and "which names no host" in widen.output

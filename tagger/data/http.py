@@ -125,6 +125,19 @@ def host_pattern_problem(pattern: str) -> str | None:
     return None
 
 
+def http_policy(allow_hosts: Sequence[str], *, allow_private_addresses: bool = False, allow_plain_http: bool = False,
+                deadline: float = 120.0) -> HttpPolicy | None:
+    """The options --allow-host, --allow-private-addresses, --allow-plain-http and --http-deadline (tag and
+    evaluate alike) -> the policy (None: no host named, every http(s):// image an invalid_location error).
+    ValueError for options that contradict each other or a host that is not a host."""
+    if not allow_hosts:
+        if allow_private_addresses or allow_plain_http:
+            raise ValueError("allow_private_addresses / allow_plain_http widen --allow-host, which names no host")
+        return None
+    return HttpPolicy(tuple(allow_hosts), allow_private=allow_private_addresses, allow_plain_http=allow_plain_http,
+                      deadline=deadline, connect_timeout=min(10.0, deadline), read_timeout=min(30.0, deadline))
+
+
 def split_hosts(values: Sequence[str]) -> tuple[str, ...]:
     """Hosts from repeated options or a comma/space separated environment value."""
     hosts: list[str] = []

@@ -62,6 +62,11 @@ class EvaluateConfig:
     id_column: str = "product_id"  # labelled manifests' columns, as retrain's
     image_column: str = "image"
     data_format: str | None = None
+    # http(s):// images in a labelled manifest: read only from these hosts, as the tag job's --allow-host
+    allow_hosts: tuple[str, ...] = ()
+    allow_private_addresses: bool = False
+    allow_plain_http: bool = False
+    http_deadline: float = 120.0
 
     @property
     def data_text(self) -> str:
@@ -86,7 +91,17 @@ class EvaluateConfig:
             raise EvaluationError("--max-image-bytes and --max-image-pixels must be >= 1")
         if self.unknown_labels not in UNKNOWN_LABEL_POLICIES:
             raise EvaluationError(f"--unknown-labels must be one of {', '.join(UNKNOWN_LABEL_POLICIES)}, got {self.unknown_labels!r}")
+        try:
+            self.http_policy()
+        except ValueError as exc:
+            raise EvaluationError(str(exc)) from None
         return self
+
+    def http_policy(self):
+        from ..data.http import http_policy
+
+        return http_policy(self.allow_hosts, allow_private_addresses=self.allow_private_addresses,
+                           allow_plain_http=self.allow_plain_http, deadline=self.http_deadline)
 
 
 @dataclass
@@ -186,7 +201,7 @@ def evaluate(config: EvaluateConfig) -> Evaluation:
     outputs = run_model(
         bundle, urls, device=device, precision=config.precision, runtime=runtime, batch_size=config.batch_size, workers=config.workers,
         storage_options=options, max_bytes=config.max_image_bytes, max_pixels=config.max_image_pixels,
-        on_batch=progress_logger("evaluate"),
+        http=config.http_policy(), on_batch=progress_logger("evaluate"),
     )
     if not outputs.ok.any():
         raise EvaluationError(f"none of the {len(ids)} images could be decoded; first error: {next(iter(outputs.errors.values()))[1]}")

@@ -83,8 +83,10 @@ def run_model(
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     thumb_size: int | None = None,
     on_batch: Callable[[int, int], None] | None = None,
+    http: Any = None,
 ) -> ModelOutputs:
     """Decode and predict every location; a failed image becomes an entry in ``errors``, never a gap.
+    ``http``: the :class:`tagger.data.http.HttpPolicy` for http(s):// locations (None: they are errors).
 
     Raises :class:`tagger.data.reader.StorageUnavailable` when the store fails (after retries): numbers over
     the images that happened to load would be numbers over an arbitrary subset.
@@ -108,7 +110,7 @@ def run_model(
     predictor = Predictor(bundle, device, precision=precision, runtime=runtime)
     dataset = ImageRows.from_locations(
         locations, bundle.input_size, storage_options=storage_options, max_pixels=max_pixels,
-        max_bytes=max_bytes,
+        max_bytes=max_bytes, http=http,
         preview=functools.partial(thumbnail, size=thumb_size) if thumb_size else None,
     )
     remote = any(storage.is_remote(location) for location in locations)

@@ -10,7 +10,7 @@ from typing import Any
 
 from .. import storage
 from ..data.decode import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS
-from ..data.http import HttpPolicy
+from ..data.http import HttpPolicy, http_policy
 
 DEVICES = ("auto", "cpu", "cuda")
 ENGINES = ("local", "ray")  # what tags the pending shards: this process and its DataLoader, or Ray Data (tagger.tag.ray)
@@ -126,8 +126,6 @@ class TagConfig:
             problems.append("lease_ttl must be in [1, 86400] seconds")
         if not 0.0 <= self.lease_wait <= 86_400:
             problems.append("lease_wait must be in [0, 86400] seconds")
-        if (self.allow_private_addresses or self.allow_plain_http) and not self.allow_hosts:
-            problems.append("allow_private_addresses / allow_plain_http widen --allow-host, which names no host")
         try:
             self.http_policy()
         except ValueError as exc:
@@ -137,11 +135,8 @@ class TagConfig:
 
     def http_policy(self) -> HttpPolicy | None:
         """What http(s):// images may be read (None: none, they are invalid_location rows as before)."""
-        if not self.allow_hosts:
-            return None
-        return HttpPolicy(tuple(self.allow_hosts), allow_private=self.allow_private_addresses,
-                          allow_plain_http=self.allow_plain_http, deadline=self.http_deadline,
-                          connect_timeout=min(10.0, self.http_deadline), read_timeout=min(30.0, self.http_deadline))
+        return http_policy(self.allow_hosts, allow_private_addresses=self.allow_private_addresses,
+                           allow_plain_http=self.allow_plain_http, deadline=self.http_deadline)
 
     def public_dict(self) -> dict[str, Any]:
         """The arguments as the run summary records them: secrets masked."""
