@@ -19,7 +19,7 @@ OUT ?= out/demo
 RUN_DATE ?=
 TAG_ARGS ?=
 
-.PHONY: setup tag test test-precision bench clean browser-setup airflow-setup test-airflow image-tools image-base image image-tag image-run image-test
+.PHONY: setup tag test test-precision bench clean docs docs-setup browser-setup airflow-setup test-airflow image-tools image-base image image-tag image-run image-test
 
 setup: $(STAMP)
 
@@ -49,14 +49,31 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.bound
 
 clean:
-	rm -rf out
+	rm -rf out site
+
+# --- Documentation (docs/, mkdocs.yml): MkDocs with the Material theme, in its own pinned .venv-docs. ---
+# The generated reference pages must match the code (`python -m tools.docs_reference` rewrites them); then the
+# site is built with --strict into site/, so that a broken link or anchor fails the build.
+DOCS_VENV ?= .venv-docs
+DOCS_STAMP := $(DOCS_VENV)/.installed-stamp
+
+docs-setup: $(DOCS_STAMP)
+
+$(DOCS_STAMP): docs/requirements-docs.txt
+	test -x $(DOCS_VENV)/bin/python || $(PYTHON) -m venv $(DOCS_VENV)
+	$(DOCS_VENV)/bin/python -m pip install --quiet -r docs/requirements-docs.txt
+	touch $@
+
+docs: $(STAMP) $(DOCS_STAMP)
+	$(BIN)/python -m tools.docs_reference --check
+	NO_MKDOCS_2_WARNING=1 $(DOCS_VENV)/bin/mkdocs build --strict --clean --site-dir site
 
 # Debian's Chromium, for tests/test_report.py's render test (headless: every image loads, nothing overflows, a
 # screenshot). Without it that test skips, saying so. CI (.ci/run) calls this before `make test`.
 browser-setup:
 	@command -v chromium >/dev/null || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; }
 
-# --- Airflow (README "Airflow"): dags/fashion_tagger.py under a real Airflow 3, in its own virtualenv. ---
+# --- Airflow (docs/deploy/airflow.md): dags/fashion_tagger.py under a real Airflow 3, in its own virtualenv. ---
 # .venv-airflow never shares pins with the job's .venv; the DAG runs the job's `tagger` executable.
 AIRFLOW_VENV ?= .venv-airflow
 AIRFLOW_STAMP := $(AIRFLOW_VENV)/.installed-stamp
@@ -75,7 +92,7 @@ test-airflow: $(STAMP) $(AIRFLOW_STAMP)
 	FT_TAGGER='$(BIN)/tagger' FT_PYTHON='$(BIN)/python' FT_CATALOG='$(CATALOG)' FT_MODEL='$(MODEL)' \
 	  $(AIRFLOW_VENV)/bin/python -m pytest -p no:cacheprovider --confcutdir=tests/airflow tests/airflow
 
-# --- Container image (README "Container image"): Containerfile, built and run with Debian's podman + runc. ---
+# --- Container image (docs/deploy/container.md): Containerfile, built and run with Debian's podman + runc. ---
 # No registry is reachable from our machines: the base image is made locally from Debian packages (mmdebstrap)
 # under the name the Containerfile's FROM uses. TORCH_VARIANT=cuda keeps PyPI's CUDA build whole.
 IMAGE ?= localhost/fashion-tagger:latest
@@ -116,7 +133,7 @@ image: image-base
 image-tag:
 	$(MAKE) --no-print-directory image IMAGE_PROFILE=tag IMAGE=localhost/fashion-tagger:tag
 
-# README "Container image", word for word (tests/test_container_readme.py holds them equal): tag the demo
+# docs/deploy/container.md, word for word (tests/test_container.py holds them equal): tag the demo
 # catalog inside the image, non-root and without network, into out/container. CONTAINERS_CONF: on hosts
 # (like our microVMs) where the runtime may not set resource limits; `:U` gives out/container to uid 10001.
 image-run:
@@ -126,7 +143,7 @@ image-run:
 	    $(IMAGE) \
 	    tag --catalog /demo/catalog.csv --model /models/fashion-lite0 --out /out --run-date 2026-11-26 --workers 1
 
-# Build, check the image runs as uid 10001, run the README's command on a fresh out/container, check the tables.
+# Build, check the image runs as uid 10001, run the docs' command on a fresh out/container, check the tables.
 image-test: image $(STAMP)
 	test "$$($(PODMAN) run --rm --entrypoint id $(IMAGE) -u)" = 10001
 	rm -rf $(IMAGE_RUN_OUT)

@@ -4,7 +4,7 @@
     /opt/tagger/bin/python container/requirements.py --check PROFILE
 
 full: install_requires and the extras (the whole job). tag: the same less the training and evaluation stack,
-which `tagger tag`, `finalize` and `report` never import (README "Container image": what each image holds);
+which `tagger tag`, `finalize` and `report` never import (docs/deploy/container.md: what each image holds);
 --check then fails if pip brought any of it in anyway. Standard library only: it runs on the base image's python3.
 """
 

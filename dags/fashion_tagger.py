@@ -11,7 +11,7 @@ run belongs to, so re-running or backfilling a night rewrites exactly that night
 the latest complete partition before that date; the first night simply tags everything. The catalog
 location is a template: ``s3://feed/{{ ds }}/catalog.parquet`` reads each night's own file.
 
-Exit codes of ``tagger`` decide what Airflow does (README, "Exit codes"):
+Exit codes of ``tagger`` decide what Airflow does (docs/reference/exit-codes.md):
 
     2 (invalid input), 3 (too many error rows),  -> AirflowFailException: fail now, never retried
     6 (report: a quality threshold crossed)

@@ -28,8 +28,7 @@ EXIT_OK, EXIT_CRASH, EXIT_INVALID_INPUT, EXIT_STORAGE = 0, 1, 2, 4
 @click.command("evaluate")
 @click.option("--model", required=True, envvar="TAGGER_MODEL", help="Model bundle folder (model.json + model.safetensors [+ split.parquet]), local or s3://.")
 @click.option("--data", required=True, multiple=True,
-              help="Kaggle-layout folder (styles.csv + images/) or labelled manifest (one label column per attribute of "
-                   "the bundle), local or s3://, as `tagger retrain` takes it; repeat it for data trained on several sources.")
+              help="Kaggle-layout folder or labelled manifest, local or s3://, as `tagger retrain` takes it; repeatable.")
 @click.option("--corrections", multiple=True, help="Reviewers' corrections (id, attribute, label) over the data's labels, as in retrain.")
 @click.option("--id-column", default="product_id", show_default=True, help="Labelled manifests' product-id column.")
 @click.option("--image-column", default="image", show_default=True, help="Labelled manifests' image column.")
@@ -50,16 +49,14 @@ EXIT_OK, EXIT_CRASH, EXIT_INVALID_INPUT, EXIT_STORAGE = 0, 1, 2, 4
 @max_image_bytes_option
 @max_image_pixels_option
 @click.option("--unknown-labels", type=click.Choice(["exclude", "other"]), default="exclude", show_default=True,
-              help="Labels the model has never seen (external data): leave them out of the metrics, or score them "
-              "as 'Other' where the attribute has that class. Counted in the report either way.")
+              help="Labels the model never saw: left out of the metrics, or scored as 'Other' where it has that class.")
 @click.option("--max-confusion-classes", type=click.IntRange(min=0), default=20, show_default=True,
               help="Draw confusion matrices for attributes with at most this many classes.")
 @click.option("--plots/--no-plots", default=True, show_default=True, help="Write the PNG figures.")
 @http_options
 @click.option("--check-precision", is_flag=True,
-              help="Score the split twice with --runtime, in fp32 and in --precision (bf16 or int8), and record in the "
-              "bundle's model.json whether every attribute stayed within 0.5 point of fp32; where it did, --runtime auto "
-              "may choose that runtime and precision (on a CPU that computes it natively). Writes no report folder.")
+              help="Score the split in fp32 and in --precision with --runtime; record in model.json whether every attribute "
+              "stayed within 0.5 point.")
 @storage_option
 def evaluate(**options) -> None:
     """Score a model bundle on a split of Kaggle-layout data: accuracy, macro/weighted F1, majority baseline,

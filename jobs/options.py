@@ -48,8 +48,7 @@ storage_option = click.option(
     "storage_options",
     multiple=True,
     metavar="KEY=VALUE",
-    help="fsspec/s3fs option, repeatable; dotted keys nest, e.g. client_kwargs.region_name=eu-west-1. "
-    "Credentials come from the standard AWS chain (environment, AWS_PROFILE, instance role).",
+    help="fsspec/s3fs option, repeatable; dotted keys nest (client_kwargs.region_name=eu-west-1). Credentials: the AWS chain.",
 )
 
 
@@ -60,9 +59,7 @@ precision_option = click.option(
 )
 runtime_option = click.option(
     "--runtime", type=click.Choice(RUNTIMES), default="auto", show_default=True,
-    help="What runs the model, as `tagger tag --runtime` (auto: PyTorch on CUDA; on the CPU the first installed fp32 "
-    "runtime, or the tag job's own measured choice where the bundle passed a precision check in a precision this CPU "
-    "computes natively): use the tag job's setting to see the scores it writes.",
+    help="What runs the model, as `tagger tag --runtime`: use the tag job's setting to see the scores it writes.",
 )
 max_image_bytes_option = click.option(
     "--max-image-bytes", type=click.IntRange(min=1), default=DEFAULT_MAX_IMAGE_BYTES, show_default=True,
@@ -79,11 +76,10 @@ def http_options(command):
     command may read (tag and evaluate; tagger.data.http.http_policy)."""
     options = [
         click.option("--allow-host", "allow_hosts", multiple=True, metavar="HOST", envvar="TAGGER_ALLOW_HOSTS",
-                     help="Read https:// images from HOST (repeatable; *.example.com for its subdomains; TAGGER_ALLOW_HOSTS: "
-                     "space- or comma-separated). Without it every http(s):// image is an invalid_location error row."),
+                     help="Read https:// images from HOST (repeatable; *.example.com: its subdomains). Without it no http(s):// "
+                     "image is read."),
         click.option("--allow-private-addresses", is_flag=True, envvar="TAGGER_ALLOW_PRIVATE_ADDRESSES",
-                     help="Let allowed hosts resolve to private, loopback or link-local addresses (a CDN inside your "
-                     "network; tests). Refused by default: a manifest must not reach internal services."),
+                     help="Let allowed hosts resolve to private, loopback or link-local addresses (a CDN inside your network)."),
         click.option("--allow-plain-http", is_flag=True, envvar="TAGGER_ALLOW_PLAIN_HTTP",
                      help="Also read http:// (not only https://) from the allowed hosts: a server you trust on a network "
                      "you trust."),

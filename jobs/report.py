@@ -28,7 +28,7 @@ def threshold_options(function):
     """The alerting options: a crossed one exits 6 (after everything is written)."""
     for name, kind, text in reversed([
         ("--max-drift", click.FloatRange(0.0, 1.0), "Exit 6 when an attribute's label mix moved further than this Jensen-Shannon "
-         "distance (base 2, 0..1) from the night before's. 0.1 is a noticeable shift."),
+         "distance (0..1; 0.1 is visible)."),
         ("--max-psi", click.FloatRange(0.0), "Exit 6 when an attribute's population stability index exceeds this (0.25: a real shift)."),
         ("--min-agreement", click.FloatRange(0.0, 1.0), "Exit 6 when an attribute agrees with the catalog's labels on a smaller "
          "share of its labelled rows."),

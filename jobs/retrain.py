@@ -35,33 +35,29 @@ def _flag(option: str) -> str:
 
 @click.command("retrain")
 @click.option("--data", required=True, multiple=True,
-              help="A Kaggle 'Fashion Product Images' folder (styles.csv + images/) or a labelled manifest (the tag job's "
-                   "catalog CSV/Parquet/JSON Lines, .gz too, with one label column per --attribute), local or s3://. "
-                   "Repeat it to train on several as one data set (rows matched by id; an attribute a source has no "
-                   "column for is unlabelled there).")
+              help="A Kaggle-layout folder (styles.csv + images/) or a labelled manifest, local or s3://. Repeat it: one "
+                   "data set, matched by id.")
 @click.option("--attribute", "attributes", multiple=True,
-              help="An attribute to train, in the order the tags table will have them (repeat it); default: the "
-                   "seven Kaggle attributes. Each is a label column of the data; empty cells are unknown.")
+              help="An attribute (label column) to train, in the tags table's order; repeatable. Default: the seven "
+                   "Kaggle ones.")
 @click.option("--corrections", multiple=True,
-              help="A reviewer's corrections (columns: the id column, attribute, label; any manifest format): their "
-                   "labels replace the data's for those products. Repeatable.")
+              help="Reviewers' corrections (id, attribute, label; any manifest format) replace the data's labels. Repeatable.")
 @click.option("--id-column", default=D["id_column"], show_default=True, help="Labelled manifests' and corrections' product-id column.")
 @click.option("--image-column", default=D["image_column"], show_default=True, help="Labelled manifests' image column.")
 @click.option("--data-format", type=click.Choice(["csv", "parquet", "jsonl"]), default=None, show_default="from the name",
               help="Labelled manifests' and corrections' format.")
 @click.option("--keep-labels/--no-keep-labels", default=False, show_default=True,
-              help="With --init-weights BUNDLE: the attributes it has keep its labels (a label it does not know is scored as "
-                   "its Other, else unknown), so that their heads are kept even when the data is a subset of its own.")
+              help="With --init-weights BUNDLE: its attributes keep its labels, so that their heads carry over.")
 @click.option("--split-from", default=None,
-              help="A bundle folder (or its split.parquet) whose rows keep their train/val/test split; other rows are "
-                   "split afresh. Use it with --init-weights BUNDLE on that bundle's data, so that its test rows stay unseen.")
+              help="A bundle (or its split.parquet) whose rows keep their train/val/test split, so its test rows stay "
+                   "unseen.")
 @click.option("--out", required=True, help="Bundle folder to write (model.json, model.safetensors, split.parquet), local or s3://.")
 @click.option("--backbone", default=D["backbone"], show_default=True, help="Any timm model name.")
 @click.option("--pretrained/--no-pretrained", default=D["pretrained"], show_default=True,
               help="Start from ImageNet weights (Hugging Face hub). Fails if they cannot be had; never a silent random init.")
 @click.option("--init-weights", type=click.Path(exists=True), default=None,
-              help="Local weights to start from instead of the hub: a safetensors file or torch state dict for --backbone, "
-                   "or a tagger bundle (its folder, e.g. models/fashion-lite0, with --backbone set to its backbone).")
+              help="Local weights to start from: a safetensors file or state dict for --backbone, or a tagger bundle "
+                   "(its folder).")
 @click.option("--input-size", type=click.IntRange(16, 2048), default=None, show_default="the backbone's", help="Square input side in pixels.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=D["batch_size"], show_default=True)
 @click.option("--workers", type=click.IntRange(min=0), default=None, show_default="0 on CPU with cached images, else min(8, cores-1)",
@@ -72,16 +68,14 @@ def _flag(option: str) -> str:
 @click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True), default=D["label_smoothing"], show_default=True)
 @click.option("--max-epochs", type=click.IntRange(min=1), default=D["max_epochs"], show_default=True)
 @click.option("--max-minutes", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Wall-clock limit on the command up to the end of training: loading the weights, reading the data, "
-                   "the frozen-trunk pass and the epochs; fitting gets what is left (the LR schedule anneals within it, the "
-                   "best checkpoint so far is kept). Scoring val and test and writing the bundle come after it.")
+              help="Wall-clock limit up to the end of training (loading and caching included); the LR schedule anneals "
+                   "within it.")
 @click.option("--patience", type=click.IntRange(min=1), default=D["patience"], show_default=True, help="Epochs without a better val/score before stopping.")
 @click.option("--freeze-backbone-epochs", type=click.IntRange(min=0), default=D["freeze_backbone_epochs"], show_default=True,
               help="Train only the heads for this many epochs first.")
 @click.option("--freeze-stages", type=click.IntRange(min=0), default=D["freeze_stages"], show_default=True,
-              help="Keep the stem and the first N block stages at their pretrained weights and cache their output once "
-                   "(photo + mirror image), so that each epoch trains only the rest: many more epochs per CPU hour, "
-                   "at the cost of crop/rotation augmentation. EfficientNet-family backbones; 0 = fine-tune everything.")
+              help="Freeze the first N block stages (EfficientNet family) and cache their output once: far more epochs per "
+                   "CPU hour. 0: train all.")
 @click.option("--cache-mirror/--no-cache-mirror", default=D["cache_mirror"], show_default=True,
               help="With --freeze-stages: also cache each photo's mirror image (flip augmentation; twice the one-off pass).")
 @click.option("--grad-clip", type=click.FloatRange(min=0), default=D["grad_clip"], show_default=True, help="Max gradient norm; 0 = off.")

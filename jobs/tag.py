@@ -63,9 +63,8 @@ def common_output_options(function):
 @click.option("--image-column", default="image", show_default=True,
               help="Manifest column with the image: a path relative to the manifest, an absolute path or an s3:// URL.")
 @click.option("--image-separator", default=None, metavar="SEP",
-              help="The image cells hold several photos of the product, separated by SEP (e.g. ';'); its tags then come "
-              "from the mean of its photos' probabilities. A Parquet/JSON Lines list column needs no separator. "
-              "Default: none, a cell is one image.")
+              help="CSV image cells hold several photos separated by SEP (e.g. ';'); the tags come from all of them. "
+              "Default: one image per cell.")
 @click.option("--catalog-format", type=click.Choice(["csv", "parquet", "jsonl"]), default=None, help="Override the format guessed from the name.")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True, help="auto uses CUDA when a GPU is visible, and says so.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
@@ -81,12 +80,10 @@ def common_output_options(function):
               help="Run only shards I, I+N, I+2N... of the plan (fan-out over tasks or machines); needs a --plan-only run first.")
 @click.option("--plan-only", is_flag=True, help="Start a new run for the date (replacing its partition) and stop: the first step of a fan-out.")
 @click.option("--since", default=None, metavar="PREVIOUS",
-              help="Incremental run: reuse the tags of products whose image is unchanged (same product, location, "
-              "image version and model_version) from PREVIOUS, an output root (its latest complete run_date before "
-              "this one) or a partition OUT/tags/run_date=YYYY-MM-DD. Only new and changed images are read.")
+              help="Incremental run: reuse the tags of unchanged images from PREVIOUS (an output root or one partition); "
+              "only new and changed images are read.")
 @click.option("--since-missing-ok", is_flag=True,
-              help="A --since that does not exist (yet) tags every row instead of exiting 2. Not needed when --since is "
-              "this run's own --out, whose first night is allowed to be empty.")
+              help="A --since that does not exist (yet) tags every row instead of exiting 2 (not needed when it is --out).")
 @click.option("--run-id", default=None, help="Run identifier stored in every row (default: date + random suffix).")
 @max_image_bytes_option
 @click.option("--max-image-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_IMAGE_PIXELS, show_default=True,
@@ -94,40 +91,29 @@ def common_output_options(function):
 @click.option("--draft-decode/--no-draft-decode", default=True, show_default=True,
               help="Decode JPEGs at reduced scale (libjpeg DCT scaling) before resizing.")
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
-              help="Model arithmetic. auto: fp16 autocast on CUDA; on the CPU bf16 autocast where the CPU has native "
-              "bfloat16 (AVX512-BF16/AMX: ~1.5x faster, top labels equal except near-ties), else fp32. fp32: no autocast. "
-              "int8 (CPU, ONNX Runtime or OpenVINO): the ONNX export statically quantized, calibrated once per model_version "
-              "(TAGGER_INT8_CALIBRATION: a folder of the catalog's photos; else generated images); never chosen by auto, "
-              "its accuracy loss is per model (README, Performance).")
+              help="Model arithmetic. auto: fp16 on CUDA; on a CPU fp32, or a reduced precision the bundle passed a check in "
+              "where the CPU computes it natively.")
 @click.option("--runtime", type=click.Choice(RUNTIMES), default="auto", show_default=True,
-              help="What runs the model. auto: PyTorch on CUDA; on the CPU whichever installed of ONNX Runtime, OpenVINO "
-              "and PyTorch costs the least CPU per image at this --precision (fp32 under auto), measured on this CPU on the model's first run and cached "
-              "in $TAGGER_CACHE/runtime-choice, logged and recorded in the run summary (TAGGER_AUTO_RUNTIME=preference: "
-              "the first installed, unmeasured). onnx/openvino (CPU only) run the bundle's network exported to ONNX, cached per model_version "
-              "in $TAGGER_CACHE/onnx (default ~/.cache/fashion-tagger/onnx); they need the extras "
-              "fashion-tagger[onnx] / [openvino].")
+              help="What runs the model. auto: PyTorch on CUDA; on a CPU the installed runtime that costs the least CPU per "
+              "image, measured once per model and CPU.")
 @click.option("--threads", type=click.IntRange(min=0), default=0, show_default="0: torch's default, one per core",
-              help="Torch threads of the model on the CPU. On a small machine shared with other work, fewer threads than "
-              "cores (e.g. CPUs - workers) avoid OpenMP threads spinning while a peer waits for a core "
-              "(docs/benchmarks.md). Results may differ in the last float bit with the thread count. With --engine ray: "
-              "threads per CPU model actor (0: up to 4, no more than a node's CPUs).")
+              help="The model's CPU threads (--engine ray: per model actor, 0: up to 4). On a shared machine, fewer than the "
+              "cores.")
 @click.option("--progress", type=click.Choice(PROGRESS_MODES), default="auto", show_default=True,
-              help="auto: a bar on an interactive terminal (log lines go through it), periodic log lines otherwise. "
-              "ray: with --engine ray, Ray Data's own per-operator bars instead of ours.")
+              help="auto: a bar on an interactive terminal, a log line every 30 s otherwise. ray: Ray Data's own bars "
+              "(--engine ray).")
 @click.option("--lease-ttl", type=click.FloatRange(1, 86_400), default=120.0, show_default=True,
-              help="Seconds after its last heartbeat (renewed every ttl/4) that another run may take over the date "
-              "from a run that died on another machine. A dead run on this machine is taken over at once.")
+              help="Seconds after its last heartbeat that a run which died on another machine may be taken over.")
 @click.option("--lease-wait", type=click.FloatRange(0, 86_400), default=0.0, show_default=True,
               help="Seconds to wait for another live run that owns the date to end, before exiting 5.")
 @click.option("--engine", type=click.Choice(ENGINES), default="local", show_default=True, callback=_engine,
-              help="What tags the images: local (this process and its --workers) or ray (Ray Data: decode tasks and "
-              "model actors over a Ray cluster; the extra fashion-tagger[ray]). Same tables, shards, resume and summary.")
+              help="What tags the images: local (this process and its --workers) or ray (a Ray cluster; the extra "
+              "fashion-tagger[ray]). Same tables either way.")
 @click.option("--ray-address", default=None, metavar="ADDR",
-              help="--engine ray: the Ray cluster to join (the head's GCS address, host:6379). Default: RAY_ADDRESS when "
-              "set (as under `ray job submit`), else a Ray started on this machine for the run.")
+              help="--engine ray: the cluster to join (host:6379). Default: RAY_ADDRESS, else a Ray started for the run.")
 @click.option("--report", "write_report", is_flag=True,
-              help="After a run that completes the partition, write its morning report (`tagger report`, no thresholds) "
-              "under OUT/_reports/run_date=D/. A report that fails is said on stderr; the tag's exit code stands.")
+              help="Once the partition is complete, write its morning report (`tagger report`, no thresholds). The tag's "
+              "exit code stands.")
 @http_options
 def tag(**options) -> None:
     """Tag every product of a catalog manifest and write the date's Parquet partitions.

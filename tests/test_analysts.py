@@ -1,5 +1,5 @@
 """Issue 23, analysts: each table's ``_partitions.json`` names the complete nights and their files, and the
-README's recipes (run here as written) read only those: every night, the latest, a range; never a night
+recipes of docs/tables.md (run here as written) read only those: every night, the latest, a range; never a night
 still being written."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from jobs.cli import cli
 from tagger.tag.writers import INDEX_FILE, read_complete_partition, read_complete_table
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+TABLES_PAGE = Path(__file__).resolve().parents[1] / "docs" / "tables.md"
 COMPLETE = ["2026-10-31", "2026-11-26", "2026-11-27"]
 PARTIAL = "2026-11-28"
 
@@ -40,10 +40,10 @@ def out(demo, tiny_bundle, tmp_path_factory) -> Path:
 
 
 def recipes() -> dict[str, str]:
-    """The code blocks of the README's "Reading the tables", by their first comment line's first word."""
-    text = README.read_text()
-    section = text[text.index("### Reading the tables"):]
-    section = section[:section.index("\n## ", 1)]
+    """The code blocks of docs/tables.md's "Reading the tables", by their first comment line's first word."""
+    text = TABLES_PAGE.read_text()
+    section = text[text.index("## Reading the tables"):]
+    section = section[:section.index("\n## ", 1)] if "\n## " in section[1:] else section
     blocks = re.findall(r"```(python|sql)\n(.*?)```", section, re.S)
     return {re.match(r"(?:#|--) (\w+)", body).group(1): body for _, body in blocks}
 

@@ -1,4 +1,4 @@
-"""README "Container image", without podman: its `podman run` example is the command `make image-run` (and so
+"""docs/deploy/container.md, without podman: its `podman run` example is the command `make image-run` (and so
 `make image-test`) runs, word for word; `make image` leaves nothing dangling; the tag-only image's requirements
 (container/requirements.py) leave out only what `tagger tag`, `finalize` and `report` never import."""
 
@@ -17,13 +17,12 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _readme_container_block() -> str:
-    readme = (REPO / "README.md").read_text()
-    section = readme[readme.index("## Container image"):]
-    return re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+def _docs_container_block() -> str:
+    page = (REPO / "docs" / "deploy" / "container.md").read_text()
+    return re.search(r"```bash\n(.*?)```", page, re.S).group(1)
 
 
-def test_the_readmes_podman_run_is_what_make_image_run_runs():
+def test_the_docs_podman_run_is_what_make_image_run_runs():
     if shutil.which("make") is None:
         pytest.skip("make is not installed")
     env = {k: v for k, v in os.environ.items() if k not in {"IMAGE", "MAKEFLAGS", "MAKELEVEL"}}
@@ -31,9 +30,9 @@ def test_the_readmes_podman_run_is_what_make_image_run_runs():
                           capture_output=True, text=True, check=True).stdout
     commands = [line for line in made.splitlines() if line.strip()]
     assert commands[0] == "mkdir -p out/container" and "podman run" in commands[1], made
-    block = _readme_container_block()
-    assert made.strip() in block, f"README's command differs from `make -n image-run`:\n{made}"
-    # What makes it work on a rootful host with default settings (README: the two notes under the command).
+    block = _docs_container_block()
+    assert made.strip() in block, f"docs/deploy/container.md's command differs from `make -n image-run`:\n{made}"
+    # What makes it work on a rootful host with default settings (the page's two notes under the command).
     run = " ".join(commands[1:])
     assert "CONTAINERS_CONF=container/containers.conf" in run and '"$PWD/out/container:/out:U"' in run
     assert "default_ulimits = []" in (REPO / "container/containers.conf").read_text()

@@ -592,7 +592,7 @@ def _check_export(net: TaggerNet, names: list[str], path: Path) -> dict[str, Any
 INT8_FORMAT = 1  # bump when how the int8 model is made changes (calibration, quantizer settings)
 # TAGGER_INT8_CALIBRATION: a folder of photos like the catalog's (the first INT8_CALIBRATION_IMAGES by name)
 # that set the int8 model's activation ranges; unset: generated product drawings (tagger.demo), which need no
-# data but fit real photos less well (README, Performance, has both measured on the shipped model).
+# data but fit real photos less well (docs/performance.md has both measured on the shipped model).
 INT8_CALIBRATION_ENV = "TAGGER_INT8_CALIBRATION"
 INT8_CALIBRATION_IMAGES = 200
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")

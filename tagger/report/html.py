@@ -240,7 +240,7 @@ def render_page(report: dict[str, Any], gallery: list[dict[str, Any]], config: R
     files = ", ".join(r.get("files", []))
     out.append(f'<footer>Written by <code>tagger report --out {e(str(r["out"]))} --run-date {e(date)}</code> to '
                f'{e(config.folder)}: {e(files)}. Every figure on this page is in report.json; shares are of the night\'s '
-               "tag rows; PSI and Jensen-Shannon distance compare label mixes (README, \"Reading the morning report\").</footer>")
+               "tag rows; PSI and Jensen-Shannon distance compare label mixes (docs/morning-report.md).</footer>")
     out += ["</main></body></html>", ""]
     return "\n".join(out)
 

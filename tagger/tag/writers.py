@@ -133,7 +133,7 @@ def read_success(partition: str, options: Mapping[str, Any] | None = None) -> di
 
 
 # Beside each table's partitions: which are complete, their files, and the latest, for readers that have no
-# Python from us (polars, DuckDB, pandas, Spark: README "Reading the tables"). A leading underscore, like
+# Python from us (polars, DuckDB, pandas, Spark: docs/tables.md). A leading underscore, like
 # _SUCCESS, keeps Arrow datasets, Spark and `*.parquet` globs from taking it for data.
 INDEX_FILE = "_partitions.json"
 INDEX_FORMAT = 1
