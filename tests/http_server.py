@@ -11,6 +11,16 @@ Routes (``NAME`` is a photo's file name in the served folder):
 - ``/huge``: 60 MB, streamed with no Content-Length (only the byte cap while reading can stop it);
 - ``/huge-declared``: a Content-Length of 60 MB (refused unread), then bytes.
 
+Hostile ones (tests/test_http_hostile.py):
+
+- ``/big404/X``: 404 with a 100 KiB HTML page (nginx, CloudFront and S3 websites send such pages);
+- ``/chunked404/X``: 404 with a 200 KiB page sent chunked (no Content-Length);
+- ``/nolength/NAME``: the photo without a Content-Length (only the byte cap while reading can refuse it);
+- ``/drip/NAME``: the photo one byte every ``drip_pause`` s (each byte would restart a socket timeout);
+- ``/drip-headers``: a 200 whose headers come one byte every ``drip_pause`` s, without end;
+- ``/many-headers``: a 200 with 10,000 headers;
+- ``/loop``: a redirect to itself.
+
 ``requests`` records (method, path) of every request. A second listener (``silent_url``) accepts
 connections and never answers. Both are daemon threads: they stop with the test process, or when stopped.
 """
@@ -28,9 +38,10 @@ from urllib.parse import parse_qs, urlsplit
 
 
 class PhotoServer:
-    def __init__(self, folder: Path, slow_pause: float = 0.2):
+    def __init__(self, folder: Path, slow_pause: float = 0.2, drip_pause: float = 0.5):
         self.folder = Path(folder)
         self.slow_pause = slow_pause
+        self.drip_pause = drip_pause
         self.requests: list[tuple[str, str]] = []
         self.stopping = threading.Event()
         self._seen: set[str] = set()
@@ -58,6 +69,25 @@ class PhotoServer:
                 if not head:
                     self.wfile.write(body)
 
+            def chunked(self, code, size):
+                self.send_response(code)
+                self.send_header("Content-Type", "text/html")
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                piece = b"<p>not here</p>" * 1000
+                sent = 0
+                while sent < size:
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                    sent += len(piece)
+                self.wfile.write(b"0\r\n\r\n")
+
+            def drip(self, data):
+                for index in range(len(data)):
+                    if server.stopping.wait(server.drip_pause):
+                        return
+                    self.wfile.write(data[index:index + 1])
+                    self.wfile.flush()
+
             def photo(self, name):
                 path = server.folder / name
                 if not path.is_file():
@@ -74,6 +104,31 @@ class PhotoServer:
                     first = parts.path not in server._seen
                     server._seen.add(parts.path)
                 route, _, rest = parts.path.lstrip("/").partition("/")
+                try:
+                    return self.route(route, rest, parts, first, head)
+                except OSError:
+                    self.close_connection = True  # the client hung up (its byte cap, its deadline)
+                    return None
+
+            def route(self, route, rest, parts, first, head):
+                if route == "big404":
+                    return self.send_body(404, b"<html>" + b"not found " * 10_000 + b"</html>", head=head)
+                if route == "chunked404":
+                    return self.chunked(404, 200_000) if not head else self.send_body(404, b"", head=True)
+                if route == "loop":
+                    return self.send_body(302, b"", (("Location", "/loop"),), head=head)
+                if route == "many-headers":
+                    self.send_response(200)
+                    for index in range(10_000):
+                        self.send_header(f"X-{index}", "x")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return None
+                if route == "drip-headers":
+                    self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+                    self.drip(b"X-Slow: " + b"y" * 1_000_000)
+                    self.close_connection = True
+                    return None
                 if route == "status":
                     return self.send_body(int(rest), b"no", head=head)
                 if route == "redirect":
@@ -107,6 +162,21 @@ class PhotoServer:
                     return self.send_body(429, b"slow down", (("Retry-After", "1"),), head=head)
                 if route == "flaky":
                     return self.send_body(200, data, headers, head=head)
+                if route == "nolength":
+                    self.send_response(200)
+                    self.send_header("Connection", "close")
+                    self.end_headers()
+                    if not head:
+                        self.wfile.write(data)
+                    self.close_connection = True
+                    return None
+                if route == "drip":
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    if not head:
+                        self.drip(data)
+                    return None
                 if route in ("slow", "stall"):
                     self.send_response(200)
                     for key, value in headers:

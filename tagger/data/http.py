@@ -6,7 +6,10 @@ only the hosts named, so a catalog row cannot make the job reach an internal ser
 endpoint. The defaults follow from that:
 
 - **hosts**: exact names, or ``*.example.com`` for its subdomains (not ``example.com`` itself); every
-  redirect target is checked again, so an allowed host cannot bounce the job elsewhere;
+  redirect target is checked again, so an allowed host cannot bounce the job elsewhere. A URL is parsed once
+  (urllib3's parser) and the request is built from that parse, so the host checked is the host connected to;
+  a URL that parsers could read differently (a backslash, ``%`` or ``@`` in the authority, control
+  characters) is refused (:meth:`HttpPolicy.target`);
 - **addresses**: the name is resolved once per connection and the job connects to the address it checked,
   never one resolved later (DNS rebinding: a name that answers a public address to the check and a private
   one to the connect). Private, loopback, link-local, shared and reserved addresses are refused unless
@@ -14,8 +17,10 @@ endpoint. The defaults follow from that:
 - **schemes**: ``https`` only, unless ``allow_plain_http`` (tests): plain HTTP lets anyone on the path
   change the photo;
 - **bounds**: a per-host connection pool (``per_host`` connections per process: the workers together make at
-  most ``workers x per_host``), connect and read timeouts, and one deadline for an image, retries included;
-  the body is streamed and dropped past the byte cap (a ``Content-Length`` over it is refused unread).
+  most ``workers x per_host``; every answer gives its slot back, also one whose connection is dropped),
+  connect and read timeouts, and one deadline for an image, retries included, that holds within a read (a
+  watchdog cuts the socket: a server dripping a byte a second cannot hold an image past it); the body is
+  streamed and dropped past the byte cap (a ``Content-Length`` over it is refused unread).
 
 Outcomes, as the errors table types them: 200 -> bytes; 404/410 ``missing``; 401/403 ``forbidden``; other
 4xx and a refused host/address/scheme/redirect ``invalid_location``; 429 and 5xx are retried with back-off
@@ -33,7 +38,9 @@ import email.utils
 import ipaddress
 import os
 import random
+import re
 import socket
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -47,6 +54,13 @@ REDIRECT_STATUSES = (301, 302, 303, 307, 308)
 RETRY_STATUSES = (429, 500, 502, 503, 504)
 MAX_REDIRECTS = 5
 CHUNK = 256 * 1024
+DISCARD_BYTES = 64 * 1024  # an error page read this far keeps its connection; a longer one is dropped
+# Characters no image URL needs and that parsers treat differently (urlsplit drops tabs and newlines, urllib3
+# percent-encodes them), and where a URL's authority ends.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_AUTHORITY_END = re.compile(r"[/?#]")
+# A host name in its ASCII (IDNA) form as urllib3 gives it, or an IPv4 address: nothing else reaches the socket.
+_HOST = re.compile(r"(?:[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?\.)*[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?\.?")
 USER_AGENT = "fashion-tagger (catalog photo tagging; +https://github.com/)"
 
 
@@ -80,7 +94,7 @@ class HttpPolicy:
             problems.append("HTTP attempts and per-host connections must be >= 1")
         if problems:
             raise ValueError("; ".join(problems))
-        object.__setattr__(self, "allow_hosts", tuple(h.strip().lower().rstrip(".") for h in self.allow_hosts))
+        object.__setattr__(self, "allow_hosts", tuple(_ascii_host(h.strip().lower().rstrip(".")) for h in self.allow_hosts))
 
     def allows_host(self, host: str | None) -> bool:
         host = (host or "").lower().rstrip(".")
@@ -94,22 +108,52 @@ class HttpPolicy:
 
     def check(self, url: str, *, redirected_from: str | None = None) -> None:
         """Raise :class:`InvalidHttpLocation` unless ``url`` may be requested."""
-        try:
-            parts = urlsplit(url)
-            parts.port  # noqa: B018 - raises for a port that is not a number
-        except ValueError as exc:
-            raise InvalidHttpLocation(f"{url}: malformed URL ({exc})") from None
+        self.target(url, redirected_from=redirected_from)
+
+    def target(self, url: str, *, redirected_from: str | None = None) -> Any:
+        """``url`` parsed once, by urllib3's parser (a ``urllib3.util.Url``), if the policy allows it; else
+        :class:`InvalidHttpLocation`. The request is made from this very object (its host, port and path), so
+        the host checked is the host connected to. A URL that parsers read differently (a backslash, a
+        percent-encoded or otherwise odd authority, credentials) is refused rather than guessed at."""
+        from urllib3.exceptions import LocationParseError
+        from urllib3.util import parse_url
+
         via = f" (redirected from {redirected_from})" if redirected_from else ""
-        if parts.scheme not in SCHEMES:
-            raise InvalidHttpLocation(f"{url}{via}: scheme {parts.scheme!r} is not http(s)")
-        if parts.scheme == "http" and not self.allow_plain_http:
+        if not isinstance(url, str):
+            raise InvalidHttpLocation(f"{url!r}{via}: not a URL")
+        if _CONTROL.search(url) or "\\" in url:
+            raise InvalidHttpLocation(f"{url!r}{via}: a backslash or a control character in a URL is refused (parsers "
+                                      "disagree on where its host ends); percent-encode it in the path")
+        scheme, sep, rest = url.partition("://")
+        authority = _AUTHORITY_END.split(rest, 1)[0] if sep else ""
+        if "@" in authority:
+            shown = f"{scheme}://{authority.rpartition('@')[2]}"
+            raise InvalidHttpLocation(f"{shown}/...{via}: credentials in an image URL are refused")
+        if not sep or not authority:
+            raise InvalidHttpLocation(f"{url}{via}: malformed URL (expected scheme://host/path)")
+        if "%" in authority or any(c.isspace() for c in authority):
+            raise InvalidHttpLocation(f"{url}{via}: a percent-encoded or blank character in the host is refused")
+        try:
+            parsed = parse_url(url)
+            split = urlsplit(url)
+            split.port  # noqa: B018 - raises for a port that is not a number
+        except (LocationParseError, ValueError) as exc:
+            raise InvalidHttpLocation(f"{url}{via}: malformed URL ({exc})") from None
+        if parsed.scheme not in SCHEMES:
+            raise InvalidHttpLocation(f"{url}{via}: scheme {parsed.scheme!r} is not http(s)")
+        if parsed.scheme == "http" and not self.allow_plain_http:
             raise InvalidHttpLocation(f"{url}{via}: plain http:// is refused (anyone on the path could change the photo); "
                                       "use https://, or --allow-plain-http for a server you trust")
-        if parts.username is not None or parts.password is not None:
-            raise InvalidHttpLocation(f"{urlsplit(url)._replace(netloc=parts.hostname or '').geturl()}{via}: credentials in an image URL are refused")
-        if not self.allows_host(parts.hostname):
-            raise InvalidHttpLocation(f"{url}{via}: host {parts.hostname!r} is not allowed; add --allow-host {parts.hostname} "
+        host = parsed.host or ""
+        if host.startswith("["):
+            raise InvalidHttpLocation(f"{url}{via}: an IPv6 address literal cannot be allowed (--allow-host names hosts)")
+        if not _HOST.fullmatch(host) or (authority.isascii() and (split.hostname or "") != host) \
+                or split.port != parsed.port or parsed.auth is not None:
+            raise InvalidHttpLocation(f"{url}{via}: the host is ambiguous or not a host name ({host!r}); refused")
+        if not self.allows_host(host):
+            raise InvalidHttpLocation(f"{url}{via}: host {host!r} is not allowed; add --allow-host {host} "
                                       "(or TAGGER_ALLOW_HOSTS) if the job may read images from it")
+        return parsed
 
 
 def host_pattern_problem(pattern: str) -> str | None:
@@ -118,11 +162,24 @@ def host_pattern_problem(pattern: str) -> str | None:
     body = text[2:] if text.startswith("*.") else text
     if not body or "*" in body or "/" in body or ":" in body or "@" in body:
         return "expected a host name such as cdn.example.com, or *.example.com for its subdomains (no scheme, port, path)"
+    if not body.isascii():
+        try:
+            _ascii_host(body)
+        except ValueError as exc:
+            return f"not a valid international host name ({exc})"
     if "." not in body and not text.startswith("*."):
         return None  # e.g. localhost: allowed by name, its address is still checked
     if text.startswith("*.") and "." not in body:
         return "a wildcard must keep at least two labels (*.example.com), not a whole top-level domain"
     return None
+
+
+def _ascii_host(pattern: str) -> str:
+    """A host (or ``*.`` pattern) in the ASCII form urllib3 gives a URL's host: bücher.example -> xn--bcher-kva.example."""
+    from urllib3.util import parse_url
+
+    wildcard, body = ("*.", pattern[2:]) if pattern.startswith("*.") else ("", pattern)
+    return wildcard + (parse_url(f"http://{body}").host or body) if not body.isascii() else pattern
 
 
 def http_policy(allow_hosts: Sequence[str], *, allow_private_addresses: bool = False, allow_plain_http: bool = False,
@@ -146,7 +203,7 @@ def split_hosts(values: Sequence[str]) -> tuple[str, ...]:
     return tuple(hosts)
 
 
-# -- connections that check the address they connect to --------------------------------------------------
+# -- connections that check the address they connect to, and a deadline that holds within a read -----------
 class BlockedAddress(ValueError):
     """A host that resolves to an address the policy refuses (not an OSError: urllib3 must not retry it)."""
 
@@ -162,12 +219,68 @@ def address_refused(address: str) -> str | None:
     return f"{ip} is a {kind} address"
 
 
-def _guarded_classes() -> tuple[type, type]:
+class _Flight:
+    """One image's requests under its deadline. The socket in use is noted as it changes (a new connection, a
+    pooled one, a redirect's) so that a watchdog can cut it when the deadline passes: a socket timeout alone
+    restarts with every byte, and a server that drips one byte a second would hold the image for ever."""
+
+    def __init__(self, deadline: float):
+        self.deadline = deadline
+        self.expired = False
+        self._sock: socket.socket | None = None
+        self._lock = threading.Lock()
+        self._timer: threading.Timer | None = None
+
+    def use(self, sock: socket.socket | None) -> None:
+        with self._lock:
+            self._sock = sock
+            if self.expired:
+                _cut(sock)
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            _cut(self._sock)
+
+    def __enter__(self) -> _Flight:
+        self._timer = threading.Timer(max(0.0, self.deadline - time.monotonic()), self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+        _local.flight = self
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        _local.flight = None
+        self._timer.cancel()
+        with self._lock:
+            self._sock = None  # never cut a socket after its image is done with it
+
+
+_local = threading.local()
+
+
+def _cut(sock: socket.socket | None) -> None:
+    # The plain socket's shutdown, also for a TLS socket: it wakes the reader blocked in recv() at once (EOF),
+    # and leaves the TLS object to the thread that owns it.
+    if sock is None:
+        return
+    try:
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    except (OSError, ValueError):
+        pass
+
+
+def fetching() -> bool:
+    """Whether this thread is waiting on an http(s) image now (a stop request may then interrupt it at once)."""
+    return getattr(_local, "flight", None) is not None
+
+
+def _connection_classes(guarded: bool) -> tuple[type, type]:
     from urllib3.connection import HTTPConnection, HTTPSConnection
     from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
     from urllib3.util import connection
 
-    def new_conn(self: Any) -> socket.socket:
+    def guarded_new_conn(self: Any) -> socket.socket:
         try:
             infos = socket.getaddrinfo(self._dns_host, self.port, 0, socket.SOCK_STREAM)
         except socket.gaierror as exc:
@@ -190,9 +303,23 @@ def _guarded_classes() -> tuple[type, type]:
                 last = exc
         raise NewConnectionError(self, f"Failed to establish a new connection: {last}")
 
-    guarded_http = type("GuardedHTTPConnection", (HTTPConnection,), {"_new_conn": new_conn})
-    guarded_https = type("GuardedHTTPSConnection", (HTTPSConnection,), {"_new_conn": new_conn})
-    return guarded_http, guarded_https
+    classes = []
+    for base in (HTTPConnection, HTTPSConnection):
+        def new_conn(self: Any, base: type = base) -> socket.socket:
+            sock = guarded_new_conn(self) if guarded else base._new_conn(self)
+            flight = getattr(_local, "flight", None)
+            if flight is not None:
+                flight.use(sock)
+            return sock
+
+        def request(self: Any, *args: Any, base: type = base, **kwargs: Any) -> Any:
+            flight = getattr(_local, "flight", None)
+            if flight is not None and self.sock is not None:
+                flight.use(self.sock)  # a pooled connection, or TLS wrapped around the socket noted at connect
+            return base.request(self, *args, **kwargs)
+
+        classes.append(type(f"Guarded{base.__name__}", (base,), {"_new_conn": new_conn, "request": request}))
+    return classes[0], classes[1]
 
 
 _MANAGERS: dict[tuple[int, HttpPolicy], Any] = {}
@@ -207,17 +334,46 @@ def _manager(policy: HttpPolicy) -> Any:
         from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
         # block=True: a host gets at most per_host connections from this process; more callers wait for one.
+        # Every response is therefore handed back (_release, _drop): a connection never returned is a slot lost.
         manager = urllib3.PoolManager(num_pools=64, maxsize=policy.per_host, block=True,
                                       headers={"User-Agent": USER_AGENT, "Accept": "image/*"})
-        if not policy.allow_private:
-            http_conn, https_conn = _guarded_classes()
-            manager.pool_classes_by_scheme = {
-                "http": type("GuardedHTTPPool", (HTTPConnectionPool,), {"ConnectionCls": http_conn}),
-                "https": type("GuardedHTTPSPool", (HTTPSConnectionPool,), {"ConnectionCls": https_conn}),
-            }
+        http_conn, https_conn = _connection_classes(guarded=not policy.allow_private)
+        manager.pool_classes_by_scheme = {
+            "http": type("GuardedHTTPPool", (HTTPConnectionPool,), {"ConnectionCls": http_conn}),
+            "https": type("GuardedHTTPSPool", (HTTPSConnectionPool,), {"ConnectionCls": https_conn}),
+        }
         _MANAGERS.clear()  # a parent's managers are of no use in this process
         _MANAGERS[key] = manager
     return manager
+
+
+def _drop(response: Any) -> None:
+    """Close the response's connection (the rest of its body is still on the wire) and give its pool slot back:
+    ``close()`` alone keeps the slot, and with ``block=True`` eight of those stop every later request to the host."""
+    try:
+        response.close()
+    finally:
+        response.release_conn()  # the closed connection goes back; the pool reconnects it when it is next taken
+
+
+def _discard(response: Any, flight: _Flight) -> None:
+    """An answer not used (an error page, a redirect): up to 64 KiB of its body read, so that the connection can
+    serve the next request; a longer (or endless, chunked, dripping) one costs that connection, never the slot."""
+    try:
+        left = DISCARD_BYTES
+        while left > 0 and not response.closed:
+            data = response.read(min(left, 16_384), decode_content=False)
+            if not data:
+                break
+            left -= len(data)
+        if not response.closed and left <= 0:
+            response.read(1, decode_content=False)  # exactly 64 KiB, then the end: the connection is clean
+        if response.closed and not flight.expired:
+            response.release_conn()
+            return
+    except Exception:  # noqa: BLE001 - whatever the error page did, the connection goes and the slot stays
+        pass
+    _drop(response)
 
 
 # -- requests ---------------------------------------------------------------------------------------------
@@ -225,39 +381,50 @@ def fetch(url: str, policy: HttpPolicy, *, max_bytes: int = DEFAULT_MAX_IMAGE_BY
     """The image's bytes and version (``size-ETag`` or ``size-Last-Modified``; "" when the server gives neither).
 
     Raises :class:`ImageError` (``missing``, ``forbidden``, ``too_large``), :class:`InvalidHttpLocation`, or
-    :class:`HttpUnavailable` once the deadline's retries are spent.
+    :class:`HttpUnavailable` once the deadline's retries are spent. The deadline holds within a read: a server
+    that drips the body (or its headers) is cut when it passes.
     """
-    deadline = time.monotonic() + policy.deadline
-    response = _request("GET", url, policy, deadline, max_bytes=max_bytes)
-    try:
-        chunks, total = [], 0
-        for chunk in response.stream(CHUNK):
-            total += len(chunk)
-            if total > max_bytes:
-                raise ImageError("too_large", f"{url}: the body passed the limit of {max_bytes:,} bytes; dropped unread "
-                                              "(raise --max-image-bytes if such files are expected)")
-            if time.monotonic() > deadline:
-                raise HttpUnavailable(f"{url}: the body did not arrive within {policy.deadline:.0f}s "
-                                      f"({total:,} bytes so far); the server is too slow")
-            chunks.append(chunk)
-    except (ImageError, HttpUnavailable):
-        response.close()  # never back to the pool: the rest of that body is still on the wire
-        raise
-    except Exception as exc:  # a read timeout or a connection cut mid-body
-        response.close()
-        raise HttpUnavailable(f"{url}: the body was cut short: {type(exc).__name__}: {exc}") from exc
-    response.release_conn()
+    with _Flight(time.monotonic() + policy.deadline) as flight:
+        response = _request("GET", url, policy, flight, max_bytes=max_bytes)
+        try:
+            chunks, total = [], 0
+            for chunk in response.stream(CHUNK):
+                total += len(chunk)
+                if total > max_bytes:
+                    raise ImageError("too_large", f"{url}: the body passed the limit of {max_bytes:,} bytes; dropped unread "
+                                                  "(raise --max-image-bytes if such files are expected)")
+                chunks.append(chunk)
+            if flight.expired:
+                raise HttpUnavailable(_late(url, policy, total))
+        except (ImageError, HttpUnavailable):
+            _drop(response)
+            raise
+        except Exception as exc:  # a read timeout, a connection cut mid-body, or the deadline's cut
+            _drop(response)
+            if flight.expired:
+                raise HttpUnavailable(_late(url, policy, total)) from exc
+            raise HttpUnavailable(f"{url}: the body was cut short: {type(exc).__name__}: {exc}") from exc
+        except BaseException:  # a stop request: the run ends, but the pool stays whole for whoever shares it
+            _drop(response)
+            raise
+        response.release_conn()
     data = b"".join(chunks)
     return data, version(len(data), response.headers)
 
 
+def _late(url: str, policy: HttpPolicy, total: int) -> str:
+    return (f"{url}: the body did not arrive within --http-deadline {policy.deadline:g}s ({total:,} bytes so far); "
+            "the server is too slow")
+
+
 def head_version(url: str, policy: HttpPolicy) -> str | None:
     """The version a GET would report, from a HEAD; None when the server does not say (then the photo is read)."""
-    try:
-        response = _request("HEAD", url, policy, time.monotonic() + policy.deadline)
-    except (ImageError, InvalidHttpLocation):
-        return None  # the reader reads it and says why in the errors table
-    response.release_conn()
+    with _Flight(time.monotonic() + policy.deadline) as flight:
+        try:
+            response = _request("HEAD", url, policy, flight)
+        except (ImageError, InvalidHttpLocation):
+            return None  # the reader reads it and says why in the errors table
+        _discard(response, flight)  # a HEAD has no body; a server that sends one anyway costs the connection
     length = response.headers.get("Content-Length")
     if length is None or not length.isdigit():
         return None
@@ -272,41 +439,48 @@ def version(size: int, headers: Any) -> str:
     return f"{size}-{tag}" if tag else ""
 
 
-def _request(method: str, url: str, policy: HttpPolicy, deadline: float, *, max_bytes: int | None = None) -> Any:
-    """A response with status 200 (body not yet read), redirects followed through the policy, 429/5xx retried."""
+def _request(method: str, url: str, policy: HttpPolicy, flight: _Flight, *, max_bytes: int | None = None) -> Any:
+    """A response with status 200 (body not yet read), redirects followed through the policy, 429/5xx retried.
+
+    The URL is parsed once (:meth:`HttpPolicy.target`) and the request goes to that parse's host and port:
+    the host checked is the host connected to."""
     import urllib3
     from urllib3.exceptions import HTTPError
 
     manager = _manager(policy)
     current, origin, redirects, attempt = url, None, 0, 0
     while True:
-        policy.check(current, redirected_from=origin)
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise HttpUnavailable(f"{url}: no answer within {policy.deadline:.0f}s ({attempt} attempt(s))")
+        target = policy.target(current, redirected_from=origin)
+        left = flight.deadline - time.monotonic()
+        if left <= 0 or flight.expired:
+            raise HttpUnavailable(f"{url}: no answer within --http-deadline {policy.deadline:g}s ({attempt} attempt(s))")
         timeout = urllib3.Timeout(connect=min(policy.connect_timeout, left), read=min(policy.read_timeout, left))
         try:
-            response = manager.request(method, current, preload_content=False, redirect=False, retries=False,
-                                       timeout=timeout, pool_timeout=left)
+            pool = manager.connection_from_host(target.host, target.port, target.scheme)
+            response = pool.urlopen(method, target.request_uri, headers=manager.headers, preload_content=False,
+                                    redirect=False, retries=False, assert_same_host=False, timeout=timeout,
+                                    pool_timeout=left)
         except BlockedAddress as exc:
             raise InvalidHttpLocation(f"{current}: {exc}") from None
         except HTTPError as exc:
             attempt += 1
             problem = f"{type(exc).__name__}: {exc}"
+            if flight.expired:
+                raise HttpUnavailable(f"{url}: no answer within --http-deadline {policy.deadline:g}s ({problem})") from exc
             if attempt >= policy.attempts:
                 raise HttpUnavailable(f"{url}: request failed after {attempt} attempt(s): {problem}") from exc
-            _sleep(_backoff(attempt), deadline, url, problem)
+            _sleep(_backoff(attempt), flight.deadline, url, problem)
             continue
         status = response.status
         if status == 200:
             length = response.headers.get("Content-Length")
             if max_bytes is not None and length and length.isdigit() and int(length) > max_bytes:
-                response.close()
+                _drop(response)
                 raise ImageError("too_large", f"{url}: {int(length):,} bytes (Content-Length) exceeds the limit of "
                                               f"{max_bytes:,}; not downloaded (raise --max-image-bytes if such files are expected)")
             return response
         location = response.headers.get("Location")
-        _discard(response)
+        _discard(response, flight)
         if status in REDIRECT_STATUSES and location:
             redirects += 1
             if redirects > MAX_REDIRECTS:
@@ -323,22 +497,9 @@ def _request(method: str, url: str, policy: HttpPolicy, deadline: float, *, max_
             problem = f"HTTP {status}"
             if attempt >= policy.attempts:
                 raise HttpUnavailable(f"{url}: {problem} after {attempt} attempt(s)")
-            _sleep(max(_retry_after(response.headers.get("Retry-After")), _backoff(attempt)), deadline, url, problem)
+            _sleep(max(_retry_after(response.headers.get("Retry-After")), _backoff(attempt)), flight.deadline, url, problem)
             continue
         raise InvalidHttpLocation(f"{current}: HTTP {status}; the server will not serve this URL")
-
-
-def _discard(response: Any) -> None:
-    # A small error body is read so the connection can serve the next request; a large one costs a new connection.
-    try:
-        length = int(response.headers.get("Content-Length") or -1)
-        if 0 <= length <= 65_536:
-            response.drain_conn()
-            response.release_conn()
-        else:
-            response.close()
-    except Exception:
-        response.close()
 
 
 def _backoff(attempt: int) -> float:

@@ -1,0 +1,112 @@
+"""Hostile CDN answers and URLs (issue 29): ordinary 404 pages must not stop a night, the allow-list must mean
+what it says, every deadline must hold. A photo server on 127.0.0.1 (tests/http_server.py) plays the CDN."""
+
+from __future__ import annotations
+
+import time
+from urllib.parse import quote
+
+import numpy as np
+import pytest
+
+from tagger.data.decode import ImageError
+from tagger.data.http import HttpPolicy, InvalidHttpLocation
+from tagger.data.reader import StorageUnavailable, fetch_image
+
+from .http_server import PhotoServer
+from .test_http_images import photo
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cdn")
+    rng = np.random.default_rng(1)
+    for index in range(4):
+        photo(folder / f"p{index}.jpg", tuple(int(v) for v in rng.integers(0, 255, 3)))
+    return folder
+
+
+@pytest.fixture()
+def server(photos):
+    server = PhotoServer(photos, drip_pause=0.5).start()
+    yield server
+    server.stop()
+
+
+def loopback(**settings) -> HttpPolicy:
+    return HttpPolicy(("127.0.0.1",), allow_private=True, allow_plain_http=True, **settings)
+
+
+def test_error_pages_and_oversized_photos_do_not_use_up_the_pool(server, photos):
+    """Every answer that is not used gives its connection's pool slot back: more of them than the pool holds
+    (big and chunked 404 pages, photos over the byte cap, declared or found while reading), then a photo."""
+    policy = loopback(per_host=2, deadline=3.0)
+    cap = (photos / "p0.jpg").stat().st_size - 1
+    hostile = {"/big404/a": "missing", "/chunked404/b": "missing", "/img/p0.jpg": "too_large",
+               "/nolength/p1.jpg": "too_large"}
+    for _ in range(3):  # 12 > per_host and > the default 8
+        for path, error_type in hostile.items():
+            with pytest.raises(ImageError) as info:
+                fetch_image(server.url + path, None, http=policy, max_bytes=cap)
+            assert info.value.error_type == error_type, info.value.message
+    data, _ = fetch_image(f"{server.url}/img/p2.jpg", None, http=policy)
+    assert data == (photos / "p2.jpg").read_bytes()
+    assert server.count("GET", "/img/p2.jpg") == 1
+
+
+def test_a_small_error_page_keeps_its_connection(server, photos):
+    policy = loopback(per_host=1, deadline=3.0)
+    for _ in range(5):
+        with pytest.raises(ImageError):
+            fetch_image(f"{server.url}/status/404", None, http=policy)
+    assert fetch_image(f"{server.url}/img/p3.jpg", None, http=policy)[0] == (photos / "p3.jpg").read_bytes()
+
+
+# -- the allow-list means what it says: the host checked is the host connected to -----------------------------
+@pytest.mark.parametrize("url,why", [
+    ("https://localhost\\.cdn.test/x.jpg", "backslash"),  # urlsplit: host localhost\.cdn.test; urllib3: localhost
+    ("https://img.cdn.test\\@localhost/x.jpg", "backslash"),
+    ("https://localhost%2ecdn.test/x.jpg", "percent-encoded"),
+    ("https://img.cdn.test@localhost/x.jpg", "credentials"),
+    ("https://user:pw@img.cdn.test/x.jpg", "credentials"),
+    ("https://[::1]/x.jpg", "IPv6"),
+    ("https://img.cdn.test\t.evil.net/x.jpg", "control character"),
+    ("https://img.cdn.test\n.evil.net/x.jpg", "control character"),
+    ("https://img.cdn.test%00.evil.net/x.jpg", "percent-encoded"),
+    ("https://img.cdn.test;.evil.net/x.jpg", "not a host name"),
+    ("https://ｉｍｇ.cdn.test/x.jpg", "malformed"),  # full-width letters: no valid IDNA name
+    ("https://img.cdn.test\u3002evil.net/x.jpg", "malformed"),  # an ideographic full stop
+    ("https:img.cdn.test/x.jpg", "malformed"),
+    ("https:///img.cdn.test/x.jpg", "malformed"),
+    ("https://img.cdn.test:443:80/x.jpg", "malformed"),
+    ("https://localhost#.cdn.test/x.jpg", "not allowed"),
+    ("https://localhost?.cdn.test/x.jpg", "not allowed"),
+    ("https://cdn.test/x.jpg", "not allowed"),  # the wildcard's domain itself
+])
+def test_ambiguous_urls_are_refused_before_any_request(url, why):
+    policy = HttpPolicy(("*.cdn.test",))
+    with pytest.raises(InvalidHttpLocation) as info:
+        policy.target(url)
+    assert why in str(info.value), str(info.value)
+    assert "pw" not in str(info.value), "credentials are never echoed into the errors table"
+
+
+def test_the_parse_that_is_checked_is_the_one_requested():
+    policy = HttpPolicy(("*.cdn.test", "bücher.example"))
+    target = policy.target("HTTPS://Img.CDN.test:8443/a b/x.jpg?w=1")
+    assert (target.scheme, target.host, target.port, target.request_uri) == ("https", "img.cdn.test", 8443, "/a%20b/x.jpg?w=1")
+    assert policy.target("https://bücher.example/x.jpg").host == "xn--bcher-kva.example", "IDNA: one ASCII form"
+
+
+def test_a_backslash_host_never_reaches_the_server(server):
+    # urllib3 alone would connect to 127.0.0.1 for this URL, which names the host "127.0.0.1\.cdn.test".
+    policy = HttpPolicy(("*.cdn.test", "127.0.0.1"), allow_private=True, allow_plain_http=True, deadline=3.0)
+    url = server.url.replace("127.0.0.1", "127.0.0.1\\.cdn.test") + "/img/p0.jpg"
+    with pytest.raises(ImageError) as info:
+        fetch_image(url, None, http=policy)
+    assert info.value.error_type == "invalid_location"
+    bounced = f"{server.url}/redirect?to=" + quote(url, safe="")
+    with pytest.raises(ImageError) as info:
+        fetch_image(bounced, None, http=policy)
+    assert info.value.error_type == "invalid_location" and "redirected from" in info.value.message
+    assert server.count("GET", "/img/") == 0 and server.count("GET", "/%5C") == 0
