@@ -110,3 +110,14 @@ def test_a_backslash_host_never_reaches_the_server(server):
         fetch_image(bounced, None, http=policy)
     assert info.value.error_type == "invalid_location" and "redirected from" in info.value.message
     assert server.count("GET", "/img/") == 0 and server.count("GET", "/%5C") == 0
+
+
+# -- every deadline holds ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("path", ["/drip/p0.jpg", "/drip-headers"])
+def test_a_dripping_server_is_cut_at_the_deadline(server, path):
+    """One byte every half second restarts a socket timeout each time; the deadline still holds (the watchdog)."""
+    policy = loopback(deadline=2.0, read_timeout=1.0)
+    started = time.monotonic()
+    with pytest.raises(StorageUnavailable, match="--http-deadline 2s"):
+        fetch_image(server.url + path, None, http=policy)
+    assert time.monotonic() - started < 6, "cut at the deadline, not at the end of the body"
