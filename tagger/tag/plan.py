@@ -44,9 +44,40 @@ def plan_key(config: TagConfig, manifest: Manifest, bundle: ModelBundle) -> dict
         "since": config.since,
         "max_image_pixels": config.max_image_pixels,
         "image_separator": manifest.separator,
-        # Only when not the default: plans written before the option existed stay resumable.
-        **({"max_image_bytes": config.max_image_bytes} if config.max_image_bytes != DEFAULT_MAX_IMAGE_BYTES else {}),
+        **reading_key(config),
     }
+
+
+def reading_key(config: TagConfig) -> dict[str, Any]:
+    """The options that decide how a photo is read, so what a row of tags or errors is: a row refused under one
+    setting (a plain http:// photo without --allow-plain-http, a host not allowed, a file over --max-image-bytes)
+    is read under another. A re-run with other settings starts the date over instead of resuming into rows the
+    new settings would read differently (a night that ended in exit 3 for a missing option, then re-run with it:
+    an Airflow "clear" after the arguments were fixed).
+
+    Each is in the key only when it is not the default, so that plans written before it was recorded (under the
+    default) stay resumable. --http-deadline is not: past it the run stops with exit 4 and commits nothing of
+    the shard, so it decides no row, and a re-run with a longer deadline after exit 4 must resume."""
+    policy = config.http_policy()
+    key: dict[str, Any] = {}
+    if config.max_image_bytes != DEFAULT_MAX_IMAGE_BYTES:
+        key["max_image_bytes"] = config.max_image_bytes
+    if policy is not None:
+        key["allow_hosts"] = sorted(set(policy.allow_hosts))
+        if policy.allow_private:
+            key["allow_private_addresses"] = True
+        if policy.allow_plain_http:
+            key["allow_plain_http"] = True
+    return key
+
+
+def key_changes(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """What differs between two plan keys, for the log line that says why a date starts over."""
+    def shown(key: dict[str, Any], name: str) -> str:
+        return "default" if name not in key else str(key[name])
+
+    names = sorted(n for n in set(old) | set(new) if old.get(n, None) != new.get(n, None) or (n in old) != (n in new))
+    return ", ".join(f"{n} {shown(old, n)} -> {shown(new, n)}" for n in names)
 
 
 @dataclass(frozen=True)
@@ -111,14 +142,19 @@ def make_plan(config: TagConfig, partition: Partition, manifest: Manifest, bundl
     complete = partition.is_complete()
     if config.fanout is not None and not config.plan_only:
         if existing is None or existing.key != key or complete:
+            differs = f" (the plan's settings differ: {key_changes(existing.key, key)})" if existing and existing.key != key else ""
             raise PlanMismatch(
-                f"{partition.state}: no open plan for this manifest and model; before the --shard I/N "
-                "tasks, run the same command once with --plan-only (and without --shard)"
+                f"{partition.state}: no open plan for this manifest and model{differs}; before the --shard I/N "
+                "tasks, run the same command once with --plan-only (and without --shard), with the same options"
             )
         return existing
     if existing is not None and existing.key == key and not complete and not config.plan_only:
         log.info("resuming run %s: the partition has an unfinished plan for this manifest and model", existing.run_id)
         return existing
+    if existing is not None and existing.key != key and not complete:
+        # Said, so that a re-run after a fix (another option) is seen to start over rather than resume.
+        log.info("starting run_date=%s over: its unfinished plan %s was made under other settings (%s)", config.run_date,
+                 existing.run_id, key_changes(existing.key, key))
     previous = None
     if config.since:
         from .incremental import find_previous
