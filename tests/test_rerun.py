@@ -60,6 +60,8 @@ def test_a_night_that_failed_for_a_missing_option_is_tagged_by_the_same_command_
     loopback = ["--allow-host", "127.0.0.1", "--allow-private-addresses"]
     failed = tag(manifest, tiny_bundle, out, *loopback)
     assert failed.exit_code == 3, failed.output
+    line = failed.output.strip().splitlines()[-1]
+    assert "errors=4 (invalid_location 4)" in line and "re-run the same command with --allow-plain-http" in line, line
     assert server.requests == [], "plain http:// is refused before any request"
     again = tag(manifest, tiny_bundle, out, *loopback)
     assert again.exit_code == 3, "the same command replays the same failure"
@@ -84,3 +86,26 @@ def test_a_plan_written_before_the_reading_options_were_recorded_resumes_under_t
     resumed = tag(manifest, tiny_bundle, out, "--shard-size", "16", "--max-error-rate", "1")
     assert resumed.exit_code == 0, resumed.output
     assert json.loads(plan_file.read_text())["run_id"] == plan["run_id"], "the older plan was resumed, not replaced"
+
+
+def test_the_log_names_each_error_type_and_photo_errors_of_tagged_products_are_counted(server, tiny_bundle, tmp_path,
+                                                                                      caplog):
+    # Four products of two photos each; every second photo a 404: all are tagged from their other photo. One more
+    # product has a file that is not there and one a host that is not allowed.
+    rows = [(f"p{i}", f"{server.url}/img/p{i}.jpg;{server.url}/img/gone{i}.jpg") for i in range(4)]
+    rows += [("lost", str(tmp_path / "nowhere.jpg")), ("away", "http://localhost:1/x.jpg")]
+    manifest = catalog(tmp_path / "catalog.csv", rows)
+    out = tmp_path / "out"
+    with caplog.at_level("WARNING", logger="tagger.tag.runner"):
+        result = tag(manifest, tiny_bundle, out, "--allow-host", "127.0.0.1", "--allow-private-addresses",
+                     "--allow-plain-http", "--image-separator", ";", "--max-error-rate", "1")
+    assert result.exit_code == 0, result.output
+    line = result.output.strip().splitlines()[-1]
+    assert "tagged=4 reused=0 errors=2 (invalid_location 1, missing 1)" in line, line
+    assert "photo_errors=6 (missing 5, invalid_location 1)" in line, line
+    summary = json.loads((out / "_runs" / f"run_date={DATE}" / "summary.json").read_text())
+    assert summary["photo_errors"] == {"invalid_location": 1, "missing": 5}
+    assert summary["error_examples"]["missing"].startswith("lost: ")
+    logged = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("error invalid_location: 1 rows; first: away: http://localhost:1/x.jpg") for m in logged), logged
+    assert any(m.startswith("photo error missing: 5 photos; first: p0: ") and "gone0.jpg" in m for m in logged), logged

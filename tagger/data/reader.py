@@ -302,6 +302,9 @@ class Batch:
     size: int  # all rows in the batch, decoded or not
     previews: list[Any] | None = None  # per decoded image, when the dataset makes previews
     images_used: np.ndarray | None = None  # per tagged row, the photos its tags come from (None: one each)
+    # Several photos per product: (row, error_type, message) of every photo that could not be read, also of the
+    # products tagged from their other photos (the run summary counts them; the errors table has products only).
+    photo_errors: list[tuple[int, str, str]] | None = None
 
     def pin_memory(self) -> Batch:
         if self.images is not None:

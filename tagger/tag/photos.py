@@ -96,6 +96,7 @@ class PhotoAssembler:
             error_messages=[_error_message(p) for p in failed],
             size=size,
             images_used=np.array([p.used for p in tagged], dtype=np.int32),
+            photo_errors=[(p.row, t, m) for p in done for t, m in p.errors],
         )
         if not tagged:
             return batch, None, None

@@ -6,6 +6,7 @@ Columnar throughout (Arrow ``take`` by row, numpy masks): nothing here runs Pyth
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
@@ -52,7 +53,11 @@ class ShardRows:
         rejected = rows.filter(pc.not_equal(rows.column("status"), ""))
         if rejected.num_rows:
             output.errors.write(self._errors(rejected, rejected.column("status"), rejected.column("message")))
-            output.error_types.update(rejected.column("status").to_pylist())
+            types = rejected.column("status").to_pylist()
+            output.error_types.update(types)
+            _examples(output.error_examples, types, rejected.column("product_id"), rejected.column("message").to_pylist())
+        if self.manifest.separator is not None:
+            output.photo_errors = Counter()
         if self.plan.reuses:
             from .incremental import read_reused
 
@@ -77,6 +82,11 @@ class ShardRows:
             bad = batch.error_rows // shard_size == shard
             self._write_tags(output, batch, good, predictions, labels, tagged_at)
             self._write_errors(output, batch, bad)
+            if batch.photo_errors and output.photo_errors is not None:
+                photos = [(r, t, m) for r, t, m in batch.photo_errors if r // shard_size == shard]
+                output.photo_errors.update(t for _, t, _ in photos)
+                ids = self.manifest.table.column("product_id").take(pa.array([r for r, _, _ in photos], pa.int64()))
+                _examples(output.photo_examples, [t for _, t, _ in photos], ids, [m for _, _, m in photos])
             cursor.consumed(int(good.sum() + bad.sum()))
 
     def _write_tags(self, output: ShardOutput, batch: Batch, mask: np.ndarray, predictions: Any,
@@ -123,6 +133,7 @@ class ShardRows:
         messages = [m for m, keep in zip(batch.error_messages, mask) if keep]
         output.errors.write(self._errors(source, pa.array(types, pa.string()), pa.array(messages, pa.string())))
         output.error_types.update(types)
+        _examples(output.error_examples, types, source.column("product_id"), messages)
 
     def _errors(self, source: pa.Table, types: Any, messages: Any) -> pa.Table:
         return pa.table({
@@ -132,3 +143,11 @@ class ShardRows:
             "message": messages,
             "run_id": pa.array([self.plan.run_id] * source.num_rows, pa.string()),
         })
+
+
+def _examples(examples: dict[str, str], types: list[str], ids: Any, messages: list[str]) -> None:
+    """The first product of each error type not seen yet, as "product id: message" (a lookup per new type, not
+    per row)."""
+    for error_type in set(types) - set(examples):
+        first = types.index(error_type)
+        examples[error_type] = f"{ids[first].as_py() if hasattr(ids[first], 'as_py') else ids[first]}: {messages[first]}"

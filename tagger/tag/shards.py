@@ -35,6 +35,10 @@ class ShardOutput:
     remaining: int  # rows still to come from the DataLoader
     started: float = field(default_factory=time.time)
     error_types: Counter = field(default_factory=Counter)
+    # The first row of each error type, "product id: message": what the summary line and the log quote.
+    error_examples: dict[str, str] = field(default_factory=dict)
+    photo_errors: Counter | None = None  # several photos per product: every photo not read, by type
+    photo_examples: dict[str, str] = field(default_factory=dict)
     tagged: int = 0
     reused: int = 0
     review: Counter = field(default_factory=Counter)  # attribute -> tags under its review threshold
@@ -52,6 +56,9 @@ class ShardOutput:
             "reused": self.reused,
             "errors": errors,
             "error_types": dict(self.error_types),
+            "error_examples": self.error_examples,
+            **({"photo_errors": dict(self.photo_errors), "photo_error_examples": self.photo_examples}
+               if self.photo_errors is not None else {}),
             "needs_review": {"rows": self.review_rows, "attributes": {k: v for k, v in self.review.items() if v}},
             "parts": {"tags": {writers.part_name(self.index): self.tags.rows},
                       "errors": {writers.part_name(self.index): self.errors.rows}},
