@@ -24,10 +24,15 @@ def _truth_columns(ctx: click.Context, param: click.Parameter, values: tuple[str
     return mapping
 
 
-def threshold_options(function):
+# Options `tagger tag --report` shares with the tag job itself under the same name: there the tag's own are used
+# (its catalog, id column and format are the report's defaults anyway; its --max-error-rate is the exit-3 gate).
+SHARED_WITH_TAG = ("--catalog", "--catalog-format", "--id-column", "--max-error-rate")
+
+
+def threshold_options(function, *, skip: tuple[str, ...] = ()):
     """The alerting options: a crossed one exits 6 (after everything is written)."""
     for name, kind, text in reversed([
-        ("--max-drift", click.FloatRange(0.0, 1.0), "Exit 6 when an attribute's label mix moved further than this Jensen-Shannon "
+        ("--max-drift", click.FloatRange(0.0, 1.0), "Crossed (report: exit 6) when an attribute's label mix moved further than this Jensen-Shannon "
          "distance (0..1; 0.1 is visible)."),
         ("--max-psi", click.FloatRange(0.0), "Exit 6 when an attribute's population stability index exceeds this (0.25: a real shift)."),
         ("--min-agreement", click.FloatRange(0.0, 1.0), "Exit 6 when an attribute agrees with the catalog's labels on a smaller "
@@ -38,14 +43,19 @@ def threshold_options(function):
         ("--max-rows-change", click.FloatRange(0.0), "Exit 6 when the manifest's rows changed by more than this share from the "
          "night before (0.2: 20 % fewer or more)."),
     ]):
-        function = click.option(name, type=kind, default=None, help=text)(function)
+        if name not in skip:
+            function = click.option(name, type=kind, default=None, help=text)(function)
     return function
 
 
-def report_options(function):
+def report_options(function=None, *, within_tag: bool = False):
     """The report's options, in the order --help shows them: what to compare, where the catalog's labels are,
-    what to show, then the thresholds."""
-    function = threshold_options(function)
+    what to show, then the thresholds. ``within_tag``: the same declarations on `tagger tag` (for --report), less
+    the ones the tag job has of its own (:data:`SHARED_WITH_TAG`)."""
+    if function is None:
+        return lambda f: report_options(f, within_tag=within_tag)
+    skip = SHARED_WITH_TAG if within_tag else ()
+    function = threshold_options(function, skip=skip)
     function = click.option("--gallery", type=click.IntRange(min=0), default=24, show_default=True,
                             help="Products of the top disagreements shown with their thumbnail on the page.")(function)
     function = click.option("--max-disagreements", type=click.IntRange(min=0), default=10_000, show_default=True,
@@ -53,12 +63,13 @@ def report_options(function):
     function = click.option("--truth-column", "truth_columns", multiple=True, metavar="ATTRIBUTE=COLUMN", callback=_truth_columns,
                             help="The catalog column holding its own label of an attribute, repeatable. Default: the "
                             "catalog's columns named like the bundle's attributes.")(function)
-    function = click.option("--id-column", default=None, help="The catalog's product-id column (default: the tag run's, "
-                            "else product_id).")(function)
-    function = click.option("--catalog-format", type=click.Choice(["csv", "parquet", "jsonl"]), default=None,
-                            help="Override the format guessed from the catalog's name.")(function)
-    function = click.option("--catalog", default=None, help="Read the catalog's labels from this manifest (joined by product "
-                            "id) instead of the one the run's plan names.")(function)
+    if not within_tag:
+        function = click.option("--id-column", default=None, help="The catalog's product-id column (default: the tag run's, "
+                                "else product_id).")(function)
+        function = click.option("--catalog-format", type=click.Choice(["csv", "parquet", "jsonl"]), default=None,
+                                help="Override the format guessed from the catalog's name.")(function)
+        function = click.option("--catalog", default=None, help="Read the catalog's labels from this manifest (joined by "
+                                "product id) instead of the one the run's plan names.")(function)
     return click.option("--previous", default=None, metavar="YYYY-MM-DD", help="Compare with this run date instead of "
                         "the latest complete one before --run-date.")(function)
 
@@ -76,17 +87,28 @@ def report(out: str, run_date: str | None, storage_options: tuple[str, ...], **o
     names it); 2 invalid input (no complete partition for the date, a truth column the catalog lacks, bad option);
     4 storage unavailable; 1 any other failure.
     """
-    from tagger.report.config import ReportConfig, Thresholds
     from tagger.tag.config import today_utc
 
     _lean_arrow_pool()
+    sys.exit(execute(report_config(out, run_date or today_utc(), parse_storage_options(storage_options), options)))
+
+
+# The keyword names of report_options(within_tag=True): what `tagger tag` hands on to its report.
+TAG_REPORT_OPTIONS = ("previous", "gallery", "max_disagreements", "truth_columns", "max_drift", "max_psi", "min_agreement",
+                      "max_review_share", "max_rows_change")
+
+
+def report_config(out: str, run_date: str, storage_options: dict, options: dict):
+    """The parsed options of :func:`report_options` -> a ReportConfig (a bad combination: a usage error)."""
+    from tagger.report.config import ReportConfig, Thresholds
+
+    options = dict(options)
     limits = {k: options.pop(k) for k in list(options) if k.startswith(("max_", "min_")) and k != "max_disagreements"}
     try:
-        config = ReportConfig(out=out, run_date=run_date or today_utc(), storage_options=parse_storage_options(storage_options),
-                              thresholds=Thresholds(**limits), **options)
+        return ReportConfig(out=out, run_date=run_date, storage_options=storage_options, thresholds=Thresholds(**limits),
+                            **options)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    sys.exit(execute(config))
 
 
 def _lean_arrow_pool() -> None:

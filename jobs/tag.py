@@ -13,6 +13,7 @@ from tagger.data.decode import DEFAULT_MAX_IMAGE_PIXELS
 from tagger.data.http import split_hosts
 
 from .options import http_options, max_image_bytes_option, parse_storage_options, storage_option
+from .report import TAG_REPORT_OPTIONS, report_options
 
 log = logging.getLogger("tagger.tag")
 
@@ -112,8 +113,9 @@ def common_output_options(function):
 @click.option("--ray-address", default=None, metavar="ADDR",
               help="--engine ray: the cluster to join (host:6379). Default: RAY_ADDRESS, else a Ray started for the run.")
 @click.option("--report", "write_report", is_flag=True,
-              help="Once the partition is complete, write its morning report (`tagger report`, no thresholds). The tag's "
+              help="Once the partition is complete, write its morning report, with the report options below. The tag's "
               "exit code stands.")
+@report_options(within_tag=True)
 @http_options
 def tag(**options) -> None:
     """Tag every product of a catalog manifest and write the date's Parquet partitions.
@@ -123,6 +125,7 @@ def tag(**options) -> None:
     5 another run owns the date's partition; 1 any other failure; 143 stopped by SIGTERM/SIGINT.
     """
     write_report = options.pop("write_report")
+    report = {k: options.pop(k) for k in TAG_REPORT_OPTIONS}
     options["storage_options"] = parse_storage_options(options["storage_options"])
     options["allow_hosts"] = split_hosts(options["allow_hosts"])
     try:
@@ -131,21 +134,22 @@ def tag(**options) -> None:
         raise click.UsageError(str(exc)) from None
     code = execute(config)
     if write_report and code == 0 and not config.plan_only:
-        _report(config)
+        _report(config, report)
     sys.exit(code)
 
 
-def _report(config: TagConfig) -> None:
-    """The tag job's last step behind --report: the partition is committed, so a report that fails leaves the
-    tags as they are and the tag's exit code as it is (the DAG's own report task is where thresholds act)."""
-    from tagger.report.config import ReportConfig
+def _report(config: TagConfig, options: dict) -> None:
+    """The tag job's last step behind --report: the partition is committed, so a report that fails, or one whose
+    thresholds are crossed (said on stderr), leaves the tags as they are and the tag's exit code as it is (the
+    DAG's own report task is where exit 6 acts). The catalog's labels come from the tagged manifest."""
     from tagger.tag.partition import Partition
 
-    from .report import execute as report
+    from .report import execute, report_config
 
     if Partition(config.out, config.run_date, config.storage_options).is_complete():  # a --shard task's may not be yet
-        report(ReportConfig(out=config.out, run_date=config.run_date, storage_options=config.storage_options),
-               prefix="tagger tag --report")
+        execute(report_config(config.out, config.run_date, config.storage_options,
+                              {**options, "id_column": config.id_column, "catalog_format": config.catalog_format}),
+                prefix="tagger tag --report")
 
 
 @click.command("finalize")

@@ -69,7 +69,8 @@ def build_report(config: ReportConfig) -> ReportResult:
         "attributes": {},
         "agreement": None if not truth else {
             "catalog": truth["catalog"], "id_column": truth["id_column"], "columns": truth["columns"],
-            "how": truth["how"], "disagreements": agreement.disagreements,
+            "how": truth["how"], "why": truth["why"], "not_compared": truth["not_compared"],
+            "disagreements": agreement.disagreements,
             "disagreements_written": min(agreement.disagreements, config.max_disagreements),
         },
         "thresholds": config.thresholds.active(),
@@ -168,12 +169,23 @@ def truth_source(config: ReportConfig, night: load.Night, attributes: list[str])
         if missing:
             raise ReportError(f"{catalog}: --truth-column names column(s) {', '.join(sorted(missing.values()))} that the "
                               f"catalog does not have; columns found: {', '.join(names)}")
-        columns, how = dict(config.truth_columns), "--truth-column"
-    else:
-        columns, how = {a: a for a in attributes if a in names and a != id_column}, "columns named like the attributes"
-        if not columns:
-            return None
-    return {"catalog": catalog, "format": fmt, "id_column": id_column, "columns": columns, "how": how}
+    # Columns named like the attributes, then --truth-column on top: one mapping adds to the name matches (and
+    # overrides the attribute it names), it does not switch the others off.
+    columns = {a: a for a in attributes if a in names and a != id_column}
+    reasons = {a: "a column named like the attribute" for a in columns}
+    for a, column in config.truth_columns.items():
+        columns[a] = column
+        reasons[a] = f"--truth-column {a}={column}"
+    if not columns:
+        return None
+    columns = {a: columns[a] for a in attributes if a in columns}  # the bundle's order
+    not_compared = {a: f"the catalog has no column {a!r} (name one with --truth-column {a}=COLUMN)"
+                    for a in attributes if a not in columns}
+    how = ("--truth-column" if set(columns) == set(config.truth_columns) else
+           "columns named like the attributes" if not config.truth_columns else
+           "columns named like the attributes and --truth-column")
+    return {"catalog": catalog, "format": fmt, "id_column": id_column, "columns": columns, "how": how,
+            "why": {a: reasons[a] for a in columns}, "not_compared": not_compared}
 
 
 def drift_table(report: dict[str, Any]):

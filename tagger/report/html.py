@@ -343,7 +343,11 @@ def _disagreements(r: dict[str, Any], gallery: list[dict[str, Any]]) -> list[str
     if not g:
         return ["<h2>Agreement with the catalog</h2>",
                 "<p>The catalog has no label column named like an attribute (or given with --truth-column): nothing to compare.</p>"]
+    compared = "; ".join(f"{e(a)} with column <code>{e(c)}</code> ({e((g.get('why') or {}).get(a, g['how']))})"
+                         for a, c in g["columns"].items())
+    skipped = "; ".join(f"{e(a)}: {e(why)}" for a, why in (g.get("not_compared") or {}).items())
     out = ["<h2>Most confident disagreements with the catalog</h2>",
+           f'<p class="meta">Compared: {compared}.' + (f" Not compared: {skipped}." if skipped else "") + "</p>",
            f'<p class="meta">{g["disagreements"]:,} disagreements (catalog label ≠ tag) on the labelled rows of '
            f'{e(str(g["catalog"]))} ({e(g["how"])}); the most confident first: either the tag or the catalog is wrong. '
            f'Table disagreements.parquet holds the top {g["disagreements_written"]:,}.</p>']
