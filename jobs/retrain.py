@@ -54,7 +54,8 @@ def _flag(option: str) -> str:
 @click.option("--out", required=True, help="Bundle folder to write (model.json, model.safetensors, split.parquet), local or s3://.")
 @click.option("--backbone", default=D["backbone"], show_default=True, help="Any timm model name.")
 @click.option("--pretrained/--no-pretrained", default=D["pretrained"], show_default=True,
-              help="Start from ImageNet weights (Hugging Face hub). Fails if they cannot be had; never a silent random init.")
+              help="Start from ImageNet weights: timm's (Hugging Face hub or its cache), else the installed package for "
+                   "lite0/1/2. Never a silent random init.")
 @click.option("--init-weights", type=click.Path(exists=True), default=None,
               help="Local weights to start from: a safetensors file or state dict for --backbone, or a tagger bundle "
                    "(its folder).")
@@ -68,8 +69,8 @@ def _flag(option: str) -> str:
 @click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True), default=D["label_smoothing"], show_default=True)
 @click.option("--max-epochs", type=click.IntRange(min=1), default=D["max_epochs"], show_default=True)
 @click.option("--max-minutes", type=click.FloatRange(min=0, min_open=True), default=None,
-              help="Wall-clock limit up to the end of training (loading and caching included); the LR schedule anneals "
-                   "within it.")
+              help="Wall-clock limit up to the bundle written; said at once when it cannot hold, else ends with the best "
+                   "model so far (see docs/train.md).")
 @click.option("--patience", type=click.IntRange(min=1), default=D["patience"], show_default=True, help="Epochs without a better val/score before stopping.")
 @click.option("--freeze-backbone-epochs", type=click.IntRange(min=0), default=D["freeze_backbone_epochs"], show_default=True,
               help="Train only the heads for this many epochs first.")
@@ -78,6 +79,10 @@ def _flag(option: str) -> str:
                    "CPU hour. 0: train all.")
 @click.option("--cache-mirror/--no-cache-mirror", default=D["cache_mirror"], show_default=True,
               help="With --freeze-stages: also cache each photo's mirror image (flip augmentation; twice the one-off pass).")
+@click.option("--feature-cache-gb", type=click.FloatRange(min=0), default=None,
+              show_default="$TAGGER_FEATURE_CACHE_GB, else 5",
+              help="With --freeze-stages: keep trunk features in $TAGGER_CACHE/trunk-features up to this size, so a "
+                   "re-run skips the pass on the same photos. 0: off.")
 @click.option("--grad-clip", type=click.FloatRange(min=0), default=D["grad_clip"], show_default=True, help="Max gradient norm; 0 = off.")
 @click.option("--seed", type=click.IntRange(min=0), default=D["seed"], show_default=True)
 @click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=D["val_fraction"], show_default=True)

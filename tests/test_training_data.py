@@ -12,6 +12,7 @@ from PIL import Image
 
 from tagger.attributes import ATTRIBUTES
 from tagger.training.datamodule import FashionDataModule, train_transform
+from tagger.training.config import RetrainConfig
 from tagger.data.kaggle import DataError, load_kaggle, parse_styles
 from tagger.data.labels import OTHER, build_vocabularies, encode_targets, fold_rare_labels, resolve_min_label_count
 from tagger.training.split import SPLITS, read_split, stratified_split, write_split
@@ -197,7 +198,7 @@ def small_kaggle(tmp_path_factory):
 
 @pytest.mark.parametrize("cache", ["on", "off"])
 def test_datamodule_batches_and_drops_unreadable_images(small_kaggle, cache):
-    dm = FashionDataModule(str(small_kaggle), input_size=32, batch_size=16, cache_images=cache, seed=0)
+    dm = FashionDataModule(RetrainConfig(data=str(small_kaggle), out="unused", batch_size=16, cache_images=cache, seed=0), input_size=32)
     dm.setup()
     assert dm.report.missing_image == 1
     if cache == "on":  # decoded up front: the corrupt rows never reach the split

@@ -225,9 +225,12 @@ def test_cli_bar_on_stderr_logs_beside_the_bundle_and_max_minutes_bounds_the_com
     assert list(logs.glob("version_*/checkpoints/*.ckpt")), "checkpoints beside the bundle"
     assert load_bundle(str(out)).training["log_dir"].startswith(str(logs))
 
-    from tagger.training import train
+    from tagger.training.budget import Budget
 
-    spent = config(kaggle, tmp_path / "late", max_minutes=0.001)
+    clock = [0.0]
+    budget = Budget(10, clock=lambda: clock[0])
+    clock[0] = 60.0
+    assert budget.for_fitting(reserve_s=30) == pytest.approx(510)
+    clock[0] = 590.0
     with pytest.raises(ConfigError, match="was spent before the first epoch"):
-        train.fit_budget_s(spent, time.monotonic() - 1)
-    assert train.fit_budget_s(config(kaggle, tmp_path / "o", max_minutes=10), time.monotonic() - 60) == pytest.approx(540, abs=5)
+        budget.for_fitting(reserve_s=30)

@@ -13,6 +13,7 @@ from typing import Any
 from ..tag.config import DEVICES  # the tag job's device names: one list for every command
 
 CACHE_MODES: tuple[str, ...] = ("auto", "on", "off")
+DEFAULT_FEATURE_CACHE_GB = 5.0
 
 
 class ConfigError(ValueError):
@@ -51,11 +52,14 @@ class RetrainConfig:
     label_smoothing: float = 0.1
     drop_rate: float = 0.2
     max_epochs: int = 30
-    max_minutes: float | None = None  # wall-clock limit from the start of retrain() to the end of fitting; fitting gets what is left (train.fit_budget_s)
+    max_minutes: float | None = None  # wall-clock limit from the start of retrain() to the bundle written (tagger.training.budget)
     patience: int = 5  # epochs without a better val/score before early stopping
     freeze_backbone_epochs: int = 0  # train only the heads for this many epochs first
     freeze_stages: int = 0  # keep stem + this many block stages frozen; their features are cached once (CPU recipe)
     cache_mirror: bool = True  # with freeze_stages: also cache the mirror image's features (flip augmentation, 2x the pass)
+    # With freeze_stages: the disk cache of trunk features (tagger.training.features), in GB; None: $TAGGER_FEATURE_CACHE_GB,
+    # else 5. 0: no cache.
+    feature_cache_gb: float | None = None
     grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
     seed: int = 0  # split, init, shuffling, augmentation
     val_fraction: float = 0.1
@@ -127,6 +131,14 @@ class RetrainConfig:
         need(_int(self.freeze_backbone_epochs) and self.freeze_backbone_epochs >= 0, "freeze_backbone_epochs", f"freeze_backbone_epochs must be >= 0, got {self.freeze_backbone_epochs!r}")
         need(_int(self.freeze_stages) and self.freeze_stages >= 0, "freeze_stages", f"freeze_stages must be >= 0, got {self.freeze_stages!r}")
         need(not (self.freeze_stages and self.resume), "freeze_stages", "--freeze-stages cannot be combined with --resume (the cached features are not in the checkpoint)")
+        if self.feature_cache_gb is None:
+            env = os.environ.get("TAGGER_FEATURE_CACHE_GB", "").strip()
+            try:
+                self.feature_cache_gb = float(env) if env else DEFAULT_FEATURE_CACHE_GB
+            except ValueError:
+                raise ConfigError("feature_cache_gb", f"TAGGER_FEATURE_CACHE_GB={env!r} is not a number of GB") from None
+        need(_finite(self.feature_cache_gb) and self.feature_cache_gb >= 0, "feature_cache_gb",
+             f"feature_cache_gb must be >= 0 (0 = no cache), got {self.feature_cache_gb!r}")
         need(_finite(self.grad_clip) and self.grad_clip >= 0, "grad_clip", f"grad_clip must be >= 0 (0 = off), got {self.grad_clip!r}")
         need(_int(self.seed) and self.seed >= 0, "seed", f"seed must be an integer >= 0, got {self.seed!r}")
         for name in ("val_fraction", "test_fraction"):

@@ -23,10 +23,9 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..attributes import ATTRIBUTES
 from ..data.decode import ImageError
 from ..data.reader import load_image
-from .config import CACHE_MODES
+from .config import CACHE_MODES, RetrainConfig
 from ..data.kaggle import DataError, DataReport
 from ..data.labelled import load_training_data
 from ..data.labels import build_vocabularies, check_label_counts, encode_targets, fold_rare_labels, label_counts, resolve_min_label_count
@@ -192,52 +191,24 @@ class FashionDataModule(pl.LightningDataModule):
     ``min_label_count``, ``fingerprint``, ``cached``.
     """
 
-    def __init__(
-        self,
-        data: str,
-        *,
-        input_size: int,
-        batch_size: int = 64,
-        workers: int = 0,
-        seed: int = 0,
-        val_fraction: float = 0.1,
-        test_fraction: float = 0.1,
-        min_label_count: int | str = "auto",
-        cache_images: str = "auto",
-        cache_max_gb: float = 4.0,
-        storage_options: Mapping[str, Any] | None = None,
-        attributes: Sequence[str] = ATTRIBUTES,
-        pin_memory: bool = False,
-        augment: bool = True,
-        corrections: Sequence[str] = (),
-        id_column: str = "product_id",
-        image_column: str = "image",
-        data_format: str | None = None,
-        split_from: str | None = None,
-        keep_labels: Mapping[str, Sequence[str]] | None = None,
-        keep_labels_training: Mapping[str, Any] | None = None,
-    ):
+    def __init__(self, config: RetrainConfig, *, input_size: int, pin_memory: bool = False, augment: bool = True):
+        """``config``: the retrain settings this module reads (data, its columns and format, corrections, attributes,
+        batch size, seed, split fractions and --split-from, label folding and --keep-labels, the image cache);
+        ``input_size``: the backbone's, resolved by the caller."""
         super().__init__()
-        if cache_images not in CACHE_MODES:
-            raise ValueError(f"cache_images must be one of {', '.join(CACHE_MODES)}, got {cache_images!r}")
-        self.data = data
+        if config.cache_images not in CACHE_MODES:
+            raise ValueError(f"cache_images must be one of {', '.join(CACHE_MODES)}, got {config.cache_images!r}")
+        self.config = config
+        self.data = config.data
         self.input_size = input_size
-        self.batch_size = batch_size
-        self.workers = workers
-        self.seed = seed
-        self.val_fraction = val_fraction
-        self.test_fraction = test_fraction
-        self.min_label_count_spec = min_label_count
-        self.cache_images = cache_images
-        self.cache_max_gb = cache_max_gb
-        self.storage_options = dict(storage_options or {})
-        self.attributes = tuple(attributes)
+        self.batch_size = config.batch_size
+        self.workers = 0  # the caller picks them once the cache is known (train.resolve_workers)
+        self.seed = config.seed
+        self.storage_options = dict(config.storage_options or {})
+        self.attributes = tuple(config.attribute_names)
         self.pin_memory = pin_memory
         self.augment = augment
-        self.corrections = tuple(corrections)
-        self.id_column, self.image_column, self.data_format = id_column, image_column, data_format
-        self.split_from = split_from
-        self.keep_labels, self.keep_labels_training = keep_labels, keep_labels_training or {}
+        self.keep_labels, self.keep_labels_training = _kept_labels(config)
         self._ready = False
 
     # ------------------------------------------------------------------ preparation
@@ -246,9 +217,10 @@ class FashionDataModule(pl.LightningDataModule):
         if self._ready:  # Lightning calls this once per stage; the data is the same for all
             return
         started = time.monotonic()
+        config = self.config
         kaggle = load_training_data(
-            self.data, self.attributes, self.storage_options, corrections=self.corrections, id_column=self.id_column,
-            image_column=self.image_column, fmt=self.data_format,
+            self.data, self.attributes, self.storage_options, corrections=tuple(config.corrections), id_column=config.id_column,
+            image_column=config.image_column, fmt=config.data_format,
         )
         report: DataReport = kaggle.report
         _log_report(kaggle.styles_url, report)
@@ -274,7 +246,7 @@ class FashionDataModule(pl.LightningDataModule):
             self.cache = pixels
             log.info("decoded %d images at %dpx into memory (%.0f MB) in %.1fs", len(pixels), size, pixels.nbytes / 1e6, time.monotonic() - started)
 
-        self.min_label_count = resolve_min_label_count(self.min_label_count_spec, table.height)
+        self.min_label_count = resolve_min_label_count(config.min_label_count, table.height)
         # Attributes whose vocabulary comes from the starting bundle (--keep-labels) are encoded as that bundle
         # encodes them (its folded labels -> its Other; a label it never had -> Other, else unknown); the rest fold here.
         kept = {a: list(v) for a, v in (self.keep_labels or {}).items() if a in self.attributes}
@@ -310,9 +282,9 @@ class FashionDataModule(pl.LightningDataModule):
                      ", ".join(f"{k} {v}" for k, v in list(counts.items())[:8]) + (", ..." if len(counts) > 8 else ""))
         check_label_counts(self.label_stats, table.height, self.min_label_count, report.sources)
         self.assignment = stratified_split(
-            self.targets, [len(v) for v in self.vocab.values()], val_fraction=self.val_fraction, test_fraction=self.test_fraction, seed=self.seed
+            self.targets, [len(v) for v in self.vocab.values()], val_fraction=config.val_fraction, test_fraction=config.test_fraction, seed=self.seed
         )
-        self.split_reused = self._reuse_split(table["id"].to_list()) if self.split_from else None
+        self.split_reused = self._reuse_split(table["id"].to_list()) if config.split_from else None
         self.ids = np.asarray(table["id"].to_list(), dtype=np.str_)
         self.urls = np.asarray(table["image"].to_list(), dtype=np.str_)
         # Shared memory so that DataLoader worker processes can flag images that fail to decode.
@@ -330,13 +302,13 @@ class FashionDataModule(pl.LightningDataModule):
         Fine-tuning a bundle on data it was trained from: a test row of that bundle must stay a test row,
         or the new model is scored on photos its trunk has already fitted (and the comparison of the two
         models is on different rows)."""
-        url = self.split_from
+        url = self.config.split_from
         if not url.endswith(".parquet"):
             url = os.path.join(url, "split.parquet") if not "://" in url else url.rstrip("/") + "/split.parquet"
         try:
             previous = read_split(url, self.storage_options)
         except FileNotFoundError:
-            raise DataError(f"--split-from {self.split_from}: no {url} (give a bundle folder with a split.parquet, or the file)") from None
+            raise DataError(f"--split-from {self.config.split_from}: no {url} (give a bundle folder with a split.parquet, or the file)") from None
         listed = 0
         for i, row_id in enumerate(ids):
             name = previous.get(row_id)
@@ -347,13 +319,13 @@ class FashionDataModule(pl.LightningDataModule):
         return {"from": url, "kept": listed, "new": len(ids) - listed}
 
     def _want_cache(self, n: int) -> bool:
-        if self.cache_images != "auto":
-            return self.cache_images == "on"
+        if self.config.cache_images != "auto":
+            return self.config.cache_images == "on"
         need = n * self.input_size * self.input_size * 3
-        if need > self.cache_max_gb * 2**30:
+        if need > self.config.cache_max_gb * 2**30:
             log.info(
                 "not caching decoded images: %d x %dpx needs %.1f GB, over cache_max_gb=%.1f; decoding per epoch",
-                n, self.input_size, need / 2**30, self.cache_max_gb,
+                n, self.input_size, need / 2**30, self.config.cache_max_gb,
             )
             return False
         return True
@@ -416,39 +388,7 @@ class FashionDataModule(pl.LightningDataModule):
 
     # ------------------------------------------------------------------ frozen-trunk features
 
-    trunk_features: torch.Tensor | None = None  # (n, views, C, H, W) float16 once cache_trunk ran
-
-    @torch.no_grad()
-    def cache_trunk(self, trunk, *, mirror: bool = True, batch_size: int = 8, autocast_dtype: torch.dtype | None = None) -> None:
-        """Run every decoded image (and, with ``mirror``, its mirror image) once through the frozen ``trunk``.
-
-        Training then reads these features instead of pixels: each epoch costs only the trained tail.
-        The mirror image keeps the one augmentation that is both cheap and label-safe, at the cost of a
-        second pass; crops and rotations need pixels, so they are the price of this speed-up. Small
-        batches on purpose: at 224 px the early activations of a 64-image batch outgrow the CPU caches
-        and the pass runs twice as slow (lite0 trunk on one core here: 20 images/s at 8, 10 at 64).
-        """
-        if self.cache is None:
-            raise ValueError("cached trunk features need the decoded images in memory: use --cache-images on (or auto with enough --cache-max-gb)")
-        started = time.monotonic()
-        n = len(self.cache)
-        views = 2 if mirror else 1
-        features: torch.Tensor | None = None
-        step = max(1000, n // 10)
-        for begin in range(0, n, batch_size):
-            images = torch.from_numpy(self.cache[begin : begin + batch_size]).permute(0, 3, 1, 2)
-            for view in range(views):
-                batch = images.flip(-1) if view else images
-                with torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
-                    out = trunk(batch.contiguous()).float()
-                if features is None:
-                    features = torch.empty((n, views, *out.shape[1:]), dtype=torch.float16)
-                features[begin : begin + len(out), view] = out.to(torch.float16)
-            done = min(n, begin + batch_size)
-            if done // step != begin // step:  # minutes on a CPU: say how far along it is
-                log.info("frozen-trunk features: %d/%d images (%.0fs)", done, n, time.monotonic() - started)
-        self.trunk_features = features
-        log.info("cached frozen-trunk features %s (%.0f MB) in %.0fs", tuple(features.shape), features.numel() * 2 / 1e6, time.monotonic() - started)
+    trunk_features: torch.Tensor | None = None  # (n, views, C, H, W) float16, set by retrain (tagger.training.features)
 
     def feature_loader(self, split: str, *, shuffle: bool = False) -> DataLoader:
         dataset = TrunkFeatures(self.rows(split), self.trunk_features, self.targets, random_view=shuffle)
@@ -458,6 +398,18 @@ class FashionDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self.loader("test")
+
+
+def _kept_labels(config: RetrainConfig) -> tuple[dict[str, list[str]] | None, Mapping[str, Any]]:
+    """``--keep-labels``: the starting bundle's vocabularies for the attributes it shares, and its training facts
+    (how it folded them)."""
+    if not config.keep_labels:
+        return None, {}
+    import json
+
+    meta = json.loads(open(os.path.join(config.init_weights, "model.json"), encoding="utf-8").read())
+    labels = {a["name"]: list(a["labels"]) for a in meta.get("attributes", []) if a.get("name") in config.attribute_names}
+    return labels, meta.get("training") or {}
 
 
 def _log_report(source: str, report: DataReport) -> None:

@@ -1,4 +1,12 @@
-"""``retrain(config)``: a Kaggle folder in, a model bundle (plus its split.parquet) out."""
+"""``retrain(config)``: labelled data in, a model bundle (plus its split.parquet) out, in four named steps:
+
+- :func:`prepare`: weights, data, split, the network, and with ``--freeze-stages`` the trunk features (cached);
+- :func:`fit`: Lightning fits within what ``--max-minutes`` leaves; the best checkpoint is loaded back;
+- :func:`score`: val and test through the tag job's Predictor; metrics, review thresholds;
+- :func:`record`: the training facts, split.parquet, then the bundle.
+
+``--max-minutes`` bounds all four (:mod:`.budget`); each phase talks every 30 s (:mod:`.progress`).
+"""
 
 from __future__ import annotations
 
@@ -10,10 +18,11 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import asdict
-from datetime import timedelta
+from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
+import pytorch_lightning as pl
 import torch
 
 from .. import storage
@@ -21,9 +30,12 @@ from ..model.bundle import ModelBundle, save_bundle
 from ..model.scoring import predict_batches
 from ..evaluation.metrics import calibrate_thresholds, coverage, majority_baseline, split_metrics
 from ..model.network import TaggerNet, create_backbone_with_source, resolve_data_config
+from .budget import Budget, minutes
 from .config import ConfigError, RetrainConfig, check_data_exists
 from .datamodule import FashionDataModule
+from .features import FeatureStore, trunk_features, trunk_key
 from .module import LABELS_KEY, SCORE_METRIC, TaggerModule
+from .progress import Ticker, epoch_reporter, ticking
 from .split import SPLIT_FILE, write_split
 
 log = logging.getLogger(__name__)
@@ -62,20 +74,6 @@ def resolve_log_dir(config: RetrainConfig) -> str:
         return tempfile.mkdtemp(prefix="tagger-retrain-")
     # Beside the bundle, not in it: checkpoints (5x the bundle's size) and TensorBoard files are not the bundle.
     return config.out.rstrip("/" + os.sep) + ".logs"
-
-
-def fit_budget_s(config: RetrainConfig, started: float) -> float | None:
-    """What is left of ``--max-minutes`` for fitting once the weights, the data and the frozen-trunk pass are
-    ready: the option bounds the command, not only its epochs. None: no limit."""
-    if not config.max_minutes:
-        return None
-    spent = time.monotonic() - started
-    left = config.max_minutes * 60 - spent
-    if left < 1:
-        raise ConfigError("max_minutes", f"--max-minutes {config.max_minutes:g} was spent before the first epoch (loading "
-                          f"weights, reading the data and any frozen-trunk pass took {spent / 60:.1f} min); raise it")
-    log.info("--max-minutes %g: %.1f min spent getting ready, %.1f min left for fitting", config.max_minutes, spent / 60, left / 60)
-    return left
 
 
 def _stderr_progress_bar():
@@ -127,14 +125,18 @@ def check_resume(path: str, labels: dict[str, list[str]]) -> None:
         )
 
 
-def check_net(net: TaggerNet, backbone: str) -> None:
-    """One forward pass on a blank image, so that a backbone whose pooled features do not match
-    its heads fails here, with its name, before the data is read, not in the first validation step."""
+def check_net(net: TaggerNet, backbone: str) -> float:
+    """One forward pass on a blank image, so that a backbone whose pooled features do not match its heads fails here,
+    with its name, before the data is read, not in the first validation step. Then a timed batch of 8: the seconds
+    per image of a forward pass, from which --max-minutes keeps time to score val and test."""
     size = net.data_config.input_size
     was_training = net.training
     try:
         with torch.no_grad():
             net.eval()(torch.full((1, 3, size, size), 255, dtype=torch.uint8))
+            started = time.monotonic()
+            net(torch.full((8, 3, size, size), 255, dtype=torch.uint8))
+            return (time.monotonic() - started) / 8
     except RuntimeError as exc:
         raise ConfigError(
             "backbone",
@@ -168,18 +170,80 @@ def scoring_predictor(net: TaggerNet, backbone: str, labels: dict[str, list[str]
         return Predictor(bundle, torch.device(device), precision="auto", runtime="torch")
 
 
-def retrain(config: RetrainConfig) -> ModelBundle:
+# Seconds per val/test image kept for scoring, beyond the measured forward pass: decoding, the export, the loader.
+SCORING_OVERHEAD_S = 10.0
+
+
+@dataclass
+class Prepared:
+    """What :func:`prepare` made ready for fitting."""
+
+    config: RetrainConfig
+    budget: Budget
+    device: str
+    weights_source: Any
+    data_config: Any
+    datamodule: FashionDataModule
+    net: TaggerNet
+    heads_init: dict[str, str]
+    forward_s: float  # measured seconds of one image through the whole network in eval mode
+    feature_cache: dict[str, Any] | None = None
+
+    @property
+    def labels(self) -> dict[str, list[str]]:
+        return self.datamodule.vocab
+
+    def scoring_reserve_s(self) -> float:
+        """What scoring val and test and writing the bundle will take, from the measured forward pass (x1.5)."""
+        dm = self.datamodule
+        return SCORING_OVERHEAD_S + 1.5 * self.forward_s * (len(dm.rows("val")) + len(dm.rows("test")))
+
+
+@dataclass
+class Fitted:
+    """What :func:`fit` leaves: the module with the best weights loaded, and how the fit ended."""
+
+    module: TaggerModule
+    trainer: Any
+    logger: Any
+    best_checkpoint: str | None
+    best_epoch: int | None
+    stopped_by: str
+    seconds: float
+    precision: str
+
+
+@dataclass
+class Scores:
+    val_probs: dict[str, np.ndarray]
+    val_targets: np.ndarray
+    test_probs: dict[str, np.ndarray]
+    test_targets: np.ndarray
+    val_metrics: dict[str, dict]
+    test_metrics: dict[str, dict]
+    thresholds: dict[str, float]
+    scored_with: dict[str, Any]
+
+
+def retrain(config: RetrainConfig, *, budget: Budget | None = None) -> ModelBundle:
     """Train on ``config.data`` and write the bundle to ``config.out``; returns the saved bundle.
 
-    Facts about the run (data fingerprint, row accounting, folded labels, split sizes, val and test
-    metrics against the majority baseline, thresholds, timing, config) go into ``bundle.training``.
+    Facts about the run (data fingerprint, row accounting, folded labels, split sizes, val and test metrics against
+    the majority baseline, thresholds, timing, the feature cache, config) go into ``bundle.training``. ``budget``:
+    the clock ``--max-minutes`` counts on (tests give a faster one); by default it starts now.
     """
-    import pytorch_lightning as pl
-    from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, Timer
-    from pytorch_lightning.loggers import TensorBoardLogger
-
     config.validate()
-    started = time.monotonic()  # --max-minutes counts from here: weights, data, trunk pass and fitting
+    budget = budget or Budget(config.max_minutes)
+    with _log_file(config):
+        prepared = prepare(config, budget)
+        fitted = fit(prepared)
+        scores = score(prepared, fitted)
+        return record(prepared, fitted, scores)
+
+
+def prepare(config: RetrainConfig, budget: Budget) -> Prepared:
+    """Weights, data, split and network; the frozen-trunk features with ``--freeze-stages``. Raises ConfigError
+    (exit 2) for settings that cannot work here, including a budget the trunk pass would not leave room in."""
     check_data_exists(config)
     device = resolve_device(config.device)
     if config.threads:
@@ -191,7 +255,7 @@ def retrain(config: RetrainConfig) -> ModelBundle:
     backbone, weights_source = create_backbone_with_source(config.backbone, pretrained=config.pretrained, init_weights=config.init_weights)
     data_config = resolve_data_config(config.backbone, config.input_size)
     probe = TaggerNet(backbone, {attr: 2 for attr in config.attribute_names}, data_config)
-    check_net(probe, config.backbone)
+    forward_s = check_net(probe, config.backbone)
     if config.freeze_stages:
         try:
             stages = probe.stage_count()
@@ -200,27 +264,7 @@ def retrain(config: RetrainConfig) -> ModelBundle:
         if config.freeze_stages >= stages:
             raise ConfigError("freeze_stages", f"{config.backbone} has {stages} block stages; --freeze-stages must leave at least one to train (0-{stages - 1})")
 
-    datamodule = FashionDataModule(
-        config.data,
-        input_size=data_config.input_size,
-        batch_size=config.batch_size,
-        workers=0,
-        seed=config.seed,
-        val_fraction=config.val_fraction,
-        test_fraction=config.test_fraction,
-        min_label_count=config.min_label_count,
-        cache_images=config.cache_images,
-        cache_max_gb=config.cache_max_gb,
-        storage_options=config.storage_options,
-        attributes=config.attribute_names,
-        pin_memory=device == "cuda",
-        corrections=config.corrections,
-        id_column=config.id_column,
-        image_column=config.image_column,
-        data_format=config.data_format,
-        split_from=config.split_from,
-        **_kept_labels(config),
-    )
+    datamodule = FashionDataModule(config, input_size=data_config.input_size, pin_memory=device == "cuda")
     datamodule.setup()
     datamodule.workers = resolve_workers(config.workers, device, datamodule.cached)
     labels = datamodule.vocab
@@ -243,14 +287,54 @@ def retrain(config: RetrainConfig) -> ModelBundle:
             log.warning("starting from the bundle %s without --split-from: rows it was trained on may land in this run's "
                         "val/test split and flatter its figures; pass --split-from %s when the data overlap",
                         config.init_weights, config.init_weights)
+    prepared = Prepared(config, budget, device, weights_source, data_config, datamodule, net, heads_init, forward_s)
     if config.freeze_stages:
-        net.eval()
-        datamodule.cache_trunk(
-            lambda images: net.trunk(images, config.freeze_stages),
-            mirror=config.cache_mirror,
-            autocast_dtype=None,  # fp32 like the rest of CPU training (bf16 autocast without native bf16 is emulated: ~4x slower here)
+        cache_trunk_features(prepared)
+    return prepared
+
+
+def cache_trunk_features(prepared: Prepared) -> None:
+    """The frozen-trunk pass (:mod:`.features`), estimated after its first batches against ``--max-minutes``."""
+    config, dm, net = prepared.config, prepared.datamodule, prepared.net
+    if dm.cache is None:
+        raise ConfigError("freeze_stages", "cached trunk features need the decoded images in memory: use --cache-images on "
+                          "(or auto with enough --cache-max-gb)")
+    store = FeatureStore.open(trunk_key(config.backbone, net, config.freeze_stages), config.feature_cache_gb)
+    views = 2 if config.cache_mirror else 1
+
+    def check_budget(ticker) -> None:
+        fix = "fewer photos"
+        if config.cache_mirror:
+            fix = "--no-cache-mirror (half the pass), " + fix
+        prepared.budget.require(
+            "the frozen-trunk pass", ticker.eta(), after_s=prepared.scoring_reserve_s(),
+            basis=f"{ticker.done} of {ticker.total} photo views in {ticker.elapsed:.0f}s, {ticker.rate():.1f}/s; "
+                  f"{store.reused} found in the cache",
+            fix=fix + " (its features done so far are kept in the cache: a re-run skips them)",
         )
-        net.train()
+
+    net.eval()
+    dm.trunk_features = trunk_features(
+        dm.cache, lambda images: net.trunk(images, config.freeze_stages), store, views=views,
+        on_estimate=check_budget if prepared.budget.limit_s is not None else None, clock=prepared.budget.clock,
+    )
+    net.train()
+    prepared.feature_cache = {"folder": str(store.folder) if store.folder else None, "reused": store.reused,
+                              "computed": store.computed, "limit_gb": config.feature_cache_gb}
+
+
+def fit(prepared: Prepared) -> Fitted:
+    """Lightning fits within what the budget leaves (less the scoring reserve): stopped by the limit, even mid-epoch,
+    it validates and keeps its best checkpoint, which is loaded back into the network."""
+    from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+    from pytorch_lightning.loggers import TensorBoardLogger
+
+    config, datamodule, net, labels = prepared.config, prepared.datamodule, prepared.net, prepared.labels
+    reserve = prepared.scoring_reserve_s()
+    fit_s = prepared.budget.for_fitting(reserve)
+    if fit_s is not None:
+        log.info("--max-minutes %g: %s spent getting ready, %s kept to score val/test and write the bundle, %s left for fitting",
+                 config.max_minutes, minutes(prepared.budget.spent()), minutes(reserve), minutes(fit_s))
     module = TaggerModule(
         net,
         labels,
@@ -260,27 +344,28 @@ def retrain(config: RetrainConfig) -> ModelBundle:
         label_smoothing=config.label_smoothing,
         freeze_backbone_epochs=config.freeze_backbone_epochs,
         freeze_stages=config.freeze_stages,
-        time_budget_s=fit_budget_s(config, started),
+        time_budget_s=fit_s,
     )
-
     log_dir = resolve_log_dir(config)
     logger = TensorBoardLogger(save_dir=log_dir, name="", default_hp_metric=False)
     best = ModelCheckpoint(monitor=SCORE_METRIC, mode="max", save_top_k=1, save_last=True, filename="best-{epoch:03d}", auto_insert_metric_name=False)
     stopper = EarlyStopping(monitor=SCORE_METRIC, mode="max", patience=config.patience)
-    callbacks: list[pl.Callback] = [best, stopper, LearningRateMonitor(logging_interval="step")]
+    callbacks: list[pl.Callback] = [best, stopper, LearningRateMonitor(logging_interval="step"), epoch_reporter(list(labels), SCORE_METRIC)]
+    budget_stop = BudgetStop(prepared.budget, reserve) if fit_s is not None else None
+    if budget_stop is not None:
+        callbacks.append(budget_stop)
     precision = "32-true"
-    if device == "cuda":
+    if prepared.device == "cuda":
         precision = "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
         torch.set_float32_matmul_precision("high")
     steps_per_epoch = max(1, len(datamodule.rows("train")) // max(1, min(config.batch_size, len(datamodule.rows("train")))))
     if config.progress:
         callbacks.append(_stderr_progress_bar())
     trainer = pl.Trainer(
-        accelerator="gpu" if device == "cuda" else "cpu",
+        accelerator="gpu" if prepared.device == "cuda" else "cpu",
         devices=1,
         precision=precision,
         max_epochs=config.max_epochs,
-        max_time=timedelta(seconds=module.time_budget_s) if module.time_budget_s else None,
         gradient_clip_val=config.grad_clip or None,
         logger=logger,
         callbacks=callbacks,
@@ -289,14 +374,20 @@ def retrain(config: RetrainConfig) -> ModelBundle:
         enable_model_summary=config.progress,
         num_sanity_val_steps=1,
     )
-    fit_started = time.monotonic()
+    if config.freeze_stages:
+        log.info("the frozen trunk (stem + %d stages) stays in eval mode on purpose: its BatchNorm statistics made the "
+                 "cached features", config.freeze_stages)
+    started = time.monotonic()
     with warnings.catch_warnings():
         # Workers are chosen on purpose (resolve_workers); Lightning's hint assumes a GPU to feed.
         warnings.filterwarnings("ignore", message=r".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=r".*(number of training batches|log_every_n_steps).*")
+        # The frozen trunk (and, with --freeze-backbone-epochs, the backbone) is in eval mode by design (said above).
+        warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")
+        # Lightning's own use of a torch API it has not caught up with: nothing a user can act on.
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
         trainer.fit(module, datamodule=datamodule, ckpt_path=config.resume, weights_only=True if config.resume else None)
-    fit_seconds = time.monotonic() - fit_started
-
+    seconds = time.monotonic() - started
     if trainer.interrupted:
         raise KeyboardInterrupt("training interrupted; no bundle written")
     best_epoch = None
@@ -306,38 +397,53 @@ def retrain(config: RetrainConfig) -> ModelBundle:
         module.load_state_dict(checkpoint["state_dict"])
         best_epoch = int(checkpoint.get("epoch", -1))
     else:
-        log.warning("no validation epoch finished (time limit?); saving the last weights, not a validated best")
-
-    # Through the tag job's Predictor on the runtime and precision evaluate picks at auto on this machine: the
-    # thresholds fit, and the test metrics are, the scores that evaluate reproduces.
-    with tempfile.TemporaryDirectory(prefix="tagger-retrain-export-") as export_cache:
-        scorer = scoring_predictor(net, config.backbone, labels, device, export_cache)
-        val_probs, val_targets = predict_batches(scorer, datamodule.loader("val"), device)
-        test_probs, test_targets = predict_batches(scorer, datamodule.loader("test"), device)
-        scored_with = {"runtime": scorer.runtime.name, "precision": scorer.precision_name, "reason": scorer.runtime.reason}
-        del scorer
-    net.cpu()
-    val_metrics = split_metrics(val_probs, val_targets)
-    test_metrics = split_metrics(test_probs, test_targets)
-    baseline = majority_baseline(datamodule.targets[datamodule.rows("train")], test_targets, labels)
-    thresholds = calibrate_thresholds(val_probs, val_targets, config.target_precision)
-    for attr, values in test_metrics.items():
-        values["majority_accuracy"] = baseline[attr]["accuracy"]
-        values["majority_label"] = baseline[attr]["label"]
-    logger.log_metrics(
-        {f"final_test/{attr}/{k}": v for attr, m in test_metrics.items() for k, v in m.items() if isinstance(v, float)},
-        step=trainer.global_step,
-    )
-    logger.finalize("success")
-
-    unreadable = datamodule.unreadable_ids()
-    if unreadable:
-        datamodule.report.note_unreadable(unreadable)
+        log.warning("no validation epoch finished; saving the last weights, not a validated best")
     stopped_by = "max_epochs"
     if stopper.stopped_epoch > 0:
         stopped_by = "early_stopping"
-    elif any(isinstance(cb, Timer) and cb.time_remaining() is not None and cb.time_remaining() <= 0 for cb in trainer.callbacks):
-        stopped_by = "max_time"
+    elif budget_stop is not None and budget_stop.stopped:
+        stopped_by = "max_minutes"
+        log.warning("--max-minutes %g reached during epoch %d: training stopped there; the bundle holds the best model so "
+                    "far (epoch %s, val score %.4f)", config.max_minutes, budget_stop.epoch + 1,
+                    "?" if best_epoch is None else best_epoch + 1, float(best.best_model_score or float("nan")))
+    return Fitted(module, trainer, logger, best.best_model_path or None, best_epoch, stopped_by, seconds, precision)
+
+
+def score(prepared: Prepared, fitted: Fitted) -> Scores:
+    """Val and test through the tag job's Predictor on the runtime and precision evaluate picks at auto on this
+    machine: the thresholds fit, and the test metrics are, the scores that evaluate reproduces."""
+    dm, net, labels = prepared.datamodule, prepared.net, prepared.labels
+    with tempfile.TemporaryDirectory(prefix="tagger-retrain-export-") as export_cache:
+        scorer = scoring_predictor(net, prepared.config.backbone, labels, prepared.device, export_cache)
+        probs, targets = {}, {}
+        for split in ("val", "test"):
+            ticker = Ticker(f"scoring {split}", len(dm.rows(split)))
+            probs[split], targets[split] = predict_batches(
+                scorer, ticking(dm.loader(split), ticker, lambda batch: int(batch[0].shape[0])), prepared.device)
+        scored_with = {"runtime": scorer.runtime.name, "precision": scorer.precision_name, "reason": scorer.runtime.reason}
+        del scorer
+    net.cpu()
+    val_metrics = split_metrics(probs["val"], targets["val"])
+    test_metrics = split_metrics(probs["test"], targets["test"])
+    baseline = majority_baseline(dm.targets[dm.rows("train")], targets["test"], labels)
+    for attr, values in test_metrics.items():
+        values["majority_accuracy"] = baseline[attr]["accuracy"]
+        values["majority_label"] = baseline[attr]["label"]
+    thresholds = calibrate_thresholds(probs["val"], targets["val"], prepared.config.target_precision)
+    fitted.logger.log_metrics(
+        {f"final_test/{attr}/{k}": v for attr, m in test_metrics.items() for k, v in m.items() if isinstance(v, float)},
+        step=fitted.trainer.global_step,
+    )
+    fitted.logger.finalize("success")
+    return Scores(probs["val"], targets["val"], probs["test"], targets["test"], val_metrics, test_metrics, thresholds, scored_with)
+
+
+def record(prepared: Prepared, fitted: Fitted, scores: Scores) -> ModelBundle:
+    """The run's facts into ``bundle.training``; split.parquet, then the bundle (model.json last)."""
+    config, dm, labels = prepared.config, prepared.datamodule, prepared.labels
+    unreadable = dm.unreadable_ids()
+    if unreadable:
+        dm.report.note_unreadable(unreadable)
 
     def mean(metric: dict, key: str) -> float:
         values = [m[key] for m in metric.values() if not math.isnan(m[key])]
@@ -346,80 +452,124 @@ def retrain(config: RetrainConfig) -> ModelBundle:
     training = {
         "data": {
             "source": config.data,
-            "fingerprint": datamodule.fingerprint,
-            "rows": datamodule.report.to_dict(),
-            "min_label_count": datamodule.min_label_count,
-            "folded": datamodule.folded,
-            "folded_into": datamodule.folded_into,
-            "label_counts": datamodule.label_stats,
-            "kept_labels": datamodule.kept_labels or None,
-            "images_cached": datamodule.cached,
+            "fingerprint": dm.fingerprint,
+            "rows": dm.report.to_dict(),
+            "min_label_count": dm.min_label_count,
+            "folded": dm.folded,
+            "folded_into": dm.folded_into,
+            "label_counts": dm.label_stats,
+            "kept_labels": dm.kept_labels or None,
+            "images_cached": dm.cached,
         },
         "split": {
             "file": SPLIT_FILE,
             "seed": config.seed,
             "fractions": {"train": 1 - config.val_fraction - config.test_fraction, "val": config.val_fraction, "test": config.test_fraction},
-            "sizes": datamodule.split_sizes,
+            "sizes": dm.split_sizes,
             "stratified_on": list(labels),
-            "reused": datamodule.split_reused,
+            "reused": dm.split_reused,
         },
         "metrics": {
             "monitor": SCORE_METRIC,
-            "val_score": mean(val_metrics, "macro_f1"),
-            "test_score": mean(test_metrics, "macro_f1"),
-            "val": val_metrics,
-            "test": test_metrics,
+            "val_score": mean(scores.val_metrics, "macro_f1"),
+            "test_score": mean(scores.test_metrics, "macro_f1"),
+            "val": scores.val_metrics,
+            "test": scores.test_metrics,
         },
         "thresholds": {
             "rule": THRESHOLD_RULE,
             "target_precision": config.target_precision,
-            "val_coverage": coverage(val_probs, thresholds),
+            "val_coverage": coverage(scores.val_probs, scores.thresholds),
         },
         "backbone": config.backbone,
-        "weights_init": weights_source.describe(),
-        "heads_init": heads_init,
+        "weights_init": prepared.weights_source.describe(),
+        "heads_init": prepared.heads_init,
         "freeze_stages": config.freeze_stages,
         "cache_mirror": config.cache_mirror if config.freeze_stages else None,
-        "input_size": data_config.input_size,
-        "epochs": int(trainer.current_epoch),
-        "best_epoch": best_epoch,
-        "global_steps": int(trainer.global_step),
-        "stopped_by": stopped_by,
-        "duration_s": round(time.monotonic() - started, 1),
-        "fit_duration_s": round(fit_seconds, 1),
+        "feature_cache": prepared.feature_cache,
+        "input_size": prepared.data_config.input_size,
+        "epochs": int(fitted.trainer.current_epoch),
+        "best_epoch": fitted.best_epoch,
+        "global_steps": int(fitted.trainer.global_step),
+        "stopped_by": fitted.stopped_by,
+        "max_minutes": config.max_minutes,
+        "duration_s": round(prepared.budget.spent(), 1),
+        "fit_duration_s": round(fitted.seconds, 1),
         "seed": config.seed,
-        "device": device,
-        "precision": precision,
-        "scored_with": scored_with,
-        "log_dir": logger.log_dir,
-        "best_checkpoint": best.best_model_path or None,
+        "device": prepared.device,
+        "precision": fitted.precision,
+        "scored_with": scores.scored_with,
+        "log_dir": fitted.logger.log_dir,
+        "best_checkpoint": fitted.best_checkpoint,
         "versions": _versions(),
         "config": storage.redact(asdict(config)),
     }
     # The split first, model.json (inside save_bundle) last: a folder with a model.json is complete.
-    write_split(storage.join(config.out, SPLIT_FILE), datamodule.ids, datamodule.assignment, config.storage_options)
+    write_split(storage.join(config.out, SPLIT_FILE), dm.ids, dm.assignment, config.storage_options)
     bundle = save_bundle(
-        net,
+        prepared.net,
         config.out,
         backbone=config.backbone,
         labels=labels,
-        thresholds=thresholds,
+        thresholds=scores.thresholds,
         training=_json_safe(training),
         storage_options=config.storage_options,
     )
-    log.info("wrote bundle %s (model_version %s) in %.0fs", config.out, bundle.model_version, time.monotonic() - started)
+    log.info("wrote bundle %s (model_version %s) in %s%s", config.out, bundle.model_version, minutes(prepared.budget.spent()),
+             f" of --max-minutes {config.max_minutes:g}" if config.max_minutes else "")
     return bundle
 
 
-def _kept_labels(config: RetrainConfig) -> dict[str, Any]:
-    """``--keep-labels``: the starting bundle's vocabularies (and its folding facts) for the attributes it shares."""
-    if not config.keep_labels:
-        return {}
-    import json
+class BudgetStop(pl.Callback):
+    """Lightning's ``max_time`` on the retrain's own clock: once what is left of ``--max-minutes`` is the scoring
+    reserve plus one validation pass (as long as the last one took), training stops after the current batch, mid-epoch
+    too; Lightning then validates and the checkpoint callback keeps the best model so far."""
 
-    meta = json.loads(open(os.path.join(config.init_weights, "model.json"), encoding="utf-8").read())
-    labels = {a["name"]: list(a["labels"]) for a in meta.get("attributes", []) if a.get("name") in config.attribute_names}
-    return {"keep_labels": labels, "keep_labels_training": meta.get("training") or {}}
+    def __init__(self, budget: Budget, reserve_s: float):
+        self.budget, self.reserve_s = budget, reserve_s
+        self.stopped = False
+        self.epoch: int | None = None  # 0-based epoch the limit was reached in
+        self.validation_s = 0.0
+        self._validation_started: float | None = None
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        left = self.budget.left()
+        if left is not None and not self.stopped and left <= self.reserve_s + self.validation_s:
+            self.stopped, self.epoch = True, trainer.current_epoch
+            trainer.should_stop = True
+
+    def on_validation_epoch_start(self, trainer, module):
+        self._validation_started = self.budget.clock()
+
+    def on_validation_epoch_end(self, trainer, module):
+        if self._validation_started is not None and not trainer.sanity_checking:
+            self.validation_s = self.budget.clock() - self._validation_started
+
+
+@contextlib.contextmanager
+def _log_file(config: RetrainConfig):
+    """The run's log lines also go to ``<log dir>/retrain.log``: the same lines as the terminal, beside the checkpoints."""
+    folder = resolve_log_dir(config)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        handler = logging.FileHandler(os.path.join(folder, "retrain.log"), encoding="utf-8")
+    except OSError as exc:
+        log.warning("cannot write %s/retrain.log (%s); the log goes to stderr only", folder, exc)
+        yield
+        return
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    root = logging.getLogger("tagger")
+    previous = root.level
+    if root.getEffectiveLevel() > logging.INFO:
+        root.setLevel(logging.INFO)
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(previous)
+        handler.close()
 
 
 def _versions() -> dict[str, str]:
