@@ -149,6 +149,12 @@ def execute(config, *, prefix: str = "tagger report") -> int:
         click.echo(f"{prefix}: failed: {type(exc).__name__}: {exc}", err=True)
         return 1
     click.echo(f"report: {result.page}", err=True)
+    verdict = result.report.get("verdict")
+    if verdict:
+        said = "; ".join(f"{c['check']} {c['figure']}, expected {c['expected']}" for c in verdict["not_ok"][:4])
+        more = f" (+{len(verdict['not_ok']) - 4} more)" if len(verdict["not_ok"]) > 4 else ""
+        click.echo(f"{prefix}: verdict {verdict['status'].upper()}" + (f": {said}{more}" if said else
+                   f" ({len(verdict['checks'])} checks)"), err=True)
     if result.crossed:
         click.echo(f"{prefix}: threshold crossed: {'; '.join(result.crossed)}", err=True)
         return EXIT_THRESHOLD

@@ -35,11 +35,14 @@ def build_report(config: ReportConfig) -> ReportResult:
     past = metrics.profile(before, attributes, config.batch_rows) if before else None
     counts = metrics.counts(night, now, config.batch_rows)
     previous_counts = metrics.counts(before, past, config.batch_rows) if before else None
-    thresholds = review_thresholds(night, options)
+    bundle = bundle_facts(night, options)
+    thresholds = bundle["thresholds"]
     past_attributes = set(before.attributes()) if before else set()
+    # What the night before's report said of its agreement and of the catalog's own labels: compared as such.
+    past_report = load.report_of(config.out, before.run_date, options) if before else None
 
     truth = truth_source(config, night, attributes)
-    agreement = metrics.Agreement(truth["columns"] if truth else {}, config.max_disagreements)
+    agreement = metrics.Agreement(truth["columns"] if truth else {}, config.max_disagreements, train_ids=bundle["train_ids"])
     if truth and truth["columns"]:
         expected = max(night.tag_rows, int((night.plan or {}).get("rows", 0)))
         buckets = max(1, -(-expected // config.bucket_rows))
@@ -93,14 +96,23 @@ def build_report(config: ReportConfig) -> ReportResult:
             "drift": metrics.drift(now.mix[a], past.mix[a]) if past and a in past_attributes else None,
             "agreement": None,
         }
+        facts["expected"] = {k: {"share": v[0], "rows": v[1]} for k, v in bundle["expected"].get(a, {}).items()}
+        past_agreement = (((past_report or {}).get("attributes") or {}).get(a) or {}).get("agreement") or {}
+        facts["previous_agreement"] = ({"accuracy": past_agreement.get("accuracy"), "labelled": past_agreement.get("labelled")}
+                                       if past_agreement.get("accuracy") is not None else None)
+        facts["catalog_drift"] = None
         if a in agreement.columns:
-            facts["agreement"] = {
-                "catalog_column": agreement.columns[a], "labelled": agreement.labelled[a],
-                "labelled_share": agreement.labelled[a] / now.rows if now.rows else None,
-                "agree": agreement.agree[a], "accuracy": agreement.accuracy(a), "confusions": agreement.confusions(a),
-            }
+            facts["agreement"] = agreement.facts(a, now.rows)
+            past_mix = past_agreement.get("catalog_label_rows")
+            if past_mix and facts["agreement"]["catalog_label_rows"]:
+                # The catalog's own labels moving (Grey 8 % -> 20 %) is the feed changing, whatever the model does.
+                facts["catalog_drift"] = metrics.drift(facts["agreement"]["catalog_label_rows"], past_mix)
         report["attributes"][a] = facts
     report["crossed"] = metrics.crossed(config.thresholds, report)
+    from .verdict import checks, verdict
+
+    previous_agreement = {a: f["previous_agreement"] for a, f in report["attributes"].items() if f["previous_agreement"]}
+    report["verdict"] = verdict(checks(report, bundle["expected"], previous_agreement, config.thresholds))
 
     tables = {
         "label_mix": metrics.label_mix_table(config.run_date, report["previous_run_date"], now, past),
@@ -121,20 +133,39 @@ def build_report(config: ReportConfig) -> ReportResult:
     return ReportResult(folder, page_url, report, report["crossed"])
 
 
-def review_thresholds(night: load.Night, options) -> dict[str, float]:
-    """The bundle's review thresholds from its model.json (the plan names the bundle); none when it cannot be
-    read (moved, another store): the page then shows the review share without the threshold."""
+def bundle_facts(night: load.Night, options) -> dict[str, Any]:
+    """What the report takes from the bundle the plan names: its review thresholds, what its validation and test
+    split expect of a night (verdict.expectations), and the ids of its training split (split.parquet). Each is
+    absent when it cannot be read (moved, another store, an older bundle): the page then shows the figures
+    without the threshold line, the expectation or the split, and says so in the log."""
     import json
 
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from .verdict import expectations
+
+    facts: dict[str, Any] = {"thresholds": {}, "expected": {}, "train_ids": None}
     model = (night.plan or {}).get("model")
     if not model:
-        return {}
+        return facts
     try:
         meta = json.loads(storage.read_bytes(storage.join(model, "model.json"), options))
-        return {a["name"]: float(a["threshold"]) for a in meta.get("attributes", []) if "threshold" in a}
+        facts["thresholds"] = {a["name"]: float(a["threshold"]) for a in meta.get("attributes", []) if "threshold" in a}
+        facts["expected"] = expectations(meta)
     except Exception as exc:  # the report does without; the tags are what it is about
-        log.info("review thresholds not shown: %s/model.json: %s", model, exc)
-        return {}
+        log.info("review thresholds and expectations not shown: %s/model.json: %s", model, exc)
+        return facts
+    split = ((meta.get("training") or {}).get("split") or {}).get("file")
+    if split:
+        try:
+            fs, path = storage.filesystem(storage.join(model, split), options)
+            with fs.open(path, "rb") as handle:
+                table = pq.read_table(handle, columns=["id", "split"])
+            facts["train_ids"] = table.filter(pc.equal(table.column("split"), "train")).column("id").combine_chunks()
+        except Exception as exc:
+            log.info("training split not counted apart: %s/%s: %s", model, split, exc)
+    return facts
 
 
 def truth_source(config: ReportConfig, night: load.Night, attributes: list[str]) -> dict[str, Any] | None:
@@ -198,6 +229,8 @@ def drift_table(report: dict[str, Any]):
         rows.append({
             "run_date": report["run_date"], "previous_run_date": report["previous_run_date"], "attribute": a,
             "labels": f["labels"], "psi": d.get("psi"), "js_distance": d.get("js_distance"),
+            "js_noise_floor": d.get("js_noise_floor"), "psi_noise_floor": d.get("psi_noise_floor"),
+            "p_value": d.get("p_value"), "beyond_noise": d.get("beyond_noise"),
             "new_labels": d.get("new_labels", []), "vanished_labels": d.get("vanished_labels", []),
             "largest_mover": mover["label"] if mover else None, "largest_change": mover["change"] if mover else None,
             "review_share": f["review_share"], "previous_review_share": f["previous_review_share"],
@@ -205,6 +238,8 @@ def drift_table(report: dict[str, Any]):
         })
     schema = pa.schema([("run_date", pa.string()), ("previous_run_date", pa.string()), ("attribute", pa.string()),
                         ("labels", pa.int64()), ("psi", pa.float64()), ("js_distance", pa.float64()),
+                        ("js_noise_floor", pa.float64()), ("psi_noise_floor", pa.float64()), ("p_value", pa.float64()),
+                        ("beyond_noise", pa.bool_()),
                         ("new_labels", pa.list_(pa.string())), ("vanished_labels", pa.list_(pa.string())),
                         ("largest_mover", pa.string()), ("largest_change", pa.float64()), ("review_share", pa.float64()),
                         ("previous_review_share", pa.float64()), ("score_mean", pa.float64()),

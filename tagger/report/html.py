@@ -36,7 +36,7 @@ p.meta { color: #555; margin: 0 0 14px; overflow-wrap: anywhere; }
 table { border-collapse: collapse; background: #fff; font-variant-numeric: tabular-nums; }
 th, td { padding: 4px 9px; border-bottom: 1px solid #e3e5e8; text-align: right; vertical-align: top; white-space: nowrap; }
 td.text { white-space: normal; }
-th { background: #eef0f3; font-weight: 600; } th:first-child, td:first-child, td.text, th.text { text-align: left; }
+th { background: #eef0f3; font-weight: 600; white-space: normal; } th:first-child, td:first-child, td.text, th.text { text-align: left; }
 td.up { color: #a04000; } td.down { color: #1f618d; } td.alert, span.alert { color: #c0392b; font-weight: 600; }
 .grid { display: grid; grid-template-columns: repeat(auto-fill, minmax(min(520px, 100%), 1fr)); gap: 14px; }
 .card { background: #fff; border: 1px solid #dde0e4; border-radius: 6px; padding: 12px 14px; min-width: 0; }
@@ -228,11 +228,13 @@ def render_page(report: dict[str, Any], gallery: list[dict[str, Any]], config: R
     if previous and r["previous_model_version"] and r["previous_model_version"] != r["model_version"]:
         out.append(f'<div class="banner note">The model changed since run_date={e(previous)} ({e(r["previous_model_version"])} → '
                    f'{e(str(r["model_version"]))}): drift below may be the model\'s, not the catalog\'s.</div>')
+    out += _verdict(r)
     if r["crossed"]:
         out.append('<div class="banner bad"><b>Thresholds crossed</b><ul>' + "".join(f"<li>{e(c)}</li>" for c in r["crossed"]) + "</ul></div>")
     elif r["thresholds"]:
         checked = ", ".join(f"--{k.replace('_', '-')} {v:g}" for k, v in r["thresholds"].items())
         out.append(f'<div class="banner ok">No threshold crossed ({e(checked)}).</div>')
+    out += _checks(r)
     out += _counts(r)
     out += _overview(r)
     out += _attribute_cards(r, mix or {})
@@ -243,6 +245,35 @@ def render_page(report: dict[str, Any], gallery: list[dict[str, Any]], config: R
                "tag rows; PSI and Jensen-Shannon distance compare label mixes (docs/morning-report.md).</footer>")
     out += ["</main></body></html>", ""]
     return "\n".join(out)
+
+
+VERDICT_CLASS = {"ok": "ok", "look": "note", "broken": "bad"}
+VERDICT_TEXT = {"ok": "OK: every figure is within what was expected of it",
+                "look": "look: a figure is outside what was expected of it",
+                "broken": "broken: a figure is far outside what was expected of it, or a threshold was crossed"}
+
+
+def _verdict(r: dict[str, Any]) -> list[str]:
+    v = r.get("verdict")
+    if not v:
+        return []
+    items = "".join(f"<li>{e(c['check'])}: {e(c['figure'])}, expected {e(c['expected'])} ({e(c['why'])})</li>"
+                    for c in v["not_ok"])
+    return [f'<div class="banner {VERDICT_CLASS[v["status"]]}" id="verdict"><b>Verdict: {e(VERDICT_TEXT[v["status"]])}</b>'
+            + (f"<ul>{items}</ul>" if items else f' ({len(v["checks"])} checks, below).') + "</div>"]
+
+
+def _checks(r: dict[str, Any]) -> list[str]:
+    v = r.get("verdict")
+    if not v or not v["checks"]:
+        return []
+    rows = "".join(f'<tr><td class="text">{e(c["check"])}</td><td>{e(c["figure"])}</td><td class="text">{e(c["expected"])}</td>'
+                   f'<td class="text">{e(c["why"])}</td><td class="{"alert" if c["status"] != "ok" else ""}">{e(c["status"])}</td></tr>'
+                   for c in v["checks"])
+    return ["<h2>Checks</h2>", '<p class="meta">Each figure beside what was expected of it: from the bundle\'s own validation '
+            "and test split (an interval for tonight's rows), from the night before, or an explicit threshold.</p>",
+            '<div class="wide"><table><tr><th>check</th><th>tonight</th><th class="text">expected</th><th class="text">from</th>'
+            f"<th>status</th></tr>{rows}</table></div>"]
 
 
 def _counts(r: dict[str, Any]) -> list[str]:
@@ -258,6 +289,13 @@ def _counts(r: dict[str, Any]) -> list[str]:
         cells = f"<td>{now['error_types'].get(t, 0):,}</td>" + (
             f"<td>{before['error_types'].get(t, 0):,}</td>{_delta_cell(change['error_types'].get(t))}" if before else "")
         rows.append(f'<tr><td>&nbsp;&nbsp;{e(t)}</td>{cells}</tr>')
+    photos = now.get("photo_errors")
+    if photos is not None:
+        past = (before or {}).get("photo_errors") or {}
+        for t in sorted(set(photos) | set(past)):
+            cells = f"<td>{photos.get(t, 0):,}</td>" + (
+                f"<td>{past.get(t, 0):,}</td>{_delta_cell(photos.get(t, 0) - past.get(t, 0))}" if before else "")
+            rows.append(f'<tr><td>photos not read: {e(t)}</td>{cells}</tr>')
     review = f"<td>{_pct(now['review_share'])}</td>" + (
         f"<td>{_pct(before['review_share'])}</td>" + _delta_cell(
             None if now["review_share"] is None or before["review_share"] is None else now["review_share"] - before["review_share"], True)
@@ -266,48 +304,79 @@ def _counts(r: dict[str, Any]) -> list[str]:
     return ["<h2>Counts</h2>", f'<div class="wide"><table>{head}{"".join(rows)}</table></div>']
 
 
+def _table(head: list[str], rows: list[str]) -> str:
+    return '<div class="wide"><table><tr>' + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr>" + "".join(rows) + "</table></div>"
+
+
 def _overview(r: dict[str, Any]) -> list[str]:
+    """Per attribute, three narrow tables rather than one wide one (a table wider than a 1,200 px page is cut in
+    screenshots, PDFs and mail): the label mix and its drift; review share and scores; agreement with the catalog."""
     previous = r["previous_run_date"]
-    has_truth = any(f["agreement"] for f in r["attributes"].values())
-    head = ["attribute", "labels", "most frequent tag"]
-    if previous:
-        head += ["Jensen-Shannon", "PSI", "new / vanished labels"]
-    head += ["review share"] + (["before"] if previous else []) + ["mean score"] + (["before"] if previous else [])
-    if has_truth:
-        head += ["agrees with catalog", "labelled"]
-    rows = []
     limits = r["thresholds"]
+    tag_rows = max(1, r["counts"]["tagged"] + r["counts"]["reused"])
+    mix, review, agreement = [], [], []
     for a, f in r["attributes"].items():
         top = f["top_labels"][0] if f["top_labels"] else None
         cells = [f"<td>{e(a)}</td>", f"<td>{f['labels']}</td>",
-                 f'<td class="text">{e(top["label"]) + " " + _pct(top["rows"] / max(1, r["counts"]["tagged"] + r["counts"]["reused"]), 0) if top else "–"}</td>']
+                 f'<td class="text">{e(top["label"]) + " " + _pct(top["rows"] / tag_rows, 0) if top else "–"}</td>']
         if previous:
             d = f["drift"]
             if d is None:
-                cells.append('<td colspan="3" class="text">not tagged the night before</td>')
+                cells.append('<td colspan="4" class="text">not tagged the night before</td>')
             else:
-                js_bad = "max_drift" in limits and d["js_distance"] > limits["max_drift"]
-                psi_bad = "max_psi" in limits and d["psi"] > limits["max_psi"]
+                beyond = d.get("beyond_noise", True)
+                js_bad = beyond and ("max_drift" not in limits or d["js_distance"] > limits["max_drift"])
+                psi_bad = beyond and "max_psi" in limits and d["psi"] > limits["max_psi"]
                 cells.append(f'<td class="{"alert" if js_bad else ""}">{_num(d["js_distance"])}</td>')
+                cells.append(f"<td>{_num(d.get('js_noise_floor'))}</td>")
                 cells.append(f'<td class="{"alert" if psi_bad else ""}">{_num(d["psi"])}</td>')
                 cells.append(f"<td>{len(d['new_labels'])} / {len(d['vanished_labels'])}</td>")
+        mix.append("<tr>" + "".join(cells) + "</tr>")
+
+        expected = (f.get("expected") or {}).get("review_share")
         bad = "max_review_share" in limits and f["review_share"] is not None and f["review_share"] > limits["max_review_share"]
-        cells.append(f'<td class="{"alert" if bad else ""}">{_pct(f["review_share"])}</td>')
+        cells = [f"<td>{e(a)}</td>", f'<td class="{"alert" if bad else ""}">{_pct(f["review_share"])}</td>',
+                 f"<td>{_pct(expected['share']) if expected else '–'}</td>"]
         if previous:
             cells.append(f"<td>{_pct(f['previous_review_share'])}</td>")
         cells.append(f"<td>{_num(f['score_mean'], 2)}</td>")
         if previous:
             cells.append(f"<td>{_num(f['previous_score_mean'], 2)}</td>")
-        if has_truth:
-            g = f["agreement"]
-            if g:
-                bad = "min_agreement" in limits and g["accuracy"] is not None and g["accuracy"] < limits["min_agreement"]
-                cells.append(f'<td class="{"alert" if bad else ""}">{_pct(g["accuracy"])}</td><td>{g["labelled"]:,} ({_pct(g["labelled_share"], 0)})</td>')
-            else:
-                cells.append('<td colspan="2" class="text">no catalog column</td>')
-        rows.append("<tr>" + "".join(cells) + "</tr>")
-    return ["<h2>Attributes</h2>",
-            '<div class="wide"><table><tr>' + "".join(f"<th>{e(h)}</th>" for h in head) + "</tr>" + "".join(rows) + "</table></div>"]
+        review.append("<tr>" + "".join(cells) + "</tr>")
+
+        g = f["agreement"]
+        if g is not None:
+            expected = (f.get("expected") or {}).get("accuracy")
+            bad = "min_agreement" in limits and g["accuracy"] is not None and g["accuracy"] < limits["min_agreement"]
+            past = f.get("previous_agreement") or {}
+            cd = f.get("catalog_drift")
+            known = g.get("training_split_known")
+            cells = [f"<td>{e(a)}</td>", f'<td class="text">{e(g["catalog_column"])}</td>',
+                     f'<td class="{"alert" if bad else ""}">{_pct(g["accuracy"])}</td>',
+                     f"<td>{g['labelled']:,} ({_pct(g['labelled_share'], 0)})</td>",
+                     f"<td>{_pct(g.get('accuracy_new')) if known else '–'}</td>",
+                     f"<td>{_pct(expected['share']) if expected else '–'}</td>",
+                     f"<td>{(format(g['labelled_in_training_split'], ',') + ' · ' + _pct(g.get('accuracy_in_training_split'))) if known else '–'}</td>",
+                     f"<td>{_pct(past.get('accuracy'))}</td>",
+                     f'<td class="{"alert" if cd and cd.get("beyond_noise") else ""}">{_num(cd["js_distance"]) if cd else "–"}</td>']
+            agreement.append("<tr>" + "".join(cells) + "</tr>")
+    out = ["<h2>Attributes</h2>", "<h3>Label mix</h3>",
+           _table(["attribute", "labels", "most frequent tag"]
+                  + (["Jensen-Shannon", "noise floor", "PSI", "new / vanished"] if previous else []), mix)]
+    if previous:
+        out.append('<p class="meta">A mix is flagged only past its noise floor: the distance two nights of these row counts '
+                   "reach by sampling alone (99.9 % of draws from their pooled mix).</p>")
+    out += ["<h3>Review share and scores</h3>",
+            _table(["attribute", "review share", "expected"] + (["night before"] if previous else []) + ["mean score"]
+                   + (["night before"] if previous else []), review)]
+    if agreement:
+        out += ["<h3>Agreement with the catalog</h3>",
+                _table(["attribute", "column", "agrees", "labelled", "new products", "expected", "training split",
+                        "night before", "catalog mix moved"], agreement),
+                '<p class="meta">new products: those not in the bundle\'s training split (split.parquet), held against its '
+                "test accuracy (expected); training split: labelled rows the model was trained on · their agreement. "
+                "catalog mix moved: Jensen-Shannon distance of the catalog's own labels from the night before's report.</p>"]
+    return out
 
 
 def _attribute_cards(r: dict[str, Any], mix: dict[str, Any]) -> list[str]:

@@ -178,3 +178,15 @@ def previous_night(out: str, run_date: str, options: Mapping[str, Any], previous
             return night
         log.info("run_date=%s has no %s: skipped as the night before", date, writers.SUCCESS_FILE)
     return None
+
+
+def report_of(out: str, run_date: str, options: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The report.json written for ``run_date``, None when there is none (or it cannot be read: the report goes
+    on without the night before's agreement)."""
+    from .config import REPORTS
+
+    try:
+        return _read_json(storage.join(out, REPORTS, f"run_date={run_date}", "report.json"), options)
+    except (ValueError, OSError) as exc:
+        log.info("the report of run_date=%s is not compared: %s", run_date, exc)
+        return None
