@@ -3,6 +3,9 @@ what it says, every deadline must hold. A photo server on 127.0.0.1 (tests/http_
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import time
 from urllib.parse import quote
 
@@ -14,7 +17,7 @@ from tagger.data.http import HttpPolicy, InvalidHttpLocation
 from tagger.data.reader import StorageUnavailable, fetch_image
 
 from .http_server import PhotoServer
-from .test_http_images import photo
+from .test_http_images import ALLOW, NIGHT1, TAGGER, photo, write_catalog
 
 
 @pytest.fixture(scope="module")
@@ -121,3 +124,28 @@ def test_a_dripping_server_is_cut_at_the_deadline(server, path):
     with pytest.raises(StorageUnavailable, match="--http-deadline 2s"):
         fetch_image(server.url + path, None, http=policy)
     assert time.monotonic() - started < 6, "cut at the deadline, not at the end of the body"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_request_ends_a_dripping_download_at_once_without_workers(server, tiny_bundle, tmp_path, sig):
+    """--workers 0: the photo is read in the main process, in the loop; the stop must not wait for its deadline."""
+    catalog = write_catalog(tmp_path / "catalog.csv", [("a", f"{server.url}/img/p0.jpg"), ("b", f"{server.url}/drip/p1.jpg")])
+    log = tmp_path / "run.log"
+    args = [TAGGER, "tag", "--catalog", str(catalog), "--model", tiny_bundle, "--out", str(tmp_path / "out"),
+            "--run-date", NIGHT1, "--workers", "0", "--progress", "none", *ALLOW]  # the default deadline: 120 s
+    process = subprocess.Popen(args, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_until = time.monotonic() + 120
+        while server.count("GET", "/drip/") == 0:
+            assert process.poll() is None, log.read_text()
+            assert time.monotonic() < wait_until, "the dripping photo was never requested"
+            time.sleep(0.05)
+        time.sleep(1.0)  # a few bytes in
+        os.killpg(process.pid, sig)
+        code = process.wait(timeout=20)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert code == 143, log.read_text()
+    assert f"interrupted: stopped by {sig.name}" in log.read_text()

@@ -7,6 +7,8 @@ import threading
 from contextlib import contextmanager
 from typing import Any
 
+from ..data import http as http_images
+
 
 class Interrupted(BaseException):
     """A stop request. A BaseException, like KeyboardInterrupt: no library's ``except Exception`` (a retry
@@ -19,7 +21,7 @@ class StopFlag:
     Outside the tagging loop (reading the manifest or the bundle, waiting out S3 retries, planning) the
     handler raises :class:`Interrupted` at once, wherever the main thread is. Inside it (:meth:`graceful`)
     the handler only sets the flag: the batch in hand is finished, the open shard aborted, committed shards
-    kept, then the run stops.
+    kept, then the run stops; unless this thread is waiting on an http(s) photo, which is interrupted at once.
     """
 
     def __init__(self) -> None:
@@ -42,7 +44,9 @@ class StopFlag:
     def _handle(self, signum: int, _frame: Any) -> None:
         self.signal_name = signal.Signals(signum).name
         self.event.set()
-        if not self._graceful:
+        # Inside the loop too when this thread is waiting on an http(s) photo (--workers 0): the batch would end
+        # only with that photo's deadline, minutes for a slow server. Nothing is lost: the open shard is aborted.
+        if not self._graceful or http_images.fetching():
             raise Interrupted(f"stopped by {self.signal_name}")
 
     @contextmanager
