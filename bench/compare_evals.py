@@ -2,19 +2,19 @@
 
     .venv/bin/python -m bench.compare_evals out/evaluate/OLD-test out/evaluate/NEW-test
 
-Per attribute both have a target for: accuracy of each, the difference, the standard error of an accuracy
-(sqrt(p(1-p)/n), of the first) and the paired standard error of the difference (the rows are the same:
-sqrt(b + c - (b - c)^2 / n) / n, with b and c the rows only one of the two got right).
+For reports already written. `tagger evaluate --model NEW --baseline OLD` does the same in one run (and lists the
+changed rows); the maths is tagger.evaluation.metrics.paired_difference, shared by both.
 """
 
 from __future__ import annotations
 
-import math
 import sys
 
 
 def main() -> None:
     import polars as pl
+
+    from tagger.evaluation.metrics import accuracy_se, paired_difference
 
     old, new = (pl.read_parquet(f"{folder}/predictions.parquet") for folder in sys.argv[1:3])
     joined = old.join(new, on="id", suffix="_new")
@@ -26,11 +26,10 @@ def main() -> None:
         rows = joined.filter(pl.col(column).is_not_null() & pl.col(f"{column}_new").is_not_null())
         a = (rows[f"{attr}_pred"] == rows[column]).fill_null(False).to_numpy()
         b = (rows[f"{attr}_pred_new"] == rows[f"{column}_new"]).fill_null(False).to_numpy()
-        n = len(a)
-        p1, p2 = a.mean(), b.mean()
-        only1, only2 = int((a & ~b).sum()), int((~a & b).sum())
-        paired = math.sqrt(max(only1 + only2 - (only1 - only2) ** 2 / n, 0)) / n
-        print(f"{attr:<16}{n:>5}{100 * p1:>7.1f}%{100 * p2:>7.1f}%{100 * (p2 - p1):>+7.1f}{100 * math.sqrt(p1 * (1 - p1) / n):>7.2f}{100 * paired:>10.2f}")
+        d = paired_difference(a, b)
+        n = d["n"]
+        print(f"{attr:<16}{n:>5}{100 * d['accuracy_first']:>7.1f}%{100 * d['accuracy_second']:>7.1f}%{100 * d['difference']:>+7.1f}"
+              f"{100 * accuracy_se(d['accuracy_first'], n):>7.2f}{100 * d['paired_se']:>10.2f}")
 
 
 if __name__ == "__main__":

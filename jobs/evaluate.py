@@ -54,13 +54,17 @@ EXIT_OK, EXIT_CRASH, EXIT_INVALID_INPUT, EXIT_STORAGE = 0, 1, 2, 4
               help="Draw confusion matrices for attributes with at most this many classes.")
 @click.option("--plots/--no-plots", default=True, show_default=True, help="Write the PNG figures.")
 @http_options
+@click.option("--baseline", default=None,
+              help="Another bundle scored on the same rows: per attribute the difference with its paired SE and the rows "
+                   "that changed.")
 @click.option("--check-precision", is_flag=True,
               help="Score the split in fp32 and in --precision with --runtime; record in model.json whether every attribute "
               "stayed within 0.5 point.")
 @storage_option
 def evaluate(**options) -> None:
-    """Score a model bundle on a split of Kaggle-layout data: accuracy, macro/weighted F1, majority baseline,
-    review-threshold coverage per attribute, precision/recall/F1 per class; prints the summary table.
+    """Score a model bundle on labelled data (Kaggle folders or labelled manifests, a split of them by its
+    split.parquet): accuracy with its standard error, F1, majority baseline and review coverage per attribute,
+    per-class figures; with --baseline, the paired difference to another bundle. Prints the summary table.
 
     Exit codes: 0 done; 2 invalid input (bundle, data, split, options), found before the model runs;
     4 storage unavailable; 1 any other failure.

@@ -29,7 +29,7 @@ class MinLabelCount(click.ParamType):
 
 
 def _flag(option: str) -> str:
-    names = {"storage_options": "--storage-option", "attributes": "--attribute"}
+    names = {"storage_options": "--storage-option", "attributes": "--attribute", "applies_when": "--applies-when"}
     return names.get(option) or "--" + option.replace("_", "-")
 
 
@@ -40,6 +40,9 @@ def _flag(option: str) -> str:
 @click.option("--attribute", "attributes", multiple=True,
               help="An attribute (label column) to train, in the tags table's order; repeatable. Default: the seven "
                    "Kaggle ones.")
+@click.option("--applies-when", "applies_when", multiple=True, metavar="ATTR:OTHER=VALUE[,VALUE]",
+              help="ATTR is tagged only where OTHER's tag is one of the values, null elsewhere; e.g. "
+                   "pattern:masterCategory=Apparel. Repeatable.")
 @click.option("--corrections", multiple=True,
               help="Reviewers' corrections (id, attribute, label; any manifest format) replace the data's labels. Repeatable.")
 @click.option("--id-column", default=D["id_column"], show_default=True, help="Labelled manifests' and corrections' product-id column.")
@@ -110,6 +113,7 @@ def retrain(storage_options: tuple[str, ...], **options) -> None:
     options["data"] = options["data"][0] if len(options["data"]) == 1 else list(options["data"])
     options["attributes"] = list(options["attributes"]) or None
     options["corrections"] = list(options["corrections"])
+    options["applies_when"] = list(options["applies_when"])
     config = RetrainConfig(**options, storage_options=parse_storage_options(storage_options))
     try:
         check_data_exists(config)  # first: it costs no import of torch (several seconds)

@@ -111,8 +111,9 @@ COLUMN_NOTES = {
         "product_id": "from the manifest (`--id-column`), kept exactly as written",
         "image": "as written in the manifest (a list column: its photos joined by `|`, or by `--image-separator`)",
         "<attribute>": "the top label, one column per attribute of the bundle, in its order (the shipped model: `gender`, "
-                       "`masterCategory`, `subCategory`, `articleType`, `baseColour`, `season`, `usage`)",
-        "<attribute>_score": "its softmax probability (several photos: of the mean of their probabilities)",
+                       "`masterCategory`, `subCategory`, `articleType`, `baseColour`, `season`, `usage`); null where an attribute "
+                       "with a scope (`applies_when`) does not apply",
+        "<attribute>_score": "its softmax probability (several photos: of the mean of their probabilities); null with a null tag",
         "needs_review": "the attributes whose score is under the bundle's review threshold (`model.json`, "
                         "`attributes[].threshold`), in the order above; empty when none is",
         "images_used": "how many of the product's photos its tags come from (1 for one photo per product)",
@@ -141,6 +142,10 @@ COLUMN_NOTES = {
         "n_folded": "rare labels scored as `Other`, as retrain folded them",
         "n_masked": "rare labels left out, as retrain masked them", "n_unknown_label": "labels the bundle does not know",
         "unknown_as_other": "whether those were scored as `Other` (`--unknown-labels`), else left out",
+        "accuracy_se": "the standard error of `accuracy`, sqrt(p(1-p)/n)",
+        "applies_when": "the attribute's scope (`OTHER=VALUE,...`, the bundle's `applies_when`); null: everywhere",
+        "n_out_of_scope": "rows given a null tag, out of the scope",
+        "n_labelled_out_of_scope": "of those, rows with a label (not scored: there is no tag to score)",
     },
     "per_class": {
         "model_version": "", "split": "", "attribute": "", "label": "", "precision": "", "recall": "", "f1": "",

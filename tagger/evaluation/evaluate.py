@@ -67,6 +67,8 @@ class EvaluateConfig:
     allow_private_addresses: bool = False
     allow_plain_http: bool = False
     http_deadline: float = 120.0
+    baseline: str | None = None  # another bundle scored on the same rows; the report compares the two (compare.py)
+    split_from: str | None = None  # whose split.parquet picks the rows; None: --model's (the baseline takes --model's)
 
     @property
     def data_text(self) -> str:
@@ -134,6 +136,7 @@ class Evaluation:
     seconds: float
     device: str
     computed: str = ""  # the runtime that ran the model, and its precision where auto chose that too
+    comparison: Any = None  # with --baseline: a tagger.evaluation.compare.Comparison
 
     @property
     def out(self) -> str:
@@ -163,7 +166,7 @@ def evaluate(config: EvaluateConfig) -> Evaluation:
     started = time.monotonic()
     options = config.storage_options
     bundle = load_bundle(config.model, options)
-    split_url = storage.join(config.model, SPLIT_FILE)
+    split_url = storage.join(config.split_from or config.model, SPLIT_FILE)
     split_map = _read_split(split_url, options) if storage.exists(split_url, options) else None
     if split_map is None and config.split != "all":
         raise EvaluationError(
@@ -212,13 +215,23 @@ def evaluate(config: EvaluateConfig) -> Evaluation:
     attributes = [
         _score(spec, targets[:, j], outputs, majority[spec.name], mappings[spec.name]) for j, spec in enumerate(bundle.attributes)
     ]
-    return Evaluation(
+    evaluation = Evaluation(
         config=config, bundle=bundle, split=config.split, attributes=attributes, ids=[str(i) for i in ids], urls=urls,
         ok=outputs.ok, errors=outputs.errors, raw_labels=raw, targets=targets, top_index=outputs.top_index,
         top_score=outputs.top_score, data_fingerprint=kaggle.fingerprint, data_rows=kaggle.report.to_dict(), notes=notes,
         seconds=time.monotonic() - started, device=str(device),
         computed=f"{runtime.name} {runtime.precision}" if runtime.precision else runtime.name,
     )
+    if config.baseline:
+        from dataclasses import replace
+
+        from .compare import compare
+
+        # The same rows: the baseline's are picked by this model's split.parquet, from the same --data.
+        log.info("--baseline %s: scoring it on the same %d rows", config.baseline, len(ids))
+        base = evaluate(replace(config, model=config.baseline, baseline=None, split_from=config.split_from or config.model, plots=False))
+        evaluation.comparison = compare(evaluation, base)
+    return evaluation
 
 
 def _select_rows(config: EvaluateConfig, all_ids: list[str], split_map: dict[str, str] | None, split_url: str,
@@ -254,19 +267,26 @@ def _select_rows(config: EvaluateConfig, all_ids: list[str], split_map: dict[str
 
 def _score(spec, target: np.ndarray, outputs: ModelOutputs, majority: tuple[str | None, str], mapping: LabelMapping) -> AttributeEvaluation:
     """One attribute's numbers over the rows with a decoded image and a target, from the tag job's top labels."""
-    from .metrics import attribute_metrics, confusion, per_class
+    from .metrics import accuracy_se, attribute_metrics, confusion, per_class
 
     index, score = outputs.top(spec.name)
-    scored = outputs.ok & (target >= 0)
+    # A decoded row with index -1 got a null tag: out of the attribute's scope (applies_when), as tag writes it. Its
+    # label, if it has one, is not scored (there is no guess to score) but counted (n_out_of_scope).
+    tagged = outputs.ok & (index >= 0)
+    scored = tagged & (target >= 0)
     y_true, y_pred = target[scored], index[scored]
     label, source = majority
     metrics = attribute_metrics(
         y_true, y_pred, len(spec.labels),
-        scores=score[scored], all_scores=score[outputs.ok], threshold=spec.threshold,
+        scores=score[scored], all_scores=score[tagged], threshold=spec.threshold,
         majority=spec.labels.index(label) if label is not None else None,
     )
     metrics["majority_label"] = label
     metrics["majority_source"] = source
+    metrics["accuracy_se"] = accuracy_se(metrics["accuracy"], metrics["n"])
+    metrics["applies_when"] = spec.applies_when.describe() if spec.applies_when is not None else None
+    metrics["n_out_of_scope"] = int((outputs.ok & (index < 0)).sum())
+    metrics["n_labelled_out_of_scope"] = int((outputs.ok & (index < 0) & (target >= 0)).sum())
     return AttributeEvaluation(
         spec.name, spec.labels, metrics, per_class(y_true, y_pred, spec.labels), confusion(y_true, y_pred, len(spec.labels)), mapping
     )

@@ -23,6 +23,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import math
+
 import numpy as np
 
 DEFAULT_TARGET_PRECISION = 0.9
@@ -64,6 +66,35 @@ def confusion_scores(matrix: np.ndarray) -> dict[str, Any]:
         "f1": f1,
         "support": support.astype(np.int64),
         "predicted": predicted.astype(np.int64),
+    }
+
+
+def accuracy_se(accuracy: float, n: int) -> float:
+    """The standard error of an accuracy over ``n`` rows, sqrt(p(1-p)/n) (NaN without rows)."""
+    if not n or accuracy is None or math.isnan(accuracy):
+        return float("nan")
+    return math.sqrt(max(accuracy * (1 - accuracy), 0.0) / n)
+
+
+def paired_difference(first: np.ndarray, second: np.ndarray) -> dict[str, float | int]:
+    """Two models' correctness on the same rows (bool arrays): ``difference`` (second - first accuracy) and its
+    paired standard error sqrt(b + c - (b - c)^2 / n) / n, with b the rows only the first got right (``broken``)
+    and c the rows only the second got right (``fixed``). The rows are the same, so what both got right or both
+    got wrong does not move the difference: the paired error is much smaller than two independent ones."""
+    first, second = np.asarray(first, dtype=bool), np.asarray(second, dtype=bool)
+    n = len(first)
+    broken, fixed = int((first & ~second).sum()), int((~first & second).sum())
+    nan = float("nan")
+    if not n:
+        return {"n": 0, "accuracy_first": nan, "accuracy_second": nan, "difference": nan, "paired_se": nan, "fixed": 0, "broken": 0}
+    return {
+        "n": n,
+        "accuracy_first": float(first.mean()),
+        "accuracy_second": float(second.mean()),
+        "difference": float(second.mean() - first.mean()),
+        "paired_se": math.sqrt(max(broken + fixed - (broken - fixed) ** 2 / n, 0.0)) / n,
+        "fixed": fixed,
+        "broken": broken,
     }
 
 

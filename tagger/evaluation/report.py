@@ -35,6 +35,7 @@ METRICS_SCHEMA = pa.schema(
         ("n_classes", pa.int64()),
         ("n_classes_present", pa.int64()),
         ("accuracy", pa.float64()),
+        ("accuracy_se", pa.float64()),  # its standard error, sqrt(p(1-p)/n)
         ("macro_f1", pa.float64()),
         ("weighted_f1", pa.float64()),
         ("majority_label", pa.string()),
@@ -49,6 +50,9 @@ METRICS_SCHEMA = pa.schema(
         ("n_masked", pa.int64()),  # rare labels excluded, as retrain masked them
         ("n_unknown_label", pa.int64()),  # labels the bundle does not know
         ("unknown_as_other", pa.bool_()),  # whether those were scored as Other (else excluded)
+        ("applies_when", pa.string()),  # the attribute's scope (OTHER=VALUE,...), null: everywhere
+        ("n_out_of_scope", pa.int64()),  # rows given a null tag: out of the scope
+        ("n_labelled_out_of_scope", pa.int64()),  # of which with a label (not scored: no tag to score)
     ]
 )
 PER_CLASS_SCHEMA = pa.schema(
@@ -161,6 +165,9 @@ def write_report(evaluation: Evaluation, out: str | None = None) -> dict[str, st
     put("per_class.parquet", parquet_bytes(per_class_table(evaluation)))
     put("confusion.parquet", parquet_bytes(confusion_table(evaluation)))
     put("predictions.parquet", parquet_bytes(predictions_table(evaluation)))
+    if evaluation.comparison is not None:
+        put("comparison.parquet", parquet_bytes(evaluation.comparison.table.replace_schema_metadata(_metadata(evaluation))))
+        put("changed_rows.parquet", parquet_bytes(evaluation.comparison.changed.replace_schema_metadata(_metadata(evaluation))))
     plots: dict[str, str] = {}
     if evaluation.config.plots:
         from . import plots as figures
@@ -198,6 +205,13 @@ def pct(value: Any) -> str:
     return f"{value:.1%}"
 
 
+def pct_se(value: Any, se: Any) -> str:
+    """An accuracy with its standard error: ``78.4% ±6.8``."""
+    if se is None or (isinstance(se, float) and math.isnan(se)):
+        return pct(value)
+    return f"{pct(value)} ±{100 * se:.1f}"
+
+
 def _gain(m: dict[str, Any]) -> str:
     a, b = m.get("accuracy"), m.get("majority_accuracy")
     if a is None or b is None or math.isnan(a) or math.isnan(b):
@@ -210,16 +224,17 @@ def summary_rows(evaluation: Evaluation) -> list[list[str]]:
     for attr in evaluation.attributes:
         m = attr.metrics
         majority = f"{pct(m['majority_accuracy'])} ({m['majority_label'] or '–'})"
+        name = attr.name + (f" (where {m['applies_when']})" if m.get("applies_when") else "")
         rows.append(
             [
-                attr.name, str(m["n"]), pct(m["accuracy"]), majority, _gain(m), fmt(m["macro_f1"]), fmt(m["weighted_f1"]),
+                name, str(m["n"]), pct_se(m["accuracy"], m.get("accuracy_se")), majority, _gain(m), fmt(m["macro_f1"]), fmt(m["weighted_f1"]),
                 fmt(m["threshold"], 2), pct(m["coverage"]), pct(m["accuracy_covered"]),
             ]
         )
     return rows
 
 
-SUMMARY_HEADER = ["attribute", "n", "accuracy", "majority baseline", "vs baseline", "macro-F1", "weighted-F1",
+SUMMARY_HEADER = ["attribute", "n", "accuracy ±SE", "majority baseline", "vs baseline", "macro-F1", "weighted-F1",
                   "threshold", "coverage", "acc. covered"]
 
 
@@ -242,9 +257,35 @@ def summary_text(evaluation: Evaluation) -> str:
         if k == 0:
             lines.append("  ".join("-" * w for w in widths))
     sources = sorted({a.metrics["majority_source"] for a in evaluation.attributes})
-    lines.append(f"majority label taken from {'; '.join(MAJORITY_SOURCES[s] for s in sources)}")
-    lines.extend(f"note: {note}" for note in evaluation.notes)
+    lines.append(f"majority label taken from {'; '.join(MAJORITY_SOURCES[s] for s in sources)}; ±: one standard error")
+    lines.extend(f"note: {note}" for note in scope_notes(evaluation) + list(evaluation.notes))
+    if evaluation.comparison is not None:
+        lines += ["", *comparison_text(evaluation.comparison)]
     return "\n".join(lines)
+
+
+def comparison_text(comparison) -> list[str]:
+    from .compare import COMPARISON_HEADER, COMPARISON_LEGEND, comparison_rows
+
+    rows = [COMPARISON_HEADER, *comparison_rows(comparison)]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(COMPARISON_HEADER))]
+    lines = [f"against the baseline {comparison.baseline} (model_version {comparison.baseline_version}), same rows:"]
+    for k, row in enumerate(rows):
+        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        if k == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return lines + [COMPARISON_LEGEND] + [f"note: {note}" for note in comparison.notes]
+
+
+def scope_notes(evaluation: Evaluation) -> list[str]:
+    """One line per scoped attribute: where it applies and how many rows got a null tag."""
+    notes = []
+    for attr in evaluation.attributes:
+        m = attr.metrics
+        if m.get("applies_when"):
+            notes.append(f"{attr.name} applies where {m['applies_when']} (the bundle's applies_when): {m['n_out_of_scope']} "
+                         f"row(s) out of it got a null tag, {m['n_labelled_out_of_scope']} of them labelled (not scored)")
+    return notes
 
 
 def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str | None = None) -> list[str]:
@@ -256,12 +297,23 @@ def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]], align: str |
 
 def markdown(evaluation: Evaluation, plots: dict[str, str] | None = None) -> str:
     plots = plots or {}
-    lines = _md_header(evaluation) + _md_summary(evaluation, plots) + _md_labels(evaluation)
+    lines = _md_header(evaluation) + _md_summary(evaluation, plots) + _md_comparison(evaluation) + _md_labels(evaluation)
     for attr in evaluation.attributes:
         lines += _md_attribute(attr, plots)
     lines += _md_unreadable(evaluation)
     lines.append("")
     return "\n".join(lines)
+
+
+def _md_comparison(evaluation: Evaluation) -> list[str]:
+    comparison = evaluation.comparison
+    if comparison is None:
+        return []
+    from .compare import COMPARISON_HEADER, COMPARISON_LEGEND, comparison_rows
+
+    lines = ["", f"## Against the baseline `{comparison.baseline}` (model_version `{comparison.baseline_version}`)", ""]
+    lines += _md_table(COMPARISON_HEADER, comparison_rows(comparison))
+    return lines + ["", f"- {COMPARISON_LEGEND}"] + [f"- {note}" for note in comparison.notes]
 
 
 def _md_header(evaluation: Evaluation) -> list[str]:
@@ -278,8 +330,9 @@ def _md_header(evaluation: Evaluation) -> list[str]:
         f"- **Rows evaluated**: {evaluation.n_rows}, of which {evaluation.n_unreadable} unreadable image(s)",
         f"- **Run**: {evaluation.seconds:.1f} s on {evaluation.device} (precision {cfg.precision}{'; ' + evaluation.computed if evaluation.computed else ''}), batch size {cfg.batch_size}",
     ]
-    if evaluation.notes:
-        lines += ["", "**Notes**", ""] + [f"- {note}" for note in evaluation.notes]
+    notes = scope_notes(evaluation) + list(evaluation.notes)
+    if notes:
+        lines += ["", "**Notes**", ""] + [f"- {note}" for note in notes]
     return lines
 
 
@@ -289,7 +342,8 @@ def _md_summary(evaluation: Evaluation, plots: dict[str, str]) -> list[str]:
     sources = sorted({a.metrics["majority_source"] for a in evaluation.attributes})
     lines += [
         "",
-        "- *n*: rows with a decoded image and a known label. *accuracy*: top label right. "
+        "- *n*: rows with a decoded image, a known label and a tag (in the attribute's scope). *accuracy*: top label "
+        "right, ± one standard error sqrt(p(1-p)/n). "
         "*majority baseline*: accuracy of always answering the majority label (in brackets); "
         + "majority label taken from " + "; ".join(MAJORITY_SOURCES[s] for s in sources) + ".",
         "- *macro-F1*: mean F1 over the classes present in labels or predictions (as in retrain); "

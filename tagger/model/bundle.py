@@ -26,6 +26,7 @@ import torch
 from .. import storage
 from ..attributes import attribute_name_problem
 from .network import DataConfig, TaggerNet
+from .scope import Scope, scope_problem
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -41,6 +42,8 @@ class AttributeSpec:
     labels: tuple[str, ...]
     # Under this top-label score a tag should go to human review (calibrated on validation data).
     threshold: float = 0.0
+    # Where the attribute applies (tagger.model.scope); None: everywhere. Out of it the tag is null.
+    applies_when: Scope | None = None
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,11 @@ class ModelBundle:
     @property
     def attribute_names(self) -> list[str]:
         return [a.name for a in self.attributes]
+
+    @property
+    def scopes(self) -> dict[str, Scope]:
+        """Per scoped attribute, where it applies (attributes tagged everywhere are not listed)."""
+        return {a.name: a.applies_when for a in self.attributes if a.applies_when is not None}
 
     @property
     def review_thresholds(self) -> dict[str, float]:
@@ -143,27 +151,29 @@ def save_bundle(
     thresholds: Mapping[str, float] | None = None,
     training: Mapping[str, Any] | None = None,
     storage_options: Mapping[str, Any] | None = None,
+    scopes: Mapping[str, Scope] | None = None,
 ) -> ModelBundle:
-    weights, meta = _content(out, net, backbone=backbone, labels=labels, thresholds=thresholds, training=training)
+    weights, meta = _content(out, net, backbone=backbone, labels=labels, thresholds=thresholds, training=training, scopes=scopes)
     # Weights first, model.json last: a folder with a model.json is a finished bundle.
     storage.write_bytes(storage.join(out, WEIGHTS_FILE), weights, storage_options)
     storage.write_bytes(storage.join(out, META_FILE), json.dumps(meta, indent=2).encode(), storage_options)
     return _from_meta(out, meta, weights)
 
 
-def unsaved_bundle(net: TaggerNet, *, backbone: str, labels: Mapping[str, Sequence[str]]) -> ModelBundle:
+def unsaved_bundle(net: TaggerNet, *, backbone: str, labels: Mapping[str, Sequence[str]],
+                   scopes: Mapping[str, Scope] | None = None) -> ModelBundle:
     """``net`` as a bundle that exists only in memory (no thresholds, no training facts, path ``<unsaved>``):
     retrain scores its val/test splits through it, so that they run on the runtime and at the precision
     that tag and evaluate pick for the saved bundle (an exported runtime needs a bundle to export)."""
-    weights, meta = _content("<unsaved>", net, backbone=backbone, labels=labels, thresholds=None, training=None)
+    weights, meta = _content("<unsaved>", net, backbone=backbone, labels=labels, thresholds=None, training=None, scopes=scopes)
     return _from_meta("<unsaved>", meta, weights)
 
 
 def _content(out: str, net: TaggerNet, *, backbone: str, labels: Mapping[str, Sequence[str]], thresholds: Mapping[str, float] | None,
-             training: Mapping[str, Any] | None) -> tuple[bytes, dict[str, Any]]:
+             training: Mapping[str, Any] | None, scopes: Mapping[str, Scope] | None = None) -> tuple[bytes, dict[str, Any]]:
     from safetensors.torch import save as save_safetensors
 
-    problem = attribute_name_problem(list(labels))
+    problem = attribute_name_problem(list(labels)) or scope_problem(scopes or {}, labels)
     if problem:
         raise BundleError(f"{out}: {problem}")
     state = {k: v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
@@ -177,7 +187,9 @@ def _content(out: str, net: TaggerNet, *, backbone: str, labels: Mapping[str, Se
         "mean": list(config.mean),
         "std": list(config.std),
         "attributes": [
-            {"name": name, "labels": list(values), "threshold": float(thresholds.get(name, 0.0))}
+            # applies_when only where set: a bundle without scopes keeps the model_version it always had.
+            {"name": name, "labels": list(values), "threshold": float(thresholds.get(name, 0.0)),
+             **({"applies_when": scopes[name].to_json()} if scopes and name in scopes else {})}
             for name, values in labels.items()
         ],
         "training": {"created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), **(training or {})},
@@ -279,6 +291,19 @@ def _validate(meta: Any, where: str) -> None:
     problem = attribute_name_problem([spec["name"] for spec in attributes])
     if problem:
         raise BundleError(f"{where}: {problem}. The tag job writes one column and one _score column per attribute.")
+    scopes = {}
+    for spec in attributes:
+        scope = spec.get("applies_when")
+        if scope is None:
+            continue
+        values = scope.get("values") if isinstance(scope, dict) else None
+        if not (isinstance(scope, dict) and isinstance(scope.get("attribute"), str) and isinstance(values, list) and values
+                and all(isinstance(v, str) and v for v in values)):
+            raise BundleError(f"{where}: attribute {spec['name']!r} applies_when must be {{\"attribute\": NAME, \"values\": [LABEL, ...]}}, got {scope!r}")
+        scopes[spec["name"]] = Scope(scope["attribute"], tuple(values))
+    problem = scope_problem(scopes, {spec["name"]: spec["labels"] for spec in attributes})
+    if problem:
+        raise BundleError(f"{where}: applies_when of {problem}")
 
 
 def _is_int(value: Any) -> bool:
@@ -319,7 +344,9 @@ def _from_meta(path: str, meta: Mapping[str, Any], weights: bytes) -> ModelBundl
         backbone=meta["backbone"],
         data_config=DataConfig(int(meta["input_size"]), tuple(meta["mean"]), tuple(meta["std"])),
         attributes=tuple(
-            AttributeSpec(a["name"], tuple(a["labels"]), float(a.get("threshold", 0.0))) for a in meta["attributes"]
+            AttributeSpec(a["name"], tuple(a["labels"]), float(a.get("threshold", 0.0)),
+                          Scope(a["applies_when"]["attribute"], tuple(a["applies_when"]["values"])) if a.get("applies_when") else None)
+            for a in meta["attributes"]
         ),
         model_version=meta["model_version"],
         training=meta.get("training", {}),

@@ -20,6 +20,7 @@ from .bundle import ModelBundle
 from ..tag.config import PRECISIONS
 from .network import TaggerNet
 from .runtimes import RuntimeChoice, choose_runtime
+from .scope import decode_labels, scope_predictions
 
 log = logging.getLogger(__name__)
 
@@ -173,12 +174,14 @@ class Predictor:
             scores[name] = score.cpu().numpy().astype(np.float32)
             if probabilities:
                 vectors[name] = softmax.cpu().numpy()
-        return Predictions(indices, scores, vectors if probabilities else None)
+        return self.scoped(Predictions(indices, scores, vectors if probabilities else None))
+
+    def scoped(self, predictions: Predictions) -> Predictions:
+        """Out of an attribute's scope (its ``applies_when``), index -1 and score NaN: a null tag, not a guess."""
+        return scope_predictions(self.bundle.attributes, predictions) if self.bundle is not None else predictions
 
     def labels(self, predictions: Predictions) -> dict[str, np.ndarray]:
-        """Label strings per attribute (numpy object arrays) from the bundle's vocabularies."""
+        """Label strings per attribute (numpy object arrays) from the bundle's vocabularies; None out of scope."""
         if self.bundle is None:
             raise ValueError("this Predictor runs a bare network: label strings come from a bundle's vocabularies")
-        return {
-            spec.name: np.asarray(spec.labels, dtype=object)[predictions.indices[spec.name]] for spec in self.bundle.attributes
-        }
+        return decode_labels(self.bundle.attributes, predictions.indices)

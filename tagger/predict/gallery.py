@@ -87,6 +87,9 @@ def image_predictions(bundle: ModelBundle, paths: Sequence[str], outputs: ModelO
             results.append(entry)
             continue
         for spec in bundle.attributes:
+            if outputs.top_index[spec.name][i] < 0:  # out of the attribute's scope (applies_when): no tag
+                entry.tags[spec.name], entry.review[spec.name] = [], False
+                continue
             p = outputs.probs[spec.name][i]
             order = np.argsort(-p, kind="stable")[: max(1, min(top_k, len(p)))]
             entry.tags[spec.name] = [(spec.labels[j], float(p[j])) for j in order]
@@ -108,11 +111,12 @@ def predictions_table(bundle: ModelBundle, results: Sequence[ImagePrediction]):
     }
     for spec in bundle.attributes:
         name = spec.name
-        columns[name] = pa.array([r.tags[name][0][0] if r.ok else None for r in results], pa.string())
-        columns[f"{name}_score"] = pa.array([r.tags[name][0][1] if r.ok else None for r in results], pa.float32())
-        columns[f"{name}_review"] = pa.array([r.review[name] if r.ok else None for r in results], pa.bool_())
+        tagged = [r.ok and bool(r.tags[name]) for r in results]  # not: unreadable, or out of the attribute's scope
+        columns[name] = pa.array([r.tags[name][0][0] if t else None for r, t in zip(results, tagged)], pa.string())
+        columns[f"{name}_score"] = pa.array([r.tags[name][0][1] if t else None for r, t in zip(results, tagged)], pa.float32())
+        columns[f"{name}_review"] = pa.array([r.review[name] if t else None for r, t in zip(results, tagged)], pa.bool_())
         columns[f"{name}_top_k"] = pa.array(
-            [[{"label": label, "score": score} for label, score in r.tags[name]] if r.ok else None for r in results], top_type
+            [[{"label": label, "score": score} for label, score in r.tags[name]] if t else None for r, t in zip(results, tagged)], top_type
         )
     metadata = {"tagger.model_version": bundle.model_version, "tagger.model": bundle.path}
     return pa.table(columns).replace_schema_metadata(metadata)
@@ -241,6 +245,10 @@ def _sheet_page(bundle, page, everything, shown_names, *, number, pages, columns
             tags, review = entry.tags[attr], entry.review[attr]
             draw.text((tx, ty + 1), attr, font=fonts["small"], fill=GREY)
             x = tx + attr_width
+            if not tags:  # out of the attribute's scope
+                draw.text((x, ty), "–", font=fonts["regular"], fill=GREY)
+                ty += line
+                continue
             label, score = tags[0]
             font, colour = (fonts["italic"], GREY) if review else (fonts["bold"], INK)
             shown = f"{label}?" if review else label
@@ -375,6 +383,9 @@ def gallery_html(bundle: ModelBundle, results: Sequence[ImagePrediction], *, thu
             continue
         cells = []
         for attr in names:
+            if not entry.tags[attr]:  # out of the attribute's scope
+                cells.append('<td><span class="score" title="out of this attribute\'s scope">–</span></td>')
+                continue
             (label, score), rest = entry.tags[attr][0], entry.tags[attr][1:]
             low = entry.review[attr]
             top = (f'<span class="top low" title="under the review threshold ({spec_threshold[attr]:.2f})">{e(label)}?</span>' if low

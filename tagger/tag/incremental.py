@@ -164,7 +164,7 @@ def plan_reuse(
 
     prev_plan = Partition(previous.out, previous.run_date, options).read_plan() or {}
     prev_base = storage.parent(prev_plan["catalog"]) if prev_plan.get("catalog") else storage.parent(manifest.url)
-    schema = writers.tags_schema(attributes, review=False)
+    schema = writers.tags_schema(attributes, review=False, nullable=attributes)  # reading: a scoped attribute's nulls
     previous_tags = writers.read_complete_partition(previous.tags, options)
     if writers.IMAGES_USED_COLUMN not in previous_tags.column_names:  # written before several photos per product
         previous_tags = previous_tags.append_column(writers.IMAGES_USED_COLUMN, pa.array(np.ones(previous_tags.num_rows, np.int32)))

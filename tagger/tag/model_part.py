@@ -105,9 +105,9 @@ class BatchModel:
 
 def refuse_non_finite(predictions: Any, batch: Batch, manifest: Manifest) -> None:
     """A score is never NaN: a model that yields one fails the run loudly instead of writing it."""
-    bad = np.zeros(len(batch.rows), dtype=bool)
-    for scores in predictions.scores.values():
-        bad |= ~np.isfinite(scores)
+    from ..model.scope import non_finite
+
+    bad = non_finite(predictions)  # a null tag (out of its attribute's scope) has no score, on purpose
     if bad.any():
         rows = batch.rows[bad]
         ids = manifest.table.column("product_id").take(pa.array(rows[:5])).to_pylist()

@@ -105,7 +105,8 @@ class PhotoAssembler:
             mean = np.stack([p.sums[name] / p.used for p in tagged])
             indices[name] = mean.argmax(axis=1)
             scores[name] = mean.max(axis=1).astype(np.float32)
-        predictions = Predictions(indices=indices, scores=scores)
+        # Scoped on the mean, as one photo is: the product's own top label of the scope attribute decides.
+        predictions = self.predictor.scoped(Predictions(indices=indices, scores=scores))
         return batch, predictions, self.predictor.labels(predictions)
 
 

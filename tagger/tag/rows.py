@@ -30,12 +30,12 @@ class ShardRows:
 
     def __init__(self, partition: Partition, plan: Plan, manifest: Manifest, attributes: list[str], model_version: str,
                  options: dict[str, Any] | None = None, *, review_thresholds: Mapping[str, float] | None = None,
-                 computed: str | None = None):
+                 computed: str | None = None, scoped: list[str] | tuple[str, ...] = ()):
         self.partition, self.plan, self.manifest, self.options = partition, plan, manifest, options
         self.computed = computed  # "<runtime> <precision>" of the model, recorded in each shard's marker
         self.attributes, self.model_version = attributes, model_version
         self.thresholds = {name: float((review_thresholds or {}).get(name, 0.0)) for name in attributes}
-        self.schema = writers.tags_schema(attributes)
+        self.schema = writers.tags_schema(attributes, nullable=scoped)
 
     def open(self, shard: int, reads: int) -> ShardOutput:
         """The shard's parts, ``reads`` rows still to come from the DataLoader."""
@@ -99,7 +99,7 @@ class ShardRows:
         scores = {name: predictions.scores[name][mask] for name in self.attributes}
         for name in self.attributes:
             columns[name] = pa.array(labels[name][mask], pa.string())
-            columns[f"{name}_score"] = pa.array(scores[name], pa.float32())
+            columns[f"{name}_score"] = pa.array(scores[name], pa.float32(), from_pandas=True)  # NaN: a null tag's
         columns[writers.REVIEW_COLUMN] = self._review(output, scores)
         n = len(rows)
         used = batch.images_used[mask] if batch.images_used is not None else np.ones(n, np.int32)

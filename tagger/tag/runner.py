@@ -166,7 +166,7 @@ class TagRunner:
         model = self.model.load(bundle, manifest)
         self.facts.device, self.facts.runtime = model.device, model.runtime
         rows = ShardRows(self.partition, plan, manifest, bundle.attribute_names, bundle.model_version, self.options,
-                         review_thresholds=bundle.review_thresholds, computed=computed_name(model.runtime))
+                         review_thresholds=bundle.review_thresholds, scoped=list(bundle.scopes), computed=computed_name(model.runtime))
         cursor = ShardCursor(pending, lambda s: rows.open(s, int(reads[s])), shards.commit)
         loader = ImageLoader(self.config, manifest, readable, bundle.input_size, self.model.device.type == "cuda", self.stop)
         del readable

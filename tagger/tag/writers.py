@@ -43,13 +43,14 @@ REVIEW_COLUMN = "needs_review"
 IMAGES_USED_COLUMN = "images_used"
 
 
-def tags_schema(attributes: Sequence[str], *, review: bool = True) -> pa.Schema:
+def tags_schema(attributes: Sequence[str], *, review: bool = True, nullable: Sequence[str] = ()) -> pa.Schema:
     """``review=False``: without :data:`REVIEW_COLUMN`, the columns a ``--since`` run carries over (the
-    column is recomputed from the scores, so partitions written before it existed are reused too)."""
+    column is recomputed from the scores, so partitions written before it existed are reused too).
+    ``nullable``: attributes with a scope (the bundle's ``applies_when``), null where they do not apply."""
     fields = [pa.field("product_id", pa.string(), nullable=False), pa.field("image", pa.string(), nullable=False)]
     for name in attributes:
-        fields.append(pa.field(name, pa.string(), nullable=False))
-        fields.append(pa.field(f"{name}_score", pa.float32(), nullable=False))
+        fields.append(pa.field(name, pa.string(), nullable=name in nullable))
+        fields.append(pa.field(f"{name}_score", pa.float32(), nullable=name in nullable))
     if review:
         fields.append(pa.field(REVIEW_COLUMN, pa.list_(pa.string()), nullable=False))
     fields += [

@@ -32,6 +32,9 @@ class RetrainConfig:
     data: str | list[str]  # Kaggle folders (styles.csv + images/) and/or labelled manifests, local or s3://; see tagger.data.labelled
     out: str  # bundle folder (model.json, model.safetensors, split.parquet), local or s3://
     attributes: list[str] | None = None  # None: the Kaggle seven (tagger.attributes.ATTRIBUTES); else these, in this order
+    # ATTR:OTHER=VALUE[,VALUE]: ATTR applies only where OTHER (another attribute) is one of the values (tagger.model.scope);
+    # out of it the tag is null. Its labelled rows out of the scope are not learnt; its threshold is fitted in it.
+    applies_when: list[str] = field(default_factory=list)
     corrections: list[str] = field(default_factory=list)  # files of (product id, attribute, label) that override the data's labels
     id_column: str = "product_id"  # labelled manifests' and corrections' columns, as the tag job's --id-column ...
     image_column: str = "image"  # ... and --image-column
@@ -76,6 +79,13 @@ class RetrainConfig:
     progress: bool = True  # Lightning's progress bar and model summary
 
     @property
+    def scopes(self) -> dict[str, Any]:
+        """``applies_when`` parsed: {attribute: tagger.model.scope.Scope}."""
+        from ..model.scope import parse_applies_when
+
+        return dict(parse_applies_when(text) for text in self.applies_when or [])
+
+    @property
     def attribute_names(self) -> list[str]:
         from ..attributes import ATTRIBUTES
 
@@ -98,6 +108,18 @@ class RetrainConfig:
             self.attributes = list(self.attributes)
             problem = attribute_name_problem(self.attributes)
             need(problem is None, "attributes", f"{problem}")
+        self.applies_when = list(self.applies_when or [])
+        try:
+            scopes = self.scopes
+        except ValueError as exc:
+            raise ConfigError("applies_when", str(exc)) from None
+        need(len(scopes) == len(self.applies_when), "applies_when", "one --applies-when per attribute (list several values after '=')")
+        names = self.attribute_names
+        for attr, scope in scopes.items():
+            need(attr in names, "applies_when", f"{attr}: not one of the attributes trained ({', '.join(names)})")
+            need(scope.attribute in names and scope.attribute != attr, "applies_when",
+                 f"{attr}: its scope must name another attribute trained ({', '.join(a for a in names if a != attr)}), got {scope.attribute!r}")
+            need(scope.attribute not in scopes, "applies_when", f"{attr}: {scope.attribute} is scoped itself; scope by an attribute tagged everywhere")
         self.corrections = list(self.corrections or [])
         need(all(isinstance(c, str) and c.strip() for c in self.corrections), "corrections", "corrections must be file names")
         need(bool(self.id_column) and bool(self.image_column) and self.id_column != self.image_column, "id_column",

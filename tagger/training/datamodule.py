@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..data.decode import ImageError
 from ..data.reader import load_image
-from .config import CACHE_MODES, RetrainConfig
+from .config import CACHE_MODES, ConfigError, RetrainConfig
 from ..data.kaggle import DataError, DataReport
 from ..data.labelled import load_training_data
 from ..data.labels import build_vocabularies, check_label_counts, encode_targets, fold_rare_labels, label_counts, resolve_min_label_count
@@ -275,6 +275,7 @@ class FashionDataModule(pl.LightningDataModule):
         else:
             self.targets = encode_targets(table, self.vocab)
             self.kept_labels = {}
+        self.out_of_scope = self._apply_scopes()
         # Per attribute and class, as trained: patchy labels are the rule in a real catalog, so say what there is.
         self.label_stats = {a: _class_counts(self.targets[:, j], labels) for j, (a, labels) in enumerate(self.vocab.items())}
         for attr, counts in self.label_stats.items():
@@ -295,6 +296,33 @@ class FashionDataModule(pl.LightningDataModule):
         self.report = report
         self.fingerprint = kaggle.fingerprint
         self._ready = True
+
+    def _apply_scopes(self) -> dict[str, int]:
+        """``--applies-when``: the scopes checked against the vocabularies; an attribute's labels on rows whose own
+        label of the scope attribute is outside the scope are not learnt (counted, said). Then the attributes whose
+        labels come from a narrow slice of the data, without a scope, are named with the scope they suggest."""
+        from ..model.scope import scope_problem
+
+        scopes = self.config.scopes
+        problem = scope_problem(scopes, self.vocab)
+        if problem:
+            raise ConfigError("applies_when", problem)
+        names = list(self.vocab)
+        dropped = {}
+        for attr, scope in scopes.items():
+            j, k = names.index(attr), names.index(scope.attribute)
+            wanted = [self.vocab[scope.attribute].index(v) for v in scope.values]
+            known_other = self.targets[:, k] >= 0
+            outside = (self.targets[:, j] >= 0) & known_other & ~np.isin(self.targets[:, k], wanted)
+            self.targets[outside, j] = -1
+            dropped[attr] = int(outside.sum())
+            log.info("%s applies where %s: %d labelled row(s) outside it are not learnt", attr, scope.describe(), dropped[attr])
+        self.narrow = narrow_slices(self.targets, self.vocab, exclude=set(scopes))
+        for attr, other, value, share, n, overall in self.narrow:
+            log.warning("%s: %.0f %% of its %d labelled rows have %s=%s (%.0f %% of all rows with a %s): if %s only "
+                        "applies there, say so with --applies-when %s:%s=%s, so that elsewhere its tag is null, not a guess",
+                        attr, 100 * share, n, other, value, 100 * overall, other, attr, attr, other, value)
+        return dropped
 
     def _reuse_split(self, ids: list[str]) -> dict[str, Any]:
         """Rows listed in ``split_from`` keep that split; the others keep their fresh stratified one.
@@ -398,6 +426,36 @@ class FashionDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self.loader("test")
+
+
+NARROW_SHARE = 0.9  # an attribute whose labelled rows are this much one value of another ...
+NARROW_OVERALL = 0.75  # ... that is not this common over all rows: a scope is likely
+
+
+def narrow_slices(targets: np.ndarray, vocab: Mapping[str, Sequence[str]], exclude: set[str] = frozenset()) -> list[tuple]:
+    """``(attribute, other, value, share, n labelled, value's overall share)`` for each attribute (not in ``exclude``)
+    whose labelled rows are mostly (> 90 %) one value of another attribute that is not that common overall (< 75 %)."""
+    names = list(vocab)
+    out = []
+    for j, attr in enumerate(names):
+        labelled = targets[:, j] >= 0
+        if attr in exclude or labelled.sum() < 10 or labelled.mean() > NARROW_SHARE:
+            continue
+        for k, other in enumerate(names):
+            if k == j:
+                continue
+            both = labelled & (targets[:, k] >= 0)
+            everywhere = targets[:, k] >= 0
+            if both.sum() < 10:
+                continue
+            counts = np.bincount(targets[both, k], minlength=len(vocab[other]))
+            top = int(counts.argmax())
+            share = counts[top] / both.sum()
+            overall = float((targets[everywhere, k] == top).mean())
+            if share > NARROW_SHARE and overall < NARROW_OVERALL:
+                out.append((attr, other, vocab[other][top], float(share), int(labelled.sum()), overall))
+                break
+    return out
 
 
 def _kept_labels(config: RetrainConfig) -> tuple[dict[str, list[str]] | None, Mapping[str, Any]]:

@@ -37,6 +37,14 @@ def format_summary(bundle: ModelBundle) -> str:
     if patchy:
         lines.append("labelled " + ", ".join(f"{a} {n} of {rows.get('used')}" for a, n in patchy.items())
                      + " rows (the rest unknown: masked out of the loss and the metrics)")
+    for spec in bundle.attributes:
+        if spec.applies_when is not None:
+            left = (data.get("labelled_out_of_scope") or {}).get(spec.name, 0)
+            lines.append(f"scope    {spec.name} where {spec.applies_when.describe()}; null elsewhere ({left} labelled row(s) "
+                         "outside it not learnt; val/test scored and the threshold fitted where it applies)")
+    for narrow in data.get("narrow_labels") or []:
+        lines.append(f"narrow   {narrow['attribute']}: {100 * narrow['share']:.0f} % of its labelled rows have {narrow['other']}="
+                     f"{narrow['value']}; consider --applies-when {narrow['attribute']}:{narrow['other']}={narrow['value']}")
     heads = t.get("heads_init") or {}
     if any(v == "bundle" for v in heads.values()):
         lines.append("heads    from --init-weights: " + ", ".join(a for a, v in heads.items() if v == "bundle")

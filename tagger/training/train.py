@@ -27,6 +27,7 @@ import torch
 
 from .. import storage
 from ..model.bundle import ModelBundle, save_bundle
+from ..model.scope import in_scope
 from ..model.scoring import predict_batches
 from ..evaluation.metrics import calibrate_thresholds, coverage, majority_baseline, split_metrics
 from ..model.network import TaggerNet, create_backbone_with_source, resolve_data_config
@@ -223,6 +224,7 @@ class Scores:
     test_metrics: dict[str, dict]
     thresholds: dict[str, float]
     scored_with: dict[str, Any]
+    val_coverage: dict[str, float]
 
 
 def retrain(config: RetrainConfig, *, budget: Budget | None = None) -> ModelBundle:
@@ -423,19 +425,31 @@ def score(prepared: Prepared, fitted: Fitted) -> Scores:
         scored_with = {"runtime": scorer.runtime.name, "precision": scorer.precision_name, "reason": scorer.runtime.reason}
         del scorer
     net.cpu()
+    # A scoped attribute is scored, and its threshold fitted, where the tag job would tag it: its labelled rows whose
+    # predicted scope attribute is outside the scope get a null tag there, so they are counted, not scored.
+    out_of_scope = {split: _out_of_scope(prepared.config.scopes, labels, probs[split], targets[split]) for split in probs}
     val_metrics = split_metrics(probs["val"], targets["val"])
     test_metrics = split_metrics(probs["test"], targets["test"])
+    for split, metrics in (("val", val_metrics), ("test", test_metrics)):
+        for attr, count in out_of_scope[split].items():
+            metrics[attr]["n_labelled_out_of_scope"] = count
     baseline = majority_baseline(dm.targets[dm.rows("train")], targets["test"], labels)
     for attr, values in test_metrics.items():
         values["majority_accuracy"] = baseline[attr]["accuracy"]
         values["majority_label"] = baseline[attr]["label"]
     thresholds = calibrate_thresholds(probs["val"], targets["val"], prepared.config.target_precision)
+    val_coverage = coverage(probs["val"], thresholds)
+    scopes = prepared.config.scopes
+    if scopes:
+        inside = in_scope(scopes, labels, {a: p.argmax(axis=1) for a, p in probs["val"].items()})
+        val_coverage.update(coverage({a: probs["val"][a][m] for a, m in inside.items()}, thresholds))
     fitted.logger.log_metrics(
         {f"final_test/{attr}/{k}": v for attr, m in test_metrics.items() for k, v in m.items() if isinstance(v, float)},
         step=fitted.trainer.global_step,
     )
     fitted.logger.finalize("success")
-    return Scores(probs["val"], targets["val"], probs["test"], targets["test"], val_metrics, test_metrics, thresholds, scored_with)
+    return Scores(probs["val"], targets["val"], probs["test"], targets["test"], val_metrics, test_metrics, thresholds, scored_with,
+                  val_coverage)
 
 
 def record(prepared: Prepared, fitted: Fitted, scores: Scores) -> ModelBundle:
@@ -459,6 +473,10 @@ def record(prepared: Prepared, fitted: Fitted, scores: Scores) -> ModelBundle:
             "folded_into": dm.folded_into,
             "label_counts": dm.label_stats,
             "kept_labels": dm.kept_labels or None,
+            "applies_when": {a: s.describe() for a, s in config.scopes.items()} or None,
+            "labelled_out_of_scope": dm.out_of_scope or None,
+            "narrow_labels": [{"attribute": a, "other": o, "value": v, "share": sh, "labelled": n, "overall": ov}
+                              for a, o, v, sh, n, ov in dm.narrow] or None,
             "images_cached": dm.cached,
         },
         "split": {
@@ -479,7 +497,7 @@ def record(prepared: Prepared, fitted: Fitted, scores: Scores) -> ModelBundle:
         "thresholds": {
             "rule": THRESHOLD_RULE,
             "target_precision": config.target_precision,
-            "val_coverage": coverage(scores.val_probs, scores.thresholds),
+            "val_coverage": scores.val_coverage,
         },
         "backbone": config.backbone,
         "weights_init": prepared.weights_source.describe(),
@@ -514,6 +532,7 @@ def record(prepared: Prepared, fitted: Fitted, scores: Scores) -> ModelBundle:
         thresholds=scores.thresholds,
         training=_json_safe(training),
         storage_options=config.storage_options,
+        scopes=config.scopes,
     )
     log.info("wrote bundle %s (model_version %s) in %s%s", config.out, bundle.model_version, minutes(prepared.budget.spent()),
              f" of --max-minutes {config.max_minutes:g}" if config.max_minutes else "")
@@ -570,6 +589,21 @@ def _log_file(config: RetrainConfig):
         root.removeHandler(handler)
         root.setLevel(previous)
         handler.close()
+
+
+def _out_of_scope(scopes, labels, probs: dict[str, np.ndarray], targets: np.ndarray) -> dict[str, int]:
+    """Per scoped attribute: its labelled rows whose predicted scope attribute is outside the scope get target -1 (in
+    place: not scored, not used for its threshold, as the tag job would give them a null tag); returns their counts."""
+    if not scopes:
+        return {}
+    names = list(labels)
+    counted = {}
+    for attr, inside in in_scope(scopes, labels, {a: p.argmax(axis=1) for a, p in probs.items()}).items():
+        j = names.index(attr)
+        outside = (targets[:, j] >= 0) & ~inside
+        targets[outside, j] = -1
+        counted[attr] = int(outside.sum())
+    return counted
 
 
 def _versions() -> dict[str, str]:

@@ -45,6 +45,7 @@ import pyarrow.parquet as pq
 
 from ... import storage
 from ...data.reader import Batch
+from ...model.scope import decode_labels, scope_predictions
 from ..partition import Partition
 from ..rows import ShardRows
 from ..shards import ShardCommitter, ShardCursor
@@ -332,14 +333,15 @@ class FragmentCommitter:
 
         table = table.sort_by([("row", "ascending"), ("photo", "ascending")])
         batch, predictions = photo_batch(table, self.rows.attributes)
-        assembler = PhotoAssembler(SimpleNamespace(labels=self._labels), self.rows.attributes, self.separator)
+        assembler = PhotoAssembler(SimpleNamespace(labels=self._labels, scoped=lambda p: scope_predictions(self.labels, p)),
+                                   self.rows.attributes, self.separator)
         tagged_at = table.column("tagged_at")[0].as_py()
         self.rows.write_batch(cursor, *assembler.feed(batch, predictions), tagged_at)
         self.rows.write_batch(cursor, *assembler.flush(), tagged_at)
 
     def _labels(self, predictions: Any) -> dict[str, np.ndarray]:
         """Label strings from the bundle's vocabularies (what the actors' Predictor.labels does)."""
-        return {spec.name: np.asarray(spec.labels, dtype=object)[predictions.indices[spec.name]] for spec in self.labels}
+        return decode_labels(self.labels, predictions.indices)
 
     def _rows_in(self, name: str) -> int:
         fs, path = storage.filesystem(storage.join(self.folder, name), self.options)

@@ -107,9 +107,9 @@ def refuse_non_finite(predictions: Any, rows: np.ndarray) -> None:
     no manifest; the message names rows, which the driver's log ties to products)."""
     from ..model_part import NonFiniteScores
 
-    bad = np.zeros(len(rows), dtype=bool)
-    for scores in predictions.scores.values():
-        bad |= ~np.isfinite(scores)
+    from ...model.scope import non_finite
+
+    bad = non_finite(predictions)  # a null tag (out of its attribute's scope) has no score, on purpose
     if bad.any():
         shown = ", ".join(str(int(r) + 1) for r in rows[bad][:5])
         raise NonFiniteScores(
