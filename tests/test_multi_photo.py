@@ -107,7 +107,8 @@ def test_tags_are_the_mean_of_the_photos_and_a_bad_photo_is_skipped(shop, tiny_b
 
 
 def test_lists_in_parquet_and_jsonl(shop, tiny_bundle, tmp_path):
-    products = {"a": ["f0.jpg", "f1.jpg"], "b": ["gone.jpg", "f2.jpg", "f3.jpg"], "c": ["f4.jpg"]}
+    # A null among the photos is no photo (as a blank piece), not an invalid row for the whole product.
+    products = {"a": ["f0.jpg", "f1.jpg"], "b": ["gone.jpg", "f2.jpg", None, "f3.jpg"], "c": ["f4.jpg", None]}
     parquet = tmp_path / "c.parquet"
     pq.write_table(pa.table({"product_id": list(products), "image": list(products.values())}), parquet)
     jsonl = tmp_path / "c.jsonl"

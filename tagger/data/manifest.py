@@ -329,7 +329,11 @@ def _select(table: pa.Table, url: str, id_column: str, image_column: str,
             if clash:
                 raise ManifestError(f"{url}: a photo in column {name!r} contains {separator!r}, which joins a product's "
                                     "photos in the tags table; choose another with --image-separator")
-            columns.append(pc.binary_join(column.cast(pa.list_(pa.string())), separator))
+            lists = column.combine_chunks().cast(pa.list_(pa.string()))
+            # A null photo in a list is no photo, as a blank piece between separators: the product keeps its
+            # other photos (images_used says how many), where a join with the null would blank the whole cell.
+            lists = pa.ListArray.from_arrays(lists.offsets, pc.fill_null(lists.values, ""), mask=lists.is_null())
+            columns.append(pc.binary_join(lists, separator))
             continue
         if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type) or pa.types.is_integer(column.type)):
             raise ManifestError(f"{url}: column {name!r} has type {column.type}; expected text (or integer ids)")
