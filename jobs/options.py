@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import click
@@ -29,6 +30,20 @@ def parse_storage_options(values: tuple[str, ...]) -> dict[str, Any]:
             target = target.setdefault(parent, {})
         target[leaf] = value
     return options
+
+
+class FiniteFloatRange(click.FloatRange):
+    """``click.FloatRange`` that also refuses ``nan`` and ``inf``: every comparison with NaN is false, so a NaN
+    threshold would switch its gate off without a word, and an infinite deadline is no deadline. Every float
+    option of every command uses it (one validation, not one per option)."""
+
+    name = "finite float range"
+
+    def convert(self, value, param, ctx):
+        number = click.FLOAT.convert(value, param, ctx)  # the text -> float, as click does
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return super().convert(number, param, ctx)
 
 
 class CommandError(click.ClickException):
@@ -83,7 +98,7 @@ def http_options(command):
         click.option("--allow-plain-http", is_flag=True, envvar="TAGGER_ALLOW_PLAIN_HTTP",
                      help="Also read http:// (not only https://) from the allowed hosts: a server you trust on a network "
                      "you trust."),
-        click.option("--http-deadline", type=click.FloatRange(min=1), default=120.0, show_default=True,
+        click.option("--http-deadline", type=FiniteFloatRange(min=1), default=120.0, show_default=True,
                      help="Seconds one http(s) image may take, retries of 429/5xx included; past it the server counts as "
                      "unavailable (exit 4, as S3 down)."),
     ]

@@ -9,7 +9,7 @@ import click
 
 from tagger.report.config import EXIT_THRESHOLD
 
-from .options import parse_storage_options, storage_option
+from .options import FiniteFloatRange, parse_storage_options, storage_option
 
 log = logging.getLogger("tagger.report")
 
@@ -32,15 +32,15 @@ SHARED_WITH_TAG = ("--catalog", "--catalog-format", "--id-column", "--max-error-
 def threshold_options(function, *, skip: tuple[str, ...] = ()):
     """The alerting options: a crossed one exits 6 (after everything is written)."""
     for name, kind, text in reversed([
-        ("--max-drift", click.FloatRange(0.0, 1.0), "Crossed (report: exit 6) when an attribute's label mix moved further than this Jensen-Shannon "
+        ("--max-drift", FiniteFloatRange(0.0, 1.0), "Crossed (report: exit 6) when an attribute's label mix moved further than this Jensen-Shannon "
          "distance (0..1; 0.1 is visible)."),
-        ("--max-psi", click.FloatRange(0.0), "Exit 6 when an attribute's population stability index exceeds this (0.25: a real shift)."),
-        ("--min-agreement", click.FloatRange(0.0, 1.0), "Exit 6 when an attribute agrees with the catalog's labels on a smaller "
+        ("--max-psi", FiniteFloatRange(0.0), "Exit 6 when an attribute's population stability index exceeds this (0.25: a real shift)."),
+        ("--min-agreement", FiniteFloatRange(0.0, 1.0), "Exit 6 when an attribute agrees with the catalog's labels on a smaller "
          "share of its labelled rows."),
-        ("--max-review-share", click.FloatRange(0.0, 1.0), "Exit 6 when a larger share of tonight's tags of an attribute score "
+        ("--max-review-share", FiniteFloatRange(0.0, 1.0), "Exit 6 when a larger share of tonight's tags of an attribute score "
          "under its review threshold."),
-        ("--max-error-rate", click.FloatRange(0.0, 1.0), "Exit 6 when a larger share of the manifest's rows ended as errors."),
-        ("--max-rows-change", click.FloatRange(0.0), "Exit 6 when the manifest's rows changed by more than this share from the "
+        ("--max-error-rate", FiniteFloatRange(0.0, 1.0), "Exit 6 when a larger share of the manifest's rows ended as errors."),
+        ("--max-rows-change", FiniteFloatRange(0.0), "Exit 6 when the manifest's rows changed by more than this share from the "
          "night before (0.2: 20 % fewer or more)."),
     ]):
         if name not in skip:

@@ -8,7 +8,7 @@ import click
 
 from tagger.training.config import CACHE_MODES, DEVICES, ConfigError, RetrainConfig, check_data_exists
 
-from .options import CommandError, parse_storage_options, storage_option
+from .options import CommandError, FiniteFloatRange, parse_storage_options, storage_option
 
 D = {f.name: f.default for f in fields(RetrainConfig)}
 
@@ -66,12 +66,12 @@ def _flag(option: str) -> str:
 @click.option("--batch-size", type=click.IntRange(min=1), default=D["batch_size"], show_default=True)
 @click.option("--workers", type=click.IntRange(min=0), default=None, show_default="0 on CPU with cached images, else min(8, cores-1)",
               help="DataLoader worker processes.")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=D["lr"], show_default=True, help="Peak AdamW learning rate.")
-@click.option("--weight-decay", type=click.FloatRange(min=0), default=D["weight_decay"], show_default=True)
-@click.option("--warmup-epochs", type=click.FloatRange(min=0), default=D["warmup_epochs"], show_default=True)
-@click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True), default=D["label_smoothing"], show_default=True)
+@click.option("--lr", type=FiniteFloatRange(min=0, min_open=True), default=D["lr"], show_default=True, help="Peak AdamW learning rate.")
+@click.option("--weight-decay", type=FiniteFloatRange(min=0), default=D["weight_decay"], show_default=True)
+@click.option("--warmup-epochs", type=FiniteFloatRange(min=0), default=D["warmup_epochs"], show_default=True)
+@click.option("--label-smoothing", type=FiniteFloatRange(0, 1, max_open=True), default=D["label_smoothing"], show_default=True)
 @click.option("--max-epochs", type=click.IntRange(min=1), default=D["max_epochs"], show_default=True)
-@click.option("--max-minutes", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--max-minutes", type=FiniteFloatRange(min=0, min_open=True), default=None,
               help="Wall-clock limit up to the bundle written; said at once when it cannot hold, else ends with the best "
                    "model so far (see docs/train.md).")
 @click.option("--patience", type=click.IntRange(min=1), default=D["patience"], show_default=True, help="Epochs without a better val/score before stopping.")
@@ -82,20 +82,20 @@ def _flag(option: str) -> str:
                    "CPU hour. 0: train all.")
 @click.option("--cache-mirror/--no-cache-mirror", default=D["cache_mirror"], show_default=True,
               help="With --freeze-stages: also cache each photo's mirror image (flip augmentation; twice the one-off pass).")
-@click.option("--feature-cache-gb", type=click.FloatRange(min=0), default=None,
+@click.option("--feature-cache-gb", type=FiniteFloatRange(min=0), default=None,
               show_default="$TAGGER_FEATURE_CACHE_GB, else 5",
               help="With --freeze-stages: keep trunk features in $TAGGER_CACHE/trunk-features up to this size, so a "
                    "re-run skips the pass on the same photos. 0: off.")
-@click.option("--grad-clip", type=click.FloatRange(min=0), default=D["grad_clip"], show_default=True, help="Max gradient norm; 0 = off.")
+@click.option("--grad-clip", type=FiniteFloatRange(min=0), default=D["grad_clip"], show_default=True, help="Max gradient norm; 0 = off.")
 @click.option("--seed", type=click.IntRange(min=0), default=D["seed"], show_default=True)
-@click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=D["val_fraction"], show_default=True)
-@click.option("--test-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=D["test_fraction"], show_default=True)
+@click.option("--val-fraction", type=FiniteFloatRange(0, 1, min_open=True, max_open=True), default=D["val_fraction"], show_default=True)
+@click.option("--test-fraction", type=FiniteFloatRange(0, 1, min_open=True, max_open=True), default=D["test_fraction"], show_default=True)
 @click.option("--min-label-count", type=MinLabelCount(), default=D["min_label_count"], show_default=True,
               help="Labels with fewer rows are folded into 'Other'; auto = 500 x rows / 44,424, at least 5.")
 @click.option("--cache-images", type=click.Choice(CACHE_MODES), default=D["cache_images"], show_default=True,
               help="Decode every image once into memory; auto: when it fits in --cache-max-gb.")
-@click.option("--cache-max-gb", type=click.FloatRange(min=0, min_open=True), default=D["cache_max_gb"], show_default=True)
-@click.option("--target-precision", type=click.FloatRange(0, 1, min_open=True), default=D["target_precision"], show_default=True,
+@click.option("--cache-max-gb", type=FiniteFloatRange(min=0, min_open=True), default=D["cache_max_gb"], show_default=True)
+@click.option("--target-precision", type=FiniteFloatRange(0, 1, min_open=True), default=D["target_precision"], show_default=True,
               help="Review thresholds keep the top-label precision of auto-accepted tags at this level (on val).")
 @click.option("--device", type=click.Choice(DEVICES), default=D["device"], show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=None, show_default="all cores",

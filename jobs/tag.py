@@ -12,7 +12,7 @@ from tagger.tag.config import (PRECISIONS, DEVICES, ENGINES, PROGRESS_MODES, RUN
 from tagger.data.decode import DEFAULT_MAX_IMAGE_PIXELS
 from tagger.data.http import split_hosts
 
-from .options import http_options, max_image_bytes_option, parse_storage_options, storage_option
+from .options import FiniteFloatRange, http_options, max_image_bytes_option, parse_storage_options, storage_option
 from .report import TAG_REPORT_OPTIONS, report_options
 
 log = logging.getLogger("tagger.tag")
@@ -73,7 +73,7 @@ def common_output_options(function):
               help="Image reading/decoding processes; 0 decodes in the main process.")
 @click.option("--worker-start-method", type=click.Choice(START_METHODS), default="auto", show_default=True,
               help="auto: fork for local data, forkserver when S3 is involved (s3fs is not fork-safe).")
-@click.option("--max-error-rate", type=click.FloatRange(0.0, 1.0), default=0.05, show_default=True,
+@click.option("--max-error-rate", type=FiniteFloatRange(0.0, 1.0), default=0.05, show_default=True,
               help="Fail (exit 3, no _SUCCESS) when a larger share of the rows end as errors.")
 @click.option("--shard-size", type=click.IntRange(min=1), default=10_000, show_default=True,
               help="Rows per committed shard: the unit of resume after a crash.")
@@ -103,9 +103,9 @@ def common_output_options(function):
 @click.option("--progress", type=click.Choice(PROGRESS_MODES), default="auto", show_default=True,
               help="auto: a bar on an interactive terminal, a log line every 30 s otherwise. ray: Ray Data's own bars "
               "(--engine ray).")
-@click.option("--lease-ttl", type=click.FloatRange(1, 86_400), default=120.0, show_default=True,
+@click.option("--lease-ttl", type=FiniteFloatRange(1, 86_400), default=120.0, show_default=True,
               help="Seconds after its last heartbeat that a run which died on another machine may be taken over.")
-@click.option("--lease-wait", type=click.FloatRange(0, 86_400), default=0.0, show_default=True,
+@click.option("--lease-wait", type=FiniteFloatRange(0, 86_400), default=0.0, show_default=True,
               help="Seconds to wait for another live run that owns the date to end, before exiting 5.")
 @click.option("--engine", type=click.Choice(ENGINES), default="local", show_default=True, callback=_engine,
               help="What tags the images: local (this process and its --workers) or ray (a Ray cluster; the extra "
@@ -154,7 +154,7 @@ def _report(config: TagConfig, options: dict) -> None:
 
 @click.command("finalize")
 @common_output_options
-@click.option("--max-error-rate", type=click.FloatRange(0.0, 1.0), default=0.05, show_default=True)
+@click.option("--max-error-rate", type=FiniteFloatRange(0.0, 1.0), default=0.05, show_default=True)
 def finalize(out: str, run_date: str, storage_options: tuple[str, ...], max_error_rate: float) -> None:
     """Commit a fanned-out run date once every shard is done: run summary, then _SUCCESS."""
     config = TagConfig(catalog="", model="", out=out, run_date=run_date, max_error_rate=max_error_rate,
