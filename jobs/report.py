@@ -128,12 +128,16 @@ def execute(config, *, prefix: str = "tagger report") -> int:
     from tagger.data.reader import StorageUnavailable
     from tagger.report import ReportError
     from tagger.report.build import build_report
-    from tagger.storage import StorageConfigError, is_permanent, is_unavailable
+    from tagger.storage import OutputLocationError, StorageConfigError, is_permanent, is_unavailable
 
     try:
         result = build_report(config)
-    except (ReportError, ManifestError, StorageConfigError) as exc:
+    except (ReportError, ManifestError, StorageConfigError, OutputLocationError) as exc:
         click.echo(f"{prefix}: invalid input: {exc}", err=True)
+        return 2
+    except PermissionError as exc:  # e.g. a read-only file system, or a folder made read-only during the run
+        click.echo(f"{prefix}: invalid input: cannot write the report under {config.folder}: {exc}; choose another "
+                   "--out or fix its permissions", err=True)
         return 2
     except StorageUnavailable as exc:
         click.echo(f"{prefix}: storage unavailable: {exc}", err=True)

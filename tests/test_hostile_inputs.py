@@ -3,6 +3,8 @@ one validation; ..."""
 
 from __future__ import annotations
 
+import os
+
 import click
 import pytest
 from click.testing import CliRunner
@@ -32,3 +34,35 @@ def test_nan_and_inf_are_refused_before_any_work(command, option, value):
     result = CliRunner().invoke(cli, [command, option, value])
     assert result.exit_code == 2, result.output
     assert "not a finite number" in result.output and option in result.output
+
+
+# -- tagger report on an --out it cannot write ----------------------------------------------------------------
+def test_report_on_a_read_only_out_is_exit_2_in_one_line(tmp_path, monkeypatch):
+    from .test_report import mix_rows, write_night
+
+    write_night(tmp_path, "2026-11-27", mix_rows({"Men": 3, "Women": 2}))
+    real = os.access
+    # As root writes anywhere, the read-only folder is os.access's answer (what check_output_location asks).
+    monkeypatch.setattr(os, "access", lambda path, mode: False if str(path).startswith(str(tmp_path)) and mode & os.W_OK
+                        else real(path, mode))
+    result = CliRunner().invoke(cli, ["report", "--out", str(tmp_path), "--run-date", "2026-11-27"])
+    assert result.exit_code == 2, result.output
+    assert "is not writable" in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "_reports").exists()
+
+
+def test_report_on_a_file_system_that_refuses_the_write_is_exit_2(tmp_path, monkeypatch):
+    from tagger import storage
+
+    from .test_report import mix_rows, write_night
+
+    write_night(tmp_path, "2026-11-27", mix_rows({"Men": 3, "Women": 2}))
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(30, "Read-only file system")
+
+    monkeypatch.setattr(storage, "write_parquet", refuse)
+    result = CliRunner().invoke(cli, ["report", "--out", str(tmp_path), "--run-date", "2026-11-27"])
+    assert result.exit_code == 2, result.output
+    assert "cannot write the report" in result.output and "Traceback" not in result.output

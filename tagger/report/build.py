@@ -29,6 +29,8 @@ def build_report(config: ReportConfig) -> ReportResult:
     started = time.time()
     options = config.storage_options
     night = load.tonight(config.out, config.run_date, options)
+    # Before minutes of joins and drift: an --out the report cannot be written under is an input error (exit 2).
+    storage.check_output_location(config.folder, options)
     before = load.previous_night(config.out, config.run_date, options, config.previous)
     attributes = night.attributes()
     now = metrics.profile(night, attributes, config.batch_rows)
