@@ -69,6 +69,7 @@ def build_report(config: ReportConfig) -> ReportResult:
         "previous_computed": before.computed if before else None,
         "catalog": (night.plan or {}).get("catalog"),
         "counts": counts,
+        "tag_max_error_rate": ((night.summary or {}).get("arguments") or {}).get("max_error_rate"),
         "previous_counts": previous_counts,
         "change": metrics.change(counts, previous_counts),
         "attributes": {},

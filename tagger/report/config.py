@@ -16,10 +16,11 @@ TABLES = ("label_mix", "drift", "agreement", "disagreements")
 # Shares are floored here before PSI's logarithm, so that a label seen on one night only gives a large but
 # finite term (Evidently's get_binned_data puts the same 1e-4 in place of a zero share).
 PSI_FLOOR = 1e-4
-# Drift's noise floor (metrics.noise_floor): the 1 - alpha quantile of the distances of nights drawn from one mix.
-# 0.001 per attribute: a report of 7 attributes flags a night of no real change about 1 in 140 nights.
-DRIFT_ALPHA = 0.001
-DRIFT_DRAWS = 4000
+# Drift's noise floor (metrics.noise_floor): the 1 - alpha quantile of what nights drawn from one mix reach, for
+# each of two statistics (the distance, the largest label move): a report of 7 attributes flags a night of no
+# real change about 1 in 70 nights.
+DRIFT_ALPHA = 0.0005
+DRIFT_DRAWS = 10_000
 DRIFT_SEED = 30
 SCORE_BINS = 20
 EDGE_LABELS = (0.0, 0.25, 0.5, 0.75, 1.0)  # score axis ticks on the page

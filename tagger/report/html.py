@@ -26,7 +26,7 @@ _CSS = """
 * { box-sizing: border-box; }
 body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #1d1d1f; margin: 0; background: #f5f6f8; }
 main { max-width: 1180px; margin: 0 auto; padding: 20px 24px 40px; }
-h1 { font-size: 22px; margin: 0 0 4px; } h2 { font-size: 17px; margin: 28px 0 10px; } h3 { font-size: 15px; margin: 0 0 6px; }
+h1 { font-size: 22px; margin: 0 0 4px; } main > h3 { margin-top: 16px; } h2 { font-size: 17px; margin: 28px 0 10px; } h3 { font-size: 15px; margin: 0 0 6px; }
 p.meta { color: #555; margin: 0 0 14px; overflow-wrap: anywhere; }
 .banner { padding: 10px 14px; border-radius: 6px; margin: 12px 0; }
 .banner.bad { background: #fdecea; border: 1px solid #e6b0aa; } .banner.ok { background: #eaf6ec; border: 1px solid #b5dcbc; }
@@ -50,6 +50,7 @@ td.up { color: #a04000; } td.down { color: #1f618d; } td.alert, span.alert { col
 .thumb b { font-size: 13px; } .thumb .pair { margin-top: 2px; } .thumb s { color: #777; }
 footer { margin-top: 30px; color: #666; font-size: 12.5px; overflow-wrap: anywhere; }
 code { font-size: 12.5px; }
+details { margin: 10px 0; } summary { cursor: pointer; color: #333; }
 """
 
 
@@ -267,13 +268,15 @@ def _checks(r: dict[str, Any]) -> list[str]:
     v = r.get("verdict")
     if not v or not v["checks"]:
         return []
-    rows = "".join(f'<tr><td class="text">{e(c["check"])}</td><td>{e(c["figure"])}</td><td class="text">{e(c["expected"])}</td>'
+    rows = "".join(f'<tr><td class="text">{e(c["check"])}</td><td>{e(c["figure"])}</td><td>{e(c["expected"])}</td>'
                    f'<td class="text">{e(c["why"])}</td><td class="{"alert" if c["status"] != "ok" else ""}">{e(c["status"])}</td></tr>'
                    for c in v["checks"])
-    return ["<h2>Checks</h2>", '<p class="meta">Each figure beside what was expected of it: from the bundle\'s own validation '
-            "and test split (an interval for tonight's rows), from the night before, or an explicit threshold.</p>",
+    # Folded when every check is OK (the banner says so; a click opens it, no script); open when one is not.
+    return [f'<details{"" if v["status"] == "ok" else " open"}><summary><b>Checks</b>: {len(v["checks"])}, each figure beside '
+            "what was expected of it: from the bundle's own validation and test split (an interval for tonight's rows), "
+            "from the night before, or an explicit threshold</summary>",
             '<div class="wide"><table><tr><th>check</th><th>tonight</th><th class="text">expected</th><th class="text">from</th>'
-            f"<th>status</th></tr>{rows}</table></div>"]
+            f"<th>status</th></tr>{rows}</table></div></details>"]
 
 
 def _counts(r: dict[str, Any]) -> list[str]:

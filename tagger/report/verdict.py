@@ -36,7 +36,9 @@ def interval(p: float, n: int, n_ref: int | None) -> tuple[float, float]:
     """Where a share of ``n`` rows falls around an expected ``p`` measured on ``n_ref`` rows (None: known exactly)."""
     if n <= 0:
         return 0.0, 1.0
-    variance = p * (1 - p) * (1 / n + (1 / n_ref if n_ref else 0.0))
+    # A share measured as 0 (or 1) on n_ref rows is known to within ~3 rows of them (the rule of three), not exactly.
+    pv = min(max(p, 3 / n_ref), 1 - 3 / n_ref) if n_ref and n_ref > 6 else p
+    variance = pv * (1 - pv) * (1 / n + (1 / n_ref if n_ref else 0.0))
     # A share expected at 0 or 1 still moves by a row or so: at least the half-width of one row in n.
     half = max(Z * math.sqrt(variance), 1 / n)
     return max(0.0, p - half), min(1.0, p + half)
@@ -69,12 +71,15 @@ def checks(report: Mapping[str, Any], expected: Mapping[str, Any], previous: Map
     if thresholds.max_error_rate is not None:
         out.append(_check("error rate", _pct(rate), rate, f"≤ {_pct(thresholds.max_error_rate)} (--max-error-rate)",
                           "broken" if rate > thresholds.max_error_rate else "ok", "explicit threshold"))
-    elif rows:
-        p = before["error_rate"] if before else 0.0
-        low, high = interval(p, rows, before["rows"] if before else None)
-        source = "the night before" if before else "none (first night)"
-        out.append(_check("error rate", _pct(rate), rate, f"{_pct(p)}, up to {_pct(high)}", _status(rate, low, high, "high"),
-                          f"from {source}, for {rows:,} rows"))
+    elif rows and before and before["rows"]:
+        p = before["error_rate"]
+        low, high = interval(p, rows, before["rows"])
+        out.append(_check("error rate", _pct(rate), rate, f"{_pct(p)}, up to {_pct(high)}", _status(rate, 0.0, high, "high"),
+                          f"the night before, for {rows:,} rows"))
+    elif rows and report.get("tag_max_error_rate") is not None:
+        gate = report["tag_max_error_rate"]  # the first night: the tag run's own gate, which it passed to commit
+        out.append(_check("error rate", _pct(rate), rate, f"≤ {_pct(gate)}", "ok" if rate <= gate else "look",
+                          "the tag run's --max-error-rate (first night)"))
     if before and before["rows"]:
         moved = rows / before["rows"] - 1
         if thresholds.max_rows_change is not None:
@@ -123,15 +128,24 @@ def checks(report: Mapping[str, Any], expected: Mapping[str, Any], previous: Map
                                   f"the night before's report ({past['labelled']:,} labelled rows)", attribute=a))
         d = facts.get("drift")
         if d and "beyond_noise" in d:
-            out.append(_check(f"{a} label mix", f"JS {d['js_distance']:.3f}", d["js_distance"],
-                              f"≤ {d['js_noise_floor']:.3f} (sampling noise)", "look" if d["beyond_noise"] else "ok",
-                              "the night before, for these row counts", attribute=a))
+            out.append(_check(f"{a} label mix", _drift_figure(d), d["js_distance"], _drift_floor(d),
+                              "look" if d["beyond_noise"] else "ok", "the night before, for these row counts", attribute=a))
         moved = facts.get("catalog_drift")
         if moved and moved.get("beyond_noise"):
-            out.append(_check(f"{a} catalog's own labels", f"JS {moved['js_distance']:.3f}", moved["js_distance"],
-                              f"≤ {moved['js_noise_floor']:.3f} (sampling noise)", "look",
+            out.append(_check(f"{a} catalog's own labels", _drift_figure(moved), moved["js_distance"], _drift_floor(moved), "look",
                               "the catalog's labels of the night before's tagged products", attribute=a))
     return out
+
+
+def _drift_figure(d: Mapping[str, Any]) -> str:
+    mover = (d.get("movers") or [None])[0]
+    moved = (f", {mover['label']} {_pct(mover['previous_share'])} → {_pct(mover['share'])} ({d['largest_move_se']:.1f} SE)"
+             if mover and "largest_move_se" in d else "")
+    return f"JS {d['js_distance']:.3f}{moved}"
+
+
+def _drift_floor(d: Mapping[str, Any]) -> str:
+    return f"JS ≤ {d['js_noise_floor']:.3f}, a label ≤ {d.get('largest_move_se_noise_floor', 0):.1f} SE (sampling noise)"
 
 
 def verdict(checks: list[dict[str, Any]]) -> dict[str, Any]:
