@@ -62,9 +62,11 @@ EXIT_OK, EXIT_CRASH, EXIT_INVALID_INPUT, EXIT_STORAGE = 0, 1, 2, 4
               "stayed within 0.5 point.")
 @storage_option
 def evaluate(**options) -> None:
-    """Score a model bundle on labelled data (Kaggle folders or labelled manifests, a split of them by its
-    split.parquet): accuracy with its standard error, F1, majority baseline and review coverage per attribute,
-    per-class figures; with --baseline, the paired difference to another bundle. Prints the summary table.
+    """Score a model bundle on labelled data (Kaggle folders or labelled manifests) and write a report.
+
+    The rows are a split of the data by the bundle's split.parquet (or all of it): accuracy with its standard error,
+    F1, majority baseline and review coverage per attribute, per-class figures; with --baseline, the paired
+    difference to another bundle on the same rows. Prints the summary table.
 
     Exit codes: 0 done; 2 invalid input (bundle, data, split, options), found before the model runs;
     4 storage unavailable; 1 any other failure.

@@ -33,7 +33,7 @@ def _out_format(ctx: click.Context, param: click.Parameter, value: str) -> str:
 
 
 @click.command("predict")
-@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True))
+@click.argument("images", nargs=-1, required=True, type=click.Path())
 @click.option("--model", required=True, envvar="TAGGER_MODEL", help="Model bundle folder (model.json + model.safetensors), local or s3://.")
 @click.option("--out", required=True, callback=_out_format,
               help="sheet.png: a contact sheet (pages sheet-2.png, ... past --per-page); gallery.html: one self-contained page.")
@@ -55,7 +55,7 @@ def predict(images: tuple[str, ...], model: str, out: str, top_k: int, device: s
             max_image_pixels: int, batch_size: int, workers: int | None, thumb_size: int, per_page: int, table: bool,
             storage_options: tuple[str, ...]) -> None:
     """Predict tags for IMAGES (files, or folders searched recursively for jpg/jpeg/png/webp/gif) and show
-    each image with its top labels and scores. Unreadable images are listed with their error.
+    each image with its top labels and scores. Unreadable or missing images are listed with their error.
 
     Exit codes: 0 done (unreadable images included); 2 invalid input (bundle, paths, options); 1 any other failure.
     """

@@ -166,3 +166,17 @@ def test_an_unreachable_hub_is_found_once_and_its_cache_looked_up_at_once(monkey
             pretrained.create_pretrained_backbone("test_efficientnet")
     assert len(attempts) == 1 and offline_during == [True, True]
     assert constants.HF_HUB_OFFLINE is False  # put back after the lookup
+
+
+def test_tagger_help_lists_each_command_with_a_whole_sentence():
+    from click.testing import CliRunner
+
+    from jobs.cli import cli
+
+    result = CliRunner().invoke(cli, ["--help"], terminal_width=80)
+    assert result.exit_code == 0
+    commands = result.output.split("Commands:", 1)[1]
+    assert "..." not in commands
+    for name, command in cli.commands.items():
+        first = " ".join(command.help.split("\n\n")[0].split())
+        assert " ".join(commands.split()).count(first.split(". ")[0].rstrip(".")) == 1, name

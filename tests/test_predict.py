@@ -155,6 +155,19 @@ def test_bad_options_exit_2(images, tiny_bundle, tmp_path, args, message):
     assert not list(tmp_path.iterdir())
 
 
+def test_a_missing_photo_is_listed_beside_the_others(images, tiny_bundle, tmp_path):
+    root, expected = images
+    out = tmp_path / "gallery.html"
+    missing = tmp_path / "missing.jpg"
+    result = predict(str(root), str(missing), "--model", tiny_bundle, "--out", str(out))
+    assert result.exit_code == 0, result.output
+    rows = pq.read_table(tmp_path / "gallery.parquet").to_pylist()
+    assert len(rows) == len(expected) + 1
+    last = rows[-1]
+    assert last["path"] == str(missing) and last["error_type"] == "missing" and str(missing) in last["error"]
+    assert last["gender"] is None and sum(r["error_type"] is None for r in rows) == len(expected) - 1
+
+
 def test_invalid_inputs_exit_2(images, tiny_bundle, tmp_path):
     root, _ = images
     out = str(tmp_path / "x.png")

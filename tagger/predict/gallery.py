@@ -45,7 +45,7 @@ class ImagePrediction:
 
 
 def collect_images(inputs: Sequence[str], extensions: Sequence[str] = IMAGE_EXTENSIONS) -> list[str]:
-    """Files as given (whatever their extension: a bad one shows up as an error entry), folders walked
+    """Files as given (whatever their extension, present or not: a bad or missing one shows up as an error entry), folders walked
     recursively for ``extensions`` (case-insensitive; hidden files and folders skipped), sorted per folder.
     Each path once, in the order first met."""
     wanted = tuple(e.lower() for e in extensions)
@@ -65,10 +65,13 @@ def collect_images(inputs: Sequence[str], extensions: Sequence[str] = IMAGE_EXTE
                 for name in sorted(files):
                     if not name.startswith(".") and name.lower().endswith(wanted):
                         add(os.path.join(folder, name))
-        elif os.path.exists(item):
-            add(item)
         else:
-            raise EvaluationError(f"{item}: no such file or folder")
+            # A file, or a name that is not there: the reader lists a missing photo as an error entry beside the
+            # others (error_type missing), as it does an unreadable one, rather than failing the whole call.
+            add(item)
+    missing = [item for item in inputs if not os.path.exists(item)]
+    if missing and len(missing) == len(inputs):  # nothing to show beside the errors: a mistyped argument
+        raise EvaluationError(f"{', '.join(missing)}: does not exist (no such file or folder)")
     if not paths:
         raise EvaluationError(
             f"no images ({', '.join(extensions)}) found in {', '.join(inputs)}"

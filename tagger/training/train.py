@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -189,6 +189,7 @@ class Prepared:
     heads_init: dict[str, str]
     forward_s: float  # measured seconds of one image through the whole network in eval mode
     feature_cache: dict[str, Any] | None = None
+    phases_s: dict[str, float] = field(default_factory=dict)  # prepare (of which trunk_pass), fit, score
 
     @property
     def labels(self) -> dict[str, list[str]]:
@@ -238,8 +239,12 @@ def retrain(config: RetrainConfig, *, budget: Budget | None = None) -> ModelBund
     budget = budget or Budget(config.max_minutes)
     with _log_file(config):
         prepared = prepare(config, budget)
+        prepared.phases_s["prepare"] = budget.spent()
         fitted = fit(prepared)
+        prepared.phases_s["fit"] = fitted.seconds
+        started = budget.clock()
         scores = score(prepared, fitted)
+        prepared.phases_s["score"] = budget.clock() - started
         return record(prepared, fitted, scores)
 
 
@@ -316,11 +321,13 @@ def cache_trunk_features(prepared: Prepared) -> None:
         )
 
     net.eval()
+    started = prepared.budget.clock()
     dm.trunk_features = trunk_features(
         dm.cache, lambda images: net.trunk(images, config.freeze_stages), store, views=views,
         on_estimate=check_budget if prepared.budget.limit_s is not None else None, clock=prepared.budget.clock,
     )
     net.train()
+    prepared.phases_s["trunk_pass"] = prepared.budget.clock() - started
     prepared.feature_cache = {"folder": str(store.folder) if store.folder else None, "reused": store.reused,
                               "computed": store.computed, "limit_gb": config.feature_cache_gb}
 
@@ -513,6 +520,7 @@ def record(prepared: Prepared, fitted: Fitted, scores: Scores) -> ModelBundle:
         "max_minutes": config.max_minutes,
         "duration_s": round(prepared.budget.spent(), 1),
         "fit_duration_s": round(fitted.seconds, 1),
+        "phases_s": {k: round(v, 1) for k, v in prepared.phases_s.items()},
         "seed": config.seed,
         "device": prepared.device,
         "precision": fitted.precision,
