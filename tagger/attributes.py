@@ -21,11 +21,18 @@ ATTRIBUTES: tuple[str, ...] = (
 )
 
 
-# The tags table's own columns (tagger.tag.writers.tags_schema) and the hive partition key that readers add:
-# an attribute of one of these names would overwrite it or be overwritten by it.
-FIXED_COLUMNS: tuple[str, ...] = (
-    "product_id", "image", "needs_review", "image_version", "model_version", "run_id", "tagged_at", "run_date",
-)
+# The tags table's own columns, before and after the attributes' pairs: tagger.tag.writers.tags_schema builds
+# the table from these very names, so a column added there is reserved here with it (no second list to forget).
+REVIEW_COLUMN = "needs_review"
+IMAGES_USED_COLUMN = "images_used"
+LEADING_COLUMNS: tuple[str, ...] = ("product_id", "image")
+TRAILING_COLUMNS: tuple[str, ...] = (REVIEW_COLUMN, IMAGES_USED_COLUMN, "image_version", "model_version", "run_id",
+                                     "tagged_at")
+# Beside them: the hive partition key readers add, and the manifest row and resolved location that --since
+# joins the night before's tags on.
+ADDED_COLUMNS: tuple[str, ...] = ("run_date", "row", "location")
+# An attribute of one of these names would overwrite the column or be overwritten by it.
+FIXED_COLUMNS: tuple[str, ...] = LEADING_COLUMNS + TRAILING_COLUMNS + ADDED_COLUMNS
 SCORE_SUFFIX = "_score"
 # A plain identifier: a Parquet column, a polars name and an unquoted SQL column all at once.
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")

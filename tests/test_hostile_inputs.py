@@ -66,3 +66,15 @@ def test_report_on_a_file_system_that_refuses_the_write_is_exit_2(tmp_path, monk
     result = CliRunner().invoke(cli, ["report", "--out", str(tmp_path), "--run-date", "2026-11-27"])
     assert result.exit_code == 2, result.output
     assert "cannot write the report" in result.output and "Traceback" not in result.output
+
+
+# -- attribute names may not take the tags table's own columns --------------------------------------------------
+def test_the_reserved_names_are_the_tags_schemas_own_columns():
+    from tagger.attributes import attribute_name_problem
+    from tagger.tag.writers import tags_schema
+
+    own = [name for name in tags_schema(["colour"]).names if name not in ("colour", "colour_score")]
+    assert "images_used" in own and "needs_review" in own
+    for name in [*own, "run_date"]:
+        for spelling in (name, name.upper()):
+            assert "clashes" in (attribute_name_problem(["colour", spelling]) or ""), spelling

@@ -200,6 +200,8 @@ def test_an_attribute_with_too_few_labels_is_refused_naming_it(catalog, tmp_path
     (["colour", "Colour"], "given twice"),
     (["colour", "colour_score"], "clashes with the score column"),
     (["model_version"], "clashes with the tags table's own column"),
+    (["Images_Used"], "clashes with the tags table's own column"),  # the column added with several photos
+    (["location"], "clashes with the tags table's own column"),  # --since's join key
     (["sleeve length"], "not a valid column name"),
 ])
 def test_attribute_names_are_checked_when_training_and_when_loading(catalog, tiny_bundle, tmp_path, names, message):

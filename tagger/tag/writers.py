@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .. import storage
+from ..attributes import IMAGES_USED_COLUMN, LEADING_COLUMNS, REVIEW_COLUMN, TRAILING_COLUMNS
 
 SUCCESS_FILE = "_SUCCESS"
 
@@ -37,32 +38,29 @@ ERRORS_SCHEMA = pa.schema(
 )
 
 
-# The attributes whose score is under the bundle's review threshold (empty list: none), so that the review
-# queue is one filter on the table rather than a join with model.json.
-REVIEW_COLUMN = "needs_review"
-IMAGES_USED_COLUMN = "images_used"
+# REVIEW_COLUMN: the attributes whose score is under the bundle's review threshold (empty list: none), so that
+# the review queue is one filter on the table rather than a join with model.json. IMAGES_USED_COLUMN: how many
+# of the product's photos its tags come from (1 for a one-photo catalog). image_version: where the image stood
+# when it was tagged (size + mtime, or ETag), which lets tomorrow's run reuse today's tags for an unchanged
+# image under the same model_version.
+_FIXED_TYPES = {
+    "product_id": pa.string(), "image": pa.string(), REVIEW_COLUMN: pa.list_(pa.string()), IMAGES_USED_COLUMN: pa.int32(),
+    "image_version": pa.string(), "model_version": pa.string(), "run_id": pa.string(),
+    "tagged_at": pa.timestamp("us", tz="UTC"),
+}
 
 
 def tags_schema(attributes: Sequence[str], *, review: bool = True, nullable: Sequence[str] = ()) -> pa.Schema:
     """``review=False``: without :data:`REVIEW_COLUMN`, the columns a ``--since`` run carries over (the
     column is recomputed from the scores, so partitions written before it existed are reused too).
-    ``nullable``: attributes with a scope (the bundle's ``applies_when``), null where they do not apply."""
-    fields = [pa.field("product_id", pa.string(), nullable=False), pa.field("image", pa.string(), nullable=False)]
+    ``nullable``: attributes with a scope (the bundle's ``applies_when``), null where they do not apply.
+    The fixed columns are :data:`tagger.attributes.LEADING_COLUMNS` and ``TRAILING_COLUMNS``, which attribute
+    names may not take."""
+    fields = [pa.field(name, _FIXED_TYPES[name], nullable=False) for name in LEADING_COLUMNS]
     for name in attributes:
         fields.append(pa.field(name, pa.string(), nullable=name in nullable))
         fields.append(pa.field(f"{name}_score", pa.float32(), nullable=name in nullable))
-    if review:
-        fields.append(pa.field(REVIEW_COLUMN, pa.list_(pa.string()), nullable=False))
-    fields += [
-        # How many of the product's photos its tags come from (1 for a one-photo catalog).
-        pa.field(IMAGES_USED_COLUMN, pa.int32(), nullable=False),
-        # Where the image stood when it was tagged (size + mtime, or ETag): lets tomorrow's run reuse
-        # today's tags for an unchanged image under the same model_version.
-        pa.field("image_version", pa.string(), nullable=False),
-        pa.field("model_version", pa.string(), nullable=False),
-        pa.field("run_id", pa.string(), nullable=False),
-        pa.field("tagged_at", pa.timestamp("us", tz="UTC"), nullable=False),
-    ]
+    fields += [pa.field(name, _FIXED_TYPES[name], nullable=False) for name in TRAILING_COLUMNS if review or name != REVIEW_COLUMN]
     return pa.schema(fields)
 
 
