@@ -109,3 +109,8 @@ def test_the_log_names_each_error_type_and_photo_errors_of_tagged_products_are_c
     logged = [r.getMessage() for r in caplog.records]
     assert any(m.startswith("error invalid_location: 1 rows; first: away: http://localhost:1/x.jpg") for m in logged), logged
     assert any(m.startswith("photo error missing: 5 photos; first: p0: ") and "gone0.jpg" in m for m in logged), logged
+    report = CliRunner().invoke(cli, ["report", "--out", str(out), "--run-date", DATE, "--gallery", "0"], catch_exceptions=False)
+    assert report.exit_code == 0, report.output
+    body = json.loads((out / "_reports" / f"run_date={DATE}" / "report.json").read_text())
+    assert body["counts"]["photo_errors"] == {"invalid_location": 1, "missing": 5}
+    assert "photos not read: missing" in (out / "_reports" / f"run_date={DATE}" / "report.html").read_text()

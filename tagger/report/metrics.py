@@ -338,10 +338,10 @@ def crossed(thresholds: Thresholds, report: Mapping[str, Any]) -> list[str]:
         beyond = d.get("beyond_noise", True) if d else False
         if d and beyond and thresholds.max_drift is not None and d["js_distance"] > thresholds.max_drift:
             out.append(f"{a} label mix drifted from run_date={previous}: Jensen-Shannon {d['js_distance']:.3f} > --max-drift "
-                       f"{thresholds.max_drift:g} (sampling alone reaches {d['js_noise_floor']:.3f})")
-        if d and beyond and thresholds.max_psi is not None and d["psi"] > max(thresholds.max_psi, d.get("psi_noise_floor", 0.0)):
+                       f"{thresholds.max_drift:g} ({beyond_noise_phrase(d)})")
+        if d and beyond and thresholds.max_psi is not None and d["psi"] > thresholds.max_psi:
             out.append(f"{a} label mix drifted from run_date={previous}: PSI {d['psi']:.3f} > --max-psi {thresholds.max_psi:g} "
-                       f"(sampling alone reaches {d['psi_noise_floor']:.3f})")
+                       f"({beyond_noise_phrase(d)})")
         share = facts.get("review_share")
         if share is not None and thresholds.max_review_share is not None and share > thresholds.max_review_share:
             out.append(f"{a} review share {share:.1%} > --max-review-share {thresholds.max_review_share:.1%}")
@@ -358,6 +358,17 @@ def crossed(thresholds: Thresholds, report: Mapping[str, Any]) -> list[str]:
             out.append(f"rows changed {moved:+.1%} ({before['rows']} -> {counts['rows']}) from run_date={previous} "
                        f"> --max-rows-change {thresholds.max_rows_change:.1%}")
     return out
+
+
+def beyond_noise_phrase(d: Mapping[str, Any]) -> str:
+    """Why a drift is more than sampling: the distance past its floor, or one label's move past its own."""
+    if "js_noise_floor" not in d:
+        return "no noise floor recorded"
+    if d["js_distance"] > d["js_noise_floor"]:
+        return f"sampling alone reaches {d['js_noise_floor']:.3f}"
+    mover = (d.get("movers") or [{}])[0]
+    return (f"beyond sampling: {mover.get('label')} {mover.get('previous_share', 0):.1%} -> {mover.get('share', 0):.1%}, "
+            f"{d['largest_move_se']:.1f} standard errors where sampling reaches {d['largest_move_se_noise_floor']:.1f}")
 
 
 # Per byte position (mod 64), a fixed random 64-bit weight: id_hash is a weighted sum of an id's bytes.
