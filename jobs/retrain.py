@@ -120,6 +120,9 @@ def retrain(storage_options: tuple[str, ...], **options) -> None:
         config.validate()
     except ConfigError as exc:
         raise CommandError("retrain", f"invalid input: {_flag(exc.option)}: {exc.message}") from None
+    except Exception as exc:
+        _storage_failure(exc)
+        raise
 
     import logging
 
@@ -141,4 +144,26 @@ def retrain(storage_options: tuple[str, ...], **options) -> None:
         raise CommandError("retrain", f"invalid input: {exc}") from None
     except PretrainedWeightsUnavailable as exc:
         raise CommandError("retrain", f"failed: {exc}", exit_code=1) from None
+    except Exception as exc:
+        _storage_failure(exc)
+        raise
     click.echo(format_summary(bundle))
+
+
+def _storage_failure(exc: Exception) -> None:
+    """Storage trouble as the other commands say it, in one line: a setting no retry fixes (missing credentials,
+    a malformed endpoint) is exit 2, a store that is down or silent exit 4; anything else is left to raise."""
+    from tagger import storage
+    from tagger.data.reader import StorageUnavailable
+
+    if storage.is_permanent(exc):
+        raise CommandError("retrain", f"invalid input: storage configuration: {type(exc).__name__}: "
+                           f"{' '.join(str(exc).split())}") from None
+    if isinstance(exc, StorageUnavailable) or storage.is_unavailable(exc):
+        # A DataLoader worker's exception carries the worker's traceback as its text: its last line says it.
+        text = [line for line in str(exc).splitlines() if line.strip()] or [""]
+        said = text[-1] if "Traceback" in str(exc) else " ".join(text)
+        what = storage.describe_unavailable(exc) if type(exc).__name__ == "FSTimeoutError" else f"{type(exc).__name__}: {said}"
+        raise CommandError("retrain", f"storage unavailable: {what}; nothing was written, run it again later",
+                           exit_code=4) from None
+

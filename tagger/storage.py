@@ -22,10 +22,14 @@ log = logging.getLogger(__name__)
 
 # botocore's own retry/timeout knobs. "adaptive" mode backs off on 5xx, throttling and connection
 # resets; the timeouts guarantee that a read against a dead endpoint fails instead of hanging.
+# A person waits for the answer of a store that accepts connections and never answers: 5 attempts x (5 s
+# connect + 15 s without a byte) + back-off = 115 s per read (read_deadline), then exit 4 naming the options
+# that raise it. The deadline bounds a whole object's read too: a manifest or bundle that takes longer than
+# that to download needs them raised (the message says how).
 DEFAULT_S3_CONFIG: dict[str, Any] = {
-    "retries": {"max_attempts": 6, "mode": "adaptive"},
-    "connect_timeout": 10,
-    "read_timeout": 60,
+    "retries": {"max_attempts": 4, "mode": "adaptive"},
+    "connect_timeout": 5,
+    "read_timeout": 15,
 }
 
 _SECRET_WORDS = ("secret", "token", "password", "key", "credential", "session")
@@ -430,7 +434,9 @@ def describe_unavailable(exc: BaseException) -> str:
     """``exc`` (storage unavailable) in words: fsspec's timeout says nothing itself."""
     if type(exc).__name__ == "FSTimeoutError":
         return ("the store did not answer within the read deadline (attempts x (connect + read timeout) + back-off "
-                "of config_kwargs, see tagger.storage.read_deadline)")
+                f"of config_kwargs: {read_deadline('s3://-'):.0f} s at the defaults, see tagger.storage.read_deadline); "
+                "for a store that is only slow raise it, e.g. --storage-option config_kwargs.read_timeout=60 or "
+                "--storage-option 'config_kwargs.retries={\"max_attempts\": 8}'")
     return f"{type(exc).__name__}: {exc}"
 
 

@@ -78,3 +78,32 @@ def test_the_reserved_names_are_the_tags_schemas_own_columns():
     for name in [*own, "run_date"]:
         for spelling in (name, name.upper()):
             assert "clashes" in (attribute_name_problem(["colour", spelling]) or ""), spelling
+
+
+# -- retrain: storage trouble in one line, as the other commands ---------------------------------------------
+def test_retrain_against_a_silent_store_is_exit_4_in_one_line(tmp_path):
+    from .test_operations import SHORT_BUDGET, silent_endpoint
+
+    with silent_endpoint() as (url, _):
+        result = CliRunner().invoke(cli, ["retrain", "--data", "s3://bucket/catalog.parquet", "--attribute", "colour",
+                                          "--backbone", "test_efficientnet", "--no-pretrained", "--input-size", "32",
+                                          "--out", str(tmp_path / "b"), "--storage-option", f"endpoint_url={url}",
+                                          *SHORT_BUDGET])
+    assert result.exit_code == 4, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tagger retrain: storage unavailable:"), result.output
+    assert "config_kwargs.read_timeout" in lines[0], "the option that raises the deadline is named"
+    assert not (tmp_path / "b").exists()
+
+
+def test_retrain_without_credentials_is_an_input_error_in_one_line(tmp_path, monkeypatch):
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    result = CliRunner().invoke(cli, ["retrain", "--data", "s3://bucket/catalog.parquet", "--attribute", "colour",
+                                      "--backbone", "test_efficientnet", "--no-pretrained", "--input-size", "32",
+                                      "--out", str(tmp_path / "b"), "--storage-option", "endpoint_url=http://127.0.0.1:9"])
+    assert result.exit_code in (2, 4), result.output
+    assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output, result.output

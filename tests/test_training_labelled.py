@@ -247,3 +247,25 @@ def test_keep_labels_keeps_the_starting_bundles_vocabularies_and_heads_on_a_subs
     assert {a.name: a.labels for a in after.attributes} == {a.name: a.labels for a in before.attributes}
     assert after.training["heads_init"] == {"colour": "bundle", "garment": "bundle"}
     assert sum(after.training["data"]["label_counts"]["colour"].values()) == 60
+
+
+@pytest.mark.parametrize("fit, said", [
+    (lambda i: "Regular", "one class only, 'Regular'"),
+    (lambda i: "ABC"[i % 3] if i < 9 else None, "one class only, 'Other' (every rarer label was folded into it"),
+])
+def test_an_attribute_of_one_class_is_refused_before_any_image_is_decoded(catalog, tmp_path, monkeypatch, fit, said):
+    import tagger.training.datamodule as datamodule
+
+    def never(*args, **kwargs):
+        raise AssertionError("images decoded before the labels were checked")
+
+    monkeypatch.setattr(datamodule, "decode_all", never)
+    table = pq.read_table(catalog)
+    one = catalog.parent / f"one-class-{tmp_path.name}.parquet"
+    pq.write_table(table.append_column("fit", pa.array([fit(i) for i in range(table.num_rows)], pa.string())), one)
+    result = run("retrain", "--data", str(one), "--attribute", "colour", "--attribute", "fit", "--id-column", "sku",
+                 "--image-column", "photo", "--min-label-count", "5", "--cache-images", "on",
+                 "--out", str(tmp_path / "b"), *COMMON)
+    assert result.exit_code == 2, result.output
+    assert said in result.output and "--attribute fit" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "b").exists()

@@ -120,6 +120,21 @@ def check_label_counts(counts: Mapping[str, Mapping[str, int]], n_rows: int, min
         )
 
 
+def check_label_variety(counts: Mapping[str, Mapping[str, int]]) -> None:
+    """Refuse an attribute whose labelled rows hold one class only (one label, or every label folded into
+    ``Other``): a head cannot learn to tell one class from nothing, and the stratified split and the metrics
+    fail on it after minutes of work."""
+    for attr, labels in counts.items():
+        present = [label for label, rows in labels.items() if rows > 0]
+        if len(present) == 1:
+            how = (" (every rarer label was folded into it: fewer than --min-label-count rows each)" if present[0] == OTHER
+                   else "")
+            raise DataError(
+                f"attribute {attr!r} has one class only, {present[0]!r}{how}: there is nothing to tell apart. Label rows "
+                f"with other values, lower --min-label-count, or leave out --attribute {attr}"
+            )
+
+
 def build_vocabularies(table: pl.DataFrame, attributes: Sequence[str]) -> dict[str, list[str]]:
     """Labels per attribute, sorted (deterministic class indices for the same data), ``Other`` last.
     Every attribute needs at least one label: a head with no class cannot be built."""

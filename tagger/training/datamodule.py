@@ -24,11 +24,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..data.decode import ImageError
-from ..data.reader import load_image
+from ..data.reader import StorageUnavailable, load_image
 from .config import CACHE_MODES, ConfigError, RetrainConfig
 from ..data.kaggle import DataError, DataReport
 from ..data.labelled import load_training_data
-from ..data.labels import build_vocabularies, check_label_counts, encode_targets, fold_rare_labels, label_counts, resolve_min_label_count
+from ..data.labels import build_vocabularies, check_label_counts, check_label_variety, encode_targets, fold_rare_labels, label_counts, resolve_min_label_count
 from .split import SPLITS, read_split, stratified_split
 
 log = logging.getLogger(__name__)
@@ -169,17 +169,25 @@ def decode_all(
     started = time.monotonic()
     step = max(1000, len(urls) // 10)  # the full data set takes minutes: say how far along it is
 
+    down: list[StorageUnavailable] = []
+
     def work(i: int) -> None:
+        if down:
+            return  # the store is failing: the run stops with the first failure, not after every image's deadline
         try:
             pixels[i] = load_image(urls[i], size, storage_options)
             ok[i] = True
         except ImageError as exc:
             log.warning("dropping the row of %s", exc.message)
+        except StorageUnavailable as exc:
+            down.append(exc)
         if len(urls) >= 5000 and (i + 1) % step == 0:
             log.info("decoded %d/%d images (%.0fs)", i + 1, len(urls), time.monotonic() - started)
 
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         list(pool.map(work, range(len(urls))))
+    if down:
+        raise down[0]
     return pixels, ok
 
 
@@ -225,6 +233,7 @@ class FashionDataModule(pl.LightningDataModule):
         report: DataReport = kaggle.report
         _log_report(kaggle.styles_url, report)
         table = kaggle.table
+        self._check_learnable(table, report)  # before minutes of decoding; checked again on the rows that decode
         urls = table["image"].to_list()
         size = self.input_size
 
@@ -255,6 +264,7 @@ class FashionDataModule(pl.LightningDataModule):
         self.folded, self.folded_into = folding.folded, folding.folded_into
         learnt = [a for a in self.attributes if a not in kept]
         check_label_counts(label_counts(table, learnt), table.height, self.min_label_count, report.sources)  # before a head is built
+        check_label_variety(label_counts(table, learnt))
         vocab = build_vocabularies(table, learnt) if learnt else {}
         self.vocab = {a: kept[a] if a in kept else vocab[a] for a in self.attributes}
         if kept:
@@ -282,6 +292,7 @@ class FashionDataModule(pl.LightningDataModule):
             log.info("labels %s: %d of %d rows (%d classes; %s)", attr, sum(counts.values()), table.height, len(counts),
                      ", ".join(f"{k} {v}" for k, v in list(counts.items())[:8]) + (", ..." if len(counts) > 8 else ""))
         check_label_counts(self.label_stats, table.height, self.min_label_count, report.sources)
+        check_label_variety(self.label_stats)  # where a scope left one class
         self.assignment = stratified_split(
             self.targets, [len(v) for v in self.vocab.values()], val_fraction=config.val_fraction, test_fraction=config.test_fraction, seed=self.seed
         )
@@ -296,6 +307,15 @@ class FashionDataModule(pl.LightningDataModule):
         self.report = report
         self.fingerprint = kaggle.fingerprint
         self._ready = True
+
+    def _check_learnable(self, table: Any, report: Any) -> None:
+        """The label checks of the rows as loaded (each learnt attribute: enough labelled rows, two classes or
+        more once rare labels fold), so that a hopeless attribute is refused before any image is decoded."""
+        learnt = [a for a in self.attributes if a not in (self.keep_labels or {})]
+        min_count = resolve_min_label_count(self.config.min_label_count, table.height)
+        folded = fold_rare_labels(table, learnt, min_count).table
+        check_label_counts(label_counts(folded, learnt), folded.height, min_count, report.sources)
+        check_label_variety(label_counts(folded, learnt))
 
     def _apply_scopes(self) -> dict[str, int]:
         """``--applies-when``: the scopes checked against the vocabularies; an attribute's labels on rows whose own
