@@ -88,6 +88,9 @@ $(AIRFLOW_STAMP): dags/requirements-airflow.txt dags/constraints-airflow.txt
 # dag.test() with a temporary AIRFLOW_HOME (SQLite): two nights of the demo catalog, 2 mapped shard tasks,
 # each partition complete and equal to a single `tagger tag` run, then the report task; exit-code -> retry
 # mapping (report's 6: no retry); the unconfigured DAG failing its first task; {{ ds }} catalogs; pool/threads.
+# The image variants (tests/airflow/test_airflow_image.py): the pod spec rendered offline; the Docker variant run
+# through podman's socket where podman is (`make image-tools`), on the project's image where it is built; AWS
+# keys from an Airflow Connection into moto on loopback.
 test-airflow: $(STAMP) $(AIRFLOW_STAMP)
 	FT_TAGGER='$(BIN)/tagger' FT_PYTHON='$(BIN)/python' FT_CATALOG='$(CATALOG)' FT_MODEL='$(MODEL)' \
 	  $(AIRFLOW_VENV)/bin/python -m pytest -p no:cacheprovider --confcutdir=tests/airflow tests/airflow
@@ -112,8 +115,8 @@ IMAGE_RUN_OUT := out/container
 IMAGE_RUN_DATE := 2026-11-26
 
 image-tools:
-	@command -v podman >/dev/null && command -v runc >/dev/null && command -v mmdebstrap >/dev/null || \
-	  { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y podman runc mmdebstrap; }
+	@command -v podman >/dev/null && command -v runc >/dev/null && command -v mmdebstrap >/dev/null && command -v busybox >/dev/null || \
+	  { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y podman runc mmdebstrap busybox-static; }
 
 image-base: image-tools
 	$(PODMAN) image exists $(IMAGE_BASE) || { set -o pipefail; \

@@ -43,7 +43,7 @@ import socket
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
@@ -85,6 +85,8 @@ class HttpPolicy:
     deadline: float = 120.0  # one image, all attempts and back-off included
     attempts: int = 5
     per_host: int = 8
+    # Sent with every request to the allowed hosts (a CDN's token header). Secret: kept out of repr and logs.
+    headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)
 
     def __post_init__(self) -> None:
         problems = [f"--allow-host {h!r}: {p}" for h in self.allow_hosts for p in [host_pattern_problem(h)] if p]
@@ -187,12 +189,50 @@ def http_policy(allow_hosts: Sequence[str], *, allow_private_addresses: bool = F
     """The options --allow-host, --allow-private-addresses, --allow-plain-http and --http-deadline (tag and
     evaluate alike) -> the policy (None: no host named, every http(s):// image an invalid_location error).
     ValueError for options that contradict each other or a host that is not a host."""
+    headers = env_http_headers()
     if not allow_hosts:
         if allow_private_addresses or allow_plain_http:
             raise ValueError("allow_private_addresses / allow_plain_http widen --allow-host, which names no host")
+        if headers:
+            raise ValueError(f"{HEADERS_ENV} is set but no --allow-host names a host to send its headers to")
         return None
     return HttpPolicy(tuple(allow_hosts), allow_private=allow_private_addresses, allow_plain_http=allow_plain_http,
-                      deadline=deadline, connect_timeout=min(10.0, deadline), read_timeout=min(30.0, deadline))
+                      deadline=deadline, connect_timeout=min(10.0, deadline), read_timeout=min(30.0, deadline),
+                      headers=headers)
+
+
+HEADERS_ENV = "TAGGER_HTTP_HEADERS"
+# An HTTP field name (RFC 9110 token); a value may hold neither a line break nor a NUL (header injection).
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_HEADER_VALUE_BAD = re.compile(r"[\r\n\x00]")
+
+
+def env_http_headers() -> tuple[tuple[str, str], ...]:
+    """TAGGER_HTTP_HEADERS, a JSON object of header names and values (``{"Authorization": "Bearer ..."}``), for
+    a CDN that wants a token. An environment variable only, never an option: a command line is visible to every
+    user of the machine (``ps``) and lands in logs. A value is never repeated in an error."""
+    raw = os.environ.get(HEADERS_ENV, "").strip()
+    if not raw:
+        return ()
+    import json
+
+    try:
+        parsed = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{HEADERS_ENV}: not JSON (line {exc.lineno}, column {exc.colno}); expected an object such "
+                         'as {"Authorization": "Bearer ..."}') from None
+    if not isinstance(parsed, dict):
+        raise ValueError(f'{HEADERS_ENV}: expected a JSON object of header names and values, got {type(parsed).__name__}')
+    headers = []
+    for name, value in parsed.items():
+        if not _HEADER_NAME.fullmatch(name):
+            raise ValueError(f"{HEADERS_ENV}: {name!r} is not an HTTP header name")
+        if not isinstance(value, str) or _HEADER_VALUE_BAD.search(value):
+            raise ValueError(f"{HEADERS_ENV}: the value of {name} must be a string without line breaks")
+        if name.lower() in ("host", "content-length", "transfer-encoding", "connection"):
+            raise ValueError(f"{HEADERS_ENV}: {name} is set by the job itself")
+        headers.append((name, value))
+    return tuple(headers)
 
 
 def split_hosts(values: Sequence[str]) -> tuple[str, ...]:
@@ -336,7 +376,7 @@ def _manager(policy: HttpPolicy) -> Any:
         # block=True: a host gets at most per_host connections from this process; more callers wait for one.
         # Every response is therefore handed back (_release, _drop): a connection never returned is a slot lost.
         manager = urllib3.PoolManager(num_pools=64, maxsize=policy.per_host, block=True,
-                                      headers={"User-Agent": USER_AGENT, "Accept": "image/*"})
+                                      headers={"User-Agent": USER_AGENT, "Accept": "image/*", **dict(policy.headers)})
         http_conn, https_conn = _connection_classes(guarded=not policy.allow_private)
         manager.pool_classes_by_scheme = {
             "http": type("GuardedHTTPPool", (HTTPConnectionPool,), {"ConnectionCls": http_conn}),

@@ -174,14 +174,14 @@ def _first_photo(image: str, night: Night) -> str:
 def _http_policy(night: Night):
     """The tag run's own ``--allow-host`` policy (its summary's arguments) for http(s) images: the report reads
     no URL the run itself was not allowed to read. None (no http(s) image read) without one."""
-    from ..data.http import HttpPolicy
+    from ..data.http import HttpPolicy, env_http_headers
 
     arguments = (night.summary or {}).get("arguments") or {}
     if not arguments.get("allow_hosts"):
         return None
     try:
         return HttpPolicy(tuple(arguments["allow_hosts"]), allow_private=bool(arguments.get("allow_private_addresses")),
-                          allow_plain_http=bool(arguments.get("allow_plain_http")))
+                          allow_plain_http=bool(arguments.get("allow_plain_http")), headers=env_http_headers())
     except (ValueError, TypeError):
         return None
 

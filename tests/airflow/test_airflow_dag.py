@@ -297,20 +297,27 @@ exit 0""")
             "errors": f"{out}/errors/run_date=2026-10-04"} in extras, extras
 
 
-def _has_report(job: dict) -> bool:
-    """`tagger report` (issue #20) in the job under test, with the options the DAG's report task passes."""
-    result = subprocess.run([job["tagger"], "report", "--help"], capture_output=True, text=True, timeout=120)
-    return result.returncode == 0 and all(option in result.stdout
-                                          for option in ("--max-drift", "--min-agreement", "--max-review-share"))
-
-
-REPORT_MISSING = ("`tagger report` is not in this job yet (issue #20): the DAG's report task was tested against "
-                  "its contract with a stand-in tagger only")
-
-
-def test_the_jobs_tagger_report_has_the_options_the_report_task_passes(job):
-    if not _has_report(job):
-        pytest.skip(REPORT_MISSING)
+def test_every_option_a_step_passes_is_one_the_jobs_command_has(job, dag_module):
+    """The DAG's contract with the job: each step's command (plan, shard, finalize, report, with every setting
+    that adds an option) names only options that the job's `tagger COMMAND --help` lists."""
+    config = dag_module.resolve_config({"catalog": "c.csv", "model": "m", "out": "o", "shard_size": 50,
+                                        "max_error_rate": 0.1, "report_max_drift": 0.2, "report_min_agreement": 0.8,
+                                        "report_max_review_share": 0.7, "report_args": "--truth-column gender=gender"},
+                                       "2026-11-26")
+    helps: dict[str, str] = {}
+    for step, shard in (("plan", None), ("shard", "0/2"), ("finalize", None), ("report", None)):
+        args = dag_module.step_args(step, config, shard)
+        command = args[0]
+        if command not in helps:
+            result = subprocess.run([job["tagger"], command, "--help"], capture_output=True, text=True, timeout=120)
+            assert result.returncode == 0, result.stderr[-2000:]
+            helps[command] = result.stdout
+        options = [arg for arg in args if arg.startswith("--")]
+        assert options, args
+        missing = [option for option in options if option not in helps[command]]
+        assert not missing, f"the {step} step passes {missing}, which `tagger {command}` does not have"
+    assert {"--max-drift", "--min-agreement", "--max-review-share", "--truth-column"} <= set(
+        dag_module.step_args("report", config))
 
 
 def _tag_single(job: dict, out: Path, date: str) -> None:
@@ -331,12 +338,7 @@ def _compare(job: dict, a: Path, b: Path, date: str) -> dict:
 
 def test_two_nights_with_two_mapped_shards_equal_single_runs(dag_module, job, tmp_path):
     out, single = tmp_path / "airflow-out", tmp_path / "single-out"
-    tagger = job["tagger"]
-    has_report = _has_report(job)
-    if not has_report:  # the report task still runs, answered by a stand-in until #20's command is in the job
-        tagger = _fake_tagger(tmp_path, f'[ "$1" = report ] && {{ echo "{REPORT_MISSING}"; exit 0; }}\n'
-                                        f'exec {job["tagger"]} "$@"')
-    conf = {"tagger": tagger, "catalog": job["catalog"], "model": job["model"], "out": str(out),
+    conf = {"tagger": job["tagger"], "catalog": job["catalog"], "model": job["model"], "out": str(out),
             "num_shards": 2, "shard_size": SHARD_SIZE, "threads": THREADS, "workers": 1}
 
     run = _test_run(NIGHT_1, conf)
@@ -344,7 +346,7 @@ def test_two_nights_with_two_mapped_shards_equal_single_runs(dag_module, job, tm
     assert str(run.state) == "success", states
     assert set(states) == {("plan", -1), ("tag_shard", 0), ("tag_shard", 1), ("finalize", -1), ("report", -1)}
     assert all(state == "success" for state, _ in states.values()), states
-    assert not has_report or (out / "_reports" / f"run_date={NIGHT_1}").is_dir()
+    assert (out / "_reports" / f"run_date={NIGHT_1}" / "report.html").is_file()
 
     for table in ("tags", "errors"):
         success = out / table / f"run_date={NIGHT_1}" / "_SUCCESS"
@@ -361,7 +363,7 @@ def test_two_nights_with_two_mapped_shards_equal_single_runs(dag_module, job, tm
     # The next night: --since reuses every unchanged product of night 1 and still writes a complete partition.
     run = _test_run(NIGHT_2, conf)
     assert str(run.state) == "success", _states(run)
-    assert not has_report or (out / "_reports" / f"run_date={NIGHT_2}").is_dir()
+    assert (out / "_reports" / f"run_date={NIGHT_2}" / "report.html").is_file()
     summary_2 = json.loads((out / "_runs" / f"run_date={NIGHT_2}" / "summary.json").read_text())
     assert summary_2["status"] == "succeeded", summary_2
     assert summary_2["reused"] == summary["tagged"] + summary["reused"] and summary_2["tagged"] == 0, summary_2
