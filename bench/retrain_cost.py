@@ -7,7 +7,9 @@ trunk features cached (a second attribute set, a re-run or --corrections on the 
 The first N photos of the folder (sorted by id) become a Kaggle-layout folder of links beside the full styles.csv;
 retrain runs on them twice with `--freeze-stages 6 --no-cache-mirror --max-epochs 4 --threads 1` and a fresh
 $TAGGER_CACHE: once cold, once again (the features reused). The phases come from the bundles' training facts
-(training.phases_s); the table scales them to 1,000 photos (each epoch and the scoring see 80 % and 20 % of them).
+(training.phases_s: wall seconds per phase, and the process's CPU seconds); the table scales them to 1,000 photos
+(each epoch and the scoring see 80 % and 20 % of them). On a shared machine read the CPU line: the wall clock is what
+the core was given.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ def main() -> None:
             return p["prepare"] - p.get("trunk_pass", 0) if key is None else p.get(key, 0)
         print(f"{label:<34}{value(cold) * per:>8.0f}{value(warm) * per:>8.0f}")
     print(f"{'whole command':<34}{cold['wall_s'] * per:>8.0f}{warm['wall_s'] * per:>8.0f}")
+    print(f"{'whole command, CPU seconds':<34}{cold['phases_s']['cpu'] * per:>8.0f}{warm['phases_s']['cpu'] * per:>8.0f}")
     print(f"features reused: cold {cold['feature_cache']['reused']}, cached {warm['feature_cache']['reused']} of {cold['rows']}")
 
 

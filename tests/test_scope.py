@@ -84,6 +84,11 @@ def test_a_scoped_attribute_is_null_out_of_its_scope_in_the_tags(demo, scoped, t
     # A null tag is not sent to review: there is nothing to review.
     assert not any("season" in r for r in tags.filter(~inside)["needs_review"].to_list())
     assert tags["gender"].null_count() == 0  # unscoped attributes are tagged everywhere
+    if engine == "local":  # the morning report reads a night with null tags
+        report = CliRunner().invoke(cli, ["report", "--out", str(out), "--run-date", DATE], catch_exceptions=False)
+        assert report.exit_code == 0, report.output
+        body = json.loads((out / "_reports" / f"run_date={DATE}" / "report.json").read_text())
+        assert sum(body["attributes"]["season"]["label_rows"].values()) == int(inside.sum())
 
 
 def test_evaluate_and_predict_show_the_scope(demo, scoped, tmp_path):

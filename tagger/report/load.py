@@ -118,7 +118,9 @@ def _value_counts(array: pa.Array | pa.ChunkedArray) -> dict[str, int]:
     import pyarrow.compute as pc
 
     counted = pc.value_counts(array)
-    return {value: int(count) for value, count in zip(counted.field("values").to_pylist(), counted.field("counts").to_pylist())}
+    # A null is no label: a scoped attribute's tag out of its scope (applies_when).
+    return {value: int(count) for value, count in zip(counted.field("values").to_pylist(), counted.field("counts").to_pylist())
+            if value is not None}
 
 
 def _read_json(url: str, options: Mapping[str, Any]) -> dict[str, Any] | None:

@@ -74,6 +74,7 @@ def profile(night: Night, attributes: list[str], batch_rows: int) -> Profile:
                 result.mix[a].update(_value_counts(batch.column(a)))
             if f"{a}_score" in names:
                 scores = batch.column(f"{a}_score").to_numpy(zero_copy_only=False)
+                scores = scores[np.isfinite(scores)]  # a null tag has a null score
                 result.hist[a] += np.histogram(np.clip(scores, 0.0, 1.0), bins=EDGES)[0]
                 result.score_sum[a] += float(scores.sum(dtype=np.float64))
         if REVIEW in names:
