@@ -331,7 +331,9 @@ exit 0
     subprocess.run([*_podman(), "import", "--change", 'ENTRYPOINT ["/bin/tagger"]', "--change", "ENV PATH=/bin", "-",
                     STAND_IN], input=tar, env=env, capture_output=True, check=True)
     shutil.rmtree(root, ignore_errors=True)
-    return STAND_IN
+    yield STAND_IN
+    # Removed afterwards, so that the next run's import leaves no dangling <none> image behind.
+    subprocess.run([*_podman(), "rmi", "-f", STAND_IN], env=env, capture_output=True)
 
 
 def _docker_dag(monkeypatch, socket_url: str, image: str, mounts: str = ""):
