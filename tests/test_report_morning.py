@@ -180,3 +180,16 @@ def test_the_catalogs_own_label_mix_moving_is_reported(tmp_path):
     grey = {m["label"]: m for m in moved["movers"]}["Grey"]
     assert grey["previous_share"] == pytest.approx(0.08, abs=0.02) and grey["share"] == pytest.approx(0.20, abs=0.02)
     assert any(c["check"] == "colour catalog's own labels" and c["status"] == "look" for c in body["verdict"]["checks"])
+
+
+def test_the_shipped_bundle_says_what_every_attribute_is_expected_to_do():
+    from tagger.report.verdict import expectations
+
+    meta = json.loads((Path(__file__).parent.parent / "models" / "fashion-lite0" / "model.json").read_text())
+    expected = expectations(meta)
+    assert list(expected) == [a["name"] for a in meta["attributes"]]
+    assert all(set(facts) == {"review_share", "accuracy"} for facts in expected.values())
+    # The model card's coverage: colour and season are the attributes whose tags go to review most.
+    assert expected["baseColour"]["review_share"][0] == pytest.approx(0.66, abs=0.01)
+    assert expected["season"]["review_share"][0] == pytest.approx(0.41, abs=0.01)
+    assert expected["gender"]["accuracy"] == (pytest.approx(0.924, abs=0.001), 895)

@@ -154,11 +154,16 @@ def bundle_facts(night: load.Night, options) -> dict[str, Any]:
         return facts
     try:
         meta = json.loads(storage.read_bytes(storage.join(model, "model.json"), options))
-        facts["thresholds"] = {a["name"]: float(a["threshold"]) for a in meta.get("attributes", []) if "threshold" in a}
-        facts["expected"] = expectations(meta)
     except Exception as exc:  # the report does without; the tags are what it is about
         log.info("review thresholds and expectations not shown: %s/model.json: %s", model, exc)
         return facts
+    if meta.get("model_version") and night.model_version and meta["model_version"] != night.model_version:
+        # The folder now holds another bundle (retrained in place): its figures are not what tagged this night.
+        log.warning("%s holds model %s, the night was tagged by %s: no review thresholds, expectations or training "
+                    "split from it", model, meta["model_version"], night.model_version)
+        return facts
+    facts["thresholds"] = {a["name"]: float(a["threshold"]) for a in meta.get("attributes", []) if "threshold" in a}
+    facts["expected"] = expectations(meta)
     split = ((meta.get("training") or {}).get("split") or {}).get("file")
     if split:
         try:
