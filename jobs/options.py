@@ -91,8 +91,8 @@ def http_options(command):
     command may read (tag and evaluate; tagger.data.http.http_policy)."""
     options = [
         click.option("--allow-host", "allow_hosts", multiple=True, metavar="HOST", envvar="TAGGER_ALLOW_HOSTS",
-                     help="Read https:// images from HOST (repeatable; *.example.com: its subdomains). Without it no http(s):// "
-                     "image is read."),
+                     help="Read https:// images from HOST (repeatable; *.example.com: subdomains; HOST:8443 or HOST:*: another port "
+                     "than 443). Else none is read."),
         click.option("--allow-private-addresses", is_flag=True, envvar="TAGGER_ALLOW_PRIVATE_ADDRESSES",
                      help="Let allowed hosts resolve to private, loopback or link-local addresses (a CDN inside your network)."),
         click.option("--allow-plain-http", is_flag=True, envvar="TAGGER_ALLOW_PLAIN_HTTP",

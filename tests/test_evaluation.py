@@ -472,7 +472,7 @@ def test_evaluate_reads_a_labelled_manifest_of_cdn_urls_from_allowed_hosts_only(
         assert refused.exit_code == 2 and "none of the 12 images could be decoded" in refused.output
         assert "--allow-host" in refused.output, refused.output
         allowed = evaluate("--model", retrained, "--data", str(tmp_path / "cdn.csv"), "--split", "all", "--workers", "0",
-                           "--out", str(tmp_path / "cdn"), "--no-plots", "--allow-host", "127.0.0.1",
+                           "--out", str(tmp_path / "cdn"), "--no-plots", "--allow-host", "127.0.0.1:*",
                            "--allow-private-addresses", "--allow-plain-http")
         assert allowed.exit_code == 0, allowed.output
         assert server.count("GET", "/img/") == 12

@@ -45,7 +45,7 @@ def cdn():
 
 
 def policy() -> HttpPolicy:
-    return http_policy(["127.0.0.1"], allow_private_addresses=True, allow_plain_http=True, deadline=10)
+    return http_policy(["127.0.0.1:*"], allow_private_addresses=True, allow_plain_http=True, deadline=10)
 
 
 def test_the_header_goes_to_the_allowed_host_and_opens_the_photo(cdn, monkeypatch):

@@ -37,7 +37,7 @@ def server(photos):
 
 
 def loopback(**settings) -> HttpPolicy:
-    return HttpPolicy(("127.0.0.1",), allow_private=True, allow_plain_http=True, **settings)
+    return HttpPolicy(("127.0.0.1:*",), allow_private=True, allow_plain_http=True, **settings)
 
 
 def test_error_pages_and_oversized_photos_do_not_use_up_the_pool(server, photos):
@@ -95,7 +95,7 @@ def test_ambiguous_urls_are_refused_before_any_request(url, why):
 
 
 def test_the_parse_that_is_checked_is_the_one_requested():
-    policy = HttpPolicy(("*.cdn.test", "bücher.example"))
+    policy = HttpPolicy(("*.cdn.test:8443", "bücher.example"))
     target = policy.target("HTTPS://Img.CDN.test:8443/a b/x.jpg?w=1")
     assert (target.scheme, target.host, target.port, target.request_uri) == ("https", "img.cdn.test", 8443, "/a%20b/x.jpg?w=1")
     assert policy.target("https://bücher.example/x.jpg").host == "xn--bcher-kva.example", "IDNA: one ASCII form"
@@ -103,7 +103,7 @@ def test_the_parse_that_is_checked_is_the_one_requested():
 
 def test_a_backslash_host_never_reaches_the_server(server):
     # urllib3 alone would connect to 127.0.0.1 for this URL, which names the host "127.0.0.1\.cdn.test".
-    policy = HttpPolicy(("*.cdn.test", "127.0.0.1"), allow_private=True, allow_plain_http=True, deadline=3.0)
+    policy = HttpPolicy(("*.cdn.test:*", "127.0.0.1:*"), allow_private=True, allow_plain_http=True, deadline=3.0)
     url = server.url.replace("127.0.0.1", "127.0.0.1\\.cdn.test") + "/img/p0.jpg"
     with pytest.raises(ImageError) as info:
         fetch_image(url, None, http=policy)
@@ -149,3 +149,34 @@ def test_a_stop_request_ends_a_dripping_download_at_once_without_workers(server,
             process.wait()
     assert code == 143, log.read_text()
     assert f"interrupted: stopped by {sig.name}" in log.read_text()
+
+
+# -- ports: an allowed name is its scheme's default port unless the allow-list names another -------------------
+@pytest.mark.parametrize("url, allowed", [
+    ("https://img.cdn.test/x.jpg", True), ("https://img.cdn.test:443/x.jpg", True), ("https://img.cdn.test:0443/x.jpg", True),
+    ("https://img.cdn.test:8443/x.jpg", False), ("https://img.cdn.test:22/x.jpg", False),
+    ("http://img.cdn.test/x.jpg", True), ("http://img.cdn.test:443/x.jpg", False),
+    ("https://api.cdn.test:9000/x.jpg", True), ("https://api.cdn.test/x.jpg", False),
+    ("https://any.cdn.test:1/x.jpg", True),
+])
+def test_ports_are_part_of_the_allow_list(url, allowed):
+    policy = HttpPolicy(("img.cdn.test", "api.cdn.test:9000", "any.cdn.test:*"), allow_plain_http=True)
+    if allowed:
+        policy.target(url)
+    else:
+        with pytest.raises(InvalidHttpLocation, match="add --allow-host"):
+            policy.target(url)
+
+
+def test_a_redirect_to_another_port_of_an_allowed_host_is_refused(server, photos):
+    other = PhotoServer(photos).start()
+    try:
+        port = server.url.rsplit(":", 1)[1]
+        policy = HttpPolicy((f"127.0.0.1:{port}",), allow_private=True, allow_plain_http=True, deadline=3.0)
+        assert fetch_image(f"{server.url}/img/p0.jpg", None, http=policy)[0] == (photos / "p0.jpg").read_bytes()
+        with pytest.raises(ImageError) as info:
+            fetch_image(f"{server.url}/redirect?to={other.url}/img/p0.jpg", None, http=policy)
+        assert info.value.error_type == "invalid_location" and "port" in info.value.message
+        assert other.requests == []
+    finally:
+        other.stop()

@@ -32,8 +32,10 @@ from .http_server import PhotoServer
 
 TAGGER = str(Path(sys.executable).parent / "tagger")
 NIGHT1, NIGHT2 = "2026-06-01", "2026-06-02"
-LOOPBACK = HttpPolicy(("127.0.0.1",), allow_private=True, allow_plain_http=True, deadline=5.0)
-ALLOW = ["--allow-host", "127.0.0.1", "--allow-private-addresses", "--allow-plain-http"]
+# The test server listens on a port of its own: "127.0.0.1:*" allows every port of the host (a bare name, the
+# scheme's default port only).
+LOOPBACK = HttpPolicy(("127.0.0.1:*",), allow_private=True, allow_plain_http=True, deadline=5.0)
+ALLOW = ["--allow-host", "127.0.0.1:*", "--allow-private-addresses", "--allow-plain-http"]
 
 
 def photo(path: Path, colour: tuple[int, int, int], size=(48, 64)) -> Path:
@@ -66,7 +68,7 @@ def test_hosts_and_wildcards():
     assert policy.allows_host("img.shop.example") and policy.allows_host("a.b.shop.example")
     assert not policy.allows_host("shop.example"), "a wildcard names subdomains, not the domain itself"
     assert not policy.allows_host("evilshop.example") and not policy.allows_host("cdn.example.com.evil.net")
-    assert host_pattern_problem("https://cdn.example.com") and host_pattern_problem("*.com") and host_pattern_problem("cdn:443")
+    assert host_pattern_problem("https://cdn.example.com") and host_pattern_problem("*.com") and host_pattern_problem("cdn:99999")
     with pytest.raises(ValueError, match="--allow-host"):
         HttpPolicy(("*",))
 
@@ -89,8 +91,8 @@ def test_without_allow_host_a_url_is_never_requested(server):
 
 
 def test_loopback_is_refused_unless_allowed(server):
-    for policy, why in ((HttpPolicy(("127.0.0.1",), allow_plain_http=True), "loopback"),
-                        (HttpPolicy(("127.0.0.1",), allow_private=True), "plain http")):
+    for policy, why in ((HttpPolicy(("127.0.0.1:*",), allow_plain_http=True), "loopback"),
+                        (HttpPolicy(("127.0.0.1:*",), allow_private=True), "plain http")):
         with pytest.raises(ImageError) as info:
             fetch_image(f"{server.url}/img/p0.jpg", None, http=policy)
         assert info.value.error_type == "invalid_location" and why in info.value.message, info.value.message
@@ -124,7 +126,7 @@ def test_retry_after_429_then_the_photo(server, photos):
 
 
 def test_server_errors_become_storage_unavailable(server):
-    policy = HttpPolicy(("127.0.0.1",), allow_private=True, allow_plain_http=True, deadline=5.0, attempts=3)
+    policy = HttpPolicy(("127.0.0.1:*",), allow_private=True, allow_plain_http=True, deadline=5.0, attempts=3)
     with pytest.raises(StorageUnavailable, match="HTTP 503"):
         fetch_image(f"{server.url}/status/503", None, http=policy)
     assert server.count("GET") == 3
@@ -152,7 +154,7 @@ def test_byte_cap_streamed_and_declared(server):
 
 def test_slow_body_inside_the_deadline_and_a_stalled_one_past_it(server, photos):
     assert fetch_image(f"{server.url}/slow/p4.jpg", None, http=LOOPBACK)[0] == (photos / "p4.jpg").read_bytes()
-    policy = HttpPolicy(("127.0.0.1",), allow_private=True, allow_plain_http=True, deadline=2.0, read_timeout=1.0)
+    policy = HttpPolicy(("127.0.0.1:*",), allow_private=True, allow_plain_http=True, deadline=2.0, read_timeout=1.0)
     started = time.monotonic()
     with pytest.raises(StorageUnavailable):
         fetch_image(f"{server.url}/stall/p4.jpg", None, http=policy)

@@ -362,7 +362,7 @@ def test_gallery_reads_http_images_only_under_the_runs_own_allow_host(tmp_path, 
         catalog.write_text(f"product_id,image,gender\na,{server.url}/img/a.jpg,Women\n")
         write_night(tmp_path / "out", "2026-11-27", [{"product_id": "a", "image": f"{server.url}/img/a.jpg", "gender": "Men",
                                                       "colour": "Red"}], catalog=str(catalog))
-        arguments = {"catalog": str(catalog), "allow_hosts": ["127.0.0.1"] if allowed else [],
+        arguments = {"catalog": str(catalog), "allow_hosts": ["127.0.0.1:*"] if allowed else [],
                      "allow_private_addresses": allowed, "allow_plain_http": allowed}
         (tmp_path / "out" / "_runs" / "run_date=2026-11-27" / "summary.json").write_text(json.dumps({"arguments": arguments}))
         assert run("--out", str(tmp_path / "out"), "--run-date", "2026-11-27").exit_code == 0

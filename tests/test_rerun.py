@@ -57,7 +57,7 @@ def test_a_night_that_failed_for_a_missing_option_is_tagged_by_the_same_command_
     rows = [(f"p{i}", f"{server.url}/img/p{i}.jpg") for i in range(4)]
     manifest = catalog(tmp_path / "catalog.csv", rows)
     out = tmp_path / "out"
-    loopback = ["--allow-host", "127.0.0.1", "--allow-private-addresses"]
+    loopback = ["--allow-host", "127.0.0.1:*", "--allow-private-addresses"]
     failed = tag(manifest, tiny_bundle, out, *loopback)
     assert failed.exit_code == 3, failed.output
     line = failed.output.strip().splitlines()[-1]
@@ -72,7 +72,7 @@ def test_a_night_that_failed_for_a_missing_option_is_tagged_by_the_same_command_
     errors = read_complete_partition(f"{out}/errors/run_date={DATE}")
     assert sorted(tagged.column("product_id").to_pylist()) == ["p0", "p1", "p2", "p3"] and errors.num_rows == 0
     plan = json.loads((out / "_runs" / f"run_date={DATE}" / "plan.json").read_text())
-    assert plan["key"]["allow_plain_http"] is True and plan["key"]["allow_hosts"] == ["127.0.0.1"]
+    assert plan["key"]["allow_plain_http"] is True and plan["key"]["allow_hosts"] == ["127.0.0.1:*"]
 
 
 def test_a_plan_written_before_the_reading_options_were_recorded_resumes_under_the_defaults(demo, tiny_bundle, tmp_path):
@@ -97,7 +97,7 @@ def test_the_log_names_each_error_type_and_photo_errors_of_tagged_products_are_c
     manifest = catalog(tmp_path / "catalog.csv", rows)
     out = tmp_path / "out"
     with caplog.at_level("WARNING", logger="tagger.tag.runner"):
-        result = tag(manifest, tiny_bundle, out, "--allow-host", "127.0.0.1", "--allow-private-addresses",
+        result = tag(manifest, tiny_bundle, out, "--allow-host", "127.0.0.1:*", "--allow-private-addresses",
                      "--allow-plain-http", "--image-separator", ";", "--max-error-rate", "1")
     assert result.exit_code == 0, result.output
     line = result.output.strip().splitlines()[-1]

@@ -50,6 +50,7 @@ from urllib.parse import urljoin, urlsplit
 from .decode import DEFAULT_MAX_IMAGE_BYTES, ImageError
 
 SCHEMES = ("http", "https")
+DEFAULT_PORTS = {"http": 80, "https": 443}
 REDIRECT_STATUSES = (301, 302, 303, 307, 308)
 RETRY_STATUSES = (429, 500, 502, 503, 504)
 MAX_REDIRECTS = 5
@@ -96,17 +97,35 @@ class HttpPolicy:
             problems.append("HTTP attempts and per-host connections must be >= 1")
         if problems:
             raise ValueError("; ".join(problems))
-        object.__setattr__(self, "allow_hosts", tuple(_ascii_host(h.strip().lower().rstrip(".")) for h in self.allow_hosts))
+        object.__setattr__(self, "allow_hosts", tuple(_normal_pattern(h) for h in self.allow_hosts))
 
-    def allows_host(self, host: str | None) -> bool:
+    def allows_host(self, host: str | None, port: int | None = None, scheme: str = "https") -> bool:
+        """Whether an allow-list entry names ``host`` on ``port`` (None: the scheme's default). An entry without
+        a port allows the default port only (443, 80 for plain http); ``host:8443`` that port; ``host:*`` any."""
+        return self._refusal(host, port, scheme) is None
+
+    def _refusal(self, host: str | None, port: int | None, scheme: str) -> str | None:
         host = (host or "").lower().rstrip(".")
+        default = DEFAULT_PORTS.get(scheme, 443)
+        port = port or default
+        named = False
         for pattern in self.allow_hosts:
-            if pattern.startswith("*."):
-                if host.endswith(pattern[1:]) and len(host) > len(pattern) - 1:
-                    return True
-            elif host == pattern:
-                return True
-        return False
+            name, allowed = _split_port(pattern)
+            if name.startswith("*."):
+                matches = host.endswith(name[1:]) and len(host) > len(name) - 1
+            else:
+                matches = host == name
+            if not matches:
+                continue
+            named = True
+            if allowed == "*" or port == (default if allowed is None else int(allowed)):
+                return None
+        suffix = "" if port == default else f":{port}"
+        if named:
+            return (f"port {port} of host {host!r} is not allowed (an --allow-host without a port allows the default port "
+                    f"{default} only); add --allow-host {host}{suffix} if the job may read images from it")
+        return (f"host {host!r} is not allowed; add --allow-host {host}{suffix} (or TAGGER_ALLOW_HOSTS) if the job may "
+                "read images from it")
 
     def check(self, url: str, *, redirected_from: str | None = None) -> None:
         """Raise :class:`InvalidHttpLocation` unless ``url`` may be requested."""
@@ -152,18 +171,22 @@ class HttpPolicy:
         if not _HOST.fullmatch(host) or (authority.isascii() and (split.hostname or "") != host) \
                 or split.port != parsed.port or parsed.auth is not None:
             raise InvalidHttpLocation(f"{url}{via}: the host is ambiguous or not a host name ({host!r}); refused")
-        if not self.allows_host(host):
-            raise InvalidHttpLocation(f"{url}{via}: host {host!r} is not allowed; add --allow-host {host} "
-                                      "(or TAGGER_ALLOW_HOSTS) if the job may read images from it")
+        refusal = self._refusal(host, parsed.port, parsed.scheme)
+        if refusal:
+            raise InvalidHttpLocation(f"{url}{via}: {refusal}")
         return parsed
 
 
 def host_pattern_problem(pattern: str) -> str | None:
     """Why ``pattern`` is not a usable ``--allow-host`` value, or None."""
-    text = pattern.strip().lower().rstrip(".")
+    text, port = _split_port(pattern.strip().lower())
+    text = text.rstrip(".")
+    if port is not None and port != "*" and not (port.isdigit() and 0 < int(port) < 65536):
+        return "a port is a number from 1 to 65535, or * for any (cdn.example.com:8443)"
     body = text[2:] if text.startswith("*.") else text
-    if not body or "*" in body or "/" in body or ":" in body or "@" in body:
-        return "expected a host name such as cdn.example.com, or *.example.com for its subdomains (no scheme, port, path)"
+    if not body or "*" in body or "/" in body or ":" in body or "@" in body or "\\" in body or "%" in body:
+        return ("expected a host name such as cdn.example.com, or *.example.com for its subdomains, optionally with a "
+                "port (cdn.example.com:8443; no scheme, path or IPv6 address)")
     if not body.isascii():
         try:
             _ascii_host(body)
@@ -174,6 +197,18 @@ def host_pattern_problem(pattern: str) -> str | None:
     if text.startswith("*.") and "." not in body:
         return "a wildcard must keep at least two labels (*.example.com), not a whole top-level domain"
     return None
+
+
+def _split_port(pattern: str) -> tuple[str, str | None]:
+    """``host[:port]`` -> (host, port text or None)."""
+    host, sep, port = pattern.rpartition(":")
+    return (host, port) if sep else (pattern, None)
+
+
+def _normal_pattern(pattern: str) -> str:
+    host, port = _split_port(pattern.strip().lower())
+    host = _ascii_host(host.rstrip("."))
+    return host if port is None else f"{host}:{int(port) if port != '*' else '*'}"
 
 
 def _ascii_host(pattern: str) -> str:
