@@ -206,6 +206,9 @@ def test_the_ray_engine_writes_the_local_engines_tables(shop, tiny_bundle, tmp_p
     assert "none of the 3 photos" in eb.filter(pl.col("product_id") == "none")["message"][0]
     summary = json.loads((distributed / "_runs" / f"run_date={NIGHT1}" / "summary.json").read_text())
     assert summary["this_process"]["images_read"] == 2 + 3 + 1 + 3 + 9 + 2 + 2, "photos read, as the local engine counts"
+    local_summary = json.loads((local / "_runs" / f"run_date={NIGHT1}" / "summary.json").read_text())
+    assert summary["photo_errors"] == local_summary["photo_errors"] and sum(summary["photo_errors"].values()) >= 4, \
+        "every photo not read is counted, by type, also of the products tagged from their other photos"
     assert not list((distributed / "_runs").rglob("ray/**/*.parquet")), "the fragments are removed"
 
 
