@@ -19,7 +19,10 @@ Hostile ones (tests/test_http_hostile.py):
 - ``/drip/NAME``: the photo one byte every ``drip_pause`` s (each byte would restart a socket timeout);
 - ``/drip-headers``: a 200 whose headers come one byte every ``drip_pause`` s, without end;
 - ``/many-headers``: a 200 with 10,000 headers;
-- ``/loop``: a redirect to itself.
+- ``/loop``: a redirect to itself;
+- ``/short/NAME``: the photo's Content-Length, then half of it, then the connection closes.
+
+``tls(certfile, keyfile)`` before ``start()`` serves HTTPS instead (``url`` then names ``https://localhost``).
 
 ``requests`` records (method, path) of every request. A second listener (``silent_url``) accepts
 connections and never answers. Both are daemon threads: they stop with the test process, or when stopped.
@@ -170,6 +173,14 @@ class PhotoServer:
                         self.wfile.write(data)
                     self.close_connection = True
                     return None
+                if route == "short":
+                    self.send_response(200)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    if not head:
+                        self.wfile.write(data[: len(data) // 2])
+                    self.close_connection = True
+                    return None
                 if route == "drip":
                     self.send_response(200)
                     self.send_header("Content-Length", str(len(data)))
@@ -205,6 +216,15 @@ class PhotoServer:
         self.silent.bind(("127.0.0.1", 0))
         self.silent.listen(64)
         self.silent_url = f"http://127.0.0.1:{self.silent.getsockname()[1]}"
+
+    def tls(self, certfile: str, keyfile: str) -> PhotoServer:
+        import ssl
+
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(certfile, keyfile)
+        self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
+        self.url = f"https://localhost:{self.httpd.server_address[1]}"
+        return self
 
     def start(self) -> PhotoServer:
         self.thread.start()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import time
 from urllib.parse import quote
@@ -180,3 +181,74 @@ def test_a_redirect_to_another_port_of_an_allowed_host_is_refused(server, photos
         assert other.requests == []
     finally:
         other.stop()
+
+
+# -- the doubtful cases, decided (docs/failure-modes.md): the row's error, or the run's -------------------------
+def test_a_body_shorter_than_its_content_length_is_retried_then_the_rows_decode_error(server):
+    policy = loopback(deadline=10.0, attempts=2)
+    with pytest.raises(ImageError) as info:
+        fetch_image(f"{server.url}/short/p0.jpg", None, http=policy)
+    assert info.value.error_type == "decode" and "truncated" in info.value.message, info.value.message
+    assert server.count("GET", "/short/") == 2, "retried once: a cut connection may be the network's"
+
+
+@pytest.mark.parametrize("code, outcome", [(socket.EAI_NONAME, "invalid_location"), (socket.EAI_AGAIN, "unavailable")])
+def test_a_host_that_does_not_exist_is_the_rows_error_a_failing_resolver_the_runs(monkeypatch, code, outcome):
+    real = socket.getaddrinfo
+
+    def resolve(host, *args, **kwargs):
+        if host == "nowhere.cdn.test":
+            raise socket.gaierror(code, "no such host" if code == socket.EAI_NONAME else "temporary failure")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    for policy in (HttpPolicy(("*.cdn.test",), deadline=3.0, attempts=2),
+                   HttpPolicy(("*.cdn.test",), allow_private=True, deadline=3.0, attempts=2)):  # both connection kinds
+        if outcome == "invalid_location":
+            with pytest.raises(ImageError) as info:
+                fetch_image("https://nowhere.cdn.test/x.jpg", None, http=policy)
+            assert info.value.error_type == "invalid_location" and "does not exist" in info.value.message
+        else:
+            with pytest.raises(StorageUnavailable):
+                fetch_image("https://nowhere.cdn.test/x.jpg", None, http=policy)
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory):
+    """A self-signed certificate for localhost: a server whose CA this machine does not trust."""
+    pytest.importorskip("cryptography")
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=2))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    folder = tmp_path_factory.mktemp("tls")
+    (folder / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (folder / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                       serialization.NoEncryption()))
+    return folder / "cert.pem", folder / "key.pem"
+
+
+def test_an_untrusted_certificate_is_the_rows_error_and_ssl_cert_file_trusts_a_private_ca(photos, certificate, monkeypatch):
+    server = PhotoServer(photos).tls(*map(str, certificate)).start()
+    try:
+        with pytest.raises(ImageError) as info:
+            fetch_image(f"{server.url}/img/p0.jpg", None, http=HttpPolicy(("localhost:*",), allow_private=True, deadline=5.0))
+        assert info.value.error_type == "invalid_location" and "SSL_CERT_FILE" in info.value.message, info.value.message
+        assert server.requests == [], "no request went out over the untrusted connection"
+        monkeypatch.setenv("SSL_CERT_FILE", str(certificate[0]))
+        trusted = HttpPolicy(("localhost:*",), allow_private=True, deadline=6.0)  # a new policy: new connections
+        assert fetch_image(f"{server.url}/img/p0.jpg", None, http=trusted)[0] == (photos / "p0.jpg").read_bytes()
+    finally:
+        server.stop()

@@ -422,6 +422,26 @@ def _manager(policy: HttpPolicy) -> Any:
     return manager
 
 
+def _refuse_for_good(exc: BaseException, url: str, host: str) -> None:
+    """Raise :class:`InvalidHttpLocation` for a failure that is the URL's, not the server's for now: a host name
+    that does not exist (a mistyped supplier host) and a TLS certificate that is not trusted. Each is the row's
+    error; a night of them trips --max-error-rate, where exit 4 would stop every night for one bad row.
+    A DNS server that fails (EAI_AGAIN) stays a storage outage (exit 4)."""
+    lookup = _caused_by(exc, "gaierror")
+    if lookup is not None and lookup.errno in _NO_SUCH_HOST:
+        raise InvalidHttpLocation(f"{url}: host {host!r} does not exist (DNS: {lookup.strerror}); check the URL") from None
+    certificate = _caused_by(exc, "SSLCertVerificationError", "CertificateError")
+    if certificate is not None:
+        reason = getattr(certificate, "verify_message", None) or str(certificate)
+        raise InvalidHttpLocation(
+            f"{url}: the TLS certificate of {host!r} is not trusted ({reason}); if the server uses a private CA, point "
+            "SSL_CERT_FILE at a PEM bundle that holds it (see docs/failure-modes.md)") from None
+
+
+# getaddrinfo's "no such name" and "no address for it" (EAI_NODATA where the C library has it).
+_NO_SUCH_HOST = {socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)}
+
+
 def _drop(response: Any) -> None:
     """Close the response's connection (the rest of its body is still on the wire) and give its pool slot back:
     ``close()`` alone keeps the slot, and with ``block=True`` eight of those stop every later request to the host."""
@@ -460,31 +480,60 @@ def fetch(url: str, policy: HttpPolicy, *, max_bytes: int = DEFAULT_MAX_IMAGE_BY
     that drips the body (or its headers) is cut when it passes.
     """
     with _Flight(time.monotonic() + policy.deadline) as flight:
-        response = _request("GET", url, policy, flight, max_bytes=max_bytes)
-        try:
-            chunks, total = [], 0
-            for chunk in response.stream(CHUNK):
-                total += len(chunk)
-                if total > max_bytes:
-                    raise ImageError("too_large", f"{url}: the body passed the limit of {max_bytes:,} bytes; dropped unread "
-                                                  "(raise --max-image-bytes if such files are expected)")
-                chunks.append(chunk)
-            if flight.expired:
-                raise HttpUnavailable(_late(url, policy, total))
-        except (ImageError, HttpUnavailable):
-            _drop(response)
-            raise
-        except Exception as exc:  # a read timeout, a connection cut mid-body, or the deadline's cut
-            _drop(response)
-            if flight.expired:
-                raise HttpUnavailable(_late(url, policy, total)) from exc
-            raise HttpUnavailable(f"{url}: the body was cut short: {type(exc).__name__}: {exc}") from exc
-        except BaseException:  # a stop request: the run ends, but the pool stays whole for whoever shares it
-            _drop(response)
-            raise
-        response.release_conn()
+        attempt = 0
+        while True:
+            attempt += 1
+            response = _request("GET", url, policy, flight, max_bytes=max_bytes)
+            try:
+                chunks, total = [], 0
+                for chunk in response.stream(CHUNK):
+                    total += len(chunk)
+                    if total > max_bytes:
+                        raise ImageError("too_large", f"{url}: the body passed the limit of {max_bytes:,} bytes; dropped "
+                                                      "unread (raise --max-image-bytes if such files are expected)")
+                    chunks.append(chunk)
+                if flight.expired:
+                    raise HttpUnavailable(_late(url, policy, total))
+            except (ImageError, HttpUnavailable):
+                _drop(response)
+                raise
+            except Exception as exc:  # a read timeout, a connection cut mid-body, or the deadline's cut
+                _drop(response)
+                if flight.expired:
+                    raise HttpUnavailable(_late(url, policy, total)) from exc
+                problem = f"the body was cut short after {total:,} bytes: {type(exc).__name__}: {exc}"
+                if attempt < policy.attempts:
+                    _sleep(_backoff(attempt), flight.deadline, url, problem)  # a glitch of the network: once more
+                    continue
+                if _caused_by(exc, "IncompleteRead"):
+                    # The server closed the body early on every attempt: its copy is short (a truncated upload), not
+                    # the network. The row's error; a night of them trips --max-error-rate.
+                    raise ImageError("decode", f"{url}: the server sent fewer bytes than its Content-Length said on each "
+                                               f"of {attempt} attempts ({total:,} the last time); its copy looks truncated") from None
+                raise HttpUnavailable(f"{url}: {problem} ({attempt} attempts)") from exc
+            except BaseException:  # a stop request: the run ends, but the pool stays whole for whoever shares it
+                _drop(response)
+                raise
+            response.release_conn()
+            break
     data = b"".join(chunks)
     return data, version(len(data), response.headers)
+
+
+def _caused_by(exc: BaseException, *names: str) -> BaseException | None:
+    """The first exception named ``names`` in ``exc``'s causes, contexts and (urllib3 wraps them so) arguments."""
+    seen: set[int] = set()
+    todo = [exc]
+    while todo:
+        current = todo.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if type(current).__name__ in names:
+            return current
+        todo += [current.__cause__, current.__context__, *(a for a in current.args if isinstance(a, BaseException))]
+        todo += [getattr(current, "reason", None)] if isinstance(getattr(current, "reason", None), BaseException) else []
+    return None
 
 
 def _late(url: str, policy: HttpPolicy, total: int) -> str:
@@ -538,6 +587,7 @@ def _request(method: str, url: str, policy: HttpPolicy, flight: _Flight, *, max_
         except BlockedAddress as exc:
             raise InvalidHttpLocation(f"{current}: {exc}") from None
         except HTTPError as exc:
+            _refuse_for_good(exc, current, target.host)
             attempt += 1
             problem = f"{type(exc).__name__}: {exc}"
             if flight.expired:
