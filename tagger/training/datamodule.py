@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..data.decode import ImageError
 from ..data.reader import StorageUnavailable, load_image
 from .config import CACHE_MODES, ConfigError, RetrainConfig
+from .progress import Ticker
 from ..data.kaggle import DataError, DataReport
 from ..data.labelled import load_training_data
 from ..data.labels import build_vocabularies, check_label_counts, check_label_variety, encode_targets, fold_rare_labels, label_counts, resolve_min_label_count
@@ -166,28 +168,22 @@ def decode_all(
     """
     pixels = np.empty((len(urls), size, size, 3), dtype=np.uint8)
     ok = np.zeros(len(urls), dtype=bool)
-    started = time.monotonic()
-    step = max(1000, len(urls) // 10)  # the full data set takes minutes: say how far along it is
-
-    down: list[StorageUnavailable] = []
+    ticker = Ticker("decoding", len(urls))  # the full data set takes minutes: a line every 30 s with rate and ETA
+    lock = threading.Lock()
+    done = [0]
 
     def work(i: int) -> None:
-        if down:
-            return  # the store is failing: the run stops with the first failure, not after every image's deadline
         try:
             pixels[i] = load_image(urls[i], size, storage_options)
             ok[i] = True
         except ImageError as exc:
             log.warning("dropping the row of %s", exc.message)
-        except StorageUnavailable as exc:
-            down.append(exc)
-        if len(urls) >= 5000 and (i + 1) % step == 0:
-            log.info("decoded %d/%d images (%.0fs)", i + 1, len(urls), time.monotonic() - started)
+        with lock:
+            done[0] += 1
+            ticker.update(done[0])
 
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         list(pool.map(work, range(len(urls))))
-    if down:
-        raise down[0]
     return pixels, ok
 
 
