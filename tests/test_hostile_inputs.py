@@ -107,3 +107,16 @@ def test_retrain_without_credentials_is_an_input_error_in_one_line(tmp_path, mon
                                       "--out", str(tmp_path / "b"), "--storage-option", "endpoint_url=http://127.0.0.1:9"])
     assert result.exit_code in (2, 4), result.output
     assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output, result.output
+
+
+def test_corrections_name_attributes_ignoring_case_as_everywhere_else(tmp_path):
+    import polars as pl
+
+    from tagger.data.labelled import _apply_corrections
+
+    table = pl.DataFrame({"id": ["a", "b"], "image": ["a.jpg", "b.jpg"], "baseColour": ["Red", "Blue"]})
+    fixes = tmp_path / "fixes.csv"
+    fixes.write_text("id,attribute,label\na,BASECOLOUR,Green\nb,basecolour,Black\n")
+    fixed, _, facts = _apply_corrections(table, str(fixes), ["baseColour"], None, "id", None)
+    assert fixed["baseColour"].to_list() == ["Green", "Black"]
+    assert facts["applied"] == {"baseColour": {"rows": 2, "changed": 2}} and facts["other_attribute"] == {}

@@ -176,7 +176,9 @@ def _apply_corrections(table: pl.DataFrame, url: str, attributes: Sequence[str],
     names = [None if v is None else v.strip() for v in raw.column("attribute").to_pylist()]
     labels = _clean(raw.column("label").to_pylist())
     known_ids = set(table["id"].to_list())
-    wanted = set(attributes)
+    # Attribute names compare ignoring case, as everywhere else (attribute_name_problem: SQL folds them): a
+    # reviewer's "Colour" corrects colour, not an attribute "not trained here".
+    canonical = {a.lower(): a for a in attributes}
     latest: dict[tuple[str, str], str] = {}  # a later line for the same id and attribute supersedes an earlier one
     facts: dict[str, Any] = {"source": url, "kind": "corrections", "rows": len(ids), "applied": {}, "superseded": 0,
                              "empty": 0, "other_attribute": {}, "no_image": 0, "no_image_ids": []}
@@ -184,7 +186,8 @@ def _apply_corrections(table: pl.DataFrame, url: str, attributes: Sequence[str],
         if not pid or not attr or label is None:
             facts["empty"] += 1
             continue
-        if attr not in wanted:
+        attr = canonical.get(attr.lower(), attr)
+        if attr not in canonical.values():
             facts["other_attribute"][attr] = facts["other_attribute"].get(attr, 0) + 1
             continue
         if pid not in known_ids:
