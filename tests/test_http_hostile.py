@@ -252,3 +252,29 @@ def test_an_untrusted_certificate_is_the_rows_error_and_ssl_cert_file_trusts_a_p
         assert fetch_image(f"{server.url}/img/p0.jpg", None, http=trusted)[0] == (photos / "p0.jpg").read_bytes()
     finally:
         server.stop()
+
+
+# -- more of the attacker's answers ------------------------------------------------------------------------------
+def test_a_redirect_loop_is_the_rows_error(server):
+    with pytest.raises(ImageError) as info:
+        fetch_image(f"{server.url}/loop", None, http=loopback(deadline=5.0))
+    assert info.value.error_type == "invalid_location" and "redirects" in info.value.message
+    assert server.count("GET", "/loop") == 6
+
+
+def test_ten_thousand_headers_are_refused_not_read(server, photos):
+    policy = loopback(deadline=5.0, attempts=2, per_host=1)
+    with pytest.raises(StorageUnavailable, match="headers"):
+        fetch_image(f"{server.url}/many-headers", None, http=policy)
+    assert fetch_image(f"{server.url}/img/p1.jpg", None, http=policy)[0] == (photos / "p1.jpg").read_bytes()
+
+
+def test_one_private_address_among_public_ones_refuses_the_host(monkeypatch):
+    """A round-robin answer (or a rebinding resolver) cannot smuggle in an internal address: every address is
+    checked, and the connection goes to a checked one, never to a name resolved again."""
+    answers = [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.216.34", 443)),
+               (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("169.254.169.254", 443))]
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *args, **kwargs: answers)
+    with pytest.raises(ImageError) as info:
+        fetch_image("https://img.cdn.test/x.jpg", None, http=HttpPolicy(("*.cdn.test",), deadline=3.0))
+    assert info.value.error_type == "invalid_location" and "169.254.169.254 is a link-local address" in info.value.message
