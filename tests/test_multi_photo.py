@@ -108,7 +108,8 @@ def test_tags_are_the_mean_of_the_photos_and_a_bad_photo_is_skipped(shop, tiny_b
 
 def test_lists_in_parquet_and_jsonl(shop, tiny_bundle, tmp_path):
     # A null among the photos is no photo (as a blank piece), not an invalid row for the whole product.
-    products = {"a": ["f0.jpg", "f1.jpg"], "b": ["gone.jpg", "f2.jpg", None, "f3.jpg"], "c": ["f4.jpg", None]}
+    products = {"a": ["f0.jpg", "f1.jpg"], "b": ["gone.jpg", "f2.jpg", None, "f3.jpg"], "c": ["f4.jpg", None],
+                "piped": ["f5.jpg", "f6.jpg?w=1|2"]}  # the separator inside a photo: that row, not the manifest
     parquet = tmp_path / "c.parquet"
     pq.write_table(pa.table({"product_id": list(products), "image": list(products.values())}), parquet)
     jsonl = tmp_path / "c.jsonl"
@@ -119,7 +120,8 @@ def test_lists_in_parquet_and_jsonl(shop, tiny_bundle, tmp_path):
         result = tag(catalog, tiny_bundle, out, NIGHT1)
         assert result.exit_code == 0, result.output
         tagged, errors = tables(out, NIGHT1)
-        assert errors.height == 0
+        assert errors["product_id"].to_list() == ["piped"] and errors["error_type"].to_list() == ["invalid_row"]
+        assert "contains '|'" in errors["message"][0] and "--image-separator" in errors["message"][0]
         assert dict(zip(tagged["product_id"], tagged["images_used"])) == {"a": 2, "b": 2, "c": 1}
         assert dict(zip(tagged["product_id"], tagged["image"]))["a"] == "f0.jpg|f1.jpg"
         results.append(tagged.drop("run_id", "tagged_at").sort("product_id"))

@@ -121,9 +121,9 @@ def read_manifest(
     fingerprint = _fingerprint(url, info, data)
     del data  # a big manifest's bytes are not needed once parsed
     extra = _extra(table, url, extra_columns) if extra_columns else None
-    table, separator = _select(table, url, id_column, image_column, image_separator)
-    return Manifest(url=url, table=_annotate(table, storage.parent(url), separator), fingerprint=fingerprint, extra=extra,
-                    separator=separator)
+    table, separator, clash = _select(table, url, id_column, image_column, image_separator)
+    return Manifest(url=url, table=_annotate(table, storage.parent(url), separator, clash), fingerprint=fingerprint,
+                    extra=extra, separator=separator)
 
 
 def read_columns(
@@ -308,7 +308,7 @@ def _locate_bad_json(data: bytes) -> str | None:
 
 
 def _select(table: pa.Table, url: str, id_column: str, image_column: str,
-            separator: str | None = None) -> tuple[pa.Table, str | None]:
+            separator: str | None = None) -> tuple[pa.Table, str | None, np.ndarray | None]:
     missing = [c for c in (id_column, image_column) if c not in table.column_names]
     if missing:
         found = ", ".join(table.column_names) or "none"
@@ -316,7 +316,7 @@ def _select(table: pa.Table, url: str, id_column: str, image_column: str,
             f"{url}: missing column(s) {', '.join(missing)}; columns found: {found}. "
             "Name them with --id-column / --image-column."
         )
-    columns = []
+    columns, clash = [], None
     for name in (id_column, image_column):
         column = table.column(name)
         if name == image_column and (pa.types.is_list(column.type) or pa.types.is_large_list(column.type)):
@@ -325,14 +325,17 @@ def _select(table: pa.Table, url: str, id_column: str, image_column: str,
             values = pc.list_flatten(column)
             if not (pa.types.is_string(values.type) or pa.types.is_large_string(values.type) or pa.types.is_null(values.type)):
                 raise ManifestError(f"{url}: column {name!r} is a list of {values.type}; expected a list of image paths or URLs")
-            clash = pc.any(pc.match_substring(pc.fill_null(values.cast(pa.string()), ""), separator)).as_py()
-            if clash:
-                raise ManifestError(f"{url}: a photo in column {name!r} contains {separator!r}, which joins a product's "
-                                    "photos in the tags table; choose another with --image-separator")
             lists = column.combine_chunks().cast(pa.list_(pa.string()))
             # A null photo in a list is no photo, as a blank piece between separators: the product keeps its
             # other photos (images_used says how many), where a join with the null would blank the whole cell.
-            lists = pa.ListArray.from_arrays(lists.offsets, pc.fill_null(lists.values, ""), mask=lists.is_null())
+            values = pc.fill_null(lists.flatten(), "")
+            # A photo that holds the separator (a URL's query string may) would split in two: that product is an
+            # invalid row (_annotate says why), not the whole manifest refused for one row.
+            hit = pc.match_substring(values, separator).to_numpy(zero_copy_only=False)
+            clash = np.zeros(len(lists), dtype=bool)
+            clash[pc.list_parent_indices(lists).to_numpy(zero_copy_only=False)[hit]] = True
+            lists = pa.ListArray.from_arrays(lists.offsets, pc.fill_null(lists.values, ""),
+                                             mask=pc.or_(lists.is_null(), pa.array(clash)))
             columns.append(pc.binary_join(lists, separator))
             continue
         if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type) or pa.types.is_integer(column.type)):
@@ -340,10 +343,10 @@ def _select(table: pa.Table, url: str, id_column: str, image_column: str,
         # Kept exactly as written: ' p1' and 'p1' are two ids (a join on the output must find what the
         # catalog holds). Blank values are caught in _annotate.
         columns.append(column.cast(pa.string()))
-    return pa.table({"product_id": columns[0], "image": columns[1]}).combine_chunks(), separator
+    return pa.table({"product_id": columns[0], "image": columns[1]}).combine_chunks(), separator, clash
 
 
-def _annotate(table: pa.Table, base: str, separator: str | None = None) -> pa.Table:
+def _annotate(table: pa.Table, base: str, separator: str | None = None, clash: np.ndarray | None = None) -> pa.Table:
     """Add row numbers and the pre-model status of every row (locations: :meth:`Manifest.locations`).
 
     Vectorised in Arrow and numpy: a Python loop here would turn a million-row catalog into millions of
@@ -380,6 +383,10 @@ def _annotate(table: pa.Table, base: str, separator: str | None = None) -> pa.Ta
             pc.cast(pa.array(first[flagged] + 1), pa.string()), "",
         )
         no_image = pc.if_else(pa.array(empty_image[flagged]), pc.binary_join_element_wise("row ", number, ": empty image", ""), repeated)
+        if clash is not None and clash.any():
+            no_image = pc.if_else(pa.array(clash[flagged]), pc.binary_join_element_wise(
+                "row ", number, f": a photo contains {separator!r}, which joins a product's photos in the tags table; "
+                "choose another with --image-separator", ""), no_image)
         texts = pa.concat_arrays([texts, pc.if_else(pa.array(empty_id[flagged]), pc.binary_join_element_wise("row ", number, ": empty product_id", ""), no_image)])
     slot = np.zeros(n, dtype=np.int64)
     slot[flagged] = np.arange(1, len(flagged) + 1)
