@@ -79,7 +79,7 @@ def make_nights(rows: int) -> Path:
         offsets = np.concatenate([[0], np.cumsum(review.sum(axis=1))]).astype(np.int32)
         columns["needs_review"] = pa.ListArray.from_arrays(pa.array(offsets), names.take(pa.array(cols_)))
         run_id = f"{date}-bench"
-        columns.update(image_version=pa.array(["1-1"] * tagged), model_version=pa.array([meta["model_version"]] * tagged),
+        columns.update(images_used=pa.array([1] * tagged, pa.int32()), image_version=pa.array(["1-1"] * tagged), model_version=pa.array([meta["model_version"]] * tagged),
                        run_id=pa.array([run_id] * tagged),
                        tagged_at=pa.array([datetime(2026, 11, 27, tzinfo=timezone.utc)] * tagged, pa.timestamp("us", tz="UTC")))
         table = pa.table(columns).cast(writers.tags_schema(attributes))

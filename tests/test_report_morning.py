@@ -193,3 +193,11 @@ def test_the_shipped_bundle_says_what_every_attribute_is_expected_to_do():
     assert expected["baseColour"]["review_share"][0] == pytest.approx(0.66, abs=0.01)
     assert expected["season"]["review_share"][0] == pytest.approx(0.41, abs=0.01)
     assert expected["gender"]["accuracy"] == (pytest.approx(0.924, abs=0.001), 895)
+
+
+def test_a_report_with_nothing_to_check_against_says_so(tmp_path):
+    write_night(tmp_path, DATE, [{"product_id": "p", "gender": "Men", "colour": "Black"}])  # no bundle, no night before
+    result = run("--out", str(tmp_path), "--run-date", DATE, "--gallery", "0")
+    assert result.exit_code == 0 and "verdict: nothing to check" in result.output, result.output
+    assert report_json(tmp_path, DATE)["verdict"] == {"status": "ok", "checks": [], "not_ok": []}
+    assert "Verdict: nothing to check" in (tmp_path / "_reports" / f"run_date={DATE}" / "report.html").read_text()

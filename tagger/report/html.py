@@ -258,6 +258,9 @@ def _verdict(r: dict[str, Any]) -> list[str]:
     v = r.get("verdict")
     if not v:
         return []
+    if not v["checks"]:
+        return ['<div class="banner note" id="verdict"><b>Verdict: nothing to check</b>: no figure has an expectation '
+                "(the bundle's model.json has no validation figures, or cannot be read, and there is no night before).</div>"]
     items = "".join(f"<li>{e(c['check'])}: {e(c['figure'])}, expected {e(c['expected'])} ({e(c['why'])})</li>"
                     for c in v["not_ok"])
     return [f'<div class="banner {VERDICT_CLASS[v["status"]]}" id="verdict"><b>Verdict: {e(VERDICT_TEXT[v["status"]])}</b>'
