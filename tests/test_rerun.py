@@ -114,3 +114,11 @@ def test_the_log_names_each_error_type_and_photo_errors_of_tagged_products_are_c
     body = json.loads((out / "_reports" / f"run_date={DATE}" / "report.json").read_text())
     assert body["counts"]["photo_errors"] == {"invalid_location": 1, "missing": 5}
     assert "photos not read: missing" in (out / "_reports" / f"run_date={DATE}" / "report.html").read_text()
+
+
+def test_a_shard_task_with_other_reading_options_than_its_plan_is_refused_naming_them(demo, tiny_bundle, tmp_path):
+    out = tmp_path / "out"
+    assert tag(demo.catalog, tiny_bundle, out, "--plan-only").exit_code == 0
+    result = tag(demo.catalog, tiny_bundle, out, "--shard", "0/1", "--max-image-bytes", "1000")
+    assert result.exit_code == 2, result.output
+    assert "the plan's settings differ: max_image_bytes default -> 1000" in result.output, result.output
