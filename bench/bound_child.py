@@ -26,7 +26,7 @@ def main() -> None:
     from tagger.data.decode import decode_image
     from tagger.model.bundle import load_bundle
     from tagger.model.predictor import Predictor
-    from tagger.model.runtimes import choose_runtime
+    from tagger.model.choice import choose_runtime
 
     bundle = load_bundle(spec["model"])
     with open(spec["catalog"], newline="") as handle:

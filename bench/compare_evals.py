@@ -3,7 +3,7 @@
     .venv/bin/python -m bench.compare_evals out/evaluate/OLD-test out/evaluate/NEW-test
 
 For reports already written. `tagger evaluate --model NEW --baseline OLD` does the same in one run (and lists the
-changed rows); the maths is tagger.evaluation.metrics.paired_difference, shared by both.
+changed rows); the maths is tagger.metrics.paired_difference, shared by both.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import sys
 def main() -> None:
     import polars as pl
 
-    from tagger.evaluation.metrics import accuracy_se, paired_difference
+    from tagger.metrics import accuracy_se, paired_difference
 
     old, new = (pl.read_parquet(f"{folder}/predictions.parquet") for folder in sys.argv[1:3])
     joined = old.join(new, on="id", suffix="_new")

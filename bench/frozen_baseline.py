@@ -35,7 +35,7 @@ def main() -> None:
     from tagger.model.network import TaggerNet, create_backbone
     from tagger.data.reader import load_image
     from tagger.data.kaggle import load_kaggle
-    from tagger.training.split import read_split
+    from tagger.data.split import read_split
 
     bundle = load_bundle(args.model)
     split = read_split(f"{args.model}/split.parquet")

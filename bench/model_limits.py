@@ -49,7 +49,7 @@ def main() -> None:
     from tagger.data.labels import encode_labels
     from tagger.data.reader import load_image
     from tagger.model.bundle import load_bundle
-    from tagger.training.split import read_split
+    from tagger.data.split import read_split
 
     bundle = load_bundle(args.model)
     vocab = {a.name: list(a.labels) for a in bundle.attributes}

@@ -41,7 +41,7 @@ def main() -> None:
 
     from tagger.data.reader import load_image
     from tagger.model.bundle import load_bundle
-    from tagger.training.split import read_split
+    from tagger.data.split import read_split
 
     bundle = load_bundle(args.model)
     split = read_split(f"{args.model}/split.parquet")

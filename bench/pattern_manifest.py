@@ -53,7 +53,7 @@ def main() -> None:
     patterns = [pattern_of(r.get("productDisplayName")) for r in rows]
     split: dict[str, str] = {}
     if args.limit_pattern is not None or args.drop_unlabelled_train:
-        from tagger.training.split import read_split
+        from tagger.data.split import read_split
 
         if not args.split_from:
             parser.error("--limit-pattern and --drop-unlabelled-train need --split-from (they act on that split's train rows)")

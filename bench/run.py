@@ -10,7 +10,7 @@ the same photos re-encoded at the originals' 1800x2400 (under bench/work/, once)
 ``--runtime torch``: the job before the exported runtimes) and ``baseline`` (timm's inference.py loop) run
 in turn, order reversed every other round, each in a fresh process whose tree's peak memory is sampled
 from /proc: same images, same model (efficientnet_b3 at 300 px, random init), same batch size and worker
-count. The ONNX export is made once per model_version and cached (tagger.model.runtimes), so a first run of
+count. The ONNX export is made once per model_version and cached (tagger.model.export), so a first run of
 ``tagger`` includes it and later runs do not: run ``python -m bench.runtimes`` once before to warm it.
 
 ``--levers`` then measures each speed lever of the job on the large catalog against the job as shipped

@@ -44,7 +44,7 @@ def model_only(bundle_path: str, names: list[str], batch_size: int, batches: int
 
     from tagger.model.bundle import load_bundle
     from tagger.model.predictor import Predictor
-    from tagger.model.runtimes import choose_runtime
+    from tagger.model.choice import choose_runtime
 
     bundle = load_bundle(bundle_path)
     size = bundle.input_size
@@ -147,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from tagger.model.bundle import load_bundle
-    from tagger.model.runtimes import choose_runtime, cpu_has_bf16
+    from tagger.model.choice import choose_runtime
+    from tagger.model.cpu import cpu_has_bf16
 
     if args.threads:
         torch.set_num_threads(args.threads)

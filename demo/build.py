@@ -30,7 +30,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from tagger.data.kaggle import load_kaggle
-    from tagger.training.split import read_split
+    from tagger.data.split import read_split
 
     split = read_split(str(Path(args.model, "split.parquet")))
     test_ids = sorted(i for i, name in split.items() if name == "test")

@@ -8,9 +8,10 @@ import sys
 import click
 
 from tagger.data.http import split_hosts
-from tagger.tag.config import DEVICES, default_workers
+from tagger.tag.config import default_workers
 
 from .options import (
+    device_option,
     http_options,
     max_image_bytes_option,
     max_image_pixels_option,
@@ -42,8 +43,7 @@ EXIT_OK, EXIT_CRASH, EXIT_INVALID_INPUT, EXIT_STORAGE = 0, 1, 2, 4
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--workers", type=click.IntRange(min=0), default=default_workers, show_default="min(8, CPUs)",
               help="Image reading/decoding processes; 0 decodes in the main process.")
-@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
-              help="auto uses CUDA when a GPU is visible.")
+@device_option
 @precision_option
 @runtime_option
 @max_image_bytes_option

@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from tagger.data.decode import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS
-from tagger.tag.config import PRECISIONS, RUNTIMES
+from tagger.model.settings import DEVICES, PRECISIONS, RUNTIMES
 
 
 def parse_storage_options(values: tuple[str, ...]) -> dict[str, Any]:
@@ -67,14 +67,23 @@ storage_option = click.option(
 )
 
 
-# The image path's settings, spelled the same in every command that reads images through it.
+# The model's and the image path's settings, declared once for every command that scores images (tag, evaluate,
+# predict): one spelling, one default, one help text. Evaluate and predict compute what the tag job computes at the
+# same settings (tagger.model.inference.resolve), so the tag job's setting shows the scores it writes
+# (docs/reference/options.md says so).
+device_option = click.option(
+    "--device", type=click.Choice(DEVICES), default="auto", show_default=True,
+    help="auto uses CUDA when a GPU is visible, and says so.",
+)
 precision_option = click.option(
     "--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
-    help="Model arithmetic, as `tagger tag --precision`: use the tag job's setting to see the scores it writes.",
+    help="Model arithmetic. auto: fp16 on CUDA; on a CPU fp32, or a reduced precision the bundle passed a check in "
+    "where the CPU computes it natively.",
 )
 runtime_option = click.option(
     "--runtime", type=click.Choice(RUNTIMES), default="auto", show_default=True,
-    help="What runs the model, as `tagger tag --runtime`: use the tag job's setting to see the scores it writes.",
+    help="What runs the model. auto: PyTorch on CUDA; on a CPU the installed runtime that costs the least CPU per "
+    "image, measured once per model and CPU.",
 )
 max_image_bytes_option = click.option(
     "--max-image-bytes", type=click.IntRange(min=1), default=DEFAULT_MAX_IMAGE_BYTES, show_default=True,
@@ -82,13 +91,19 @@ max_image_bytes_option = click.option(
 )
 max_image_pixels_option = click.option(
     "--max-image-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_IMAGE_PIXELS, show_default=True,
-    help="Decompression-bomb guard: larger images are too_large errors, refused from their header.",
+    help="Decompression-bomb guard: larger images become error rows (too_large), refused from their header.",
 )
+
+
+def image_options(command):
+    """--max-image-bytes, --max-image-pixels and the http options: how a command reads its photos (evaluate,
+    retrain; tag adds --draft-decode). The config they fill builds one tagger.data.reader.ImageSettings."""
+    return max_image_bytes_option(max_image_pixels_option(http_options(command)))
 
 
 def http_options(command):
     """--allow-host, --allow-private-addresses, --allow-plain-http and --http-deadline: which http(s):// images a
-    command may read (tag and evaluate; tagger.data.http.http_policy)."""
+    command may read (tag, evaluate, retrain; tagger.data.http.http_policy)."""
     options = [
         click.option("--allow-host", "allow_hosts", multiple=True, metavar="HOST", envvar="TAGGER_ALLOW_HOSTS",
                      help="Read https:// images from HOST (repeatable; *.example.com: subdomains; HOST:8443 or HOST:*: another port "

@@ -8,9 +8,10 @@ import sys
 
 import click
 
-from tagger.tag.config import DEVICES, default_workers
+from tagger.tag.config import default_workers
 
 from .options import (
+    device_option,
     max_image_bytes_option,
     max_image_pixels_option,
     parse_storage_options,
@@ -38,7 +39,7 @@ def _out_format(ctx: click.Context, param: click.Parameter, value: str) -> str:
 @click.option("--out", required=True, callback=_out_format,
               help="sheet.png: a contact sheet (pages sheet-2.png, ... past --per-page); gallery.html: one self-contained page.")
 @click.option("--top-k", type=click.IntRange(1, 20), default=3, show_default=True, help="Labels shown per attribute.")
-@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
+@device_option
 @precision_option
 @runtime_option
 @max_image_bytes_option
@@ -63,16 +64,14 @@ def predict(images: tuple[str, ...], model: str, out: str, top_k: int, device: s
     from tagger.evaluation import EvaluationError
     from tagger.predict import gallery
     from tagger.model.scoring import progress_logger, run_model
-    from tagger.model.predictor import precision_settings, resolve_device
-    from tagger.model.runtimes import choose_runtime
+    from tagger.data.reader import image_settings
+    from tagger.model.inference import InferenceSpec, resolve
 
     try:
         bundle = load_bundle(model, parse_storage_options(storage_options))
         paths = gallery.collect_images(images)
-        try:
-            chosen = resolve_device(device)
-            chosen_runtime = choose_runtime(runtime, chosen, precision, bundle=bundle)  # a runtime not installed: say so now
-            precision_settings(precision, chosen, chosen_runtime.name)  # fp16 is for CUDA: say so before any image is read
+        try:  # a runtime not installed, fp16 on the CPU: said now, before any image is read
+            inference = resolve(InferenceSpec(device, runtime, precision), bundle)
         except (RuntimeError, ValueError) as exc:
             raise EvaluationError(str(exc)) from None
     except (BundleError, EvaluationError) as exc:
@@ -81,8 +80,9 @@ def predict(images: tuple[str, ...], model: str, out: str, top_k: int, device: s
         workers = 0 if len(paths) < AUTO_WORKERS_FROM else default_workers()
     try:
         outputs = run_model(
-            bundle, paths, device=chosen, precision=precision, runtime=chosen_runtime, batch_size=batch_size, workers=workers,
-            thumb_size=thumb_size, max_bytes=max_image_bytes, max_pixels=max_image_pixels, on_batch=progress_logger("predict"),
+            bundle, paths, inference=inference, batch_size=batch_size, workers=workers,
+            thumb_size=thumb_size, images=image_settings(max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels),
+            on_batch=progress_logger("predict"),
         )
         results = gallery.image_predictions(bundle, paths, outputs, top_k)
         written = write_outputs(bundle, results, out, thumb_size=thumb_size, per_page=per_page, table=table)

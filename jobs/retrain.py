@@ -8,7 +8,9 @@ import click
 
 from tagger.training.config import CACHE_MODES, DEVICES, ConfigError, RetrainConfig, check_data_exists
 
-from .options import CommandError, FiniteFloatRange, parse_storage_options, storage_option
+from tagger.data.http import split_hosts
+
+from .options import CommandError, FiniteFloatRange, image_options, parse_storage_options, storage_option
 
 D = {f.name: f.default for f in fields(RetrainConfig)}
 
@@ -104,6 +106,7 @@ def _flag(option: str) -> str:
 @click.option("--log-dir", default=None, show_default="<out>.logs, beside the bundle",
               help="TensorBoard logs and checkpoints (local); never inside the bundle folder by default.")
 @click.option("--progress/--no-progress", default=D["progress"], show_default=True, help="Lightning's progress bar (on stderr).")
+@image_options
 @storage_option
 def retrain(storage_options: tuple[str, ...], **options) -> None:
     """Train a tagger on Kaggle folders and/or labelled manifests and write a model bundle to --out."""
@@ -114,6 +117,7 @@ def retrain(storage_options: tuple[str, ...], **options) -> None:
     options["attributes"] = list(options["attributes"]) or None
     options["corrections"] = list(options["corrections"])
     options["applies_when"] = list(options["applies_when"])
+    options["allow_hosts"] = split_hosts(options["allow_hosts"])
     config = RetrainConfig(**options, storage_options=parse_storage_options(storage_options))
     try:
         check_data_exists(config)  # first: it costs no import of torch (several seconds)

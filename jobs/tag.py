@@ -7,12 +7,11 @@ import sys
 
 import click
 
-from tagger.tag.config import (PRECISIONS, DEVICES, ENGINES, PROGRESS_MODES, RUNTIMES, START_METHODS, TagConfig, default_workers,
-                               parse_shard, today_utc)
-from tagger.data.decode import DEFAULT_MAX_IMAGE_PIXELS
+from tagger.tag.config import ENGINES, PROGRESS_MODES, START_METHODS, TagConfig, default_workers, parse_shard, today_utc
 from tagger.data.http import split_hosts
 
-from .options import FiniteFloatRange, http_options, max_image_bytes_option, parse_storage_options, storage_option
+from .options import (FiniteFloatRange, device_option, http_options, max_image_bytes_option, max_image_pixels_option,
+                      parse_storage_options, precision_option, runtime_option, storage_option)
 from .report import TAG_REPORT_OPTIONS, report_options
 
 log = logging.getLogger("tagger.tag")
@@ -67,7 +66,7 @@ def common_output_options(function):
               help="CSV image cells hold several photos separated by SEP (e.g. ';'); the tags come from all of them. "
               "Default: one image per cell.")
 @click.option("--catalog-format", type=click.Choice(["csv", "parquet", "jsonl"]), default=None, help="Override the format guessed from the name.")
-@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True, help="auto uses CUDA when a GPU is visible, and says so.")
+@device_option
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--workers", type=click.IntRange(min=0), default=default_workers, show_default="min(8, CPUs)",
               help="Image reading/decoding processes; 0 decodes in the main process.")
@@ -87,16 +86,11 @@ def common_output_options(function):
               help="A --since that does not exist (yet) tags every row instead of exiting 2 (not needed when it is --out).")
 @click.option("--run-id", default=None, help="Run identifier stored in every row (default: date + random suffix).")
 @max_image_bytes_option
-@click.option("--max-image-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_IMAGE_PIXELS, show_default=True,
-              help="Decompression-bomb guard: larger images become error rows (too_large).")
+@max_image_pixels_option
 @click.option("--draft-decode/--no-draft-decode", default=True, show_default=True,
               help="Decode JPEGs at reduced scale (libjpeg DCT scaling) before resizing.")
-@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
-              help="Model arithmetic. auto: fp16 on CUDA; on a CPU fp32, or a reduced precision the bundle passed a check in "
-              "where the CPU computes it natively.")
-@click.option("--runtime", type=click.Choice(RUNTIMES), default="auto", show_default=True,
-              help="What runs the model. auto: PyTorch on CUDA; on a CPU the installed runtime that costs the least CPU per "
-              "image, measured once per model and CPU.")
+@precision_option
+@runtime_option
 @click.option("--threads", type=click.IntRange(min=0), default=0, show_default="0: torch's default, one per core",
               help="The model's CPU threads (--engine ray: per model actor, 0: up to 4). On a shared machine, fewer than the "
               "cores.")
@@ -192,7 +186,7 @@ def _execute(config, stop, finalize_only: bool, command: str) -> int:
     from tagger.tag.lease import LeaseHeld, LeaseLost
     from tagger.data.manifest import ManifestError
     from tagger.data.reader import StorageUnavailable
-    from tagger.model.runtimes import RuntimeSettingError
+    from tagger.model.settings import RuntimeSettingError
     from tagger.tag.runner import (EXIT_CRASH, EXIT_INTERRUPTED, EXIT_INVALID_INPUT, EXIT_PARTITION_BUSY, EXIT_STORAGE,
                                Interrupted, NonFiniteScores, PlanMismatch, TagRunner, WorkerFailure)
     from tagger.storage import OutputLocationError, StorageConfigError, describe_unavailable, is_permanent, is_unavailable

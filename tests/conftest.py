@@ -19,7 +19,7 @@ os.environ.pop("AWS_PROFILE", None)
 # No test may reach the Hugging Face hub; huggingface_hub reads this once, at import, so it is set here,
 # before anything imports timm. Pretrained weights then come from the installed packages at once.
 os.environ["HF_HUB_OFFLINE"] = "1"
-# `--runtime auto` measures the runtimes on the machine (tagger.model.runtimes.measured_choice): its choice would
+# `--runtime auto` measures the runtimes on the machine (tagger.model.choice.measured_choice): its choice would
 # depend on the load of a shared test machine. Tests get the fixed preference order; test_runtime measures on purpose.
 os.environ["TAGGER_AUTO_RUNTIME"] = "preference"
 

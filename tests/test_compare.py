@@ -11,7 +11,7 @@ import torch
 from click.testing import CliRunner
 
 from jobs.cli import cli
-from tagger.evaluation.metrics import accuracy_se, paired_difference
+from tagger.metrics import accuracy_se, paired_difference
 
 
 def test_paired_difference_counts_only_the_rows_that_changed():

@@ -237,7 +237,7 @@ def test_the_committed_demo_catalog_comes_from_the_shipped_models_test_split():
     import csv
     from pathlib import Path
 
-    from tagger.training.split import read_split
+    from tagger.data.split import read_split
 
     root = Path(__file__).resolve().parent.parent
     split = read_split(str(root / "models" / "fashion-lite0" / "split.parquet"))

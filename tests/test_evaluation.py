@@ -106,7 +106,7 @@ def external(tmp_path_factory) -> Path:
 def test_metrics_agree_with_sklearn_and_by_hand():
     from sklearn.metrics import f1_score, precision_recall_fscore_support
 
-    from tagger.evaluation.metrics import attribute_metrics, confusion, per_class
+    from tagger.metrics import attribute_metrics, confusion, per_class
 
     # 4 classes, class 3 ("D") never occurs and is never predicted.
     y_true = np.array([0, 0, 0, 1, 1, 2, 2, 2])
@@ -143,7 +143,7 @@ def test_retrains_running_validation_metric_is_evaluates_definition():
     retrain's split_metrics (model.json) and evaluate's attribute_metrics agree, on random data."""
     import torch
 
-    from tagger.evaluation.metrics import attribute_metrics, confusion_scores, split_metrics
+    from tagger.metrics import attribute_metrics, confusion_scores, split_metrics
     from tagger.training.module import _confusion_matrices
 
     rng = np.random.default_rng(3)
@@ -241,12 +241,12 @@ def test_retrain_scores_on_the_runtime_and_precision_evaluate_picks_at_auto(data
     that evaluate (and tag) compute at auto, on either kind of CPU. Equal, not close: the same runtime, the
     same precision, the same images. (With ONNX Runtime installed, auto is ONNX Runtime fp32 on every CPU:
     the test above.)"""
-    from tagger.model import runtimes
+    from tagger.model import engines
     from tagger.model.bundle import load_bundle
     from tagger.training import RetrainConfig, retrain
 
     monkeypatch.setenv("TAGGER_CPU_BF16", native_bf16)
-    monkeypatch.setattr(runtimes, "installed", lambda name: name == "torch")
+    monkeypatch.setattr(engines, "installed", lambda name: name == "torch")
     out = tmp_path / "bundle"
     retrain(RetrainConfig(data=str(data), out=str(out), backbone="test_efficientnet", pretrained=False, input_size=32,
                           max_epochs=1, batch_size=16, workers=0, val_fraction=0.2, test_fraction=0.2, progress=False,
@@ -262,7 +262,7 @@ def test_retrain_scores_on_the_runtime_and_precision_evaluate_picks_at_auto(data
 
 
 def test_a_constant_model_scores_what_a_hand_count_says(data, tmp_path):
-    from tagger.training.split import write_split
+    from tagger.data.split import write_split
 
     rows = styles_rows(data)
     ids = [r["id"] for r in rows]
@@ -387,9 +387,9 @@ def test_device_cuda_without_a_gpu_exit_2(tiny_bundle, data, tmp_path):
 
 
 def _openvino() -> bool:
-    from tagger.model import runtimes
+    from tagger.model import engines
 
-    return runtimes.installed("openvino")
+    return engines.installed("openvino")
 
 
 @pytest.mark.skipif(not _openvino(), reason="extra [openvino] not installed")

@@ -16,7 +16,7 @@ from PIL import Image
 from jobs.cli import cli
 from tagger.data import reader
 from tagger.data.decode import ImageError
-from tagger.data.reader import ImageRows, StorageUnavailable, collate, fetch_image, load_image
+from tagger.data.reader import ImageRows, ImageSettings, StorageUnavailable, collate, fetch_image, load_image
 
 
 def jpeg_bytes(colour=(200, 30, 30), size=(40, 60)) -> bytes:
@@ -100,7 +100,7 @@ def test_image_rows_keep_every_row_in_place_with_its_own_error(tmp_path):
     (tmp_path / "folder").mkdir()
     locations = [str(good), str(tmp_path / "gone.jpg"), "http://example.com/a.jpg", str(big), str(tmp_path / "corrupt.jpg"),
                  str(tmp_path / "folder"), str(good)]
-    dataset = ImageRows.from_locations(locations, 32, max_bytes=len(good.read_bytes()) + 10, preview=len)
+    dataset = ImageRows.from_locations(locations, 32, ImageSettings(max_bytes=len(good.read_bytes()) + 10), preview=len)
     batch = collate([dataset[i] for i in range(len(dataset))])
     assert batch.rows.tolist() == [0, 6] and batch.images.shape == (2, 3, 32, 32) and batch.images.dtype == torch.uint8
     assert batch.previews == [len(good.read_bytes())] * 2  # the preview of the bytes, decoded rows only
@@ -213,14 +213,16 @@ def test_evaluate_scores_exactly_what_tag_writes(demo, tiny_bundle, tmp_path, pr
 def test_run_model_gives_the_same_with_worker_processes(demo, tiny_bundle, tmp_path):
     """The in-memory rows and the preview function travel to worker processes; results are per input, in order."""
     from tagger.model.bundle import load_bundle
+    from tagger.model.inference import InferenceSpec, resolve
     from tagger.model.scoring import run_model
 
     bundle = load_bundle(tiny_bundle)
     (tmp_path / "bad.jpg").write_bytes(b"not an image")
     paths = [str(p) for p in sorted(demo.images_dir.glob("*.jpg"))[:5]]
     paths[2:2] = [str(tmp_path / "bad.jpg")]
-    inline = run_model(bundle, paths, device="cpu", precision="fp32", batch_size=2, workers=0, thumb_size=50)
-    forked = run_model(bundle, paths, device="cpu", precision="fp32", batch_size=2, workers=2, thumb_size=50)
+    fp32 = InferenceSpec(device="cpu", runtime="torch", precision="fp32")
+    inline = run_model(bundle, paths, inference=resolve(fp32, bundle), batch_size=2, workers=0, thumb_size=50)
+    forked = run_model(bundle, paths, inference=resolve(fp32, bundle), batch_size=2, workers=2, thumb_size=50)
     assert inline.ok.tolist() == forked.ok.tolist() == [True, True, False, True, True, True]
     assert inline.errors == forked.errors and inline.errors[2][0] == "decode"
     assert sorted(inline.thumbs) == sorted(forked.thumbs) == [0, 1, 3, 4, 5]

@@ -25,11 +25,14 @@ import numpy as np
 import pytest
 import torch
 
-from tagger.model import runtimes
+from tagger.model import check_images, cpu, engines, export, int8
+from tagger.model import choice as chooser
 from tagger.model.bundle import load_bundle, save_bundle
 from tagger.data.decode import decode_image
 from tagger.model.predictor import Predictor, precision_settings
-from tagger.model.runtimes import RuntimeChoice, RuntimeSettingError, choose_runtime
+from tagger.model.choice import choose_runtime
+from tagger.model.engines import RuntimeChoice
+from tagger.model.settings import RuntimeSettingError
 from tests.test_decode_equivalence import batch, image_driven, photo_like
 
 FP32_SCORE = 1e-4
@@ -38,7 +41,7 @@ BF16_SCORE = 0.05
 BF16_TIE = 0.05
 CPU = torch.device("cpu")
 pytestmark = pytest.mark.precision
-EXPORTED = [pytest.param(name, marks=pytest.mark.skipif(not runtimes.installed(name), reason=f"extra [{name}] not installed"))
+EXPORTED = [pytest.param(name, marks=pytest.mark.skipif(not engines.installed(name), reason=f"extra [{name}] not installed"))
             for name in ("onnx", "openvino")]
 
 
@@ -98,7 +101,7 @@ def test_exported_runtime_equals_pytorch_fp32(driven_bundle, photos, runtime):
     assert predictor.labels(got)["gender"].dtype == object
 
 
-@pytest.mark.skipif(not (runtimes.installed("openvino") and runtimes.cpu_has_bf16()), reason="needs openvino and a CPU with native bfloat16")
+@pytest.mark.skipif(not (engines.installed("openvino") and cpu.cpu_has_bf16()), reason="needs openvino and a CPU with native bfloat16")
 def test_openvino_bf16_within_the_bf16_tolerance(driven_bundle, photos):
     bundle = load_bundle(driven_bundle)
     images = batch([decode_image(d, bundle.input_size) for d in photos])
@@ -108,30 +111,30 @@ def test_openvino_bf16_within_the_bf16_tolerance(driven_bundle, photos):
     compare(predictor(images), expected, expected.probabilities, BF16_SCORE, BF16_TIE)
 
 
-@pytest.mark.skipif(not runtimes.installed("onnx"), reason="extra [onnx] not installed")
+@pytest.mark.skipif(not engines.installed("onnx"), reason="extra [onnx] not installed")
 def test_export_is_cached_by_model_version_and_checked(driven_bundle, tmp_path, monkeypatch, caplog):
     bundle = load_bundle(driven_bundle)
     cache = tmp_path / "cache"
-    path = runtimes.onnx_model(bundle, cache)
+    path = export.onnx_model(bundle, cache)
     record = json.loads((cache / bundle.model_version / "export.json").read_text())
     assert record["model_version"] == bundle.model_version and record["file"] == path.name
-    assert record["check"]["max_probability_difference"] <= runtimes.EXPORT_TOLERANCE
+    assert record["check"]["max_probability_difference"] <= export.EXPORT_TOLERANCE
 
     def no_export(*args, **kwargs):
         raise AssertionError("exported again although the cache is valid")
 
     monkeypatch.setattr(torch.onnx, "export", no_export)
-    assert runtimes.onnx_model(bundle, cache) == path  # found, hash checked, not exported again
+    assert export.onnx_model(bundle, cache) == path  # found, hash checked, not exported again
     monkeypatch.undo()
 
     # A file that no longer matches its recorded hash is never used: exported again, with a warning.
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
-    with caplog.at_level(logging.WARNING, logger="tagger.model.runtimes"):
-        again = runtimes.onnx_model(bundle, cache)
+    with caplog.at_level(logging.WARNING, logger="tagger.model"):
+        again = export.onnx_model(bundle, cache)
     assert "does not match the sha256" in caplog.text
-    assert runtimes.file_sha256(again) == json.loads((cache / bundle.model_version / "export.json").read_text())["sha256"]
+    assert export.file_sha256(again) == json.loads((cache / bundle.model_version / "export.json").read_text())["sha256"]
 
     # A record made for another model (here: claims another model_version) is not trusted either.
     record_file = cache / bundle.model_version / "export.json"
@@ -139,13 +142,13 @@ def test_export_is_cached_by_model_version_and_checked(driven_bundle, tmp_path, 
     record["model_version"] = "0" * 16
     record_file.write_text(json.dumps(record))
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="tagger.model.runtimes"):
-        runtimes.onnx_model(bundle, cache)
+    with caplog.at_level(logging.WARNING, logger="tagger.model"):
+        export.onnx_model(bundle, cache)
     assert "model_version differ" in caplog.text
     assert json.loads(record_file.read_text())["model_version"] == bundle.model_version
 
 
-@pytest.mark.skipif(not runtimes.installed("onnx"), reason="extra [onnx] not installed")
+@pytest.mark.skipif(not engines.installed("onnx"), reason="extra [onnx] not installed")
 def test_a_wrong_export_is_refused(driven_bundle, tmp_path, monkeypatch):
     """The check against PyTorch catches an export that computes something else (here: a broken exporter)."""
     bundle = load_bundle(driven_bundle)
@@ -160,7 +163,7 @@ def test_a_wrong_export_is_refused(driven_bundle, tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch.onnx, "export", export_other_weights)
     with pytest.raises(RuntimeError, match="does not compute what PyTorch computes"):
-        runtimes.onnx_model(bundle, tmp_path / "cache")
+        export.onnx_model(bundle, tmp_path / "cache")
     assert not list((tmp_path / "cache" / bundle.model_version).glob("export.json"))
 
 
@@ -168,39 +171,39 @@ def test_auto_chooses_by_device_precision_and_what_is_installed(monkeypatch, cap
     assert choose_runtime("auto", torch.device("cuda")).name == "torch"
     with pytest.raises(RuntimeSettingError, match="CPU only"):
         choose_runtime("onnx", torch.device("cuda"))
-    monkeypatch.setattr(runtimes, "installed", lambda name: True)
-    monkeypatch.setattr(runtimes, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(engines, "installed", lambda name: True)
+    monkeypatch.setattr(cpu, "cpu_has_bf16", lambda: True)
     assert choose_runtime("auto", CPU).name == "onnx"
     assert choose_runtime("auto", CPU, "bf16").name == "openvino"  # ONNX Runtime's CPU provider has no bf16
-    monkeypatch.setattr(runtimes, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(cpu, "cpu_has_bf16", lambda: False)
     assert choose_runtime("auto", CPU).name == "onnx"
-    monkeypatch.setattr(runtimes, "installed", lambda name: name != "onnx")
+    monkeypatch.setattr(engines, "installed", lambda name: name != "onnx")
     assert choose_runtime("auto", CPU).name == "openvino"
-    monkeypatch.setattr(runtimes, "installed", lambda name: True)
+    monkeypatch.setattr(engines, "installed", lambda name: True)
     # Not installed: skipped, and the log names the extra that would have given the faster runtime.
-    monkeypatch.setattr(runtimes, "installed", lambda name: name == "torch")
-    with caplog.at_level(logging.WARNING, logger="tagger.model.runtimes"):
+    monkeypatch.setattr(engines, "installed", lambda name: name == "torch")
+    with caplog.at_level(logging.WARNING, logger="tagger.model"):
         choice = choose_runtime("auto", CPU)
     assert choice.name == "torch" and "not installed" in choice.reason
     assert "fashion-tagger[onnx,openvino]" in caplog.text
 
 
 def test_a_runtime_that_is_not_installed_is_an_error_naming_the_extra(monkeypatch):
-    monkeypatch.setattr(runtimes, "installed", lambda name: name == "torch")
+    monkeypatch.setattr(engines, "installed", lambda name: name == "torch")
     for runtime, extra in (("onnx", "onnx"), ("openvino", "openvino")):
         with pytest.raises(RuntimeSettingError, match=rf"fashion-tagger\[{extra}\]"):
             choose_runtime(runtime, CPU)
 
 
 def test_precision_per_runtime(monkeypatch):
-    monkeypatch.setattr(runtimes, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(cpu, "cpu_has_bf16", lambda: False)
     assert precision_settings("auto", CPU, "onnx") == {"amp": False}
     assert precision_settings("auto", CPU, "openvino") == {"amp": False}
     with pytest.raises(ValueError, match="not available with --runtime onnx"):
         precision_settings("bf16", CPU, "onnx")
     with pytest.raises(ValueError, match="fp16 is for CUDA"):
         precision_settings("fp16", CPU, "openvino")
-    monkeypatch.setattr(runtimes, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(cpu, "cpu_has_bf16", lambda: True)
     assert precision_settings("auto", CPU, "onnx") == {"amp": False}
     assert precision_settings("auto", CPU, "openvino") == {"amp": True, "amp_dtype": torch.bfloat16}
 
@@ -239,7 +242,7 @@ def test_tag_job_records_the_runtime_and_writes_the_same_tags(demo, driven_bundl
 def test_tag_job_refuses_a_missing_runtime_with_exit_2(demo, tiny_bundle, tmp_path, monkeypatch):
     from tests.test_tag import tag
 
-    monkeypatch.setattr(runtimes, "installed", lambda name: name == "torch")
+    monkeypatch.setattr(engines, "installed", lambda name: name == "torch")
     out = tmp_path / "out"
     result = tag("--catalog", str(demo.catalog), "--model", tiny_bundle, "--out", str(out), "--runtime", "onnx")
     assert result.exit_code == 2, result.output
@@ -247,7 +250,7 @@ def test_tag_job_refuses_a_missing_runtime_with_exit_2(demo, tiny_bundle, tmp_pa
     assert not out.exists() or not any(out.iterdir())
 
 
-@pytest.mark.skipif(not runtimes.installed("onnx"), reason="extra [onnx] not installed")
+@pytest.mark.skipif(not engines.installed("onnx"), reason="extra [onnx] not installed")
 def test_tag_job_refuses_bf16_with_onnx_with_exit_2(demo, tiny_bundle, tmp_path):
     from tests.test_tag import tag
 
@@ -257,12 +260,12 @@ def test_tag_job_refuses_bf16_with_onnx_with_exit_2(demo, tiny_bundle, tmp_path)
     assert "not available with --runtime onnx" in result.output
 
 
-@pytest.mark.skipif(not runtimes.installed("onnx"), reason="extra [onnx] not installed")
+@pytest.mark.skipif(not engines.installed("onnx"), reason="extra [onnx] not installed")
 def test_an_unwritable_cache_is_an_error_saying_what_to_set(driven_bundle, tmp_path):
     blocked = tmp_path / "not-a-folder"
     blocked.write_text("a file where the cache folder would go")
     with pytest.raises(RuntimeSettingError, match="set TAGGER_CACHE to a writable folder"):
-        runtimes.onnx_model(load_bundle(driven_bundle), blocked / "onnx")
+        export.onnx_model(load_bundle(driven_bundle), blocked / "onnx")
 
 
 # -- auto by measuring -----------------------------------------------------------------------------------
@@ -271,7 +274,7 @@ def measuring(monkeypatch, tmp_path):
     """`auto` measures (the tests' default is the fixed order), into a cache of this test's own."""
     monkeypatch.setenv("TAGGER_AUTO_RUNTIME", "measure")
     monkeypatch.setenv("TAGGER_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(runtimes, "MEASURE_SECONDS", 0.05)
+    monkeypatch.setattr(chooser, "MEASURE_SECONDS", 0.05)
 
 
 def test_auto_measures_once_and_caches_the_choice_by_model_cpu_libraries_and_threads(driven_bundle, measuring, monkeypatch, caplog):
@@ -279,15 +282,15 @@ def test_auto_measures_once_and_caches_the_choice_by_model_cpu_libraries_and_thr
     # CPU ms per image: the least wins.
     costs = {"torch fp32": 50.0, "torch bf16": 30.0, "onnx fp32": 24.0, "openvino fp32": 15.0, "openvino bf16": 8.0}
     timed = []
-    monkeypatch.setattr(runtimes, "installed", lambda name: True)
-    monkeypatch.setattr(runtimes, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(engines, "installed", lambda name: True)
+    monkeypatch.setattr(cpu, "cpu_has_bf16", lambda: True)
 
     def measure_all(b, pairs, *args):
         timed.extend(f"{r} {p}" for r, p in pairs)
         return {f"{r} {p}": costs[f"{r} {p}"] for r, p in pairs}
 
-    monkeypatch.setattr(runtimes, "_measure_all", measure_all)
-    with caplog.at_level(logging.INFO, logger="tagger.model.runtimes"):
+    monkeypatch.setattr(chooser, "_measure_all", measure_all)
+    with caplog.at_level(logging.INFO, logger="tagger.model"):
         choice = choose_runtime("auto", CPU, bundle=bundle, threads=2)
     # --precision auto and a bundle with no precision check: fp32 candidates only, the arithmetic the bundle was
     # validated in, even where bf16 is native and cheaper: tag, evaluate and retrain's scoring then compute the same
@@ -303,13 +306,13 @@ def test_auto_measures_once_and_caches_the_choice_by_model_cpu_libraries_and_thr
     # --precision bf16 asks for bf16: measured among the runtimes that compute it (another key).
     bf16 = choose_runtime("auto", CPU, "bf16", bundle=bundle, threads=2)
     assert (bf16.name, bf16.precision) == ("openvino", "bf16") and sorted(timed) == ["openvino bf16", "torch bf16"]
-    key = runtimes.choice_key(bundle, "auto", 2)
+    key = chooser.choice_key(bundle, "auto", 2)
     assert key["model_version"] == bundle.model_version and key["threads"] == 2
     assert set(key["libraries"]) == {"torch", "onnxruntime", "openvino"} and key["cpu"]["model"]
     for change in ({"threads": 1}, {"libraries": {**key["libraries"], "openvino": "0.0"}},
                    {"cpu": {**key["cpu"], "flags_sha256": "other"}}, {"model_version": "0" * 16},
                    {"precision": "bf16"}):
-        assert runtimes._choice_file({**key, **change}, None) != runtimes._choice_file(key, None), change
+        assert chooser._choice_file({**key, **change}, None) != chooser._choice_file(key, None), change
     timed.clear()
     choose_runtime("auto", CPU, bundle=bundle, threads=1)
     assert len(timed) == 3  # other threads: measured again
@@ -321,14 +324,14 @@ def test_auto_measures_once_and_caches_the_choice_by_model_cpu_libraries_and_thr
 
 def test_a_candidate_that_fails_is_skipped_and_said_in_the_log(driven_bundle, measuring, monkeypatch, caplog):
     bundle = load_bundle(driven_bundle)
-    monkeypatch.setattr(runtimes, "installed", lambda name: name in ("torch", "onnx"))
-    monkeypatch.setattr(runtimes, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(engines, "installed", lambda name: name in ("torch", "onnx"))
+    monkeypatch.setattr(cpu, "cpu_has_bf16", lambda: False)
 
     def broken(*args, **kwargs):
         raise RuntimeError("this engine cannot run here")
 
-    monkeypatch.setattr(runtimes.OnnxRuntimeEngine, "__init__", broken)
-    with caplog.at_level(logging.WARNING, logger="tagger.model.runtimes"):
+    monkeypatch.setattr(engines.OnnxRuntimeEngine, "__init__", broken)
+    with caplog.at_level(logging.WARNING, logger="tagger.model"):
         choice = choose_runtime("auto", CPU, bundle=bundle)
     assert (choice.name, choice.precision) == ("torch", "fp32")
     assert "candidate onnx fp32 failed and is skipped" in caplog.text and "cannot run here" in caplog.text
@@ -341,13 +344,13 @@ def test_tag_job_measures_before_out_changes_and_records_the_choice(demo, driven
 
     out = tmp_path / "out"
     seen = []
-    real = runtimes.measured_choice
+    real = chooser.measured_choice
 
     def spy(*args, **kwargs):
         seen.append(out.exists() and any(out.iterdir()))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(runtimes, "measured_choice", spy)
+    monkeypatch.setattr(chooser, "measured_choice", spy)
     result = tag("--catalog", str(demo.catalog), "--model", driven_bundle, "--out", str(out), "--run-date", "2026-01-03")
     assert result.exit_code == 0, result.output
     assert seen == [False]  # measured once, before anything under --out existed
@@ -358,19 +361,19 @@ def test_tag_job_measures_before_out_changes_and_records_the_choice(demo, driven
 
 
 # -- int8 ----------------------------------------------------------------------------------------------
-INT8 = pytest.mark.skipif(not runtimes.installed("onnx"), reason="extra [onnx] not installed (the quantizer is onnxruntime's)")
+INT8 = pytest.mark.skipif(not engines.installed("onnx"), reason="extra [onnx] not installed (the quantizer is onnxruntime's)")
 
 
 @INT8
 def test_int8_is_quantized_once_per_model_and_calibration_and_runs(driven_bundle, photos, tmp_path, monkeypatch):
     bundle = load_bundle(driven_bundle)
     cache = None  # the module's cache: the tag job's test below reuses this quantization
-    first = runtimes.int8_model(bundle, cache)
+    first = int8.int8_model(bundle, cache)
     records = list(first.parent.glob("int8-*.json"))
     assert len(records) == 1 and json.loads(records[0].read_text())["calibration"]["source"] == "generated"
     quantized = []
     monkeypatch.setattr("onnxruntime.quantization.quantize_static", lambda *a, **k: quantized.append(1))
-    assert runtimes.int8_model(bundle, cache) == first and quantized == []  # cached: not quantized again
+    assert int8.int8_model(bundle, cache) == first and quantized == []  # cached: not quantized again
     # Another calibration set is another int8 model; fewer than 16 usable photos is a setting error.
     folder = tmp_path / "calibration"
     folder.mkdir()
@@ -378,7 +381,7 @@ def test_int8_is_quantized_once_per_model_and_calibration_and_runs(driven_bundle
         (folder / f"{i}.jpg").write_bytes(data)
     monkeypatch.setenv("TAGGER_INT8_CALIBRATION", str(folder))
     with pytest.raises(RuntimeSettingError, match="at least 16 are needed"):
-        runtimes.int8_model(bundle, cache)
+        int8.int8_model(bundle, cache)
     monkeypatch.undo()
     predictor = Predictor(bundle, CPU, precision="int8", runtime="onnx")
     reference = Predictor(bundle, CPU, precision="fp32", runtime="torch")
@@ -395,7 +398,7 @@ def test_int8_needs_an_exported_runtime():
     with pytest.raises(ValueError, match="--precision int8 runs the quantized ONNX export"):
         precision_settings("int8", CPU, "torch")
     assert precision_settings("int8", CPU, "openvino") == {"amp": False, "int8": True}
-    assert runtimes.candidates("auto") == [c for c in runtimes.candidates("auto") if c[1] != "int8"]
+    assert chooser.candidates("auto") == [c for c in chooser.candidates("auto") if c[1] != "int8"]
 
 
 @INT8
@@ -413,7 +416,7 @@ def test_tag_job_with_int8_records_it(demo, driven_bundle, tmp_path):
     assert result.exit_code == 2 and "int8" in result.output
 
 
-@pytest.mark.skipif(not runtimes.installed("onnx"), reason="extra [onnx] not installed")
+@pytest.mark.skipif(not engines.installed("onnx"), reason="extra [onnx] not installed")
 def test_an_unwritable_cache_leaves_the_previous_partition_as_it_was(demo, tiny_bundle, tmp_path, monkeypatch):
     """The runtime is an input: its export (or cached file) and a trial batch come before the lease and the
     start-over, so an exit 2 for an unwritable cache keeps the complete partition an earlier run wrote."""
@@ -444,48 +447,48 @@ def unwritable_cache_keeps_the_partition(demo, tiny_bundle, tmp_path, monkeypatc
 def test_the_cpu_bf16_switch_forces_what_auto_sees(tiny_bundle, monkeypatch):
     """TAGGER_CPU_BF16 answers cpu_has_bf16 (1: as if native, 0: as if not), so both branches of auto run on any CPU."""
     monkeypatch.setenv("TAGGER_CPU_BF16", "1")
-    assert runtimes.cpu_has_bf16() and precision_settings("auto", CPU, "torch") == {"amp": True, "amp_dtype": torch.bfloat16}
+    assert cpu.cpu_has_bf16() and precision_settings("auto", CPU, "torch") == {"amp": True, "amp_dtype": torch.bfloat16}
     assert Predictor(load_bundle(tiny_bundle), CPU, precision="auto", runtime="torch").precision_name == "bf16"
     monkeypatch.setenv("TAGGER_CPU_BF16", "0")
-    assert not runtimes.cpu_has_bf16() and precision_settings("auto", CPU, "torch") == {}
+    assert not cpu.cpu_has_bf16() and precision_settings("auto", CPU, "torch") == {}
     assert Predictor(load_bundle(tiny_bundle), CPU, precision="auto", runtime="torch").precision_name == "fp32"
     monkeypatch.setenv("TAGGER_CPU_BF16", "maybe")
     with pytest.raises(RuntimeSettingError, match="TAGGER_CPU_BF16='maybe'"):
-        runtimes.cpu_has_bf16()
+        cpu.cpu_has_bf16()
 
 
-@pytest.mark.skipif(not runtimes.installed("onnx"), reason="extra [onnx] not installed")
+@pytest.mark.skipif(not engines.installed("onnx"), reason="extra [onnx] not installed")
 def test_a_forged_cached_export_is_caught_at_load_and_exported_again(driven_bundle, tmp_path, caplog):
     """A record and a sha256 are easily rewritten together: another network's export, recorded under this
     model_version with its own hash, passes both. The check against PyTorch at every load catches it."""
     bundle = load_bundle(driven_bundle)
     cache = tmp_path / "cache"
-    path = runtimes.onnx_model(bundle, cache)
+    path = export.onnx_model(bundle, cache)
     other_net = bundle.build_net()
     with torch.no_grad():
         for head in other_net.heads.values():
             head.bias.add_(3.0 * torch.arange(head.bias.numel()))
     other = save_bundle(other_net, str(tmp_path / "other"), backbone=bundle.backbone,
                         labels={a.name: list(a.labels) for a in bundle.attributes})
-    forged = runtimes.onnx_model(other, tmp_path / "other-cache")
+    forged = export.onnx_model(other, tmp_path / "other-cache")
     path.write_bytes(forged.read_bytes())  # same shapes, same name; the record now vouches for it
     record_file = cache / bundle.model_version / "export.json"
     record = json.loads(record_file.read_text())
-    record["sha256"] = runtimes.file_sha256(path)
+    record["sha256"] = export.file_sha256(path)
     record_file.write_text(json.dumps(record))
-    with caplog.at_level(logging.WARNING, logger="tagger.model.runtimes"):
-        used = runtimes.onnx_model(bundle, cache)
+    with caplog.at_level(logging.WARNING, logger="tagger.model"):
+        used = export.onnx_model(bundle, cache)
     assert "is not this model's network" in caplog.text and "exporting again" in caplog.text
     images = trial_batch_for(bundle)
     expected = Predictor(bundle, CPU, precision="fp32", runtime="torch")(images)
     got = Predictor(bundle, CPU, precision="fp32", runtime="onnx", runtime_cache=str(cache))(images)
     for name in bundle.attribute_names:
         assert np.abs(got.scores[name] - expected.scores[name]).max() <= FP32_SCORE
-    assert runtimes.file_sha256(used) != runtimes.file_sha256(forged)
+    assert export.file_sha256(used) != export.file_sha256(forged)
 
 
 def trial_batch_for(bundle) -> torch.Tensor:
-    return runtimes.trial_images(bundle.input_size, 4)
+    return check_images.trial_images(bundle.input_size, 4)
 
 
 # -- a reduced precision the bundle passed a check in --------------------------------------------------
@@ -513,34 +516,34 @@ def test_auto_adds_a_reduced_precision_only_where_the_bundle_passed_its_check_an
     # A check changes no prediction: the same model_version, so the export and resumable plans stay valid.
     assert checked.model_version == plain.model_version
     assert checked.validated("openvino", "bf16") and not checked.validated("onnx", "int8") and not checked.validated("torch", "bf16")
-    monkeypatch.setattr(runtimes, "installed", lambda name: True)
+    monkeypatch.setattr(engines, "installed", lambda name: True)
     fp32 = [("onnx", "fp32"), ("openvino", "fp32"), ("torch", "fp32")]
     monkeypatch.setenv("TAGGER_CPU_BF16", "1")
-    assert runtimes.candidates("auto", checked) == fp32 + [("openvino", "bf16")]  # the failed int8 never competes
-    assert runtimes.candidates("auto", plain) == fp32 and runtimes.candidates("auto") == fp32
+    assert chooser.candidates("auto", checked) == fp32 + [("openvino", "bf16")]  # the failed int8 never competes
+    assert chooser.candidates("auto", plain) == fp32 and chooser.candidates("auto") == fp32
     # The cached choice of the unchecked bundle is not reused once a check passed: the candidates are in its key.
-    assert runtimes._choice_file(runtimes.choice_key(checked, "auto", 2), None) != runtimes._choice_file(runtimes.choice_key(plain, "auto", 2), None)
+    assert chooser._choice_file(chooser.choice_key(checked, "auto", 2), None) != chooser._choice_file(chooser.choice_key(plain, "auto", 2), None)
     # Without native bfloat16 bf16 is emulated (slower, and not what was checked): fp32 only.
     monkeypatch.setenv("TAGGER_CPU_BF16", "0")
-    assert runtimes.candidates("auto", checked) == fp32
+    assert chooser.candidates("auto", checked) == fp32
     # An explicit --precision is measured among the runtimes that compute it, checked or not.
-    assert runtimes.candidates("int8", checked) == [("onnx", "int8"), ("openvino", "int8")]
+    assert chooser.candidates("int8", checked) == [("onnx", "int8"), ("openvino", "int8")]
     # int8 passed with one set of calibration photos competes only while the job calibrates on the same ones.
     from tagger.model.bundle import record_precision_check as record
 
     int8 = {"candidate": "openvino int8", "model_version": checked.model_version, "passed": True, "calibration": {"source": "generated"}}
     checked = record(checked.path, int8)
-    assert ("openvino", "int8") in runtimes.candidates("auto", checked)
+    assert ("openvino", "int8") in chooser.candidates("auto", checked)
     photos = tmp_path / "calibration"
     photos.mkdir()
     monkeypatch.setenv("TAGGER_INT8_CALIBRATION", str(photos))
-    assert ("openvino", "int8") not in runtimes.candidates("auto", checked)
+    assert ("openvino", "int8") not in chooser.candidates("auto", checked)
     # A check is recorded only on the model it scored.
     with pytest.raises(BundleError, match="is not the checked one"):
         record_precision_check(checked.path, {"candidate": "openvino bf16", "model_version": "0" * 16, "passed": True})
 
 
-@pytest.mark.skipif(not runtimes.installed("openvino"), reason="extra [openvino] not installed")
+@pytest.mark.skipif(not engines.installed("openvino"), reason="extra [openvino] not installed")
 def test_evaluate_at_auto_scores_what_the_tag_job_computes_when_a_checked_bf16_wins(demo, driven_bundle, measuring, tmp_path, monkeypatch):
     """On a CPU with native bf16 where the bundle's checked OpenVINO bf16 costs the least, tag writes bf16 tags:
     evaluate at auto must score those, not fp32 ones (issue 18: the same numbers on one machine)."""
@@ -550,7 +553,7 @@ def test_evaluate_at_auto_scores_what_the_tag_job_computes_when_a_checked_bf16_w
     folder = _checked_copy(driven_bundle, tmp_path, {"openvino bf16": True})
     monkeypatch.setenv("TAGGER_CPU_BF16", "1")
     costs = {"onnx fp32": 24.0, "openvino fp32": 15.0, "torch fp32": 60.0, "openvino bf16": 8.0}
-    monkeypatch.setattr(runtimes, "_measure_all", lambda b, pairs, *a: {f"{r} {p}": costs[f"{r} {p}"] for r, p in pairs if f"{r} {p}" in costs})
+    monkeypatch.setattr(chooser, "_measure_all", lambda b, pairs, *a: {f"{r} {p}": costs[f"{r} {p}"] for r, p in pairs if f"{r} {p}" in costs})
     out = tmp_path / "out"
     result = tag("--catalog", str(demo.catalog), "--model", folder, "--out", str(out), "--run-date", "2026-01-04")
     assert result.exit_code == 0, result.output
@@ -561,11 +564,11 @@ def test_evaluate_at_auto_scores_what_the_tag_job_computes_when_a_checked_bf16_w
     # Without a passed check there is nothing but fp32 to choose: evaluate keeps the order retrain's scoring uses
     # (so it reproduces retrain's recorded metrics exactly), whatever the measuring would say.
     plain = run_evaluate(EvaluateConfig(model=driven_bundle, data=str(demo.root), split="all", workers=0, plots=False))
-    assert plain.computed == runtimes.choose_runtime("auto", CPU).name == "onnx"
+    assert plain.computed == chooser.choose_runtime("auto", CPU).name == "onnx"
 
 
 # -- a cached export checked against the bundle's reference outputs -----------------------------------
-@pytest.mark.skipif(not runtimes.installed("onnx"), reason="extra [onnx] not installed")
+@pytest.mark.skipif(not engines.installed("onnx"), reason="extra [onnx] not installed")
 def test_a_cached_export_that_reproduces_the_reference_outputs_spares_building_the_network(demo, driven_bundle, tmp_path, monkeypatch):
     """save_bundle records what the network computes on the check images; a later run whose cached export
     reproduces them neither imports timm nor builds the network (a run's start: ~2.5 s less), and tags the same."""
@@ -573,7 +576,7 @@ def test_a_cached_export_that_reproduces_the_reference_outputs_spares_building_t
     from tests.test_tag import read, tag
 
     bundle = load_bundle(driven_bundle)
-    assert bundle.reference_outputs["images"] == runtimes.check_images_digest(runtimes.trial_images(bundle.input_size, 2))
+    assert bundle.reference_outputs["images"] == check_images.check_images_digest(check_images.trial_images(bundle.input_size, 2))
     assert set(bundle.reference_outputs["probabilities"]) == set(bundle.attribute_names)
     monkeypatch.setenv("TAGGER_CACHE", str(tmp_path / "cache"))
     args = ("--catalog", str(demo.catalog), "--model", driven_bundle, "--runtime", "onnx")
@@ -584,7 +587,7 @@ def test_a_cached_export_that_reproduces_the_reference_outputs_spares_building_t
         raise AssertionError("built the PyTorch network although the cached export reproduces the reference outputs")
 
     monkeypatch.setattr(ModelBundle, "_build", no_network)
-    runtimes._REFERENCE_CHECKED.clear()
+    export._REFERENCE_CHECKED.clear()
     second = tag(*args, "--out", str(tmp_path / "second"), "--run-date", "2026-01-05")
     assert second.exit_code == 0, second.output
     columns = [c for c in read(tmp_path / "first", "tags", "2026-01-05").columns if c not in ("run_id", "tagged_at")]
@@ -592,7 +595,7 @@ def test_a_cached_export_that_reproduces_the_reference_outputs_spares_building_t
         read(tmp_path / "first", "tags", "2026-01-05").select(columns).sort("product_id"))
 
 
-@pytest.mark.skipif(not runtimes.installed("onnx"), reason="extra [onnx] not installed")
+@pytest.mark.skipif(not engines.installed("onnx"), reason="extra [onnx] not installed")
 def test_reference_outputs_of_other_check_images_fall_back_to_the_pytorch_check(driven_bundle, tmp_path, caplog):
     import shutil
 
@@ -603,8 +606,8 @@ def test_reference_outputs_of_other_check_images_fall_back_to_the_pytorch_check(
     (folder / "model.json").write_text(json.dumps(meta))
     bundle = load_bundle(str(folder))
     cache = tmp_path / "cache"
-    runtimes.onnx_model(bundle, cache)
-    assert runtimes.verified_export(bundle, cache) is None  # not usable: the tag job builds the network to check
-    with caplog.at_level(logging.INFO, logger="tagger.model.runtimes"):
-        assert runtimes.onnx_model(bundle, cache).is_file()
+    export.onnx_model(bundle, cache)
+    assert export.verified_export(bundle, cache) is None  # not usable: the tag job builds the network to check
+    with caplog.at_level(logging.INFO, logger="tagger.model"):
+        assert export.onnx_model(bundle, cache).is_file()
     assert "cached; checked:" in caplog.text  # against PyTorch, as before reference outputs existed

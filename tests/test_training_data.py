@@ -15,7 +15,7 @@ from tagger.training.datamodule import FashionDataModule, train_transform
 from tagger.training.config import RetrainConfig
 from tagger.data.kaggle import DataError, load_kaggle, parse_styles
 from tagger.data.labels import OTHER, build_vocabularies, encode_targets, fold_rare_labels, resolve_min_label_count
-from tagger.training.split import SPLITS, read_split, stratified_split, write_split
+from tagger.data.split import SPLITS, read_split, stratified_split, write_split
 
 HEADER = "id,gender,masterCategory,subCategory,articleType,baseColour,season,year,usage,productDisplayName"
 COLOURS = {"Red": (210, 30, 30), "Green": (30, 150, 50), "Blue": (40, 70, 220), "Yellow": (240, 215, 40)}

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from jobs.cli import cli
 from tagger.model.bundle import BundleError, load_bundle
 from tagger.tag.writers import read_complete_partition
-from tagger.training.split import read_split
+from tagger.data.split import read_split
 
 pytestmark = pytest.mark.slow
 
@@ -269,3 +269,36 @@ def test_an_attribute_of_one_class_is_refused_before_any_image_is_decoded(catalo
     assert result.exit_code == 2, result.output
     assert said in result.output and "--attribute fit" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "b").exists()
+
+
+def test_retrain_reads_a_labelled_manifest_of_cdn_photos_from_allowed_hosts_only(catalog, tmp_path):
+    """A retailer's labelled catalog points at its CDN: retrain reads those photos through the tag job's own
+    source (its http policy and size caps, with the same options and messages), as evaluate does."""
+    from .http_server import PhotoServer
+
+    rows = pq.read_table(catalog).to_pylist()
+    server = PhotoServer(catalog.parent / "images").start()
+    try:
+        manifest = tmp_path / "cdn.csv"
+        with open(manifest, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["sku", "photo", "garment", "colour"])
+            writer.writerows([r["sku"], f"{server.url}/img/{Path(r['photo']).name}", r["garment"] or "", r["colour"]] for r in rows)
+        common = ["--data", str(manifest), "--attribute", "garment", "--attribute", "colour", "--id-column", "sku",
+                  "--image-column", "photo", *COMMON, "--max-epochs", "1"]
+        refused = run("retrain", *common, "--out", str(tmp_path / "refused"))
+        assert refused.exit_code == 2 and "could be decoded" in refused.output and "--allow-host" in refused.output, refused.output
+        assert server.count("GET", "/img/") == 0
+        allow = ["--allow-host", "127.0.0.1", "--allow-private-addresses", "--allow-plain-http"]
+        too_big = run("retrain", *common, *allow, "--max-image-bytes", "100", "--out", str(tmp_path / "too-big"))
+        assert too_big.exit_code == 2 and "raise --max-image-bytes" in too_big.output, too_big.output
+        before = server.count("GET", "/img/")
+        trained = run("retrain", *common, *allow, "--out", str(tmp_path / "cdn"))
+        assert trained.exit_code == 0, trained.output
+        assert server.count("GET", "/img/") - before == len(rows)  # each photo read once, into the decoded cache
+    finally:
+        server.stop()
+    loaded = load_bundle(str(tmp_path / "cdn"))
+    assert loaded.attribute_names == ATTRS and loaded.training["data"]["rows"]["used"] == len(rows)
+    widen = run("retrain", *common, "--allow-plain-http", "--out", str(tmp_path / "widen"))
+    assert widen.exit_code == 2 and "--allow-host" in widen.output and "which names no host" in widen.output, widen.output

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tagger.model.network import create_tagger_net, resolve_data_config
-from tagger.evaluation.metrics import THRESHOLD_MARGIN, calibrate_threshold, majority_baseline
+from tagger.metrics import THRESHOLD_MARGIN, calibrate_threshold, majority_baseline
 from tagger.training.module import TaggerModule, masked_cross_entropy, warmup_cosine
 
 

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from tagger.attributes import ATTRIBUTES
 from tagger.model.bundle import load_bundle
 from tagger.training import ConfigError, RetrainConfig, retrain
-from tagger.training.split import read_split
+from tagger.data.split import read_split
 
 pytestmark = pytest.mark.slow
 

@@ -5,6 +5,9 @@
   and collate of tag, evaluate and predict; ``load_image`` for retrain;
 - :mod:`.decode`: bytes -> upright RGB letterboxed square (draft decode, modes, bomb guard) or ImageError;
 - :mod:`.kaggle`: the Kaggle "Fashion Product Images" layout (styles.csv, images/) read by retrain and evaluate;
+- :mod:`.split`: the seeded train/val/test split of labelled rows and its split.parquet (retrain writes it,
+  evaluate reads it);
+- :mod:`.drawings`: generated product pictures (the demo catalog's, int8 calibration's generated set);
 - :mod:`.labels`: rare labels folded into ``Other``, label strings <-> class indices (retrain and evaluate).
 
 Importing this package is cheap: it imports none of its modules.

@@ -5,9 +5,12 @@
 - :func:`fetch_image`: the same with every failure typed: :class:`ImageError` for this image (``missing``,
   ``forbidden``, ``not_a_file``, ``invalid_location``, ``too_large``), :class:`StorageUnavailable` when
   the store itself is failing;
-- :func:`load_image`: fetch + :func:`tagger.data.decode.decode_image` (retrain decodes through it);
-- :class:`ImageRows` + :func:`collate`: the DataLoader dataset and batches of tag, evaluate and predict;
-  :func:`worker_context`: their worker processes' start method.
+- :class:`ImageSettings`: how every command reads an image (byte and pixel caps, draft decode, the http
+  policy, storage options), built once from the options (:func:`image_settings`; jobs/options.py declares
+  them) and carried whole: :meth:`ImageSettings.load` is one location -> pixels or a typed error;
+- :func:`load_image`: the same as a function (retrain's data module reads through it);
+- :class:`ImageRows` + :func:`collate`: rows -> pixels or each row's error, the dataset and batches of tag (both
+  engines), evaluate and predict; :func:`worker_context`: their worker processes' start method.
 
 The rows to read live in an Arrow table (for the tag job an IPC file that each worker memory-maps:
 workers share the page cache instead of each unpickling a copy of a million-element Python list, whose
@@ -21,7 +24,7 @@ import errno
 import multiprocessing
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -31,7 +34,7 @@ from fsspec.asyn import sync
 from .. import storage
 from . import http as http_images
 from .decode import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS, ImageError, decode_image
-from .http import HttpPolicy
+from .http import HttpPolicy, http_policy
 
 if TYPE_CHECKING:
     import torch
@@ -146,19 +149,62 @@ def fetch_image(
         raise ImageError(error_type, message) from None
 
 
-def load_image(
-    location: str,
-    size: int,
-    options: Mapping[str, Any] | None = None,
-    *,
-    max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
-    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-    draft: bool = True,
-) -> np.ndarray:
-    """Location -> ``(size, size, 3)`` uint8 (read-only), exactly as the tag job prepares it; raises like
-    :func:`fetch_image` and :func:`tagger.data.decode.decode_image`."""
-    data, _ = fetch_image(location, options, max_bytes=max_bytes)
-    return decode_image(data, size, source=location, max_pixels=max_pixels, draft=draft)
+@dataclass(frozen=True)
+class ImageSettings:
+    """How an image is read, the same in every command: the byte cap (refused from the size, before reading),
+    the pixel cap (decompression bombs, refused from the header), JPEG draft decode, which http(s):// hosts may
+    be read and how patiently (None: none), and the fsspec options of s3:// and other stores. Frozen and
+    picklable: it travels whole to DataLoader workers and Ray's decode tasks."""
+
+    max_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    draft: bool = True
+    http: HttpPolicy | None = None
+    storage_options: Mapping[str, Any] = field(default_factory=dict, hash=False)
+
+    def fetch(self, location: str) -> tuple[bytes, str]:
+        """Bytes and version, or :class:`ImageError` / :class:`StorageUnavailable` (:func:`fetch_image`)."""
+        return fetch_image(location, self.storage_options, max_bytes=self.max_bytes, http=self.http)
+
+    def decode(self, data: bytes, size: int, location: str) -> np.ndarray:
+        return decode_image(data, size, source=location, max_pixels=self.max_pixels, draft=self.draft)
+
+    def load(self, location: str, size: int) -> np.ndarray:
+        """Location -> ``(size, size, 3)`` uint8 (read-only), exactly as the tag job prepares it; raises like
+        :func:`fetch_image` and :func:`tagger.data.decode.decode_image`."""
+        data, _ = self.fetch(location)
+        return self.decode(data, size, location)
+
+
+def image_settings(*, max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                   draft_decode: bool = True, allow_hosts: Sequence[str] = (), allow_private_addresses: bool = False,
+                   allow_plain_http: bool = False, http_deadline: float = 120.0,
+                   storage_options: Mapping[str, Any] | None = None) -> ImageSettings:
+    """The image options as every command names them (jobs/options.py) -> :class:`ImageSettings`. ValueError
+    for values that cannot be (a cap under 1, http options that contradict each other, a host that is not one)."""
+    problems = [f"{name} must be >= 1" for name, value in (("max_image_bytes", max_image_bytes),
+                                                           ("max_image_pixels", max_image_pixels)) if value < 1]
+    if problems:
+        raise ValueError("; ".join(problems))
+    http = http_policy(tuple(allow_hosts), allow_private_addresses=allow_private_addresses,
+                       allow_plain_http=allow_plain_http, deadline=http_deadline)
+    return ImageSettings(max_image_bytes, max_image_pixels, draft_decode, http, dict(storage_options or {}))
+
+
+# The fields of a command's config that say how it reads images, named as the options are (jobs/options.py).
+IMAGE_OPTIONS = ("max_image_bytes", "max_image_pixels", "draft_decode", "allow_hosts", "allow_private_addresses",
+                 "allow_plain_http", "http_deadline", "storage_options")
+
+
+def image_settings_of(config: Any) -> ImageSettings:
+    """:func:`image_settings` from the fields of ``IMAGE_OPTIONS`` that a command's config has (tag's, evaluate's,
+    retrain's): each command reads its images the same way from the same options."""
+    return image_settings(**{name: getattr(config, name) for name in IMAGE_OPTIONS if hasattr(config, name)})
+
+
+def load_image(location: str, size: int, images: ImageSettings | None = None) -> np.ndarray:
+    """:meth:`ImageSettings.load` with ``images`` (default: the default caps, no http, no storage options)."""
+    return (images or ImageSettings()).load(location, size)
 
 
 def classify_read_error(exc: BaseException, location: str) -> tuple[str, str]:
@@ -204,30 +250,17 @@ class ImageRows:
 
     ``rows``: the path of an Arrow IPC file with columns ``row`` (int64) and ``location`` (string),
     memory-mapped by each worker (the tag job's millions of rows), or such a table in memory (evaluate,
-    predict; see :meth:`from_locations`). ``preview``: a picklable function of the image's bytes whose
-    result rides along with decoded images, so that predict's thumbnails need no second read.
+    predict; see :meth:`from_locations`). ``images``: how each is read (default: the default caps, no http).
+    ``preview``: a picklable function of the image's bytes whose result rides along with decoded images,
+    so that predict's thumbnails need no second read.
     """
 
-    def __init__(
-        self,
-        rows: str | pa.Table,
-        size: int,
-        *,
-        storage_options: Mapping[str, Any] | None = None,
-        max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-        max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
-        draft: bool = True,
-        preview: Callable[[bytes], Any] | None = None,
-        http: HttpPolicy | None = None,
-    ):
+    def __init__(self, rows: str | pa.Table, size: int, images: ImageSettings | None = None, *,
+                 preview: Callable[[bytes], Any] | None = None):
         self.rows_file = rows if isinstance(rows, str) else None
         self.size = size
-        self.storage_options = dict(storage_options or {})
-        self.max_pixels = max_pixels
-        self.max_bytes = max_bytes
-        self.draft = draft
+        self.images = images or ImageSettings()
         self.preview = preview
-        self.http = http
         if self.rows_file is None:
             self._table: pa.Table | None = rows
             self._length = rows.num_rows
@@ -240,10 +273,11 @@ class ImageRows:
         self._unavailable: str | None = None
 
     @classmethod
-    def from_locations(cls, locations: Sequence[str], size: int, **options: Any) -> ImageRows:
+    def from_locations(cls, locations: Sequence[str], size: int, images: ImageSettings | None = None, *,
+                       preview: Callable[[bytes], Any] | None = None) -> ImageRows:
         """Rows numbered 0..n-1 in the order given."""
         table = pa.table({"row": pa.array(np.arange(len(locations)), pa.int64()), "location": pa.array(list(locations), pa.string())})
-        return cls(table, size, **options)
+        return cls(table, size, images, preview=preview)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
@@ -266,14 +300,14 @@ class ImageRows:
         if self._unavailable is not None:
             return Item(row, None, "", TRANSIENT, f"{location}: not read; {self._unavailable}")
         try:
-            data, version = fetch_image(location, self.storage_options, max_bytes=self.max_bytes, http=self.http)
+            data, version = self.images.fetch(location)
         except StorageUnavailable as exc:
             self._unavailable = str(exc)
             return Item(row, None, "", TRANSIENT, str(exc))
         except ImageError as exc:
             return Item(row, None, "", exc.error_type, exc.message)
         try:
-            pixels = decode_image(data, self.size, source=location, max_pixels=self.max_pixels, draft=self.draft)
+            pixels = self.images.decode(data, self.size, location)
         except ImageError as exc:
             return Item(row, None, version, exc.error_type, exc.message)
         return Item(row, pixels, version, "", "", self.preview(data) if self.preview is not None else None)

@@ -1,7 +1,7 @@
 """``tagger evaluate --baseline BUNDLE``: two models on the same rows, attribute by attribute.
 
 Per attribute both bundles have, over the rows both decoded and both have a label for: each model's accuracy with its
-standard error, the difference, its paired standard error (:func:`tagger.evaluation.metrics.paired_difference`: the
+standard error, the difference, its paired standard error (:func:`tagger.metrics.paired_difference`: the
 rows are the same, so only the rows that changed move the difference), and how many rows each got right that the other
 did not. Each model is scored against its own encoding of the labels (its folded labels, its Other), as its own
 report scores it; a null tag (out of an attribute's scope) is not right. The changed rows are listed one by one.
@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from .metrics import accuracy_se, paired_difference
+from ..metrics import accuracy_se, paired_difference
 
 COMPARISON_SCHEMA = pa.schema([
     ("attribute", pa.string()),

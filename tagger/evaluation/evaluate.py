@@ -20,9 +20,9 @@ import numpy as np
 from .. import storage
 from ..model.bundle import ModelBundle, load_bundle
 from ..data.decode import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS
-from ..tag.config import DEVICES, PRECISIONS, RUNTIMES
+from ..model.settings import DEVICES, PRECISIONS, RUNTIMES
 from ..data.labels import UNKNOWN_LABEL_POLICIES, LabelMapping, encode_labels
-from ..training.split import SPLIT_FILE
+from ..data.split import SPLIT_FILE
 from . import EvaluationError
 from ..model.scoring import ModelOutputs
 
@@ -100,17 +100,20 @@ class EvaluateConfig:
         return self
 
     def http_policy(self):
-        from ..data.http import http_policy
+        return self.image_settings().http
 
-        return http_policy(self.allow_hosts, allow_private_addresses=self.allow_private_addresses,
-                           allow_plain_http=self.allow_plain_http, deadline=self.http_deadline)
+    def image_settings(self):
+        """How the split's photos are read: the tag job's caps, http policy and storage options."""
+        from ..data.reader import image_settings_of
+
+        return image_settings_of(self)
 
 
 @dataclass
 class AttributeEvaluation:
     name: str
     labels: tuple[str, ...]
-    metrics: dict[str, Any]  # see tagger.evaluation.metrics.attribute_metrics, plus majority_label/_source
+    metrics: dict[str, Any]  # see tagger.metrics.attribute_metrics, plus majority_label/_source
     classes: list[dict[str, Any]]  # per class: label, precision, recall, f1, support, predicted
     confusion: np.ndarray  # counts, rows true, columns predicted
     mapping: LabelMapping
@@ -173,7 +176,7 @@ def evaluate(config: EvaluateConfig) -> Evaluation:
             f"{config.model} has no {SPLIT_FILE}, so its {config.split} rows are unknown (bundles written by "
             "`tagger retrain` carry one). Use --split all to evaluate every row of --data, e.g. an external test set."
         )
-    device, runtime = _device(config.device, config.precision, config.runtime, bundle)
+    inference = _inference(config, bundle)
 
     # The bundle's attributes are the label columns to read: whatever it was trained on, not the Kaggle seven.
     kaggle = load_training_data(config.data, bundle.attribute_names, options, corrections=config.corrections,
@@ -198,13 +201,12 @@ def evaluate(config: EvaluateConfig) -> Evaluation:
 
     ids = selected["id"].to_list()
     urls = selected["image"].to_list()
-    log.info("evaluating %s on %d %s rows of %s (%s)", config.model, len(ids), config.split, config.data_text, device)
+    log.info("evaluating %s on %d %s rows of %s (%s)", config.model, len(ids), config.split, config.data_text, inference.device)
     from ..model.scoring import progress_logger, run_model
 
     outputs = run_model(
-        bundle, urls, device=device, precision=config.precision, runtime=runtime, batch_size=config.batch_size, workers=config.workers,
-        storage_options=options, max_bytes=config.max_image_bytes, max_pixels=config.max_image_pixels,
-        http=config.http_policy(), on_batch=progress_logger("evaluate"),
+        bundle, urls, inference=inference, batch_size=config.batch_size, workers=config.workers,
+        images=config.image_settings(), on_batch=progress_logger("evaluate"),
     )
     if not outputs.ok.any():
         raise EvaluationError(f"none of the {len(ids)} images could be decoded; first error: {next(iter(outputs.errors.values()))[1]}")
@@ -219,8 +221,7 @@ def evaluate(config: EvaluateConfig) -> Evaluation:
         config=config, bundle=bundle, split=config.split, attributes=attributes, ids=[str(i) for i in ids], urls=urls,
         ok=outputs.ok, errors=outputs.errors, raw_labels=raw, targets=targets, top_index=outputs.top_index,
         top_score=outputs.top_score, data_fingerprint=kaggle.fingerprint, data_rows=kaggle.report.to_dict(), notes=notes,
-        seconds=time.monotonic() - started, device=str(device),
-        computed=f"{runtime.name} {runtime.precision}" if runtime.precision else runtime.name,
+        seconds=time.monotonic() - started, device=str(inference.device), computed=inference.computed,
     )
     if config.baseline:
         from dataclasses import replace
@@ -267,7 +268,7 @@ def _select_rows(config: EvaluateConfig, all_ids: list[str], split_map: dict[str
 
 def _score(spec, target: np.ndarray, outputs: ModelOutputs, majority: tuple[str | None, str], mapping: LabelMapping) -> AttributeEvaluation:
     """One attribute's numbers over the rows with a decoded image and a target, from the tag job's top labels."""
-    from .metrics import accuracy_se, attribute_metrics, confusion, per_class
+    from ..metrics import accuracy_se, attribute_metrics, confusion, per_class
 
     index, score = outputs.top(spec.name)
     # A decoded row with index -1 got a null tag: out of the attribute's scope (applies_when), as tag writes it. Its
@@ -293,7 +294,7 @@ def _score(spec, target: np.ndarray, outputs: ModelOutputs, majority: tuple[str 
 
 
 def _read_split(url: str, options: Mapping[str, Any]) -> dict[str, str]:
-    from ..training.split import read_split
+    from ..data.split import read_split
 
     try:
         return read_split(url, options)
@@ -303,26 +304,21 @@ def _read_split(url: str, options: Mapping[str, Any]) -> dict[str, str]:
         raise EvaluationError(f"{url}: not a readable split file ({type(exc).__name__}: {exc})") from None
 
 
-def _device(requested: str, precision: str, runtime: str = "auto", bundle=None):
-    """The device and runtime, with the precision checked against them (fp16 is for CUDA, ONNX Runtime is
-    fp32) and the runtime's package against what is installed, before any image is read.
+def _inference(config: EvaluateConfig, bundle: ModelBundle):
+    """The device, runtime and precision, checked against each other (fp16 is for CUDA, ONNX Runtime is fp32)
+    and against what is installed, before any image is read: the tag job's resolution with ``measure="checked"``.
 
     ``auto``: the first installed of ONNX Runtime, OpenVINO, PyTorch in fp32, as retrain's scoring picks it,
     so that evaluate reproduces retrain's recorded metrics exactly; tag's measured fp32 choice may be another
     fp32 runtime, equal within float jitter. Where the bundle passed a precision check in a reduced precision
     this CPU computes natively, tag may choose that, and its tags differ by more than jitter: then evaluate
     takes tag's own measured choice (cached per model_version and CPU), to score what tag writes."""
-    from ..model.predictor import precision_settings, resolve_device
-    from ..model.runtimes import candidates, choose_runtime
+    from ..model.inference import InferenceSpec, resolve
 
     try:
-        device = resolve_device(requested)
-        reduced = bundle is not None and precision == "auto" and any(p != "fp32" for _, p in candidates("auto", bundle))
-        chosen = choose_runtime(runtime, device, precision, bundle=bundle if reduced else None)
-        precision_settings(chosen.precision if chosen.precision and precision == "auto" else precision, device, chosen.name)
+        return resolve(InferenceSpec(config.device, config.runtime, config.precision), bundle, measure="checked")
     except (RuntimeError, ValueError) as exc:
         raise EvaluationError(str(exc)) from None
-    return device, chosen
 
 
 def _majorities(bundle, table, all_ids, split_map, targets, vocab, unknown_labels) -> dict[str, tuple[str | None, str]]:
@@ -336,7 +332,7 @@ def _majorities(bundle, table, all_ids, split_map, targets, vocab, unknown_label
             train = table.filter(pl.Series([split_map.get(row_id) == "train" for row_id in all_ids]))
             columns = {a: (train[a].to_list() if a in train.columns else [None] * train.height) for a in vocab}
             train_targets, _ = encode_labels(columns, vocab, bundle.training, unknown_labels)
-    from .metrics import majority_index
+    from ..metrics import majority_index
 
     out: dict[str, tuple[str | None, str]] = {}
     for j, (attr, labels) in enumerate(vocab.items()):

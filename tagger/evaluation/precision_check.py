@@ -5,7 +5,7 @@ faster but rounds differently, so a few tags change; whether that matters is mea
 split is scored twice, by the same runtime in fp32 and in the reduced precision, and the reduced one passes
 when no attribute's accuracy falls more than ``tolerance`` points below fp32's (issue 22: 0.5). The record goes
 into the bundle's model.json (``precision_checks``), passed or not, and ``--runtime auto`` then lets that runtime
-and precision compete with the fp32 ones, where the CPU computes it natively (:func:`tagger.model.runtimes.candidates`).
+and precision compete with the fp32 ones, where the CPU computes it natively (:func:`tagger.model.choice.candidates`).
 """
 
 from __future__ import annotations
@@ -29,7 +29,9 @@ def check_precision(config: EvaluateConfig, tolerance: float = TOLERANCE_POINTS,
                     min_rows: int = MIN_ROWS) -> tuple[dict[str, Any], Evaluation, Evaluation]:
     """Score ``config``'s split in fp32 and in ``config.precision`` with ``config.runtime`` -> (record, fp32
     evaluation, reduced evaluation). Raises :class:`EvaluationError` for a runtime or precision that is not one to check."""
-    from ..model.runtimes import CPU_PRECISIONS, calibration_identity, cpu_identity, library_versions
+    from ..model.cpu import cpu_identity, library_versions
+    from ..model.engines import CPU_PRECISIONS
+    from ..model.int8 import calibration_identity
 
     if config.precision not in REDUCED:
         raise EvaluationError(f"--check-precision compares a reduced precision with fp32: give --precision {' or '.join(REDUCED)}, "

@@ -59,7 +59,7 @@ class ModelBundle:
     # scored both in fp32 and in that arithmetic, per attribute, and whether every attribute stayed within the
     # tolerance. Not part of model_version: a check says how the same model behaves, it changes no prediction.
     precision_checks: Mapping[str, Any] = field(default_factory=dict)
-    # What the network computes in fp32 on the deterministic check images (tagger.model.runtimes.trial_images):
+    # What the network computes in fp32 on the deterministic check images (tagger.model.check_images.trial_images):
     # per attribute, the softmax probabilities, with a hash of the images. A cached ONNX export that reproduces
     # them is this model's, checked without building the PyTorch network (timm's import alone is ~2.5 s of
     # every run's start). Written by save_bundle; not part of model_version (it follows from the weights).
@@ -358,7 +358,7 @@ def _from_meta(path: str, meta: Mapping[str, Any], weights: bytes) -> ModelBundl
 
 def reference_outputs(net: TaggerNet, names: Sequence[str]) -> dict[str, Any]:
     """``net``'s fp32 probabilities on the check images, as model.json's ``reference_outputs`` holds them."""
-    from .runtimes import check_images_digest, trial_images
+    from .check_images import check_images_digest, trial_images
 
     images = trial_images(int(net.data_config.input_size), 2)
     was_training = net.training

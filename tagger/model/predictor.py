@@ -2,7 +2,7 @@
 
 The one forward pass of tag, evaluate, predict and retrain's val/test scoring: the same device rule,
 runtime (``--runtime``: PyTorch, or the exported network in ONNX Runtime or OpenVINO, see
-:mod:`tagger.model.runtimes`), precision (``--precision``), channels-last and uint8 input everywhere, and one
+:mod:`tagger.model.engines`), precision (``--precision``), channels-last and uint8 input everywhere, and one
 softmax/top-label step after whichever runtime produced the logits, so that evaluate and the review
 thresholds measure exactly what the tag job writes. Pure compute; the only I/O is the ONNX export cache.
 """
@@ -11,16 +11,20 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from . import runtimes
+from . import cpu, engines
 from .bundle import ModelBundle
-from ..tag.config import PRECISIONS
+from .engines import RuntimeChoice
+from .export import onnx_model
+from .int8 import int8_model
 from .network import TaggerNet
-from .runtimes import RuntimeChoice, choose_runtime
 from .scope import decode_labels, scope_predictions
+from .settings import PRECISIONS
 
 log = logging.getLogger(__name__)
 
@@ -53,13 +57,13 @@ def precision_settings(precision: str, device: torch.device, runtime: str = "tor
     figures). ``fp32`` turns autocast off.
 
     ``runtime`` onnx/openvino (CPU only): the same words, checked against what that runtime computes
-    (:func:`tagger.model.runtimes.cpu_precision`: ONNX Runtime fp32 only, OpenVINO fp32 or bf16, ``auto`` bf16
+    (:func:`tagger.model.engines.cpu_precision`: ONNX Runtime fp32 only, OpenVINO fp32 or bf16, ``auto`` bf16
     only where the CPU has it natively); the result is passed on as ``amp``/``amp_dtype`` like PyTorch's.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if runtime not in ("torch", "auto"):
-        computed = runtimes.cpu_precision(runtime, precision)
+        computed = engines.cpu_precision(runtime, precision)
         if computed == "int8":
             return {"amp": False, "int8": True}
         return {"amp": True, "amp_dtype": torch.bfloat16} if computed == "bf16" else {"amp": False}
@@ -77,7 +81,7 @@ def precision_settings(precision: str, device: torch.device, runtime: str = "tor
 
 
 def _cpu_has_bf16() -> bool:
-    return runtimes.cpu_has_bf16()
+    return cpu.cpu_has_bf16()
 
 
 @dataclass(frozen=True)
@@ -97,8 +101,9 @@ class Predictor:
     val/test scoring, before any bundle exists; it is put in eval mode and left on ``device``).
     ``precision``: ``auto``/``fp32``/``bf16``/``fp16``, as :func:`precision_settings` resolves it; or
     give ``amp``/``amp_dtype`` directly. Neither: autocast (fp16) on CUDA only.
-    ``runtime``: ``torch`` (default), ``onnx``, ``openvino`` or ``auto`` (:func:`tagger.model.runtimes.choose_runtime`),
-    or a :class:`RuntimeChoice` made earlier; the exported runtimes need a bundle (the export is cached
+    ``runtime``: ``torch`` (default), ``onnx``, ``openvino``, or a :class:`RuntimeChoice` made earlier (``auto``
+    is chosen by :func:`tagger.model.inference.resolve`, which measures with Predictors); the exported runtimes
+    need a bundle (the export is cached
     by its ``model_version``). ``runtime_cache``: where exports are cached (default: the user cache).
     """
 
@@ -106,8 +111,7 @@ class Predictor:
                  amp: bool | None = None, channels_last: bool = True, amp_dtype: torch.dtype | None = None,
                  runtime: str | RuntimeChoice = "torch", runtime_cache: str | None = None, int8: bool = False):
         if not isinstance(runtime, RuntimeChoice):
-            runtime = choose_runtime(runtime, device, precision or "auto",
-                                     bundle=model if isinstance(model, ModelBundle) and amp is None else None)
+            runtime = engines.asked_for(runtime, device)
         self.runtime = runtime
         if runtime.precision is not None and precision in (None, "auto") and amp is None:
             precision = runtime.precision  # `auto` measured the runtime together with what it computes in
@@ -125,7 +129,7 @@ class Predictor:
         # fast path for convolutions on both CUDA (tensor cores) and CPU (oneDNN).
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.net: TaggerNet | None = None
-        self.exported: runtimes.ExportedModel | None = None
+        self.exported: ExportedModel | None = None
         if self.runtime.name == "torch":
             if self.int8:
                 raise ValueError("int8 runs the quantized ONNX export: use runtime onnx or openvino")
@@ -137,9 +141,9 @@ class Predictor:
             if self.amp and self.amp_dtype != torch.bfloat16:
                 raise ValueError(f"runtime {self.runtime.name} runs on the CPU in fp32 or bf16, not {self.amp_dtype}")
             computed = "int8" if self.int8 else "bf16" if self.amp else "fp32"
-            if computed not in runtimes.CPU_PRECISIONS[self.runtime.name]:
-                raise ValueError(f"runtime {self.runtime.name} computes {' or '.join(runtimes.CPU_PRECISIONS[self.runtime.name])}, not {computed}")
-            self.exported = runtimes.ExportedModel(self.bundle, self.runtime.name, computed, runtime_cache)
+            if computed not in engines.CPU_PRECISIONS[self.runtime.name]:
+                raise ValueError(f"runtime {self.runtime.name} computes {' or '.join(engines.CPU_PRECISIONS[self.runtime.name])}, not {computed}")
+            self.exported = ExportedModel(self.bundle, self.runtime.name, computed, runtime_cache)
         # What runs, in what arithmetic, then why ("model: onnx computing in fp32: measured cheapest on this CPU just
         # now (...)"): the arithmetic used, never a --precision setting that reads as contradicting it.
         log.info("model: %s computing in %s: %s", self.runtime.name, self.precision_name, self.runtime.reason)
@@ -185,3 +189,27 @@ class Predictor:
         if self.bundle is None:
             raise ValueError("this Predictor runs a bare network: label strings come from a bundle's vocabularies")
         return decode_labels(self.bundle.attributes, predictions.indices)
+
+
+class ExportedModel:
+    """A bundle's ONNX export run by ``runtime`` on the CPU; the session is made at the first batch, with
+    the torch thread count in effect then, so that ``--threads`` sets every runtime's threads."""
+
+    def __init__(self, bundle: ModelBundle, runtime: str, precision: str, cache_dir: str | Path | None = None):
+        engines.require(runtime)
+        self.runtime, self.precision = runtime, precision
+        self.path = int8_model(bundle, cache_dir) if precision == "int8" else onnx_model(bundle, cache_dir)
+        self._engine: Any = None
+        self._threads = 0
+
+    def engine(self):
+        threads = max(1, torch.get_num_threads())
+        if self._engine is None or threads != self._threads:
+            self._engine, self._threads = engines.ENGINES[self.runtime](self.path, self.precision, threads), threads
+            log.info("runtime %s: %s", self.runtime, self._engine.description)
+        return self._engine
+
+    def __call__(self, images: torch.Tensor) -> list[torch.Tensor]:
+        if images.dtype != torch.uint8:
+            raise TypeError(f"the exported model takes uint8 images, got {images.dtype}")
+        return [torch.from_numpy(np.asarray(a)) for a in self.engine()(images.cpu())]

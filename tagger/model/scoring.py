@@ -14,14 +14,15 @@ import functools
 import io
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from .bundle import ModelBundle
-from ..data.decode import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS
+from .inference import Inference
+from ..data.reader import ImageSettings
 
 log = logging.getLogger(__name__)
 
@@ -73,33 +74,27 @@ def run_model(
     bundle: ModelBundle,
     locations: Sequence[str],
     *,
-    device: Any,
-    precision: str = "auto",
-    runtime: Any = "torch",
+    inference: Inference,
     batch_size: int = 64,
     workers: int = 0,
-    storage_options: Mapping[str, Any] | None = None,
-    max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
-    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    images: ImageSettings | None = None,
     thumb_size: int | None = None,
     on_batch: Callable[[int, int], None] | None = None,
-    http: Any = None,
 ) -> ModelOutputs:
     """Decode and predict every location; a failed image becomes an entry in ``errors``, never a gap.
-    ``http``: the :class:`tagger.data.http.HttpPolicy` for http(s):// locations (None: they are errors).
+    ``inference``: what runs the model (:func:`tagger.model.inference.resolve` against ``bundle``); ``images``:
+    how each location is read (:class:`tagger.data.reader.ImageSettings`; default: the default caps, no http).
 
     Raises :class:`tagger.data.reader.StorageUnavailable` when the store fails (after retries): numbers over
     the images that happened to load would be numbers over an arbitrary subset.
     """
-    import torch
     from torch.utils.data import DataLoader
 
     from .. import storage
-    from .predictor import Predictor
     from ..data.reader import TRANSIENT, ImageRows, StorageUnavailable, collate, worker_context
 
     started = time.monotonic()
-    device = torch.device(device)
+    device = inference.device
     n = len(locations)
     probs = {a.name: np.full((n, len(a.labels)), np.nan, dtype=np.float32) for a in bundle.attributes}
     top_index = {a.name: np.full(n, -1, dtype=np.int64) for a in bundle.attributes}
@@ -107,11 +102,9 @@ def run_model(
     outputs = ModelOutputs(probs, top_index, top_score, np.zeros(n, dtype=bool))
     if n == 0:
         return outputs
-    predictor = Predictor(bundle, device, precision=precision, runtime=runtime)
+    predictor = inference.predictor()
     dataset = ImageRows.from_locations(
-        locations, bundle.input_size, storage_options=storage_options, max_pixels=max_pixels,
-        max_bytes=max_bytes, http=http,
-        preview=functools.partial(thumbnail, size=thumb_size) if thumb_size else None,
+        locations, bundle.input_size, images, preview=functools.partial(thumbnail, size=thumb_size) if thumb_size else None,
     )
     remote = any(storage.is_remote(location) for location in locations)
     loader = DataLoader(

@@ -12,10 +12,9 @@ from .. import storage
 from ..data.decode import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS
 from ..data.http import HttpPolicy, http_policy
 
-DEVICES = ("auto", "cpu", "cuda")
+from ..model.settings import DEVICES, PRECISIONS, RUNTIMES
+
 ENGINES = ("local", "ray")  # what tags the pending shards: this process and its DataLoader, or Ray Data (tagger.tag.ray)
-PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")  # what each means: tagger.model.predictor.precision_settings
-RUNTIMES = ("auto", "torch", "onnx", "openvino")  # what runs the model: tagger.model.runtimes.choose_runtime
 PROGRESS_MODES = ("auto", "bar", "log", "none", "ray")  # ray: Ray's own bars (--engine ray) instead of ours
 START_METHODS = ("auto", "fork", "forkserver", "spawn")
 
@@ -66,7 +65,7 @@ class TagConfig:
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES  # larger files are too_large rows, refused from their size
     draft_decode: bool = True
     precision: str = "auto"  # auto (CUDA fp16, CPU bf16 where native else fp32) | fp32 | bf16 | fp16, see inference.precision_settings
-    runtime: str = "auto"  # auto (by device and measured speed) | torch | onnx | openvino, see runtimes.choose_runtime
+    runtime: str = "auto"  # auto (by device and measured speed) | torch | onnx | openvino, see tagger.model.choice.choose_runtime
     threads: int = 0  # torch threads of the model on the CPU; 0: torch's default (the cores, or OMP_NUM_THREADS)
     progress: str = "auto"
     log_every: float = 30.0
@@ -137,6 +136,13 @@ class TagConfig:
         """What http(s):// images may be read (None: none, they are invalid_location rows as before)."""
         return http_policy(self.allow_hosts, allow_private_addresses=self.allow_private_addresses,
                            allow_plain_http=self.allow_plain_http, deadline=self.http_deadline)
+
+    def image_settings(self):
+        """How every image of the run is read (caps, draft decode, http policy, storage options): a
+        :class:`tagger.data.reader.ImageSettings` (imported here: the CLI reads this module without pyarrow)."""
+        from ..data.reader import image_settings_of
+
+        return image_settings_of(self)
 
     def public_dict(self) -> dict[str, Any]:
         """The arguments as the run summary records them: secrets masked."""

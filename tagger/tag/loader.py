@@ -86,9 +86,7 @@ class ImageLoader:
         rows_file = f"{self._scratch.name}/rows.arrow"
         write_rows(rows_file, self.manifest, self._readable)
         self._readable = None
-        self.dataset = ImageRows(rows_file, self._input_size, storage_options=config.storage_options,
-                                 max_pixels=config.max_image_pixels, max_bytes=config.max_image_bytes,
-                                 draft=config.draft_decode, http=config.http_policy())
+        self.dataset = ImageRows(rows_file, self._input_size, config.image_settings())
         workers = config.workers if len(self.dataset) > 0 else 0
         self.loader = torch.utils.data.DataLoader(
             self.dataset,

@@ -1,86 +1,33 @@
-"""The model part of the tag run: device, runtime and precision resolved before the partition is touched
-(a bad choice is exit 2 with nothing changed), then the :class:`tagger.model.predictor.Predictor` that labels
-each batch, with a NaN or infinite score refused loudly instead of written.
+"""The model part of the tag run: the options resolved by :func:`tagger.model.inference.resolve` before the
+partition is touched (a bad choice is exit 2 with nothing changed), then the Predictor that labels each batch,
+with a NaN or infinite score refused loudly instead of written.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 
-from ..model.bundle import ModelBundle
 from .config import TagConfig
 from ..data.manifest import Manifest
 from ..data.reader import Batch
+
+if TYPE_CHECKING:
+    from ..model.inference import InferenceSpec
 
 
 class NonFiniteScores(RuntimeError):
     pass
 
 
-class ModelSettings:
-    """``--device``, ``--runtime`` and ``--precision``, resolved and checked against each other."""
+def inference_spec(config: TagConfig, *, threads: int | None = None) -> InferenceSpec:
+    """The tag job's ``--device``, ``--runtime``, ``--precision`` and ``--threads`` (``threads``: the Ray
+    engine's per-actor count instead)."""
+    from ..model.inference import InferenceSpec
 
-    def __init__(self, config: TagConfig, bundle: ModelBundle | None = None):
-        from ..model.predictor import precision_settings, resolve_device
-        from ..model.runtimes import RuntimeSettingError, choose_runtime
-
-        self.threads = config.threads
-        self.device = resolve_device(config.device)
-        # --runtime auto on a CPU measures the candidates on ``bundle`` here (once per model_version and CPU,
-        # then cached), with the threads the run will use: before anything under --out changes.
-        with self.cpu_threads():
-            self.runtime = choose_runtime(config.runtime, self.device, config.precision, bundle=bundle)
-        try:
-            self.precision = precision_settings(self.runtime.precision or config.precision, self.device, self.runtime.name)
-        except ValueError as exc:  # a precision this device or runtime does not compute: a bad option (exit 2)
-            raise RuntimeSettingError(str(exc)) from None
-        self._prepared: Any = None  # the Predictor prepare() built and tried, handed to load()
-
-    def prepare(self, bundle: ModelBundle) -> None:
-        """The model made ready to run, before the partition is touched: the Predictor built (for ONNX
-        Runtime/OpenVINO: the export made, or the cached file checked) and one trial batch through it. A cache
-        that cannot be written (exit 2) or a runtime that cannot run this network then fails the run
-        with the previous partition untouched, instead of after the start-over wiped it."""
-        from ..model.predictor import Predictor
-
-        predictor = Predictor(bundle, self.device, runtime=self.runtime, **self.precision)
-        with self.cpu_threads():  # the threads the tag loop runs with: the session is made once
-            trial_batch(predictor, bundle.input_size)
-        self._prepared = predictor
-
-    def load(self, bundle: ModelBundle, manifest: Manifest) -> BatchModel:
-        from ..model.predictor import Predictor
-
-        predictor, self._prepared = self._prepared, None
-        if predictor is None or predictor.bundle is not bundle:
-            predictor = Predictor(bundle, self.device, runtime=self.runtime, **self.precision)
-        return BatchModel(predictor, manifest, probabilities=manifest.separator is not None)
-
-    @contextmanager
-    def cpu_threads(self) -> Iterator[None]:
-        """``--threads`` for the model on the CPU while tagging; torch's own count again afterwards."""
-        import torch
-
-        previous = torch.get_num_threads()
-        if self.device.type == "cpu" and self.threads > 0:
-            torch.set_num_threads(self.threads)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(previous)
-
-
-def trial_batch(predictor: Any, input_size: int) -> None:
-    """Two generated images through ``predictor``: what a runtime fails on (a session it cannot make, an
-    operator it lacks) fails here, before the run changes anything."""
-    from ..model.runtimes import trial_images
-
-    predictor(trial_images(input_size, 2))
+    return InferenceSpec(config.device, config.runtime, config.precision, config.threads if threads is None else threads)
 
 
 class BatchModel:

@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 
 from .. import storage
 from ..model.bundle import ModelBundle, load_bundle
+from ..model.inference import resolve
 from .config import TagConfig
 from .incremental import check_since
 from .lease import Lease
@@ -28,7 +29,7 @@ from ..data.manifest import Manifest, read_manifest
 from .partition import Partition
 from .loader import ImageLoader, WorkerFailure, check_transient, loop_failure, progress_meter, rows_to_read
 from .plan import PLAN_FORMAT, Plan, PlanMismatch, make_plan, plan_key
-from .model_part import BatchModel, ModelSettings, NonFiniteScores
+from .model_part import BatchModel, NonFiniteScores, inference_spec
 from .rows import ShardRows
 from .shards import ShardCommitter, ShardCursor, ShardOutput, owning_partition
 from .stop import Interrupted, StopFlag
@@ -55,7 +56,7 @@ class TagRunner:
         self.options = config.storage_options
         self.partition = Partition(config.out, config.run_date, self.options)
         self.facts = ProcessFacts()
-        self.model: ModelSettings | None = None  # --engine ray: tagger.tag.ray.cluster.RayModelSettings
+        self.model: Any = None  # the resolved Inference; --engine ray: tagger.tag.ray.cluster.RayModelSettings
         self.lease: Lease | None = None
         self.cluster = None  # --engine ray: the Ray this run uses (tagger.tag.ray.cluster.Cluster)
 
@@ -83,8 +84,8 @@ class TagRunner:
             return self._read_inputs()
         if config.engine != "ray":
             manifest, bundle = self._read_inputs()
-            self.model = ModelSettings(config, bundle)
-            self.model.prepare(bundle)  # the runtime is an input too: export and a trial batch, before the lease
+            self.model = resolve(inference_spec(config), bundle)  # --runtime auto measures here, with the run's threads
+            self.model.prepare()  # the runtime is an input too: export and a trial batch, before the lease
             return manifest, bundle
         # Ray starts (5 s on 2 cores) while another thread reads the manifest and loads the bundle (3 s): its
         # start-up is most of what the Ray engine costs on one machine. ray.init stays on the main thread,
@@ -114,8 +115,8 @@ class TagRunner:
         # Weights that do not fit are refused here, before the partition is touched: by building the network;
         # or, on the local engine, where a cached export already reproduces the bundle's reference outputs (which
         # only these weights compute), by that, without importing timm (~2.5 s of a run's start); a PyTorch
-        # runtime still builds the network in ModelSettings.prepare, before the lease.
-        from ..model.runtimes import verified_export
+        # runtime still builds the network in Inference.prepare, before the lease.
+        from ..model.export import verified_export
 
         if config.engine == "ray" or config.runtime == "torch" or verified_export(bundle) is None:
             bundle.check_weights()
@@ -163,7 +164,7 @@ class TagRunner:
             return tag_shards(self, manifest, bundle, shards, pending)
         plan = shards.plan
         readable, reads = rows_to_read(manifest, plan, pending, self.partition, self.options)
-        model = self.model.load(bundle, manifest)
+        model = BatchModel(self.model.predictor(), manifest, probabilities=manifest.separator is not None)
         self.facts.device, self.facts.runtime = model.device, model.runtime
         rows = ShardRows(self.partition, plan, manifest, bundle.attribute_names, bundle.model_version, self.options,
                          review_thresholds=bundle.review_thresholds, scoped=list(bundle.scopes), computed=computed_name(model.runtime))

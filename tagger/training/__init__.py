@@ -2,10 +2,11 @@
 
 - styles.csv and images/ (:mod:`tagger.data.kaggle`), rare labels and label encoding
   (:mod:`tagger.data.labels`): in :mod:`tagger.data`, shared with evaluate.
-- :mod:`.split`: seeded train/val/test split stratified on all attributes; split.parquet.
+- :mod:`tagger.data.split`: seeded train/val/test split stratified on all attributes; split.parquet (evaluate
+  reads it too, so it sits below both).
 - :mod:`.datamodule`: the LightningDataModule (decode, cache, augment, batch).
 - :mod:`.module`: the LightningModule (masked loss, optimiser, schedule, metrics).
-- metrics, majority baseline and review thresholds: :mod:`tagger.evaluation.metrics`, shared with evaluate;
+- metrics, majority baseline and review thresholds: :mod:`tagger.metrics`, shared with evaluate;
   val/test predictions: :func:`tagger.model.scoring.predict_batches` (the tag job's Predictor).
 - :mod:`.config`: :class:`RetrainConfig`, every setting and its default.
 - :mod:`.train`: :func:`retrain`.

@@ -10,7 +10,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..tag.config import DEVICES  # the tag job's device names: one list for every command
+from ..data.decode import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS
+from ..model.settings import DEVICES  # one list of device names for every command
 
 CACHE_MODES: tuple[str, ...] = ("auto", "on", "off")
 DEFAULT_FEATURE_CACHE_GB = 5.0
@@ -77,6 +78,20 @@ class RetrainConfig:
     log_dir: str | None = None  # None: <out>.logs beside the bundle, or a temporary folder when out is remote
     storage_options: dict[str, Any] = field(default_factory=dict)
     progress: bool = True  # Lightning's progress bar and model summary
+    # How the photos are read, as the tag job reads them (tagger.data.reader.ImageSettings): size caps, and
+    # http(s):// photos only from the hosts named (none by default), private addresses and plain HTTP when asked.
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    allow_hosts: tuple[str, ...] = ()
+    allow_private_addresses: bool = False
+    allow_plain_http: bool = False
+    http_deadline: float = 120.0
+
+    def image_settings(self):
+        """How every photo is read: the tag job's one source (:class:`tagger.data.reader.ImageSettings`)."""
+        from ..data.reader import image_settings_of
+
+        return image_settings_of(self)
 
     @property
     def scopes(self) -> dict[str, Any]:
@@ -181,6 +196,12 @@ class RetrainConfig:
         if self.resume is not None:
             need(os.path.isfile(self.resume), "resume", f"{self.resume}: no such checkpoint file (look under <log-dir>/version_N/checkpoints/)")
         need(isinstance(self.storage_options, dict), "storage_options", "storage_options must be a dict")
+        need(_int(self.max_image_bytes) and self.max_image_bytes >= 1, "max_image_bytes", "max_image_bytes must be >= 1")
+        need(_int(self.max_image_pixels) and self.max_image_pixels >= 1, "max_image_pixels", "max_image_pixels must be >= 1")
+        try:
+            self.image_settings()
+        except ValueError as exc:
+            raise ConfigError("allow_host", str(exc)) from None
         return self
 
 

@@ -25,13 +25,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..data.decode import ImageError
-from ..data.reader import StorageUnavailable, load_image
+from ..data.reader import ImageSettings
 from .config import CACHE_MODES, ConfigError, RetrainConfig
 from .progress import Ticker
 from ..data.kaggle import DataError, DataReport
 from ..data.labelled import load_training_data
 from ..data.labels import build_vocabularies, check_label_counts, check_label_variety, encode_targets, fold_rare_labels, label_counts, resolve_min_label_count
-from .split import SPLITS, read_split, stratified_split
+from ..data.split import SPLITS, read_split, stratified_split
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ class ProductImages(Dataset):
         urls: np.ndarray | None = None,
         failed: torch.Tensor | None = None,
         transform=None,
-        storage_options: Mapping[str, Any] | None = None,
+        images: ImageSettings | None = None,
     ):
         if cache is None and (urls is None or failed is None):
             raise ValueError("ProductImages needs either a cache or urls + failed")
@@ -101,7 +101,7 @@ class ProductImages(Dataset):
         self.urls = urls
         self.failed = failed
         self.transform = transform
-        self.storage_options = dict(storage_options or {})
+        self.images = images or ImageSettings()
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -115,7 +115,7 @@ class ProductImages(Dataset):
                 return None
             url = str(self.urls[row])
             try:
-                pixels = load_image(url, self.size, self.storage_options).copy()  # decode_image's array is read-only
+                pixels = self.images.load(url, self.size).copy()  # decode_image's array is read-only
             except ImageError as exc:
                 self.failed[row] = True
                 log.warning("dropping row %d: %s", row, exc.message)
@@ -159,13 +159,14 @@ class TrunkFeatures(Dataset):
 
 
 def decode_all(
-    urls: Sequence[str], size: int, *, threads: int, storage_options: Mapping[str, Any] | None = None
+    urls: Sequence[str], size: int, *, threads: int, images: ImageSettings | None = None, errors: list[str] | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Decode every image once: ``(pixels (n, size, size, 3) uint8, ok (n,) bool)``.
 
     Threads rather than processes: Pillow releases the GIL while decoding and resizing, and threads
     write straight into one preallocated array.
     """
+    images = images or ImageSettings()
     pixels = np.empty((len(urls), size, size, 3), dtype=np.uint8)
     ok = np.zeros(len(urls), dtype=bool)
     ticker = Ticker("decoding", len(urls))  # the full data set takes minutes: a line every 30 s with rate and ETA
@@ -174,10 +175,12 @@ def decode_all(
 
     def work(i: int) -> None:
         try:
-            pixels[i] = load_image(urls[i], size, storage_options)
+            pixels[i] = images.load(urls[i], size)
             ok[i] = True
         except ImageError as exc:
             log.warning("dropping the row of %s", exc.message)
+            if errors is not None and not errors:
+                errors.append(exc.message)  # the first one, for the error that none could be read
         with lock:
             done[0] += 1
             ticker.update(done[0])
@@ -209,6 +212,8 @@ class FashionDataModule(pl.LightningDataModule):
         self.workers = 0  # the caller picks them once the cache is known (train.resolve_workers)
         self.seed = config.seed
         self.storage_options = dict(config.storage_options or {})
+        # How each photo is read (size caps, http hosts, storage options): the tag job's one source.
+        self.images: ImageSettings = config.image_settings()
         self.attributes = tuple(config.attribute_names)
         self.pin_memory = pin_memory
         self.augment = augment
@@ -237,11 +242,12 @@ class FashionDataModule(pl.LightningDataModule):
         self.cache: np.ndarray | None = None
         if self.cached:
             threads = max(1, min(16, os.cpu_count() or 1))
-            pixels, ok = decode_all(urls, size, threads=threads, storage_options=self.storage_options)
+            errors: list[str] = []
+            pixels, ok = decode_all(urls, size, threads=threads, images=self.images, errors=errors)
             if not ok.any():
                 raise DataError(
-                    f"none of the {len(urls)} images in {kaggle.images_url} could be decoded (e.g. {urls[0]}); "
-                    "see the warnings above for why"
+                    f"none of the {len(urls)} images in {kaggle.images_url} could be decoded; first error: "
+                    f"{errors[0] if errors else urls[0]}"
                 )
             if not ok.all():
                 bad = table.filter(~ok)["id"].to_list()
@@ -400,7 +406,7 @@ class FashionDataModule(pl.LightningDataModule):
             urls=None if self.cached else self.urls,
             failed=None if self.cached else self.failed,
             transform=train_transform(self.input_size) if augment else None,
-            storage_options=self.storage_options,
+            images=self.images,
         )
 
     def loader(self, split: str, *, augment: bool = False, shuffle: bool = False) -> DataLoader:

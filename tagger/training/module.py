@@ -1,7 +1,7 @@
 """The LightningModule: masked multi-head cross-entropy, AdamW, warm-up + cosine, per-attribute metrics.
 
 Validation metrics accumulate a confusion matrix per attribute (torchmetrics: summed across devices)
-and are read off it by :func:`tagger.evaluation.metrics.confusion_scores`, the definition that the
+and are read off it by :func:`tagger.metrics.confusion_scores`, the definition that the
 bundle's final numbers and ``tagger evaluate`` use too.
 """
 
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics.classification import MulticlassConfusionMatrix
 
-from ..evaluation.metrics import confusion_scores
+from ..metrics import confusion_scores
 from ..model.network import TaggerNet
 
 SCORE_METRIC = "val/score"  # mean macro-F1 over attributes: what early stopping and checkpoints watch

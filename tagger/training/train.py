@@ -29,15 +29,15 @@ from .. import storage
 from ..model.bundle import ModelBundle, save_bundle
 from ..model.scope import in_scope
 from ..model.scoring import predict_batches
-from ..evaluation.metrics import calibrate_thresholds, coverage, majority_baseline, split_metrics
+from ..metrics import calibrate_thresholds, coverage, majority_baseline, split_metrics
 from ..model.network import TaggerNet, create_backbone_with_source, resolve_data_config
 from .budget import Budget, minutes
 from .config import ConfigError, RetrainConfig, check_data_exists
 from .datamodule import FashionDataModule
 from .features import FeatureStore, trunk_features, trunk_key
 from .module import LABELS_KEY, SCORE_METRIC, TaggerModule
+from ..data.split import SPLIT_FILE, write_split
 from .progress import Ticker, epoch_reporter, ticking
-from .split import SPLIT_FILE, write_split
 
 log = logging.getLogger(__name__)
 
@@ -149,26 +149,20 @@ def check_net(net: TaggerNet, backbone: str) -> float:
 
 
 def scoring_predictor(net: TaggerNet, backbone: str, labels: dict[str, list[str]], device: str, export_cache: str):
-    """The Predictor that scores val and test: the trained weights as an unsaved bundle, on the runtime and
-    precision that ``tagger evaluate`` picks at ``auto`` here (:func:`tagger.evaluation.evaluate._device`: on a
-    CPU the first installed of ONNX Runtime, OpenVINO, PyTorch, not measured; an ONNX export is made into
-    ``export_cache``, as its model_version is not the saved bundle's, whose thresholds are not known yet).
-    An export that cannot be made or does not match PyTorch (tag would refuse it too) is not worth the
-    training: PyTorch at auto precision scores instead, with a warning, and the bundle records which scored."""
+    """The Predictor that scores val and test: the trained weights as an unsaved bundle, resolved as ``tagger
+    evaluate`` resolves ``auto`` here (:func:`tagger.model.inference.resolve`; on a CPU the first installed of ONNX
+    Runtime, OpenVINO, PyTorch, not measured: another try must not pick another runtime or precision, and other
+    scores); an ONNX export is made into ``export_cache``, as its model_version is not the saved bundle's, whose
+    thresholds are not known yet. An export that cannot be made or does not match PyTorch (tag would refuse it
+    too) is not worth the training: PyTorch at auto precision scores instead, with a warning, and the bundle
+    records which scored."""
     from ..model.bundle import unsaved_bundle
-    from ..model.predictor import Predictor
-    from ..model.runtimes import choose_runtime
+    from ..model.inference import InferenceSpec, resolve
 
     bundle = unsaved_bundle(net, backbone=backbone, labels=labels)
-    try:
-        # No bundle given: the order of preference, as evaluate decides, not a measurement that may pick another
-        # runtime or precision (and other scores) on another try.
-        choice = choose_runtime("auto", torch.device(device), "auto")
-        return Predictor(bundle, torch.device(device), precision="auto", runtime=choice, runtime_cache=export_cache)
-    except (RuntimeError, OSError, ValueError) as exc:
-        log.warning("val/test scoring: the runtime evaluate would pick failed (%s); scoring with PyTorch instead, "
-                    "whose numbers tag writes with --runtime torch", exc)
-        return Predictor(bundle, torch.device(device), precision="auto", runtime="torch")
+    inference = resolve(InferenceSpec(device), bundle, device=torch.device(device), measure="never",
+                        cache_dir=export_cache, fallback_to_torch=True)
+    return inference.predictor()
 
 
 # Seconds per val/test image kept for scoring, beyond the measured forward pass: decoding, the export, the loader.

@@ -41,6 +41,7 @@ class Cluster:
     gpus: float
     seconds: float
     node_cpus: float = 0.0  # the largest node's CPUs: no actor may ask for more (it would never be placed)
+    this_machine: bool = False  # every node of the cluster is this machine: its actors run on the driver's CPU
 
     def facts(self) -> dict[str, Any]:
         return {"address": self.address, "cpus": self.cpus, "gpus": self.gpus, "connect_s": round(self.seconds, 3)}
@@ -85,10 +86,12 @@ def connect(address: str | None) -> Cluster:
     resources = ray.cluster_resources()
     context = ray.get_runtime_context()
     where = getattr(context, "gcs_address", None) or address or "local"
-    nodes = [node.get("Resources", {}) for node in ray.nodes() if node.get("Alive")]
+    alive = [node for node in ray.nodes() if node.get("Alive")]
+    nodes = [node.get("Resources", {}) for node in alive]
     cluster = Cluster(address=str(where), owned=owned, cpus=float(resources.get("CPU", 0)),
                       gpus=float(resources.get("GPU", 0)), seconds=time.time() - started,
-                      node_cpus=max((float(node.get("CPU", 0)) for node in nodes), default=0.0))
+                      node_cpus=max((float(node.get("CPU", 0)) for node in nodes), default=0.0),
+                      this_machine=bool(alive) and all(node.get("NodeManagerHostname") == socket.gethostname() for node in alive))
     log.info("ray: %s %s (%g CPU, %g GPU) in %.1fs", "connected to" if address or os.environ.get("RAY_ADDRESS") else
              "using" if not owned else "started", cluster.address, cluster.cpus, cluster.gpus, cluster.seconds)
     return cluster
@@ -143,34 +146,42 @@ def actor_device(requested: str, cluster: Cluster) -> str:
 
 
 class RayModelSettings:
-    """What :class:`tagger.tag.model_part.ModelSettings` is for the local engine: device, runtime and precision
-    resolved and checked before the partition is touched, against the cluster instead of this machine."""
+    """The model actors' inference: the device decided against the cluster, then the tag job's own resolution
+    (:func:`tagger.model.inference.resolve`) against the bundle, before the partition is touched. On a Ray this
+    process started on this machine, ``--runtime auto`` measures here as the local engine does (same runtime,
+    same precision: the two engines' tables are equal at default options); on a cluster joined elsewhere the
+    actors may run on other CPUs, so the order of preference decides instead of this driver's measurement."""
 
     def __init__(self, config: TagConfig, cluster: Cluster):
         import torch
 
-        from ...model.predictor import precision_settings
-        from ...model.runtimes import RuntimeSettingError, choose_runtime
+        from ..model_part import inference_spec
 
         self.cluster = cluster
         self.device = torch.device(actor_device(config.device, cluster))
-        self.runtime = choose_runtime(config.runtime, self.device, config.precision)
-        try:
-            self.precision = precision_settings(config.precision, self.device, self.runtime.name)
-        except ValueError as exc:  # a precision this device or runtime does not compute: a bad option (exit 2)
-            raise RuntimeSettingError(str(exc)) from None
         self.threads = config.threads
+        self.spec = inference_spec(config, threads=self.actors()["threads"])
+        self.inference: Any = None
 
     def prepare(self, bundle: Any) -> None:
-        """For ONNX Runtime/OpenVINO (CPU actors): the export made here (or the cached one checked) and a trial
-        batch run, before the partition is touched, as the local engine does; the actors on this machine then
-        find it cached instead of racing to export. PyTorch actors build their network from the bundle alone."""
-        if self.runtime.name not in ("onnx", "openvino"):
-            return
-        from ...model.predictor import Predictor
-        from ..model_part import trial_batch
+        """Resolved against ``bundle``; for ONNX Runtime/OpenVINO (CPU actors) the export made here (or the cached
+        one checked) and a trial batch run, as the local engine does: the actors on this machine then find it
+        cached instead of racing to export. PyTorch actors build their network from the bundle alone."""
+        from ...model.inference import resolve
 
-        trial_batch(Predictor(bundle, self.device, runtime=self.runtime, **self.precision), bundle.input_size)
+        measure = "always" if self.cluster.this_machine else "never"
+        self.inference = resolve(self.spec, bundle, device=self.device, measure=measure)
+        if self.inference.runtime.name in ("onnx", "openvino"):
+            self.inference.prepare()
+
+    @property
+    def runtime(self) -> Any:
+        return self.inference.runtime
+
+    @property
+    def precision(self) -> dict[str, Any]:
+        """The Predictor arguments each actor builds its Predictor with."""
+        return self.inference.settings
 
     def actors(self) -> dict[str, Any]:
         """The model actor pool: one actor per GPU of the cluster (``num_gpus=1`` each), else :func:`cpu_actors`."""
@@ -180,8 +191,7 @@ class RayModelSettings:
         return cpu_actors(self.cluster.cpus, self.cluster.node_cpus, self.threads)
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.runtime.name, "precision": _precision_name(self.precision, self.device.type),
-                "reason": self.runtime.reason}
+        return self.inference.describe()
 
 
 def cpu_actors(cpus: float, node_cpus: float, threads: int) -> dict[str, Any]:
@@ -202,11 +212,3 @@ def cpu_actors(cpus: float, node_cpus: float, threads: int) -> dict[str, Any]:
     return {"min_size": 1, "max_size": max(1, total // (reserved + 1)), "num_gpus": 0, "num_cpus": reserved,
             "threads": per_actor}
 
-
-def _precision_name(settings: dict[str, Any], device: str) -> str:
-    import torch
-
-    amp = settings.get("amp", device == "cuda")
-    if not amp:
-        return "fp32"
-    return "bf16" if settings.get("amp_dtype", torch.bfloat16 if device == "cpu" else torch.float16) == torch.bfloat16 else "fp16"

@@ -137,9 +137,7 @@ def _pipeline(data: Any, runner: Any, manifest: Manifest, bundle: ModelBundle, r
     dataset = dataset.map_batches(
         decode_rows, batch_size=config.batch_size, batch_format="pyarrow", num_cpus=1, memory=decode_memory,
         udf_modifying_row_count=False,
-        fn_kwargs={"size": bundle.input_size, "storage_options": dict(config.storage_options),
-                   "max_pixels": config.max_image_pixels, "max_bytes": config.max_image_bytes, "draft": config.draft_decode,
-                   "http": config.http_policy()},
+        fn_kwargs={"size": bundle.input_size, "images": config.image_settings()},
     )
     shipped = _shippable(bundle)
     dataset = dataset.map_batches(

@@ -16,24 +16,20 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from ...data.decode import DEFAULT_MAX_IMAGE_BYTES
-from ...data.http import HttpPolicy
-from ...data.reader import TRANSIENT, ImageRows, StorageUnavailable
+from ...data.reader import TRANSIENT, ImageRows, ImageSettings, StorageUnavailable
 
 # Columns leaving the model stage, beside ``<attribute>`` and ``<attribute>_score``: what a fragment holds.
 ROW_COLUMNS = ("row", "photo", "image_version", "error_type", "message")
 
 
-def decode_rows(batch: pa.Table, *, size: int, storage_options: dict[str, Any], max_pixels: int,
-                draft: bool, http: HttpPolicy | None = None, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> dict[str, np.ndarray]:
+def decode_rows(batch: pa.Table, *, size: int, images: ImageSettings) -> dict[str, np.ndarray]:
     """Rows ``(row, photo, location)`` -> pixels or the row's typed error, through the project's one decode path
     (:class:`tagger.data.reader.ImageRows`: fetch under the store's deadline, size caps, :func:`decode_image`).
 
     A read that failed for a reason retrying later may fix (the store is down) raises
     :class:`StorageUnavailable`: the run stops (exit 4) instead of committing it as an error row.
     """
-    rows = ImageRows(batch.select(["row", "location"]), size, storage_options=storage_options, max_pixels=max_pixels,
-                     max_bytes=max_bytes, draft=draft, http=http)
+    rows = ImageRows(batch.select(["row", "location"]), size, images)
     n = len(rows)
     pixels = np.zeros((n, size, size, 3), dtype=np.uint8)
     versions, error_types, messages = [""] * n, [""] * n, [""] * n

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .. import storage
-from ..data.kaggle import DataError
+from .kaggle import DataError
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 SPLIT_FILE = "split.parquet"
