@@ -212,9 +212,9 @@ def test_max_image_bytes_reaches_the_decode_tasks(demo, tiny_bundle, ray_address
 
 
 def test_an_unwritable_onnx_cache_leaves_the_previous_partition_as_it_was(demo, tiny_bundle, ray_address, tmp_path, monkeypatch):
-    from .test_runtime import runtimes, unwritable_cache_keeps_the_partition
+    from .test_runtime import engines, unwritable_cache_keeps_the_partition
 
-    if not runtimes.installed("onnx"):
+    if not engines.installed("onnx"):
         pytest.skip("extra [onnx] not installed")
     unwritable_cache_keeps_the_partition(demo, tiny_bundle, tmp_path, monkeypatch, "--engine", "ray")
 
