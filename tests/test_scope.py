@@ -30,11 +30,12 @@ def catalog_images(demo) -> list[str]:
 def scoped(demo, tiny_bundle, tmp_path_factory) -> tuple[str, str, tuple[str, ...]]:
     """The tiny bundle's weights with ``season`` scoped to the masterCategory values it predicts for about half the
     demo catalog: (bundle folder, scope attribute, values)."""
+    from tagger.model.inference import InferenceSpec, resolve
     from tagger.model.scoring import run_model
 
     bundle = load_bundle(tiny_bundle)
     images = [p for p in catalog_images(demo) if Path(p).is_file()]
-    outputs = run_model(bundle, images, device="cpu", precision="fp32")
+    outputs = run_model(bundle, images, inference=resolve(InferenceSpec("cpu", "torch", "fp32"), bundle))
     for other in ("masterCategory", "gender", "subCategory", "articleType", "usage", "baseColour"):
         predicted = np.asarray([bundle.attributes[bundle.attribute_names.index(other)].labels[i] for i in outputs.top_index[other][outputs.ok]])
         kinds, counts = np.unique(predicted, return_counts=True)
