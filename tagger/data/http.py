@@ -508,8 +508,9 @@ def fetch(url: str, policy: HttpPolicy, *, max_bytes: int = DEFAULT_MAX_IMAGE_BY
                 if _caused_by(exc, "IncompleteRead"):
                     # The server closed the body early on every attempt: its copy is short (a truncated upload), not
                     # the network. The row's error; a night of them trips --max-error-rate.
-                    raise ImageError("decode", f"{url}: the server sent fewer bytes than its Content-Length said on each "
-                                               f"of {attempt} attempts ({total:,} the last time); its copy looks truncated") from None
+                    raise ImageError("decode", f"{url}: the server ended the body before the bytes it announced "
+                                               f"(Content-Length, or a chunk's size) on each of {attempt} attempts ({total:,} "
+                                               "bytes the last time); its copy looks truncated") from None
                 raise HttpUnavailable(f"{url}: {problem} ({attempt} attempts)") from exc
             except BaseException:  # a stop request: the run ends, but the pool stays whole for whoever shares it
                 _drop(response)
