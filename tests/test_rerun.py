@@ -122,3 +122,15 @@ def test_a_shard_task_with_other_reading_options_than_its_plan_is_refused_naming
     result = tag(demo.catalog, tiny_bundle, out, "--shard", "0/1", "--max-image-bytes", "1000")
     assert result.exit_code == 2, result.output
     assert "the plan's settings differ: max_image_bytes default -> 1000" in result.output, result.output
+
+
+def test_the_cdn_header_names_are_part_of_the_plan_and_never_their_values(monkeypatch):
+    from tagger.tag.config import TagConfig
+    from tagger.tag.plan import reading_key
+
+    config = dict(catalog="c.csv", model="m", out="o", allow_hosts=("cdn.example.com",))
+    assert reading_key(TagConfig(**config)) == {"allow_hosts": ["cdn.example.com"]}
+    monkeypatch.setenv("TAGGER_HTTP_HEADERS", json.dumps({"Authorization": "Bearer s3cr3t"}))
+    key = reading_key(TagConfig(**config))
+    assert key == {"allow_hosts": ["cdn.example.com"], "http_headers": ["authorization"]}
+    assert "s3cr3t" not in json.dumps(key)

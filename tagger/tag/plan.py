@@ -50,8 +50,8 @@ def plan_key(config: TagConfig, manifest: Manifest, bundle: ModelBundle) -> dict
 
 def reading_key(config: TagConfig) -> dict[str, Any]:
     """The options that decide how a photo is read, so what a row of tags or errors is: a row refused under one
-    setting (a plain http:// photo without --allow-plain-http, a host not allowed, a file over --max-image-bytes)
-    is read under another. A re-run with other settings starts the date over instead of resuming into rows the
+    setting (a plain http:// photo without --allow-plain-http, a host not allowed, a file over --max-image-bytes,
+    a 403 without the CDN's token header) is read under another. A re-run with other settings starts the date over instead of resuming into rows the
     new settings would read differently (a night that ended in exit 3 for a missing option, then re-run with it:
     an Airflow "clear" after the arguments were fixed).
 
@@ -68,6 +68,10 @@ def reading_key(config: TagConfig) -> dict[str, Any]:
             key["allow_private_addresses"] = True
         if policy.allow_plain_http:
             key["allow_plain_http"] = True
+        if policy.headers:
+            # The names only (never a secret in plan.json): adding the CDN's token header after a night of 403s
+            # starts over; a token that rotates between a run and its resume does not.
+            key["http_headers"] = sorted({name.lower() for name, _ in policy.headers})
     return key
 
 
