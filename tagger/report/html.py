@@ -16,6 +16,7 @@ import pyarrow as pa
 from .. import storage
 from .config import EDGE_LABELS, ReportConfig
 from .load import Night
+from .verdict import RANK
 
 log = logging.getLogger("tagger.report")
 e = html.escape
@@ -273,7 +274,7 @@ def _checks(r: dict[str, Any]) -> list[str]:
         return []
     rows = "".join(f'<tr><td class="text">{e(c["check"])}</td><td>{e(c["figure"])}</td><td>{e(c["expected"])}</td>'
                    f'<td class="text">{e(c["why"])}</td><td class="{"alert" if c["status"] != "ok" else ""}">{e(c["status"])}</td></tr>'
-                   for c in v["checks"])
+                   for c in sorted(v["checks"], key=lambda c: -RANK[c["status"]]))  # what is not OK first
     # Folded when every check is OK (the banner says so; a click opens it, no script); open when one is not.
     return [f'<details{"" if v["status"] == "ok" else " open"}><summary><b>Checks</b>: {len(v["checks"])}, each figure beside '
             "what was expected of it: from the bundle's own validation and test split (an interval for tonight's rows), "
