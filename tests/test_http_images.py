@@ -257,26 +257,32 @@ def test_since_downloads_nothing_unchanged(server, photos, tiny_bundle, tmp_path
     assert tagged.height == 8
 
 
-def test_sigterm_during_a_stalled_download(server, tiny_bundle, tmp_path):
-    rows = [("a", f"{server.url}/img/p0.jpg"), ("b", f"{server.url}/stall/p1.jpg")]
+@pytest.mark.parametrize("route, workers, sig", [
+    ("stall", "1", signal.SIGTERM),
+    # --workers 0: the photo is read in the loop of the main process; a server dripping a byte a second must not
+    # hold the stop until the photo's deadline (120 s by default) (issue 29)
+    ("drip", "0", signal.SIGTERM), ("drip", "0", signal.SIGINT),
+], ids=["stalled-worker", "dripping-no-workers-SIGTERM", "dripping-no-workers-SIGINT"])
+def test_a_stop_request_during_a_download(server, tiny_bundle, tmp_path, route, workers, sig):
+    rows = [("a", f"{server.url}/img/p0.jpg"), ("b", f"{server.url}/{route}/p1.jpg")]
     catalog = write_catalog(tmp_path / "catalog.csv", rows)
     out = tmp_path / "out"
     log = tmp_path / "run.log"
     args = [TAGGER, "tag", "--catalog", str(catalog), "--model", tiny_bundle, "--out", str(out), "--run-date", NIGHT1,
-            "--workers", "1", "--progress", "none", *ALLOW]
+            "--workers", workers, "--progress", "none", *ALLOW]
     process = subprocess.Popen(args, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
-        while server.count("GET", "/stall/") == 0:
+        while server.count("GET", f"/{route}/") == 0:
             assert process.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, "the stalled photo was never requested"
+            assert time.monotonic() < deadline, f"the {route} photo was never requested"
             time.sleep(0.05)
-        time.sleep(0.5)  # stuck in the body now
-        os.killpg(process.pid, signal.SIGTERM)  # as a scheduler does: the whole group
-        code = process.wait(timeout=60)
+        time.sleep(1.0)  # stuck in the body now
+        os.killpg(process.pid, sig)  # as a scheduler does: the whole group
+        code = process.wait(timeout=30)
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
     assert code == 143, log.read_text()
-    assert "interrupted: stopped by SIGTERM" in log.read_text()
+    assert f"interrupted: stopped by {sig.name}" in log.read_text()
