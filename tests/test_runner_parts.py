@@ -53,7 +53,9 @@ def batch(rows: list[int], error_rows: list[int] = (), error_type: str = "decode
 
 
 def predictions_for(n: int, score: float = 0.9):
-    return SimpleNamespace(scores={a: np.full(n, score, np.float32) for a in ATTRIBUTES})
+    # indices: every row tagged (none out of its attribute's scope), as the Predictor's own predictions carry them
+    return SimpleNamespace(scores={a: np.full(n, score, np.float32) for a in ATTRIBUTES},
+                           indices={a: np.zeros(n, np.int64) for a in ATTRIBUTES})
 
 
 def labels_for(n: int):
