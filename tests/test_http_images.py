@@ -74,13 +74,17 @@ def test_hosts_and_wildcards():
 
 
 @pytest.mark.parametrize("address", ["127.0.0.1", "10.1.2.3", "192.168.0.1", "169.254.169.254", "::1", "fe80::1",
-                                     "::ffff:127.0.0.1", "100.64.0.1", "0.0.0.0", "fc00::1"])
+                                     "::ffff:127.0.0.1", "100.64.0.1", "0.0.0.0", "fc00::1",
+                                     # IPv6 forms carrying an internal IPv4 address (NAT64, 6to4, compatible, translated)
+                                     "64:ff9b::a9fe:a9fe", "64:ff9b:1::7f00:1", "2002:a9fe:a9fe::1", "::127.0.0.1",
+                                     "::ffff:0:10.0.0.1"])
 def test_internal_addresses_are_refused(address):
     assert address_refused(address)
 
 
 def test_public_addresses_pass():
     assert address_refused("93.184.216.34") is None and address_refused("2606:2800:220:1:248:1893:25c8:1946") is None
+    assert address_refused("64:ff9b::5db8:d822") is None, "NAT64 of a public address"
 
 
 def test_without_allow_host_a_url_is_never_requested(server):

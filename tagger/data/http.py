@@ -284,10 +284,20 @@ class BlockedAddress(ValueError):
     """A host that resolves to an address the policy refuses (not an OSError: urllib3 must not retry it)."""
 
 
+# IPv6 forms that carry an IPv4 address a gateway or the kernel may deliver to: NAT64 (64:ff9b::/96, its local-use
+# 64:ff9b:1::/48), IPv4-compatible (::a.b.c.d) and IPv4-translated (::ffff:0:a.b.c.d). ipaddress calls most of
+# them global whatever they carry, so the address inside is checked (6to4 and the IPv4-mapped form: below).
+_EMBEDDING_V4 = [ipaddress.ip_network(n) for n in ("64:ff9b::/96", "64:ff9b:1::/48", "::/96", "::ffff:0:0:0/96")]
+
+
 def address_refused(address: str) -> str | None:
     ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if ip.version == 6 and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if ip.version == 6:
+        inner = ip.ipv4_mapped or ip.sixtofour or next(
+            (ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF) for net in _EMBEDDING_V4 if ip in net and int(ip) > 1), None)
+        if inner is not None:
+            problem = address_refused(str(inner))
+            return f"{ip} (carrying {problem})" if problem and ip.ipv4_mapped is None else problem
     if ip.is_global and not ip.is_multicast:
         return None
     kind = ("loopback" if ip.is_loopback else "link-local" if ip.is_link_local else "private" if ip.is_private
