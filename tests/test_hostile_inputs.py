@@ -120,3 +120,15 @@ def test_corrections_name_attributes_ignoring_case_as_everywhere_else(tmp_path):
     fixed, _, facts = _apply_corrections(table, str(fixes), ["baseColour"], None, "id", None)
     assert fixed["baseColour"].to_list() == ["Green", "Black"]
     assert facts["applied"] == {"baseColour": {"rows": 2, "changed": 2}} and facts["other_attribute"] == {}
+
+
+def test_a_silent_store_under_an_image_names_the_option_that_raises_its_deadline():
+    from tagger.data.reader import StorageUnavailable, fetch_image
+
+    from .test_operations import silent_endpoint
+
+    with silent_endpoint() as (url, _):
+        options = {"endpoint_url": url, "config_kwargs": {"connect_timeout": 1, "read_timeout": 1,
+                                                          "retries": {"total_max_attempts": 1}}}
+        with pytest.raises(StorageUnavailable, match="config_kwargs.read_timeout"):
+            fetch_image("s3://bucket/photo.jpg", options)

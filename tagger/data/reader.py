@@ -224,7 +224,7 @@ def classify_read_error(exc: BaseException, location: str) -> tuple[str, str]:
         return "not_a_file", f"{location}: is a folder or a special file, not an image file"
     if _is_bad_location(exc, location):
         return "invalid_location", f"{location}: not a readable image location: {type(exc).__name__}: {exc}"
-    return TRANSIENT, f"{location}: read failed after retries: {type(exc).__name__}: {exc}"
+    return TRANSIENT, f"{location}: read failed after retries: {storage.describe_unavailable(exc)}"
 
 
 def _is_bad_location(exc: BaseException, location: str) -> bool:
