@@ -113,7 +113,7 @@ def http_options(command):
         click.option("--allow-plain-http", is_flag=True, envvar="TAGGER_ALLOW_PLAIN_HTTP",
                      help="Also read http:// (not only https://) from the allowed hosts: a server you trust on a network "
                      "you trust."),
-        click.option("--http-deadline", type=FiniteFloatRange(min=1), default=120.0, show_default=True,
+        click.option("--http-deadline", type=FiniteFloatRange(1, 86_400), default=120.0, show_default=True,
                      help="Seconds one http(s) image may take, retries of 429/5xx included; past it the server counts as "
                      "unavailable (exit 4, as S3 down)."),
     ]

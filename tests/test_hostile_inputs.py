@@ -132,3 +132,9 @@ def test_a_silent_store_under_an_image_names_the_option_that_raises_its_deadline
                                                           "retries": {"total_max_attempts": 1}}}
         with pytest.raises(StorageUnavailable, match="config_kwargs.read_timeout"):
             fetch_image("s3://bucket/photo.jpg", options)
+
+
+def test_an_http_deadline_too_large_for_a_lock_timeout_is_refused():
+    # 1e308 s would pass as finite and then overflow a lock's timeout while waiting for a pool slot.
+    result = CliRunner().invoke(cli, ["tag", "--http-deadline", "1e308"])
+    assert result.exit_code == 2 and "--http-deadline" in result.output
