@@ -138,3 +138,4 @@ def test_an_http_deadline_too_large_for_a_lock_timeout_is_refused():
     # 1e308 s would pass as finite and then overflow a lock's timeout while waiting for a pool slot.
     result = CliRunner().invoke(cli, ["tag", "--http-deadline", "1e308"])
     assert result.exit_code == 2 and "--http-deadline" in result.output
+

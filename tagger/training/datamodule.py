@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..data.decode import ImageError
-from ..data.reader import ImageSettings
+from ..data.reader import ImageSettings, StorageUnavailable
 from .config import CACHE_MODES, ConfigError, RetrainConfig
 from .progress import Ticker
 from ..data.kaggle import DataError, DataReport
@@ -173,10 +173,16 @@ def decode_all(
     lock = threading.Lock()
     done = [0]
 
+    down: list[StorageUnavailable] = []
+
     def work(i: int) -> None:
+        if down:
+            return  # the store is failing: the run stops at the first failure, not after every image's deadline
         try:
             pixels[i] = images.load(urls[i], size)
             ok[i] = True
+        except StorageUnavailable as exc:
+            down.append(exc)
         except ImageError as exc:
             log.warning("dropping the row of %s", exc.message)
             if errors is not None and not errors:
@@ -187,6 +193,8 @@ def decode_all(
 
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         list(pool.map(work, range(len(urls))))
+    if down:
+        raise down[0]
     return pixels, ok
 
 
