@@ -11,6 +11,14 @@ def _pct(value: Any) -> str:
     return "   –" if value is None else f"{100 * value:5.1f}"
 
 
+def _se(accuracy: Any, n: Any) -> str:
+    from ..evaluation.metrics import accuracy_se
+
+    if accuracy is None or not n:
+        return "–"
+    return f"{100 * accuracy_se(accuracy, n):.1f}"
+
+
 def format_summary(bundle: ModelBundle) -> str:
     t = bundle.training
     data, split, metrics = t.get("data", {}), t.get("split", {}), t.get("metrics", {})
@@ -51,7 +59,8 @@ def format_summary(bundle: ModelBundle) -> str:
                      + "; new: " + (", ".join(a for a, v in heads.items() if v != "bundle") or "none"))
     lines.append(f"logs     {t.get('log_dir')}")
     lines.append("")
-    header = f"{'attribute':<16}{'val acc':>8}{'val F1':>8}{'test acc':>9}{'test F1':>8}{'majority':>9}{'threshold':>10}{'auto-tag':>9}"
+    header = (f"{'attribute':<16}{'val acc':>8}{'val F1':>8}{'test acc':>9}{'±SE':>6}{'test F1':>8}{'majority':>9}{'threshold':>10}"
+              f"{'auto-tag':>9}")
     lines += [header, "-" * len(header)]
     coverage = (t.get("thresholds") or {}).get("val_coverage", {})
     for spec in bundle.attributes:
@@ -59,11 +68,11 @@ def format_summary(bundle: ModelBundle) -> str:
         s = metrics.get("test", {}).get(spec.name, {})
         lines.append(
             f"{spec.name:<16}{_pct(v.get('accuracy')):>8}{_pct(v.get('macro_f1')):>8}{_pct(s.get('accuracy')):>9}"
-            f"{_pct(s.get('macro_f1')):>8}{_pct(s.get('majority_accuracy')):>9}{spec.threshold:>10.2f}{_pct(coverage.get(spec.name)):>9}"
+            f"{_se(s.get('accuracy'), s.get('n')):>6}{_pct(s.get('macro_f1')):>8}{_pct(s.get('majority_accuracy')):>9}{spec.threshold:>10.2f}{_pct(coverage.get(spec.name)):>9}"
         )
     lines.append(
-        f"{'mean macro-F1':<16}{'':>8}{_pct(metrics.get('val_score')):>8}{'':>9}{_pct(metrics.get('test_score')):>8}"
+        f"{'mean macro-F1':<16}{'':>8}{_pct(metrics.get('val_score')):>8}{'':>9}{'':>6}{_pct(metrics.get('test_score')):>8}"
     )
-    lines.append("(%; majority = test accuracy of always answering the most frequent training label; "
+    lines.append("(%; ±SE = one standard error of the test accuracy, sqrt(p(1-p)/n); majority = test accuracy of always answering the most frequent training label; "
                  "auto-tag = share of val predictions at or above the threshold)")
     return "\n".join(lines)
