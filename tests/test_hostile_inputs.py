@@ -139,3 +139,12 @@ def test_an_http_deadline_too_large_for_a_lock_timeout_is_refused():
     result = CliRunner().invoke(cli, ["tag", "--http-deadline", "1e308"])
     assert result.exit_code == 2 and "--http-deadline" in result.output
 
+
+
+def test_retrains_manifest_errors_advise_its_own_options(tmp_path):
+    data = tmp_path / "labels.csv"
+    data.write_bytes(b"PAR1 this is no text")  # a Parquet file under a .csv name
+    result = CliRunner().invoke(cli, ["retrain", "--data", str(data), "--attribute", "colour", "--out", str(tmp_path / "b"),
+                                      "--backbone", "test_efficientnet", "--no-pretrained", "--input-size", "32"])
+    assert result.exit_code == 2, result.output
+    assert "--data-format" in result.output and "--catalog-format" not in result.output, result.output

@@ -119,12 +119,17 @@ def load_training_data(
     )
 
 
+def _in_retrains_words(message: str) -> str:
+    """A manifest error as retrain says it: its format option is --data-format (the tag job's --catalog-format)."""
+    return message.replace("--catalog-format", "--data-format")
+
+
 def _read_labelled_manifest(url, attributes, storage_options, id_column, image_column, fmt, report: DataReport):
     try:
         manifest = read_manifest(url, id_column=id_column, image_column=image_column, fmt=fmt,
                                  storage_options=storage_options, extra_columns=tuple(attributes))
     except ManifestError as exc:
-        raise DataError(str(exc)) from None
+        raise DataError(_in_retrains_words(str(exc))) from None
     if manifest.separator is not None:
         # A list of photos (the tag job's several photos per product) is no training row: one photo, one label set.
         raise DataError(f"{url}: column {image_column!r} holds lists of photos; a labelled manifest names one image per "
@@ -171,7 +176,8 @@ def _apply_corrections(table: pl.DataFrame, url: str, attributes: Sequence[str],
     try:
         raw, fingerprint = read_columns(url, (id_column, *CORRECTION_COLUMNS), fmt=fmt, storage_options=storage_options)
     except ManifestError as exc:
-        raise DataError(f"{exc} (a corrections file has one line per correction: {id_column}, attribute, label)") from None
+        raise DataError(f"{_in_retrains_words(str(exc))} (a corrections file has one line per correction: {id_column}, "
+                        "attribute, label)") from None
     ids = [None if v is None else v.strip() for v in raw.column(id_column).to_pylist()]
     names = [None if v is None else v.strip() for v in raw.column("attribute").to_pylist()]
     labels = _clean(raw.column("label").to_pylist())
