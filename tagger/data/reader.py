@@ -94,7 +94,10 @@ def read_image(
     if http is not None and storage.protocol(location).lower() in http_images.SCHEMES:
         return http_images.fetch(location, http, max_bytes=max_bytes)
     if storage.protocol(location) not in READABLE_PROTOCOLS:
-        hint = " (http(s):// images need --allow-host naming their host)" if http_images.is_http(location) else ""
+        # Said of the commands that have the option (predict reads local files and s3:// only): no advice to use
+        # an option the command at hand lacks.
+        hint = (" (http(s):// images are read only by tag, evaluate and retrain, from the hosts their --allow-host "
+                "names)" if http_images.is_http(location) else "")
         raise InvalidLocation(f"unsupported URL scheme {storage.protocol(location)!r}; images are local paths or s3:// URLs{hint}")
     if not storage.is_remote(location):
         path = location.removeprefix("file://")
