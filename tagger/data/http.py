@@ -457,7 +457,8 @@ def _manager(policy: HttpPolicy) -> Any:
         from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
         # block=True: a host gets at most per_host connections from this process; more callers wait for one.
-        # Every response is therefore handed back (_release, _drop): a connection never returned is a slot lost.
+        # Every response is therefore handed back (release_conn, _drop, _discard): a connection never returned is a
+        # slot lost.
         manager = urllib3.PoolManager(num_pools=64, maxsize=policy.per_host, block=True,
                                       headers={"User-Agent": USER_AGENT, "Accept": "image/*", **dict(policy.headers)})
         http_conn, https_conn = _connection_classes(guarded=not policy.allow_private)
@@ -528,7 +529,7 @@ def fetch(url: str, policy: HttpPolicy, *, max_bytes: int = DEFAULT_MAX_IMAGE_BY
     that drips the body (or its headers) is cut when it passes.
     """
     with _Flight(time.monotonic() + policy.deadline) as flight:
-        attempt = 0
+        attempt, always_short = 0, True
         while True:
             attempt += 1
             response = _request("GET", url, policy, flight, max_bytes=max_bytes)
@@ -550,10 +551,11 @@ def fetch(url: str, policy: HttpPolicy, *, max_bytes: int = DEFAULT_MAX_IMAGE_BY
                 if flight.expired:
                     raise HttpUnavailable(_late(url, policy, total)) from exc
                 problem = f"the body was cut short after {total:,} bytes: {type(exc).__name__}: {exc}"
+                always_short = always_short and _caused_by(exc, "IncompleteRead") is not None
                 if attempt < policy.attempts:
                     _sleep(_backoff(attempt), flight.deadline, url, problem)  # a glitch of the network: once more
                     continue
-                if _caused_by(exc, "IncompleteRead"):
+                if always_short:
                     # The server closed the body early on every attempt: its copy is short (a truncated upload), not
                     # the network. The row's error; a night of them trips --max-error-rate.
                     raise ImageError("decode", f"{url}: the server ended the body before the bytes it announced "
