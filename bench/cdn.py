@@ -6,7 +6,7 @@ The Kaggle sample's real 225x300 photos (``$FASHION_SAMPLE_DIR``; without it the
 cycled to ``--images`` rows, are tagged twice per round by the shipped model: once as local paths, once as
 ``http://127.0.0.1:PORT/...`` URLs served by a threaded static server in this process (ETag, Last-Modified,
 Content-Length, keep-alive: what a CDN answers), read by ``tagger/data/http.py`` under
-``--allow-host 127.0.0.1 --allow-private-addresses --allow-plain-http``. Order alternates each round; each run
+``--allow-host 127.0.0.1:* --allow-private-addresses --allow-plain-http``. Order alternates each round; each run
 is a fresh process (bench/child.py). Loopback has no network latency: the figure is the reader's own cost
 (connection pool, request, streaming, checks), not a CDN's round trips. The server shares the machine's CPUs
 with the job, as a CDN would not. Figures go to docs/benchmarks.md (``bench:cdn`` markers).
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     remote = url_catalog(local, root, base)
     model = model_snapshot(args.model)
     common = {"variant": "tagger", "model": model, "batch_size": args.batch_size, "workers": args.workers}
-    http = {"allow_hosts": ["127.0.0.1"], "allow_private_addresses": True, "allow_plain_http": True}
+    http = {"allow_hosts": ["127.0.0.1:*"], "allow_private_addresses": True, "allow_plain_http": True}
     runs: dict[str, list[dict]] = {"files": [], "http": []}
     for round_ in range(args.rounds):
         for kind in (["files", "http"] if round_ % 2 == 0 else ["http", "files"]):

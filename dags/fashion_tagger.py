@@ -369,7 +369,8 @@ def cdn_environment(conn_id: str) -> dict[str, str]:
     if unknown:
         raise AirflowFailException(f"cdn_conn_id {conn_id!r}: unknown extra {', '.join(unknown)} "
                                    f"(known: {', '.join(sorted(CDN_EXTRA))})")
-    hosts = extra.get("allow_hosts") or conn.host
+    # The Connection's port is part of what is allowed: --allow-host without one allows the default port only.
+    hosts = extra.get("allow_hosts") or (f"{conn.host}:{conn.port}" if conn.host and conn.port else conn.host)
     if not hosts:
         raise AirflowFailException(f"cdn_conn_id {conn_id!r}: no host (set the Connection's host, or extra allow_hosts)")
     env = {"TAGGER_ALLOW_HOSTS": " ".join(hosts) if isinstance(hosts, list) else str(hosts)}
