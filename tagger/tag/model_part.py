@@ -13,13 +13,13 @@ import pyarrow as pa
 from .config import TagConfig
 from ..data.manifest import Manifest
 from ..data.reader import Batch
+from ..model.scorer import NonFiniteScores, Scorer
+from ..model.scorer import refuse_non_finite as refuse_rows
+
+__all__ = ["BatchModel", "NonFiniteScores", "inference_spec", "refuse_non_finite"]
 
 if TYPE_CHECKING:
     from ..model.inference import InferenceSpec
-
-
-class NonFiniteScores(RuntimeError):
-    pass
 
 
 def inference_spec(config: TagConfig, *, threads: int | None = None) -> InferenceSpec:
@@ -42,24 +42,19 @@ class BatchModel:
         if predictor.runtime.measured:  # --runtime auto measured the candidates: what an image cost each
             self.runtime["measured_cpu_ms_per_image"] = predictor.runtime.measured
 
+        self.scorer = Scorer(predictor, probabilities=probabilities, ids=lambda rows: product_ids(manifest, rows))
+
     def __call__(self, batch: Batch) -> tuple[Any, dict[str, np.ndarray] | None]:
         if batch.images is None:
             return None, None
-        predictions = self.predictor(batch.images, probabilities=self.probabilities)
-        refuse_non_finite(predictions, batch, self.manifest)
-        return predictions, self.predictor.labels(predictions)
+        scored = self.scorer(batch.images, batch.rows)
+        return scored.predictions, scored.labels
+
+
+def product_ids(manifest: Manifest, rows: np.ndarray) -> list[Any]:
+    return manifest.table.column("product_id").take(pa.array(rows)).to_pylist()
 
 
 def refuse_non_finite(predictions: Any, batch: Batch, manifest: Manifest) -> None:
-    """A score is never NaN: a model that yields one fails the run loudly instead of writing it."""
-    from ..model.scope import non_finite
-
-    bad = non_finite(predictions)  # a null tag (out of its attribute's scope) has no score, on purpose
-    if bad.any():
-        rows = batch.rows[bad]
-        ids = manifest.table.column("product_id").take(pa.array(rows[:5])).to_pylist()
-        raise NonFiniteScores(
-            f"the model produced NaN or infinite scores for {int(bad.sum())} image(s) of a batch (manifest rows "
-            f"{', '.join(str(r + 1) for r in rows[:5])}: product ids {ids}); nothing of the open shard was written. "
-            "Try --precision fp32; if it persists, the model bundle is broken: retrain or re-export it."
-        )
+    """:func:`tagger.model.scorer.refuse_non_finite` for a local batch: its rows named with their product ids."""
+    refuse_rows(predictions, batch.rows, ids=lambda rows: product_ids(manifest, rows))

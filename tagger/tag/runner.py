@@ -21,19 +21,18 @@ import pyarrow.compute as pc
 
 from .. import storage
 from ..model.bundle import ModelBundle, load_bundle
-from ..model.inference import resolve
 from .config import TagConfig
 from .incremental import check_since
 from .lease import Lease
 from ..data.manifest import Manifest, read_manifest
 from .partition import Partition
-from .loader import ImageLoader, WorkerFailure, check_transient, loop_failure, progress_meter, rows_to_read
+from .loader import WorkerFailure
+from .local import engine_for
 from .plan import PLAN_FORMAT, Plan, PlanMismatch, make_plan, plan_key
-from .model_part import BatchModel, NonFiniteScores, inference_spec
-from .rows import ShardRows
+from ..model.scorer import NonFiniteScores
 from .shards import ShardCommitter, ShardCursor, ShardOutput, owning_partition
 from .stop import Interrupted, StopFlag
-from .summary import ProcessFacts, RunResult, computed_name, over_error_rate, partition_counts, summary_line, write_summary
+from .summary import ProcessFacts, RunResult, over_error_rate, partition_counts, summary_line, write_summary
 
 __all__ = ["TagRunner", "RunResult", "StopFlag", "Interrupted", "PlanMismatch", "NonFiniteScores", "WorkerFailure",
            "Plan", "plan_key", "PLAN_FORMAT", "ShardCursor", "ShardOutput", "summary_line"]
@@ -56,9 +55,8 @@ class TagRunner:
         self.options = config.storage_options
         self.partition = Partition(config.out, config.run_date, self.options)
         self.facts = ProcessFacts()
-        self.model: Any = None  # the resolved Inference; --engine ray: tagger.tag.ray.cluster.RayModelSettings
+        self.engine = engine_for(self)  # what tags the pending shards: tagger.tag.local.ENGINES
         self.lease: Lease | None = None
-        self.cluster = None  # --engine ray: the Ray this run uses (tagger.tag.ray.cluster.Cluster)
 
     def run(self) -> RunResult:
         """Everything is checked (output location, manifest, bundle with its weights loaded, device) before
@@ -69,8 +67,7 @@ class TagRunner:
             with owning_partition(self.config, self.stop.check) as self.lease:
                 return self._run_owned(manifest, bundle, started)
         finally:
-            if self.cluster is not None:
-                self.cluster.close()
+            self.engine.close()
 
     def _checked_inputs(self) -> tuple[Manifest, ModelBundle]:
         config = self.config
@@ -82,23 +79,23 @@ class TagRunner:
         check_since(config.since, config.out, self.options, missing_ok=config.since_missing_ok)
         if config.plan_only:
             return self._read_inputs()
-        if config.engine != "ray":
+        if not self.engine.slow_start:  # read here, on the main thread: a SIGTERM during a stalled read stops it at once
+            self.engine.start()
             manifest, bundle = self._read_inputs()
-            self.model = resolve(inference_spec(config), bundle)  # --runtime auto measures here, with the run's threads
-            self.model.prepare()  # the runtime is an input too: export and a trial batch, before the lease
+            self.engine.prepare(bundle)  # the runtime is an input too: resolved, export and a trial batch, before the lease
             return manifest, bundle
-        # Ray starts (5 s on 2 cores) while another thread reads the manifest and loads the bundle (3 s): its
-        # start-up is most of what the Ray engine costs on one machine. ray.init stays on the main thread,
-        # where it may touch signal handlers.
+        # The engine starts (Ray: 5 s on 2 cores) while another thread reads the manifest and loads the bundle (3 s):
+        # its start-up is most of what the Ray engine costs on one machine. Its start stays on the main thread,
+        # where ray.init may touch signal handlers.
         with ThreadPoolExecutor(1, thread_name_prefix="tagger-inputs") as pool:
             inputs = pool.submit(self._read_inputs)
             try:
-                self.model = self._ray_settings()
+                self.engine.start()
             except BaseException:
                 inputs.result()  # a bad manifest or bundle (exit 2) is what the user fixes first
                 raise
             manifest, bundle = inputs.result()
-        self.model.prepare(bundle)
+        self.engine.prepare(bundle)  # the runtime is an input too: resolved, export and a trial batch, before the lease
         return manifest, bundle
 
     def _read_inputs(self) -> tuple[Manifest, ModelBundle]:
@@ -113,27 +110,17 @@ class TagRunner:
         t = time.time()
         bundle = load_bundle(config.model, self.options)
         # Weights that do not fit are refused here, before the partition is touched: by building the network;
-        # or, on the local engine, where a cached export already reproduces the bundle's reference outputs (which
-        # only these weights compute), by that, without importing timm (~2.5 s of a run's start); a PyTorch
-        # runtime still builds the network in Inference.prepare, before the lease.
+        # or, where the engine runs this process's export (the local engine) and a cached export already reproduces
+        # the bundle's reference outputs (which only these weights compute), by that, without importing timm
+        # (~2.5 s of a run's start); a PyTorch runtime still builds the network in Inference.prepare, before the lease.
         from ..model.export import verified_export
 
-        if config.engine == "ray" or config.runtime == "torch" or verified_export(bundle) is None:
+        if not self.engine.weights_proven_by_export or config.runtime == "torch" or verified_export(bundle) is None:
             bundle.check_weights()
         self.facts.timed("model_load_s", t)
         # Said once both inputs hold, so that a bad bundle's error is the run's only line.
         log.info("manifest %s: %d rows", config.catalog, manifest.num_rows)
         return manifest, bundle
-
-    def _ray_settings(self):
-        """--engine ray: Ray started or joined, and the model actors' device checked against the cluster, now."""
-        from .ray.cluster import RayModelSettings, connect
-
-        t = time.time()
-        self.cluster = connect(self.config.ray_address)
-        self.facts.timed("ray_start_s", t)
-        self.facts.engine = {"name": "ray", **self.cluster.facts()}
-        return RayModelSettings(self.config, self.cluster)
 
     def _run_owned(self, manifest: Manifest, bundle: ModelBundle, started: float) -> RunResult:
         config = self.config
@@ -158,57 +145,7 @@ class TagRunner:
         return self._result(EXIT_OK, {**status, **plan.facts()}, started)
 
     def _tag_shards(self, manifest: Manifest, bundle: ModelBundle, shards: ShardCommitter, pending: list[int]) -> None:
-        if self.config.engine == "ray":
-            from .ray.engine import tag_shards
-
-            return tag_shards(self, manifest, bundle, shards, pending)
-        plan = shards.plan
-        readable, reads = rows_to_read(manifest, plan, pending, self.partition, self.options)
-        model = BatchModel(self.model.predictor(), manifest, probabilities=manifest.separator is not None)
-        self.facts.device, self.facts.runtime = model.device, model.runtime
-        rows = ShardRows(self.partition, plan, manifest, bundle.attribute_names, bundle.model_version, self.options,
-                         review_thresholds=bundle.review_thresholds, scoped=list(bundle.scopes), computed=computed_name(model.runtime))
-        cursor = ShardCursor(pending, lambda s: rows.open(s, int(reads[s])), shards.commit)
-        loader = ImageLoader(self.config, manifest, readable, bundle.input_size, self.model.device.type == "cuda", self.stop)
-        del readable
-        with loader, self.model.cpu_threads(), self.stop.graceful():
-            self._loop(loader, cursor, model, rows)
-        self.facts.shards = shards.committed
-
-    def _loop(self, loader: ImageLoader, cursor: ShardCursor, model: BatchModel, rows: ShardRows) -> None:
-        """Batches -> predictions -> the open shard's parts; a shard commits the moment its last row is in."""
-        batches, progress = loader.batches(), progress_meter(self.config, len(loader))
-        photos = None
-        if loader.manifest.separator is not None:  # several photos per product: products assembled from photos
-            from .photos import PhotoAssembler
-
-            photos = PhotoAssembler(model.predictor, rows.attributes, loader.manifest.separator)
-        try:
-            cursor.advance()
-            for batch in batches:
-                self.stop.check()
-                check_transient(batch)
-                predictions, labels = model(batch)
-                if photos is not None:
-                    rows.write_batch(cursor, *photos.feed(batch, predictions), datetime.now(timezone.utc))
-                else:
-                    rows.write_batch(cursor, batch, predictions, labels, datetime.now(timezone.utc))
-                self.facts.images += batch.size
-                progress.update(batch.size)
-            if photos is not None:
-                rows.write_batch(cursor, *photos.flush(), datetime.now(timezone.utc))
-            self.stop.check()
-            if cursor.current is not None:
-                raise RuntimeError(f"shard {cursor.current.index} still expects {cursor.current.remaining} row(s) after the last batch")
-        except BaseException as exc:
-            cursor.abort()
-            failure = loop_failure(exc, self.stop)
-            if failure is None:
-                raise
-            raise failure from exc
-        finally:
-            batches.close()  # stops the workers now, not whenever the garbage collector gets to them
-            progress.close()
+        self.engine.tag_shards(manifest, bundle, shards, pending)
 
     def finalize(self, plan: Plan | dict[str, Any], started: float) -> RunResult:
         """Commit a date whose shards are all done (``tagger finalize``); ``plan``: the partition's plan."""

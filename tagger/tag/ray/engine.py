@@ -25,7 +25,7 @@ from ...data.manifest import Manifest, split_photos
 from ...data.reader import StorageUnavailable
 from ...model.bundle import ModelBundle
 from ..loader import progress_meter, rows_to_read
-from ..model_part import NonFiniteScores
+from ...model.scorer import NonFiniteScores
 from ..rows import ShardRows
 from ..shards import ShardCommitter
 from ..summary import computed_name
@@ -41,11 +41,46 @@ WRITE_RETRIES = 3
 DECODE_WORKER_BYTES = 256 * 2**20
 
 
-def tag_shards(runner: Any, manifest: Manifest, bundle: ModelBundle, shards: ShardCommitter, pending: list[int]) -> None:
+class RayEngine:
+    """``--engine ray`` as :class:`tagger.tag.runner.TagRunner` runs it (the engine interface: :mod:`tagger.tag.local`):
+    Ray started or joined while the inputs are read, the model actors' device checked against the cluster, the
+    tag job's one inference rule against the bundle, then the pending shards on Ray Data."""
+
+    name = "ray"
+    weights_proven_by_export = False  # the actors build their network from the bundle: it is checked on the driver
+    slow_start = True  # ray.init: seconds, overlapped with reading the inputs
+
+    def __init__(self, runner: Any):
+        self.runner = runner
+        self.cluster: Any = None
+        self.settings: Any = None
+
+    def start(self) -> None:
+        from .cluster import RayModelSettings, connect
+
+        t = time.time()
+        self.cluster = connect(self.runner.config.ray_address)
+        self.runner.facts.timed("ray_start_s", t)
+        self.runner.facts.engine = {"name": "ray", **self.cluster.facts()}
+        self.settings = RayModelSettings(self.runner.config, self.cluster)
+
+    def prepare(self, bundle: ModelBundle) -> None:
+        self.settings.prepare(bundle)
+
+    def tag_shards(self, manifest: Manifest, bundle: ModelBundle, shards: ShardCommitter, pending: list[int]) -> None:
+        tag_shards(self.runner, self.settings, manifest, bundle, shards, pending)
+
+    def close(self) -> None:
+        if self.cluster is not None:
+            self.cluster.close()
+
+
+def tag_shards(runner: Any, settings: Any, manifest: Manifest, bundle: ModelBundle, shards: ShardCommitter,
+               pending: list[int]) -> None:
     """Tag the rows of ``pending`` shards on Ray and commit each shard as its rows land."""
     import ray.data
 
-    config, partition, settings = runner.config, runner.partition, runner.model
+    config, partition = runner.config, runner.partition
     plan = shards.plan
     readable, reads = rows_to_read(manifest, plan, pending, partition, runner.options)
     runner.facts.device, runner.facts.runtime = str(settings.device), settings.describe()
@@ -73,7 +108,7 @@ def tag_shards(runner: Any, manifest: Manifest, bundle: ModelBundle, shards: Sha
     try:
         committer.sweep()  # shards with nothing to read (all settled by the manifest check or --since) commit now
         if committer.open:
-            dataset = _pipeline(ray.data, runner, manifest, bundle, readable)
+            dataset = _pipeline(ray.data, runner, settings, manifest, bundle, readable)
             committer.start()
             started = time.time()
             dataset.write_datasink(sink, ray_remote_args={"max_retries": WRITE_RETRIES, "retry_exceptions": [OSError]})
@@ -106,12 +141,12 @@ def _remove_fragments(url: str, root: str, options: dict[str, Any]) -> None:
             pass
 
 
-def _pipeline(data: Any, runner: Any, manifest: Manifest, bundle: ModelBundle, readable: np.ndarray) -> Any:
+def _pipeline(data: Any, runner: Any, settings: Any, manifest: Manifest, bundle: ModelBundle, readable: np.ndarray) -> Any:
     from ray.data import ActorPoolStrategy, DataContext
 
     from .stages import ModelActor, decode_rows
 
-    config, settings = runner.config, runner.model
+    config = runner.config
     context = DataContext.get_current()
     context.max_errored_blocks = 0  # a block Ray gives up on fails the run; it never silently drops rows
     # A stage's own exception (StorageUnavailable: exit 4, NonFiniteScores: exit 1), not a UserCodeException

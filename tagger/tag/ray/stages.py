@@ -65,6 +65,7 @@ class ModelActor:
         import torch
 
         from ...model.predictor import Predictor
+        from ...model.scorer import Scorer
 
         if device == "cpu" and threads > 0:
             torch.set_num_threads(threads)
@@ -72,6 +73,7 @@ class ModelActor:
         # Several photos per product: each photo's whole softmax vector goes on, for the driver's mean.
         self.probabilities = {spec.name: len(spec.labels) for spec in bundle.attributes} if probabilities else None
         self.predictor = Predictor(bundle, torch.device(device), runtime=runtime, **precision)
+        self.scorer = Scorer(self.predictor, probabilities=bool(self.probabilities), kept="nothing of those shards was committed")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
@@ -87,9 +89,8 @@ class ModelActor:
         if good.any():
             # NHWC uint8 viewed as NCHW: channels-last strides, as the local engine's collate makes them.
             images = torch.from_numpy(np.ascontiguousarray(batch["pixels"][good])).permute(0, 3, 1, 2)
-            predictions = self.predictor(images, probabilities=bool(self.probabilities))
-            refuse_non_finite(predictions, batch["row"][good])
-            labels = self.predictor.labels(predictions)
+            scored = self.scorer(images, batch["row"][good])
+            predictions, labels = scored.predictions, scored.labels
             for name in self.attributes:
                 out[name][good] = labels[name]
                 out[f"{name}_score"][good] = predictions.scores[name]
@@ -97,19 +98,3 @@ class ModelActor:
                     out[f"{name}_probs"][good] = predictions.probabilities[name]
         return out
 
-
-def refuse_non_finite(predictions: Any, rows: np.ndarray) -> None:
-    """A score is never NaN: as :func:`tagger.tag.model_part.refuse_non_finite`, by manifest row (the actor has
-    no manifest; the message names rows, which the driver's log ties to products)."""
-    from ..model_part import NonFiniteScores
-
-    from ...model.scope import non_finite
-
-    bad = non_finite(predictions)  # a null tag (out of its attribute's scope) has no score, on purpose
-    if bad.any():
-        shown = ", ".join(str(int(r) + 1) for r in rows[bad][:5])
-        raise NonFiniteScores(
-            f"the model produced NaN or infinite scores for {int(bad.sum())} image(s) of a batch (manifest rows {shown}); "
-            "nothing of those shards was committed. Try --precision fp32; if it persists, the model bundle is broken: "
-            "retrain or re-export it."
-        )

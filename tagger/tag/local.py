@@ -1,0 +1,112 @@
+"""The local engine: this process and its DataLoader workers tag the pending shards.
+
+An engine is what :class:`tagger.tag.runner.TagRunner` runs the pending shards on; the runner holds the durable
+parts (checks, lease, plan, shard commits, summary) and never asks which engine it has. Each engine:
+
+- ``start()``: what must start before the model is resolved (Ray: start or join the cluster); with
+  ``slow_start`` it runs while another thread reads the manifest and loads the bundle;
+- ``prepare(bundle)``: the one inference rule (:func:`tagger.model.inference.resolve`) against the bundle and the
+  trial batch, before the lease: a runtime that cannot run is exit 2 with the partition untouched;
+- ``weights_proven_by_export``: whether a cached export that reproduces the bundle's reference outputs may stand
+  in for building the network to check its weights (the local engine; Ray actors build their own network);
+- ``tag_shards(manifest, bundle, shards, pending)``: the same source (:class:`tagger.data.reader.ImageRows`),
+  scorer (:class:`tagger.model.scorer.Scorer`) and shard rows (:class:`tagger.tag.rows.ShardRows`), run here;
+- ``close()``.
+
+:data:`ENGINES` names both; the Ray engine lives in :mod:`tagger.tag.ray.engine` and is imported only when asked for.
+"""
+
+from __future__ import annotations
+
+import importlib
+from datetime import datetime, timezone
+from typing import Any
+
+from .loader import ImageLoader, check_transient, loop_failure, progress_meter, rows_to_read
+from .model_part import BatchModel, inference_spec
+from .rows import ShardRows
+from .shards import ShardCommitter, ShardCursor
+from .summary import computed_name
+from ..data.manifest import Manifest
+from ..model.bundle import ModelBundle
+
+# --engine -> "module:class"; imported when chosen (the Ray engine needs the ray extra).
+ENGINES = {"local": "tagger.tag.local:LocalEngine", "ray": "tagger.tag.ray.engine:RayEngine"}
+
+
+def engine_for(runner: Any) -> Any:
+    """The engine ``runner.config.engine`` names, made for ``runner``."""
+    module, _, name = ENGINES[runner.config.engine].partition(":")
+    return getattr(importlib.import_module(module), name)(runner)
+
+
+class LocalEngine:
+    name = "local"
+    weights_proven_by_export = True
+    slow_start = False  # nothing to start: the inputs are read on the main thread
+
+    def __init__(self, runner: Any):
+        self.runner = runner
+        self.inference: Any = None
+
+    def start(self) -> None:
+        """Nothing to start: the DataLoader's workers start with the first pending shard."""
+
+    def prepare(self, bundle: ModelBundle) -> None:
+        from ..model.inference import resolve
+
+        self.inference = resolve(inference_spec(self.runner.config), bundle)  # auto measures here, with the run's threads
+        self.inference.prepare()  # the runtime is an input too: export and a trial batch, before the lease
+
+    def close(self) -> None:
+        pass
+
+    def tag_shards(self, manifest: Manifest, bundle: ModelBundle, shards: ShardCommitter, pending: list[int]) -> None:
+        runner, plan = self.runner, shards.plan
+        readable, reads = rows_to_read(manifest, plan, pending, runner.partition, runner.options)
+        model = BatchModel(self.inference.predictor(), manifest, probabilities=manifest.separator is not None)
+        runner.facts.device, runner.facts.runtime = model.device, model.runtime
+        rows = ShardRows(runner.partition, plan, manifest, bundle.attribute_names, bundle.model_version, runner.options,
+                         review_thresholds=bundle.review_thresholds, scoped=list(bundle.scopes), computed=computed_name(model.runtime))
+        cursor = ShardCursor(pending, lambda s: rows.open(s, int(reads[s])), shards.commit)
+        loader = ImageLoader(runner.config, manifest, readable, bundle.input_size, self.inference.device.type == "cuda", runner.stop)
+        del readable
+        with loader, self.inference.cpu_threads(), runner.stop.graceful():
+            self._loop(loader, cursor, model, rows)
+        runner.facts.shards = shards.committed
+
+    def _loop(self, loader: ImageLoader, cursor: ShardCursor, model: BatchModel, rows: ShardRows) -> None:
+        """Batches -> predictions -> the open shard's parts; a shard commits the moment its last row is in."""
+        runner = self.runner
+        batches, progress = loader.batches(), progress_meter(runner.config, len(loader))
+        photos = None
+        if loader.manifest.separator is not None:  # several photos per product: products assembled from photos
+            from .photos import PhotoAssembler
+
+            photos = PhotoAssembler(model.predictor, rows.attributes, loader.manifest.separator)
+        try:
+            cursor.advance()
+            for batch in batches:
+                runner.stop.check()
+                check_transient(batch)
+                predictions, labels = model(batch)
+                if photos is not None:
+                    rows.write_batch(cursor, *photos.feed(batch, predictions), datetime.now(timezone.utc))
+                else:
+                    rows.write_batch(cursor, batch, predictions, labels, datetime.now(timezone.utc))
+                runner.facts.images += batch.size
+                progress.update(batch.size)
+            if photos is not None:
+                rows.write_batch(cursor, *photos.flush(), datetime.now(timezone.utc))
+            runner.stop.check()
+            if cursor.current is not None:
+                raise RuntimeError(f"shard {cursor.current.index} still expects {cursor.current.remaining} row(s) after the last batch")
+        except BaseException as exc:
+            cursor.abort()
+            failure = loop_failure(exc, runner.stop)
+            if failure is None:
+                raise
+            raise failure from exc
+        finally:
+            batches.close()  # stops the workers now, not whenever the garbage collector gets to them
+            progress.close()
