@@ -12,7 +12,7 @@ def _pct(value: Any) -> str:
 
 
 def _se(accuracy: Any, n: Any) -> str:
-    from ..evaluation.metrics import accuracy_se
+    from ..metrics import accuracy_se
 
     if accuracy is None or not n:
         return "–"
