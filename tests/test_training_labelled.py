@@ -289,7 +289,7 @@ def test_retrain_reads_a_labelled_manifest_of_cdn_photos_from_allowed_hosts_only
         refused = run("retrain", *common, "--out", str(tmp_path / "refused"))
         assert refused.exit_code == 2 and "could be decoded" in refused.output and "--allow-host" in refused.output, refused.output
         assert server.count("GET", "/img/") == 0
-        allow = ["--allow-host", "127.0.0.1", "--allow-private-addresses", "--allow-plain-http"]
+        allow = ["--allow-host", "127.0.0.1:*", "--allow-private-addresses", "--allow-plain-http"]
         too_big = run("retrain", *common, *allow, "--max-image-bytes", "100", "--out", str(tmp_path / "too-big"))
         assert too_big.exit_code == 2 and "raise --max-image-bytes" in too_big.output, too_big.output
         before = server.count("GET", "/img/")
