@@ -15,6 +15,12 @@ from tagger.training import ConfigError, RetrainConfig, retrain
 from tagger.data.kaggle import load_kaggle
 
 
+@pytest.fixture(autouse=True)
+def own_cache(monkeypatch, tmp_path):
+    """Trunk features are cached under $TAGGER_CACHE (tagger.training.features): the test's own, not the user's."""
+    monkeypatch.setenv("TAGGER_CACHE", str(tmp_path / "cache"))
+
+
 @pytest.fixture(scope="module")
 def two_folders(tmp_path_factory) -> tuple[Path, Path]:
     """One generated data set cut in two folders, each with the full styles.csv, like fashion-sample/-more."""
