@@ -58,7 +58,8 @@ def predict(images: tuple[str, ...], model: str, out: str, top_k: int, device: s
     """Predict tags for IMAGES (files, or folders searched recursively for jpg/jpeg/png/webp/gif) and show
     each image with its top labels and scores. Unreadable or missing images are listed with their error.
 
-    Exit codes: 0 done (unreadable images included); 2 invalid input (bundle, paths, options); 1 any other failure.
+    Exit codes: 0 done (unreadable images included); 2 invalid input (bundle, paths, options, an --out it cannot
+    write: checked before the model runs); 1 any other failure.
     """
     from tagger.model.bundle import BundleError, load_bundle
     from tagger.evaluation import EvaluationError
@@ -66,15 +67,17 @@ def predict(images: tuple[str, ...], model: str, out: str, top_k: int, device: s
     from tagger.model.scoring import progress_logger, run_model
     from tagger.data.reader import image_settings
     from tagger.model.inference import InferenceSpec, resolve
+    from tagger import storage
 
     try:
+        check_out(out, parse_storage_options(storage_options))  # found now, not after the model has scored every image
         bundle = load_bundle(model, parse_storage_options(storage_options))
         paths = gallery.collect_images(images)
         try:  # a runtime not installed, fp16 on the CPU: said now, before any image is read
             inference = resolve(InferenceSpec(device, runtime, precision), bundle)
         except (RuntimeError, ValueError) as exc:
             raise EvaluationError(str(exc)) from None
-    except (BundleError, EvaluationError) as exc:
+    except (BundleError, EvaluationError, storage.OutputLocationError) as exc:
         sys.exit(_fail(EXIT_INVALID_INPUT, f"invalid input: {exc}"))
     if workers is None:
         workers = 0 if len(paths) < AUTO_WORKERS_FROM else default_workers()
@@ -86,11 +89,26 @@ def predict(images: tuple[str, ...], model: str, out: str, top_k: int, device: s
         )
         results = gallery.image_predictions(bundle, paths, outputs, top_k)
         written = write_outputs(bundle, results, out, thumb_size=thumb_size, per_page=per_page, table=table)
+    except PermissionError as exc:  # a file system that refuses the write although the check passed (read-only mount)
+        sys.exit(_fail(EXIT_INVALID_INPUT, f"invalid input: cannot write --out {out}: {exc}; choose another --out or fix its permissions"))
     except Exception as exc:
         log.exception("predict failed")
         sys.exit(_fail(EXIT_CRASH, f"failed: {type(exc).__name__}: {exc}"))
     bad = sum(not r.ok for r in results)
     click.echo(f"{len(results)} image(s), {bad} unreadable -> {', '.join(written)}", err=True)
+
+
+def check_out(out: str, options) -> None:
+    """Refuse an --out whose folder cannot take the files (read-only, a file in the way) or that names a folder."""
+    from tagger import storage
+
+    folder = storage.parent(out)
+    try:
+        storage.check_output_location(folder, options)
+    except storage.OutputLocationError as exc:  # said of the file the user named, not of its folder
+        raise storage.OutputLocationError(str(exc).replace(f"--out {folder}:", f"--out {out}: its folder", 1)) from None
+    if not storage.is_remote(out) and os.path.isdir(out):
+        raise storage.OutputLocationError(f"--out {out}: is an existing folder; name the file to write (sheet.png or gallery.html)")
 
 
 def write_outputs(bundle, results, out: str, *, thumb_size: int, per_page: int, table: bool) -> list[str]:

@@ -181,3 +181,43 @@ def test_invalid_inputs_exit_2(images, tiny_bundle, tmp_path):
     result = predict("--model", tiny_bundle, "--out", out)
     assert result.exit_code == 2 and "IMAGES" in result.output
     assert not (tmp_path / "x.png").exists()
+
+
+def test_a_read_only_out_is_exit_2_in_one_line_before_the_model_work(images, tiny_bundle, tmp_path, monkeypatch):
+    import os
+
+    from tagger.model import scoring
+
+    root, _ = images
+    monkeypatch.setattr(scoring, "run_model", lambda *a, **k: pytest.fail("the model ran before --out was checked"))
+    real = os.access
+    # As root writes anywhere, the read-only folder is os.access's answer (what check_output_location asks).
+    monkeypatch.setattr(os, "access", lambda path, mode: False if str(path).startswith(str(tmp_path)) and mode & os.W_OK
+                        else real(path, mode))
+    out = tmp_path / "sheet.png"
+    result = predict(str(root), "--model", tiny_bundle, "--out", str(out))
+    assert result.exit_code == 2, result.output
+    assert f"--out {out}: its folder" in result.output and "not writable" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    monkeypatch.setattr(os, "access", real)
+    (tmp_path / "a-file").write_text("in the way")
+    result = predict(str(root), "--model", tiny_bundle, "--out", str(tmp_path / "a-file" / "sheet.png"))
+    assert result.exit_code == 2 and "is an existing file" in result.output, result.output
+    (tmp_path / "folder.html").mkdir()
+    result = predict(str(root), "--model", tiny_bundle, "--out", str(tmp_path / "folder.html"))
+    assert result.exit_code == 2 and "is an existing folder" in result.output, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "folder.html"]
+
+
+def test_a_write_the_file_system_refuses_is_exit_2(images, tiny_bundle, tmp_path, monkeypatch):
+    from tagger import storage
+
+    root, _ = images
+
+    def refuse(url, data, options=None):
+        raise PermissionError(13, "Permission denied", url)
+
+    monkeypatch.setattr(storage, "write_bytes", refuse)
+    result = predict(str(root), "--model", tiny_bundle, "--out", str(tmp_path / "gallery.html"))
+    assert result.exit_code == 2, result.output
+    assert "cannot write --out" in result.output and "Traceback" not in result.output
