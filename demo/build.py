@@ -47,16 +47,20 @@ def main() -> None:
         catalog_writer, truth_writer = csv.writer(catalog), csv.writer(truth)
         # The catalog carries the data set's own labels, as a retailer's does: `tagger report` scores the tags
         # against them (truth.csv holds the same labels for demo-check).
-        catalog_writer.writerow(["product_id", "image", *ATTRIBUTES])
+        # ... and its own titles (productDisplayName), which `make tag` reads with --text-column title.
+        catalog_writer.writerow(["product_id", "image", *ATTRIBUTES, "title"])
         truth_writer.writerow(["product_id", *ATTRIBUTES])
         for product_id in picked:
             source = Path(rows[product_id]["image"])
             shutil.copyfile(source, images / f"{product_id}.jpg")
-            catalog_writer.writerow([product_id, f"images/{product_id}.jpg", *[rows[product_id][a] or "" for a in ATTRIBUTES]])
+            catalog_writer.writerow([product_id, f"images/{product_id}.jpg", *[rows[product_id][a] or "" for a in ATTRIBUTES],
+                                     rows[product_id].get("productDisplayName") or ""])
             truth_writer.writerow([product_id, *[rows[product_id][a] or "" for a in ATTRIBUTES]])
-        # The deliberately broken rows: the errors table shows what happens to them.
-        catalog_writer.writerow(["broken-missing", "images/no-such-photo.jpg", *[""] * len(ATTRIBUTES)])
-        catalog_writer.writerow(["broken-corrupt", "images/corrupt.jpg", *[""] * len(ATTRIBUTES)])
+        # The deliberately broken rows: the errors table shows what happens to them. The corrupt photo keeps the
+        # title of the product it was cut from: with --text-column title it is tagged from its text.
+        catalog_writer.writerow(["broken-missing", "images/no-such-photo.jpg", *[""] * len(ATTRIBUTES), ""])
+        catalog_writer.writerow(["broken-corrupt", "images/corrupt.jpg", *[""] * len(ATTRIBUTES),
+                                 rows[picked[0]].get("productDisplayName") or ""])
     good = (images / f"{picked[0]}.jpg").read_bytes()
     (images / "corrupt.jpg").write_bytes(good[: len(good) // 3])  # a JPEG cut off mid-scan
     print(f"{len(picked)} test-split products + 2 broken rows -> {out}")

@@ -32,8 +32,27 @@ def demo_data(out: Path, n_train: int, n_catalog: int, n_bad: int, seed: int) ->
 @click.option("--run-date", default=None, help="Partition to check (default: the latest complete one).")
 @click.option("--truth", type=click.Path(exists=True, dir_okay=False), default="demo/truth.csv", show_default=True,
               help="CSV of product_id + the model's attributes (an empty cell: no true value, not scored; a column the tags lack: ignored).")
-def demo_check(out: str, run_date: str | None, truth: str) -> None:
+@click.option("--photos-out", default=None, help="A second run's output root, tagged from the photos alone: its figures "
+              "beside the first's (`make tag` tags the demo with its titles, and without).")
+def demo_check(out: str, run_date: str | None, truth: str, photos_out: str | None) -> None:
     """How often the demo tags equal the true labels: accuracy per attribute on the demo catalog."""
+    name, tags, scores = _scores(out, run_date, truth)
+    inputs = ""
+    if "inputs" in tags.columns:
+        counts = tags["inputs"].value_counts(sort=True).iter_rows()
+        inputs = "; inputs: " + ", ".join(f"{mode} {n}" for mode, n in counts)
+    click.echo(f"demo tags vs true labels ({name}, {len(tags)} tagged products{inputs}):")
+    if photos_out is None:
+        for attribute, value in scores.items():
+            click.echo(f"  {attribute:<15} {value:6.1%}")
+        return
+    _, _, photos = _scores(photos_out, run_date, truth)
+    click.echo(f"  {'':<15} {'photos':>7} {'with titles' if inputs else out:>12}")
+    for attribute, value in scores.items():
+        click.echo(f"  {attribute:<15} {photos.get(attribute, float('nan')):7.1%} {value:12.1%}")
+
+
+def _scores(out: str, run_date: str | None, truth: str):
     import polars as pl
 
     from tagger.demo.drawn import score_against_truth
@@ -45,9 +64,6 @@ def demo_check(out: str, run_date: str | None, truth: str) -> None:
     name = f"run_date={run_date}" if run_date else partitions[-1]
     tags = pl.from_arrow(read_complete_partition(str(Path(out, "tags", name))))
     try:
-        scores = score_against_truth(tags, truth)
+        return name, tags, score_against_truth(tags, truth)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(f"demo tags vs true labels ({name}, {len(tags)} tagged products):")
-    for attribute, value in scores.items():
-        click.echo(f"  {attribute:<15} {value:6.1%}")

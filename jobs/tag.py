@@ -66,6 +66,10 @@ def common_output_options(function):
               help="CSV image cells hold several photos separated by SEP (e.g. ';'); the tags come from all of them. "
               "Default: one image per cell.")
 @click.option("--catalog-format", type=click.Choice(["csv", "parquet", "jsonl"]), default=None, help="Override the format guessed from the name.")
+@click.option("--text-column", "text_columns", multiple=True, metavar="COLUMN",
+              help="A catalog column of text (a title, a description) the bundle's text model reads beside the photos; "
+              "repeat in the order of the bundle's text fields. Adds the columns inputs (photos, text, both) and conflict. "
+              "A row with empty text is tagged from its photos alone, a row whose photos fail from its text.")
 @device_option
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--workers", type=click.IntRange(min=0), default=default_workers, show_default="min(8, CPUs)",
@@ -122,6 +126,7 @@ def tag(**options) -> None:
     report = {k: options.pop(k) for k in TAG_REPORT_OPTIONS}
     options["storage_options"] = parse_storage_options(options["storage_options"])
     options["allow_hosts"] = split_hosts(options["allow_hosts"])
+    options["text_columns"] = tuple(options["text_columns"])
     try:
         config = TagConfig(**options)
     except ValueError as exc:

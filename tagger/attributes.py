@@ -28,11 +28,15 @@ IMAGES_USED_COLUMN = "images_used"
 LEADING_COLUMNS: tuple[str, ...] = ("product_id", "image")
 TRAILING_COLUMNS: tuple[str, ...] = (REVIEW_COLUMN, IMAGES_USED_COLUMN, "image_version", "model_version", "run_id",
                                      "tagged_at")
+# With --text-column, after REVIEW_COLUMN: which inputs a row's tags came from, and where photos and text disagreed.
+INPUTS_COLUMN = "inputs"
+CONFLICT_COLUMN = "conflict"
+TEXT_COLUMNS: tuple[str, ...] = (INPUTS_COLUMN, CONFLICT_COLUMN)
 # Beside them: the hive partition key readers add, and the manifest row and resolved location that --since
 # joins the night before's tags on.
 ADDED_COLUMNS: tuple[str, ...] = ("run_date", "row", "location")
 # An attribute of one of these names would overwrite the column or be overwritten by it.
-FIXED_COLUMNS: tuple[str, ...] = LEADING_COLUMNS + TRAILING_COLUMNS + ADDED_COLUMNS
+FIXED_COLUMNS: tuple[str, ...] = LEADING_COLUMNS + TRAILING_COLUMNS + TEXT_COLUMNS + ADDED_COLUMNS
 SCORE_SUFFIX = "_score"
 # A plain identifier: a Parquet column, a polars name and an unquoted SQL column all at once.
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,63}")

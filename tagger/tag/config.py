@@ -48,6 +48,9 @@ class TagConfig:
     image_column: str = "image"
     image_separator: str | None = None  # several photos per product in one CSV cell, split by it (tagger.tag.photos)
     catalog_format: str | None = None
+    # --text-column: catalog columns of text (title, description, ...) read beside the photos, in the order of the
+    # bundle's text fields; the bundle's text model and fusion tag from them (tagger.tag.text_rows). Empty: photos only.
+    text_columns: tuple[str, ...] = ()
     device: str = "auto"
     batch_size: int = 64
     workers: int = field(default_factory=default_workers)
@@ -107,6 +110,13 @@ class TagConfig:
             problems.append(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if self.ray_address and self.engine != "ray":
             problems.append("ray_address (--ray-address) is for --engine ray")
+        if self.text_columns and self.engine == "ray":
+            problems.append("text_columns (--text-column) run on --engine local for now; the Ray engine tags from photos alone")
+        if self.text_columns and self.since:
+            problems.append("text_columns (--text-column) with --since: tags carried over from a night without text cannot say "
+                            "which inputs they came from; run without --since")
+        if len(set(self.text_columns)) != len(self.text_columns) or any(not c for c in self.text_columns):
+            problems.append(f"text_columns must be distinct non-empty column names, got {list(self.text_columns)!r}")
         if self.plan_only and self.fanout is not None:
             problems.append("plan_only (--plan-only) plans the whole date once; run it without --shard, then the --shard I/N tasks")
         if self.progress not in PROGRESS_MODES:

@@ -64,16 +64,19 @@ class LocalEngine:
     def tag_shards(self, manifest: Manifest, bundle: ModelBundle, shards: ShardCommitter, pending: list[int]) -> None:
         runner, plan = self.runner, shards.plan
         readable, reads = rows_to_read(manifest, plan, pending, runner.partition, runner.options)
-        model = BatchModel(self.inference.predictor(), manifest, probabilities=manifest.separator is not None)
+        model = BatchModel(self.inference.predictor(), manifest, probabilities=manifest.separator is not None or runner.text is not None)
         runner.facts.device, runner.facts.runtime = model.device, model.runtime
         rows = ShardRows(runner.partition, plan, manifest, bundle.attribute_names, bundle.model_version, runner.options,
-                         review_thresholds=bundle.review_thresholds, scoped=list(bundle.scopes), computed=computed_name(model.runtime))
+                         review_thresholds=bundle.review_thresholds, scoped=list(bundle.scopes), computed=computed_name(model.runtime),
+                         text=runner.text is not None)
         cursor = ShardCursor(pending, lambda s: rows.open(s, int(reads[s])), shards.commit)
         loader = ImageLoader(runner.config, manifest, readable, bundle.input_size, self.inference.device.type == "cuda", runner.stop)
         del readable
         with loader, self.inference.cpu_threads(), runner.stop.graceful():
             self._loop(loader, cursor, model, rows)
         runner.facts.shards = shards.committed
+        if runner.text is not None:
+            runner.facts.text = runner.text.facts()
 
     def _loop(self, loader: ImageLoader, cursor: ShardCursor, model: BatchModel, rows: ShardRows) -> None:
         """Batches -> predictions -> the open shard's parts; a shard commits the moment its last row is in."""
@@ -91,13 +94,13 @@ class LocalEngine:
                 check_transient(batch)
                 predictions, labels = model(batch)
                 if photos is not None:
-                    rows.write_batch(cursor, *photos.feed(batch, predictions), datetime.now(timezone.utc))
+                    self._write(rows, cursor, *photos.feed(batch, predictions))
                 else:
-                    rows.write_batch(cursor, batch, predictions, labels, datetime.now(timezone.utc))
+                    self._write(rows, cursor, batch, predictions, labels)
                 runner.facts.images += batch.size
                 progress.update(batch.size)
             if photos is not None:
-                rows.write_batch(cursor, *photos.flush(), datetime.now(timezone.utc))
+                self._write(rows, cursor, *photos.flush())
             runner.stop.check()
             if cursor.current is not None:
                 raise RuntimeError(f"shard {cursor.current.index} still expects {cursor.current.remaining} row(s) after the last batch")
@@ -110,3 +113,10 @@ class LocalEngine:
         finally:
             batches.close()  # stops the workers now, not whenever the garbage collector gets to them
             progress.close()
+
+    def _write(self, rows: ShardRows, cursor: ShardCursor, batch: Any, predictions: Any, labels: Any) -> None:
+        """Rows (products) into the open shard; with text columns, fused with the text first."""
+        text = None
+        if self.runner.text is not None:
+            batch, predictions, labels, text = self.runner.text(batch, predictions)
+        rows.write_batch(cursor, batch, predictions, labels, datetime.now(timezone.utc), text)

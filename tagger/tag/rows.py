@@ -30,12 +30,13 @@ class ShardRows:
 
     def __init__(self, partition: Partition, plan: Plan, manifest: Manifest, attributes: list[str], model_version: str,
                  options: dict[str, Any] | None = None, *, review_thresholds: Mapping[str, float] | None = None,
-                 computed: str | None = None, scoped: list[str] | tuple[str, ...] = ()):
+                 computed: str | None = None, scoped: list[str] | tuple[str, ...] = (), text: bool = False):
         self.partition, self.plan, self.manifest, self.options = partition, plan, manifest, options
         self.computed = computed  # "<runtime> <precision>" of the model, recorded in each shard's marker
         self.attributes, self.model_version = attributes, model_version
         self.thresholds = {name: float((review_thresholds or {}).get(name, 0.0)) for name in attributes}
-        self.schema = writers.tags_schema(attributes, nullable=scoped)
+        self.text = text  # --text-column: each row says which inputs its tags came from and where they conflict
+        self.schema = writers.tags_schema(attributes, nullable=scoped, text=text)
 
     def open(self, shard: int, reads: int) -> ShardOutput:
         """The shard's parts, ``reads`` rows still to come from the DataLoader."""
@@ -71,8 +72,9 @@ class ShardRows:
         return output
 
     def write_batch(self, cursor: ShardCursor, batch: Batch, predictions: Any, labels: dict[str, np.ndarray] | None,
-                    tagged_at: datetime) -> None:
-        """A batch's rows into the open shard; batches arrive in row order and may straddle a shard boundary."""
+                    tagged_at: datetime, text: Any = None) -> None:
+        """A batch's rows into the open shard; batches arrive in row order and may straddle a shard boundary.
+        ``text``: the rows' :class:`tagger.tag.text_rows.TextColumns` when the run reads text."""
         shard_size = self.plan.shard_size
         for shard in np.unique(np.concatenate([batch.rows, batch.error_rows]) // shard_size):
             output = cursor.current
@@ -80,7 +82,7 @@ class ShardRows:
                 raise RuntimeError(f"rows of shard {shard} arrived while shard {output and output.index} was open")
             good = batch.rows // shard_size == shard
             bad = batch.error_rows // shard_size == shard
-            self._write_tags(output, batch, good, predictions, labels, tagged_at)
+            self._write_tags(output, batch, good, predictions, labels, tagged_at, text)
             self._write_errors(output, batch, bad)
             if batch.photo_errors and output.photo_errors is not None:
                 photos = [(r, t, m) for r, t, m in batch.photo_errors if r // shard_size == shard]
@@ -90,7 +92,7 @@ class ShardRows:
             cursor.consumed(int(good.sum() + bad.sum()))
 
     def _write_tags(self, output: ShardOutput, batch: Batch, mask: np.ndarray, predictions: Any,
-                    labels: dict[str, np.ndarray] | None, tagged_at: datetime) -> None:
+                    labels: dict[str, np.ndarray] | None, tagged_at: datetime, text: Any = None) -> None:
         if predictions is None or not mask.any():
             return
         rows = batch.rows[mask]
@@ -100,8 +102,16 @@ class ShardRows:
         for name in self.attributes:
             columns[name] = pa.array(labels[name][mask], pa.string())
             columns[f"{name}_score"] = pa.array(scores[name], pa.float32(), from_pandas=True)  # NaN: a null tag's
-        columns[writers.REVIEW_COLUMN] = self._review(output, scores)
         n = len(rows)
+        if self.text:
+            picked = np.flatnonzero(mask)
+            conflict = [text.conflict[i] for i in picked] if text is not None else [[] for _ in picked]
+            thresholds = {name: text.thresholds[name][mask] for name in self.attributes} if text is not None else None
+            columns[writers.REVIEW_COLUMN] = self._review(output, scores, thresholds, conflict)
+            columns[writers.INPUTS_COLUMN] = pa.array([text.inputs[i] for i in picked] if text is not None else ["photos"] * n, pa.string())
+            columns[writers.CONFLICT_COLUMN] = pa.array(conflict, writers.CONFLICT_TYPE)
+        else:
+            columns[writers.REVIEW_COLUMN] = self._review(output, scores)
         used = batch.images_used[mask] if batch.images_used is not None else np.ones(n, np.int32)
         columns[writers.IMAGES_USED_COLUMN] = pa.array(used, pa.int32())
         columns["image_version"] = pa.array([v for v, keep in zip(batch.versions, mask) if keep], pa.string())
@@ -111,13 +121,18 @@ class ShardRows:
         output.tags.write(pa.table(columns))
         output.tagged += n
 
-    def _review(self, output: ShardOutput, scores: Mapping[str, np.ndarray]) -> pa.ListArray:
+    def _review(self, output: ShardOutput, scores: Mapping[str, np.ndarray], thresholds: Mapping[str, np.ndarray] | None = None,
+                conflict: list[list[str]] | None = None) -> pa.ListArray:
         """Per row, the attributes whose score is under its review threshold (in the schema's order), and
-        their counts on the shard's stats."""
+        their counts on the shard's stats. ``thresholds``: per row (the row's input mode's, with text);
+        ``conflict``: per row, attributes that go to review whatever their score."""
         n = len(next(iter(scores.values()))) if scores else 0
         under = np.zeros((n, len(self.attributes)), dtype=bool)
         for j, name in enumerate(self.attributes):
-            under[:, j] = np.asarray(scores[name], dtype=np.float32) < np.float32(self.thresholds[name])
+            limit = thresholds[name] if thresholds is not None else np.float32(self.thresholds[name])
+            under[:, j] = np.asarray(scores[name], dtype=np.float32) < limit
+            if conflict is not None:
+                under[:, j] |= np.array([any(c["attribute"] == name for c in row) for row in conflict], dtype=bool)
             output.review[name] += int(under[:, j].sum())
         output.review_rows += int(under.any(axis=1).sum())
         rows, columns = np.nonzero(under)  # row-major: each row's attributes in order

@@ -32,6 +32,7 @@ from .plan import PLAN_FORMAT, Plan, PlanMismatch, make_plan, plan_key
 from ..model.scorer import NonFiniteScores
 from .shards import ShardCommitter, ShardCursor, ShardOutput, owning_partition
 from .stop import Interrupted, StopFlag
+from .text_rows import text_fuser
 from .summary import ProcessFacts, RunResult, over_error_rate, partition_counts, summary_line, write_summary
 
 __all__ = ["TagRunner", "RunResult", "StopFlag", "Interrupted", "PlanMismatch", "NonFiniteScores", "WorkerFailure",
@@ -57,6 +58,7 @@ class TagRunner:
         self.facts = ProcessFacts()
         self.engine = engine_for(self)  # what tags the pending shards: tagger.tag.local.ENGINES
         self.lease: Lease | None = None
+        self.text = None  # --text-column: the bundle's text model and fusion over the catalog's text (tagger.tag.text_rows)
 
     def run(self) -> RunResult:
         """Everything is checked (output location, manifest, bundle with its weights loaded, device) before
@@ -102,7 +104,7 @@ class TagRunner:
         config = self.config
         t = time.time()
         manifest = read_manifest(config.catalog, id_column=config.id_column, image_column=config.image_column,
-                                 image_separator=config.image_separator,
+                                 image_separator=config.image_separator, extra_columns=config.text_columns,
                                  fmt=config.catalog_format, storage_options=self.options)
         self.facts.timed("manifest_s", t)
         if pc.any(pc.match_substring(manifest.table.column("image"), "s3://")).as_py():
@@ -117,6 +119,8 @@ class TagRunner:
 
         if not self.engine.weights_proven_by_export or config.runtime == "torch" or verified_export(bundle) is None:
             bundle.check_weights()
+        if config.text_columns:
+            self.text = text_fuser(config, manifest, bundle, self.options)
         self.facts.timed("model_load_s", t)
         # Said once both inputs hold, so that a bad bundle's error is the run's only line.
         log.info("manifest %s: %d rows", config.catalog, manifest.num_rows)

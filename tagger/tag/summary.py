@@ -37,6 +37,7 @@ class ProcessFacts:
     device: str | None = None
     runtime: dict[str, Any] | None = None
     engine: dict[str, Any] = field(default_factory=lambda: {"name": "local"})  # --engine, and the Ray cluster used
+    text: dict[str, Any] | None = None  # --text-column: rows per input mode, conflicts, the text's CPU seconds
 
     def timed(self, name: str, since: float) -> None:
         self.timings[name] = time.time() - since
@@ -153,6 +154,7 @@ def write_summary(partition: Partition, config: TagConfig, code: int, facts: dic
             "device": process.device,
             "runtime": process.runtime,
             "engine": process.engine,
+            **({"text": process.text} if process.text is not None else {}),
         },
         "durations_s": {k: round(v, 3) for k, v in {**process.timings, "total_s": elapsed}.items()},
         "finished_at": now_iso(),

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .. import storage
-from ..attributes import IMAGES_USED_COLUMN, LEADING_COLUMNS, REVIEW_COLUMN, TRAILING_COLUMNS
+from ..attributes import CONFLICT_COLUMN, IMAGES_USED_COLUMN, INPUTS_COLUMN, LEADING_COLUMNS, REVIEW_COLUMN, TRAILING_COLUMNS
 
 SUCCESS_FILE = "_SUCCESS"
 
@@ -50,7 +50,17 @@ _FIXED_TYPES = {
 }
 
 
-def tags_schema(attributes: Sequence[str], *, review: bool = True, nullable: Sequence[str] = ()) -> pa.Schema:
+# With --text-column only: INPUTS_COLUMN, which inputs a row's tags came from (photos, text or both), and
+# CONFLICT_COLUMN, the attributes where photos and text were each confident and disagreed, with what each said
+# (they are in needs_review too). A run without text columns writes exactly the schema it always wrote.
+CONFLICT_TYPE = pa.list_(pa.struct([
+    pa.field("attribute", pa.string(), nullable=False), pa.field("photos", pa.string(), nullable=False),
+    pa.field("photos_score", pa.float32(), nullable=False), pa.field("text", pa.string(), nullable=False),
+    pa.field("text_score", pa.float32(), nullable=False),
+]))
+
+
+def tags_schema(attributes: Sequence[str], *, review: bool = True, nullable: Sequence[str] = (), text: bool = False) -> pa.Schema:
     """``review=False``: without :data:`REVIEW_COLUMN`, the columns a ``--since`` run carries over (the
     column is recomputed from the scores, so partitions written before it existed are reused too).
     ``nullable``: attributes with a scope (the bundle's ``applies_when``), null where they do not apply.
@@ -60,7 +70,11 @@ def tags_schema(attributes: Sequence[str], *, review: bool = True, nullable: Seq
     for name in attributes:
         fields.append(pa.field(name, pa.string(), nullable=name in nullable))
         fields.append(pa.field(f"{name}_score", pa.float32(), nullable=name in nullable))
-    fields += [pa.field(name, _FIXED_TYPES[name], nullable=False) for name in TRAILING_COLUMNS if review or name != REVIEW_COLUMN]
+    for name in TRAILING_COLUMNS:
+        if review or name != REVIEW_COLUMN:
+            fields.append(pa.field(name, _FIXED_TYPES[name], nullable=False))
+        if text and name == REVIEW_COLUMN:
+            fields += [pa.field(INPUTS_COLUMN, pa.string(), nullable=False), pa.field(CONFLICT_COLUMN, CONFLICT_TYPE, nullable=False)]
     return pa.schema(fields)
 
 

@@ -1,0 +1,168 @@
+"""`tagger tag --text-column`: a catalog's titles beside its photos, through the tag job's CLI.
+
+A generated catalog (drawn photos, 2 broken) with a title column: rows with both, a row without a title (tagged
+from its photos exactly as without --text-column), a broken photo with a title (tagged from its text), a broken
+photo without one (an error row, as ever), non-ASCII and very long titles, and another product's title.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from jobs.cli import cli
+from tagger.attributes import ATTRIBUTES
+from tagger.data.drawings import CLASSES
+from tagger.tag.writers import read_complete_partition, tags_schema
+
+DATE = "2026-01-02"
+
+
+def tag(*args: str):
+    return CliRunner().invoke(cli, ["tag", "--workers", "0", "--progress", "none", "--run-date", DATE, *args], catch_exceptions=False)
+
+
+def read(out: Path, table: str) -> pl.DataFrame:
+    return pl.from_arrow(read_complete_partition(f"{out}/{table}/run_date={DATE}"))
+
+
+def title(labels: dict[str, str]) -> str:
+    return f"Acme {labels['gender']} {labels['baseColour']} {labels['articleType']} {labels['usage']} {labels['season']}"
+
+
+@pytest.fixture(scope="module")
+def text_bundle(tiny_bundle, tmp_path_factory) -> str:
+    """The tiny bundle with a text model fitted on generated titles and a fusion fitted on generated photo scores."""
+    from tagger.model.bundle import load_bundle
+    from tagger.model.text import TEXT_WEIGHTS_FILE, TextFeaturizer, fit_text_model, text_section
+    from tagger.training.fusion import fit_fusion, label_prior
+
+    folder = tmp_path_factory.mktemp("text-bundle") / "tiny-text"
+    shutil.copytree(tiny_bundle, folder)
+    bundle = load_bundle(str(folder))
+    attributes = [(a.name, len(a.labels)) for a in bundle.attributes]
+    rng = np.random.default_rng(0)
+
+    def sample(n):
+        labels = [{a: a_labels[rng.integers(len(a_labels))] for a, a_labels in CLASSES.items()} for _ in range(n)]
+        targets = np.array([[list(spec.labels).index(row[spec.name]) for spec in bundle.attributes] for row in labels])
+        return [title(row) for row in labels], targets
+
+    featurizer = TextFeaturizer(("productDisplayName",))
+    texts, targets = sample(300)
+    model = fit_text_model([featurizer.normalise(t) for t in texts], targets, attributes, featurizer, c=10.0).stored()
+    val_texts, val_targets = sample(150)
+    text_probs, _ = model.probabilities([featurizer.normalise(t) for t in val_texts])
+    photo = {name: np.full((150, k), 1.0 / k, np.float32) for name, k in attributes}  # photos that know nothing
+    priors = {name: label_prior(targets[:, j], k) for j, (name, k) in enumerate(attributes)}
+    fusion, _ = fit_fusion(photo, text_probs, val_targets, priors)
+    weights = model.to_bytes()
+    meta = json.loads((folder / "model.json").read_text())
+    meta["text"] = text_section(model, fusion, weights)
+    (folder / TEXT_WEIGHTS_FILE).write_bytes(weights)
+    (folder / "model.json").write_text(json.dumps(meta, indent=2))
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def titled_catalog(demo, tmp_path_factory) -> tuple[Path, list[dict]]:
+    with open(demo.catalog, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    with open(demo.catalog_truth, newline="") as handle:
+        truth = {r["product_id"]: r for r in csv.DictReader(handle)}
+    for row in rows:
+        row["title"] = title(truth[row["product_id"]]) if row["product_id"] in truth else ""
+    rows[0]["title"] = ""  # no title: photos alone
+    rows[1]["title"] = "Ａｃｍｅ " + rows[1]["title"] + " — élégant 紳士"  # full-width, accents, CJK
+    rows[2]["title"] = rows[2]["title"] + " lorem ipsum" * 5_000  # 60 kB: cut to the featuriser's max_chars
+    rows[3]["title"] = rows[4]["title"]  # another product's title
+    rows[-2]["title"] = "Acme Men Black Tshirts Casual Summer"  # a broken photo with a usable title: tagged from text
+    rows[-1]["title"] = "   "  # a broken photo without text: an error row, as ever
+    path = Path(demo.catalog).parent / "catalog_titles.csv"
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path, rows
+
+
+def test_tag_with_titles(text_bundle, titled_catalog, tmp_path):
+    catalog, rows = titled_catalog
+    plain, text = tmp_path / "plain", tmp_path / "text"
+    assert tag("--catalog", str(catalog), "--model", text_bundle, "--out", str(plain)).exit_code == 0
+    result = tag("--catalog", str(catalog), "--model", text_bundle, "--out", str(text), "--text-column", "title")
+    assert result.exit_code == 0, result.output
+
+    # Without --text-column: today's schema, whatever the bundle carries.
+    assert pq.read_table(plain / "tags" / f"run_date={DATE}" / "part-00000.parquet").schema.equals(tags_schema(ATTRIBUTES), check_metadata=False)
+    assert pq.read_table(text / "tags" / f"run_date={DATE}" / "part-00000.parquet").schema.equals(
+        tags_schema(ATTRIBUTES, text=True), check_metadata=False)
+
+    photos, fused = read(plain, "tags"), read(text, "tags")
+    by_id = {r["product_id"]: r for r in fused.iter_rows(named=True)}
+    ids = [r["product_id"] for r in rows]
+    assert by_id[ids[0]]["inputs"] == "photos"
+    assert by_id[ids[-2]]["inputs"] == "text" and by_id[ids[-2]]["images_used"] == 0 and by_id[ids[-2]]["image_version"] == ""
+    assert by_id[ids[-2]]["baseColour"] == "Black" and by_id[ids[-2]]["articleType"] == "Tshirts"
+    assert ids[-1] not in by_id and read(text, "errors")["product_id"].to_list() == [ids[-1]]
+    assert {by_id[i]["inputs"] for i in ids[1:-2]} == {"both"}
+    assert fused.height == photos.height + 1
+
+    # A row without a title: exactly the photos-only run's tags and scores.
+    plain_row = photos.filter(pl.col("product_id") == ids[0]).row(0, named=True)
+    for name in ATTRIBUTES:
+        assert by_id[ids[0]][name] == plain_row[name] and by_id[ids[0]][f"{name}_score"] == plain_row[f"{name}_score"]
+    assert by_id[ids[0]]["needs_review"] == plain_row["needs_review"]
+
+    # The titles decide here (the tiny bundle's photos know nothing): the tags follow them, long and non-ASCII ones too.
+    with open(Path(catalog).parent / "catalog_truth.csv", newline="") as handle:
+        truth = {r["product_id"]: r for r in csv.DictReader(handle)}
+    for i in (1, 2, 5, 6):
+        assert by_id[ids[i]]["baseColour"] == truth[ids[i]]["baseColour"], i
+    assert by_id[ids[3]]["baseColour"] == truth[ids[4]]["baseColour"]  # the borrowed title's colour
+    for row in fused.iter_rows(named=True):
+        assert {c["attribute"] for c in row["conflict"]} <= set(row["needs_review"])
+
+    summary = json.loads((text / "_runs" / f"run_date={DATE}" / "summary.json").read_text())
+    facts = summary["this_process"]["text"]
+    assert facts["rows_by_inputs"] == {"photos": 1, "text": 1, "both": len(rows) - 3} and facts["columns"] == ["title"]
+
+
+def test_conflict_flags_a_borrowed_title(text_bundle, titled_catalog, tmp_path):
+    """With conflict levels every label clears, a photo and a title that disagree are a conflict and go to review."""
+    folder = tmp_path / "bundle"
+    shutil.copytree(text_bundle, folder)
+    meta = json.loads((folder / "model.json").read_text())
+    for spec in meta["text"]["fusion"]:
+        spec["conflict"] = {"photos": 0.0, "text": 0.0}
+    (folder / "model.json").write_text(json.dumps(meta))
+    catalog, rows = titled_catalog
+    out = tmp_path / "out"
+    assert tag("--catalog", str(catalog), "--model", str(folder), "--out", str(out), "--text-column", "title").exit_code == 0
+    flagged = read(out, "tags").filter(pl.col("inputs") == "both")
+    assert (flagged["conflict"].list.len() > 0).any()
+    for row in flagged.iter_rows(named=True):
+        for c in row["conflict"]:
+            assert c["photos"] != c["text"] and 0 <= c["photos_score"] <= 1 and 0 <= c["text_score"] <= 1
+        assert {c["attribute"] for c in row["conflict"]} <= set(row["needs_review"])
+    assert (read(out, "tags").filter(pl.col("inputs") != "both")["conflict"].list.len() == 0).all()
+
+
+def test_text_column_refusals(text_bundle, tiny_bundle, titled_catalog, tmp_path):
+    catalog, _ = titled_catalog
+    result = tag("--catalog", str(catalog), "--model", tiny_bundle, "--out", str(tmp_path / "a"), "--text-column", "title")
+    assert result.exit_code == 2 and "has no text model" in result.output
+    result = tag("--catalog", str(catalog), "--model", text_bundle, "--out", str(tmp_path / "b"), "--text-column", "blurb")
+    assert result.exit_code == 2 and "--text-column blurb" in result.output
+    result = tag("--catalog", str(catalog), "--model", text_bundle, "--out", str(tmp_path / "c"), "--text-column", "title",
+                 "--text-column", "image")
+    assert result.exit_code == 2 and "reads 1 text field" in result.output
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not (tmp_path / "c" / "tags").exists()
