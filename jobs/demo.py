@@ -33,7 +33,7 @@ def demo_data(out: Path, n_train: int, n_catalog: int, n_bad: int, seed: int) ->
 @click.option("--truth", type=click.Path(exists=True, dir_okay=False), default="demo/truth.csv", show_default=True,
               help="CSV of product_id + the model's attributes (an empty cell: no true value, not scored; a column the tags lack: ignored).")
 @click.option("--photos-out", default=None, help="A second run's output root, tagged from the photos alone: its figures "
-              "beside the first's (`make tag` tags the demo with its titles, and without).")
+              "beside --out's (make tag: titles and photos alone).")
 def demo_check(out: str, run_date: str | None, truth: str, photos_out: str | None) -> None:
     """How often the demo tags equal the true labels: accuracy per attribute on the demo catalog."""
     name, tags, scores = _scores(out, run_date, truth)

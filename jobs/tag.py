@@ -67,9 +67,8 @@ def common_output_options(function):
               "Default: one image per cell.")
 @click.option("--catalog-format", type=click.Choice(["csv", "parquet", "jsonl"]), default=None, help="Override the format guessed from the name.")
 @click.option("--text-column", "text_columns", multiple=True, metavar="COLUMN",
-              help="A catalog column of text (a title, a description) the bundle's text model reads beside the photos; "
-              "repeat in the order of the bundle's text fields. Adds the columns inputs (photos, text, both) and conflict. "
-              "A row with empty text is tagged from its photos alone, a row whose photos fail from its text.")
+              help="A catalog column of text (title, description) the bundle's text model reads beside the photos; repeatable, "
+              "in the bundle's field order.")
 @device_option
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--workers", type=click.IntRange(min=0), default=default_workers, show_default="min(8, CPUs)",

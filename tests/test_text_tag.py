@@ -155,6 +155,19 @@ def test_conflict_flags_a_borrowed_title(text_bundle, titled_catalog, tmp_path):
         assert {c["attribute"] for c in row["conflict"]} <= set(row["needs_review"])
     assert (read(out, "tags").filter(pl.col("inputs") != "both")["conflict"].list.len() == 0).all()
 
+    # The morning report counts them and shows the most confident, with the product's title and both labels.
+    result = CliRunner().invoke(cli, ["report", "--out", str(out), "--run-date", DATE], catch_exceptions=False)
+    assert result.exit_code in (0, 6), result.output
+    folder = out / "_reports" / f"run_date={DATE}"
+    report = json.loads((folder / "report.json").read_text())
+    conflicts = report["conflicts"]
+    assert conflicts["rows"] == int((flagged["conflict"].list.len() > 0).sum()) and conflicts["tagged_with_text"] == flagged.height + 1
+    top = conflicts["top"][0]
+    assert top["text"] == next(r["title"] for r in rows if r["product_id"] == top["product_id"]).strip()
+    assert "src" not in top and top["conflicts"][0]["photos"] != top["conflicts"][0]["text"]
+    page = (folder / "report.html").read_text()
+    assert "Photos and text disagree" in page and f"{conflicts['rows']:,} of the" in page
+
 
 def test_text_column_refusals(text_bundle, tiny_bundle, titled_catalog, tmp_path):
     catalog, _ = titled_catalog

@@ -116,7 +116,13 @@ COLUMN_NOTES = {
         "<attribute>_score": "its softmax probability (several photos: of the mean of their probabilities); null with a null tag",
         "needs_review": "the attributes whose score is under the bundle's review threshold (`model.json`, "
                         "`attributes[].threshold`), in the order above; empty when none is",
-        "images_used": "how many of the product's photos its tags come from (1 for one photo per product)",
+        "inputs": "only with `--text-column`: which inputs the tags came from: `photos` (empty text: the image model's own "
+                  "tags and review thresholds, as without text), `text` (the photos could not be read), `both`",
+        "conflict": "only with `--text-column`: the attributes where the photos and the text were each confident (the "
+                    "bundle's conflict levels, `model.json` `text.fusion[].conflict`) and named different labels, with both "
+                    "labels and scores; each is in `needs_review` too; empty when none",
+        "images_used": "how many of the product's photos its tags come from (1 for one photo per product; 0 for a product "
+                       "tagged from its text alone)",
         "image_version": "`size-mtime_ns` (local), `size-ETag` (S3), `size-ETag` or `size-Last-Modified` (https): what "
                          "`--since` compares; several photos: theirs joined by the separator",
         "model_version": "the bundle's content hash",
@@ -163,7 +169,7 @@ def _schemas() -> dict[str, tuple[str, object]]:
 
     return {
         "tags": ("`OUT/tags/run_date=D/part-NNNNN.parquet` (`tagger tag`, one row per tagged product)",
-                 tags_schema(["<attribute>"])),
+                 tags_schema(["<attribute>"], text=True)),
         "errors": ("`OUT/errors/run_date=D/part-NNNNN.parquet` (`tagger tag`, one row per manifest row that could not "
                    "be tagged)", ERRORS_SCHEMA),
         "metrics": ("`metrics.parquet` (`tagger evaluate`, one row per attribute)", METRICS_SCHEMA),

@@ -111,6 +111,9 @@ def build_report(config: ReportConfig) -> ReportResult:
                 # The catalog's own labels moving (Grey 8 % -> 20 %) is the feed changing, whatever the model does.
                 facts["catalog_drift"] = metrics.drift(facts["agreement"]["catalog_label_rows"], past_mix)
         report["attributes"][a] = facts
+    from .conflicts import conflicts
+
+    report["conflicts"] = conflicts(night, config, config.batch_rows)  # None: the night was tagged without text
     report["crossed"] = metrics.crossed(config.thresholds, report)
     from .verdict import checks, verdict
 
@@ -124,14 +127,18 @@ def build_report(config: ReportConfig) -> ReportResult:
         "confusions": agreement.confusions_table(config.run_date),
         "disagreements": agreement.disagreements_table(),
     }
-    from .html import gallery_items, render_page
+    from .html import conflict_thumbs, gallery_items, render_page
     from .write import file_names, write_report
 
     gallery = gallery_items(tables["disagreements"], night, config)
+    if report["conflicts"]:
+        conflict_thumbs(report["conflicts"]["top"], night, config)
     report["files"] = file_names(list(tables))
     report["duration_s"] = round(time.time() - started, 3)
     mix = {a: (dict(now.mix[a]), dict(past.mix[a]) if past and a in past_attributes else None) for a in attributes}
     page = render_page(report, gallery, config, mix)
+    for item in (report["conflicts"] or {}).get("top", []):
+        item.pop("src", None)  # the page holds the thumbnails; report.json keeps the figures
     folder, page_url = write_report(config, tables, report, page)
     return ReportResult(folder, page_url, report, report["crossed"])
 
@@ -164,6 +171,11 @@ def bundle_facts(night: load.Night, options) -> dict[str, Any]:
         return facts
     facts["thresholds"] = {a["name"]: float(a["threshold"]) for a in meta.get("attributes", []) if "threshold" in a}
     facts["expected"] = expectations(meta)
+    schema = night.tags_schema()
+    if schema is not None and "inputs" in schema.names:  # tagged with text: the fused figures are what to expect
+        from .conflicts import text_expectations
+
+        facts["expected"] = text_expectations(meta.get("text"), facts["expected"])
     split = ((meta.get("training") or {}).get("split") or {}).get("file")
     if split:
         try:

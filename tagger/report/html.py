@@ -166,6 +166,16 @@ def gallery_items(disagreements: pa.Table, night: Night, config: ReportConfig) -
     return items
 
 
+def conflict_thumbs(items: list[dict[str, Any]], night: Night, config: ReportConfig) -> None:
+    """Thumbnails (``src``, or the ``error`` that stopped one) for the conflicts the page shows, as for disagreements."""
+    base = storage.parent((night.plan or {}).get("catalog") or config.catalog or config.out)
+    http = _http_policy(night)
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        found = pool.map(lambda i: _thumbnail(storage.resolve(_first_photo(i["image"], night), base), config, http), items)
+        for item, (uri, error) in zip(items, found):
+            item["src"], item["error"] = uri, error
+
+
 def _first_photo(image: str, night: Night) -> str:
     """A product tagged from several photos (its image cell joined by the plan's separator) is shown by its first."""
     separator = ((night.plan or {}).get("key") or {}).get("image_separator")
@@ -241,6 +251,7 @@ def render_page(report: dict[str, Any], gallery: list[dict[str, Any]], config: R
     out += _overview(r)
     out += _attribute_cards(r, mix or {})
     out += _disagreements(r, gallery)
+    out += _conflicts(r)
     files = ", ".join(r.get("files", []))
     out.append(f'<footer>Written by <code>tagger report --out {e(str(r["out"]))} --run-date {e(date)}</code> to '
                f'{e(config.folder)}: {e(files)}. Every figure on this page is in report.json; shares are of the night\'s '
@@ -437,5 +448,31 @@ def _disagreements(r: dict[str, Any], gallery: list[dict[str, Any]]) -> list[str
         pairs = "".join(f'<div class="pair">{e(p["attribute"])}: <s>{e(p["catalog_label"])}</s> → <b>{e(p["tag"])}</b> '
                         f'{p["score"]:.2f}</div>' for p in item["pairs"][:4])
         out.append(f'<div class="thumb">{image}<b>{e(item["product_id"])}</b>{pairs}</div>')
+    out.append("</div>")
+    return out
+
+
+def _conflicts(r: dict[str, Any]) -> list[str]:
+    """Photos and text each confident and naming different labels (tagger tag --text-column)."""
+    c = r.get("conflicts")
+    if not c:
+        return []
+    per = ", ".join(f"{e(a)} {n:,}" for a, n in c["attributes"].items()) or "none"
+    out = ["<h2>Photos and text disagree</h2>",
+           f'<p class="meta">{c["rows"]:,} of the {c["tagged_with_text"]:,} products tagged with text have a conflict '
+           f"(per attribute: {per}): the photos and the text were each confident and named different labels, so the "
+           "attribute went to review. The most confident first: a title on the wrong product, or a colour the photo does "
+           "not show. The tags table's <code>conflict</code> column has every one.</p>"]
+    if not c["top"]:
+        out.append("<p>None.</p>")
+        return out
+    out.append('<div class="gallery">')
+    for item in c["top"]:
+        image = (f'<img alt="{e(item["product_id"])}" src="{item["src"]}">' if item.get("src")
+                 else f'<div class="noimg">{e(item.get("error") or "no image")}</div>')
+        title = f'<div class="pair"><i>{e(item["text"])}</i></div>' if item.get("text") else ""
+        pairs = "".join(f'<div class="pair">{e(x["attribute"])}: photos <b>{e(x["photos"])}</b> {x["photos_score"]:.2f} · '
+                        f'text <b>{e(x["text"])}</b> {x["text_score"]:.2f}</div>' for x in item["conflicts"][:4])
+        out.append(f'<div class="thumb">{image}<b>{e(item["product_id"])}</b>{title}{pairs}</div>')
     out.append("</div>")
     return out
