@@ -110,8 +110,8 @@ def common_output_options(function):
 @click.option("--ray-address", default=None, metavar="ADDR",
               help="--engine ray: the cluster to join (host:6379). Default: RAY_ADDRESS, else a Ray started for the run.")
 @click.option("--report", "write_report", is_flag=True,
-              help="Once the partition is complete, write its morning report, with the report options below. The tag's "
-              "exit code stands.")
+              help="Once the partition is complete, write its morning report, with the report options below (a failed run "
+              "says it wrote none). The tag's exit code stands.")
 @report_options(within_tag=True)
 @http_options
 def tag(**options) -> None:
@@ -133,6 +133,10 @@ def tag(**options) -> None:
     code = execute(config)
     if write_report and code == 0 and not config.plan_only:
         _report(config, report)
+    elif write_report and code != 2 and not config.plan_only:
+        # said, so that a night without a page is not taken for a page lost (exit 2, invalid input, has its own line)
+        click.echo(f"tagger tag --report: no report: the run ended with exit {code} before the partition was committed; "
+                   "`tagger report` writes it once a run of the date has succeeded", err=True)
     sys.exit(code)
 
 

@@ -419,3 +419,17 @@ def test_a_change_of_arithmetic_between_nights_is_said_on_the_page(tmp_path):
     assert run("--out", str(tmp_path), "--run-date", "2026-11-27").exit_code == 0
     assert report_json(tmp_path, "2026-11-27")["computed"] == "mixed: onnx fp32 (30% of tagged rows), openvino bf16 (70% of tagged rows)"
     assert "computed in different arithmetic" in (tmp_path / "_reports" / "run_date=2026-11-27" / "report.html").read_text()
+
+
+def test_tag_report_on_a_night_that_failed_says_there_is_no_report(demo, tiny_bundle, tmp_path):
+    import csv
+
+    catalog = tmp_path / "broken.csv"  # every row a missing photo: exit 3, nothing committed
+    with open(catalog, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerows([["product_id", "image"], *[[f"p{k}", f"nowhere/{k}.jpg"] for k in range(4)]])
+    result = tag("--catalog", str(catalog), "--model", tiny_bundle, "--out", str(tmp_path / "out"), "--run-date", "2026-11-27",
+                 "--report")
+    assert result.exit_code == 3, result.output
+    assert "tagger tag --report: no report: the run ended with exit 3" in result.output
+    assert not (tmp_path / "out" / "_reports").exists()
