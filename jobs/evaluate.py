@@ -54,6 +54,8 @@ EXIT_OK, EXIT_CRASH, EXIT_INVALID_INPUT, EXIT_STORAGE = 0, 1, 2, 4
               help="Draw confusion matrices for attributes with at most this many classes.")
 @click.option("--plots/--no-plots", default=True, show_default=True, help="Write the PNG figures.")
 @http_options
+@click.option("--text-column", "text_columns", multiple=True, metavar="COLUMN",
+              help="Also score the bundle's text model and fusion on this column (a Kaggle folder: productDisplayName).")
 @click.option("--baseline", default=None,
               help="Another bundle scored on the same rows: per attribute the difference with its paired SE and the rows "
                    "that changed.")
@@ -77,6 +79,7 @@ def evaluate(**options) -> None:
     options["data"] = options["data"][0] if len(options["data"]) == 1 else list(options["data"])
     options["corrections"] = list(options["corrections"])
     options["allow_hosts"] = split_hosts(options["allow_hosts"])
+    options["text_columns"] = tuple(options["text_columns"])
     check = options.pop("check_precision")
     config = EvaluateConfig(**options)
     sys.exit(execute_check(config) if check else execute(config))

@@ -179,3 +179,18 @@ def test_text_column_refusals(text_bundle, tiny_bundle, titled_catalog, tmp_path
                  "--text-column", "image")
     assert result.exit_code == 2 and "reads 1 text field" in result.output
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not (tmp_path / "c" / "tags").exists()
+
+
+def test_evaluate_by_input(text_bundle, demo, tmp_path):
+    """evaluate --text-column: photos alone, text alone and both on the same rows, beside the usual figures."""
+    result = CliRunner().invoke(cli, ["evaluate", "--model", text_bundle, "--data", str(demo.root), "--split", "all", "--workers", "0",
+                                      "--no-plots", "--out", str(tmp_path / "eval"), "--text-column", "productDisplayName"],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "by input, same rows (text: productDisplayName" in result.output
+    line = next(x for x in result.output.splitlines() if x.startswith("baseColour") and x.count("%") == 3)
+    photos, text, both = (float(v) for v in line.replace("%", "").split()[2:5])
+    assert text > 90 and both >= text  # the drawn products' titles name their colour; these photos know nothing
+    bad = CliRunner().invoke(cli, ["evaluate", "--model", text_bundle, "--data", str(demo.root), "--split", "all", "--workers", "0",
+                                   "--no-plots", "--out", str(tmp_path / "eval2"), "--text-column", "blurb"])
+    assert bad.exit_code == 2 and "--text-column blurb" in bad.output

@@ -67,6 +67,7 @@ class EvaluateConfig:
     allow_private_addresses: bool = False
     allow_plain_http: bool = False
     http_deadline: float = 120.0
+    text_columns: tuple[str, ...] = ()  # --text-column: also score the bundle's text model and fusion (inputs.by_inputs)
     baseline: str | None = None  # another bundle scored on the same rows; the report compares the two (compare.py)
     split_from: str | None = None  # whose split.parquet picks the rows; None: --model's (the baseline takes --model's)
 
@@ -140,6 +141,7 @@ class Evaluation:
     device: str
     computed: str = ""  # the runtime that ran the model, and its precision where auto chose that too
     comparison: Any = None  # with --baseline: a tagger.evaluation.compare.Comparison
+    by_inputs: Any = None  # with --text-column: per attribute photos / text / both (tagger.evaluation.inputs)
 
     @property
     def out(self) -> str:
@@ -199,6 +201,11 @@ def evaluate(config: EvaluateConfig) -> Evaluation:
     raw = {a: (selected[a].to_list() if a in selected.columns else [None] * selected.height) for a in vocab}
     targets, mappings = encode_labels(raw, vocab, bundle.training, config.unknown_labels)
 
+    part = None
+    if config.text_columns:  # checked before the model runs
+        from .inputs import text_part
+
+        part = text_part(bundle, selected, config.text_columns, options)
     ids = selected["id"].to_list()
     urls = selected["image"].to_list()
     log.info("evaluating %s on %d %s rows of %s (%s)", config.model, len(ids), config.split, config.data_text, inference.device)
@@ -223,6 +230,10 @@ def evaluate(config: EvaluateConfig) -> Evaluation:
         top_score=outputs.top_score, data_fingerprint=kaggle.fingerprint, data_rows=kaggle.report.to_dict(), notes=notes,
         seconds=time.monotonic() - started, device=str(inference.device), computed=inference.computed,
     )
+    if part is not None:
+        from .inputs import by_inputs
+
+        evaluation.by_inputs = by_inputs(bundle, part, selected, config.text_columns, outputs.probs, outputs.ok, targets)
     if config.baseline:
         from dataclasses import replace
 

@@ -259,6 +259,10 @@ def summary_text(evaluation: Evaluation) -> str:
     sources = sorted({a.metrics["majority_source"] for a in evaluation.attributes})
     lines.append(f"majority label taken from {'; '.join(MAJORITY_SOURCES[s] for s in sources)}; ±: one standard error")
     lines.extend(f"note: {note}" for note in scope_notes(evaluation) + list(evaluation.notes))
+    if evaluation.by_inputs is not None:
+        from .inputs import inputs_text
+
+        lines += ["", *inputs_text(evaluation.by_inputs)]
     if evaluation.comparison is not None:
         lines += ["", *comparison_text(evaluation.comparison)]
     return "\n".join(lines)
