@@ -148,3 +148,11 @@ def test_retrains_manifest_errors_advise_its_own_options(tmp_path):
                                       "--backbone", "test_efficientnet", "--no-pretrained", "--input-size", "32"])
     assert result.exit_code == 2, result.output
     assert "--data-format" in result.output and "--catalog-format" not in result.output, result.output
+
+
+def test_report_on_an_out_with_a_file_in_its_path_is_exit_2_in_one_line(tmp_path):
+    (tmp_path / "a-file").write_text("in the way")
+    result = CliRunner().invoke(cli, ["report", "--out", str(tmp_path / "a-file" / "out"), "--run-date", "2026-11-27"])
+    assert result.exit_code == 2, result.output
+    assert "is a file, so no folder can be made under it" in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1

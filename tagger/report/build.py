@@ -28,9 +28,10 @@ class ReportResult:
 def build_report(config: ReportConfig) -> ReportResult:
     started = time.time()
     options = config.storage_options
-    night = load.tonight(config.out, config.run_date, options)
-    # Before minutes of joins and drift: an --out the report cannot be written under is an input error (exit 2).
+    # Before anything is read (a file in --out's path would fail the first read with NotADirectoryError, exit 1)
+    # and before minutes of joins and drift: an --out the report cannot be written under is an input error (exit 2).
     storage.check_output_location(config.folder, options)
+    night = load.tonight(config.out, config.run_date, options)
     before = load.previous_night(config.out, config.run_date, options, config.previous)
     attributes = night.attributes()
     now = metrics.profile(night, attributes, config.batch_rows)
