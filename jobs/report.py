@@ -155,7 +155,9 @@ def execute(config, *, prefix: str = "tagger report") -> int:
     click.echo(f"report: {result.page}", err=True)
     verdict = result.report.get("verdict")
     if verdict and not verdict["checks"]:
-        click.echo(f"{prefix}: verdict: nothing to check (no expectation from the bundle, no night before)", err=True)
+        why = ("the night has no rows: a header-only manifest" if not result.report["counts"]["rows"]
+               else "no expectation from the bundle, no night before")
+        click.echo(f"{prefix}: verdict: nothing to check ({why})", err=True)
     elif verdict:
         said = "; ".join(f"{c['check']} {c['figure']}, expected {c['expected']}" for c in verdict["not_ok"][:4])
         more = f" (+{len(verdict['not_ok']) - 4} more)" if len(verdict["not_ok"]) > 4 else ""

@@ -201,3 +201,12 @@ def test_a_report_with_nothing_to_check_against_says_so(tmp_path):
     assert result.exit_code == 0 and "verdict: nothing to check" in result.output, result.output
     assert report_json(tmp_path, DATE)["verdict"] == {"status": "ok", "checks": [], "not_ok": []}
     assert "Verdict: nothing to check" in (tmp_path / "_reports" / f"run_date={DATE}" / "report.html").read_text()
+
+
+def test_an_empty_night_says_it_has_no_rows_not_that_nothing_is_expected(tmp_path):
+    write_night(tmp_path, DATE, [])  # a header-only manifest: "no products today", a success with 0 rows
+    result = run("--out", str(tmp_path), "--run-date", DATE, "--gallery", "0")
+    assert result.exit_code == 0, result.output
+    assert "verdict: nothing to check (the night has no rows: a header-only manifest)" in result.output
+    page = (tmp_path / "_reports" / f"run_date={DATE}" / "report.html").read_text()
+    assert "the night has no rows" in page and "no figure has an expectation" not in page

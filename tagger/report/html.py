@@ -270,6 +270,9 @@ def _verdict(r: dict[str, Any]) -> list[str]:
     v = r.get("verdict")
     if not v:
         return []
+    if not v["checks"] and not r["counts"]["rows"]:
+        return ['<div class="banner note" id="verdict"><b>Verdict: nothing to check</b>: the night has no rows '
+                "(a header-only manifest: no products today).</div>"]
     if not v["checks"]:
         return ['<div class="banner note" id="verdict"><b>Verdict: nothing to check</b>: no figure has an expectation '
                 "(the bundle's model.json has no validation figures, or cannot be read, and there is no night before).</div>"]
