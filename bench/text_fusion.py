@@ -144,7 +144,7 @@ def main() -> None:
     import torch
 
     from tagger.model.fusion import Fusion
-    from tagger.model.text import TEXT_WEIGHTS_FILE, TextFeaturizer, TextPart, fit_text_model, text_section
+    from tagger.model.text import TEXT_WEIGHTS_FILE, TextFeaturizer, TextPart, write_text_part
     from tagger.training.fusion import fit_fusion, label_prior
 
     torch.set_num_threads(1)
@@ -207,20 +207,14 @@ def main() -> None:
     print(f"review on test rows with both: {review}")
     if not args.write:
         return
-    weights = model.to_bytes()
     metrics = {"test": {r["attribute"]: {k: round(r[k], 4) for k in ("n", "photos", "text", "both")} for r in table},
                "test_conflicts": {"own_titles_rows": rows_own, "own_titles": own, "moved_titles_rows": rows_shifted,
                                   "moved_titles_caught": caught},
                "test_review_both": review, "text_cpu_ms_per_row": round(text_ms, 3)}
-    section = text_section(model, fusion, weights, fusion_training=fusion_facts, metrics=metrics,
-                           made_by="python -m bench.text_fusion --model " + args.model + " --write")
-    meta_path = Path(args.model, "model.json")
-    meta = json.loads(meta_path.read_text())
-    meta["text"] = section
-    Path(args.model, TEXT_WEIGHTS_FILE).write_bytes(weights)
-    meta_path.write_text(json.dumps(meta, indent=2))
-    print(f"wrote {args.model}/{TEXT_WEIGHTS_FILE} ({len(weights) / 1e6:.1f} MB) and model.json's text section "
-          f"(text_version {section['text_version']}); model.safetensors untouched")
+    version = write_text_part(args.model, model, fusion, fusion_training=fusion_facts, metrics=metrics,
+                              made_by="python -m bench.text_fusion --model " + args.model + " --write")
+    print(f"wrote {args.model}/{TEXT_WEIGHTS_FILE} ({len(model.to_bytes()) / 1e6:.1f} MB) and model.json's text section "
+          f"(text_version {version}); model.safetensors untouched")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,8 @@ class MinLabelCount(click.ParamType):
 
 
 def _flag(option: str) -> str:
-    names = {"storage_options": "--storage-option", "attributes": "--attribute", "applies_when": "--applies-when"}
+    names = {"storage_options": "--storage-option", "attributes": "--attribute", "applies_when": "--applies-when",
+             "text_columns": "--text-column"}
     return names.get(option) or "--" + option.replace("_", "-")
 
 
@@ -45,6 +46,8 @@ def _flag(option: str) -> str:
 @click.option("--applies-when", "applies_when", multiple=True, metavar="ATTR:OTHER=VALUE[,VALUE]",
               help="ATTR is tagged only where OTHER's tag is one of the values, null elsewhere; e.g. "
                    "pattern:masterCategory=Apparel. Repeatable.")
+@click.option("--text-column", "text_columns", multiple=True, metavar="COLUMN",
+              help="Also train a text model on this column and its fusion with the photos (a Kaggle folder: productDisplayName).")
 @click.option("--corrections", multiple=True,
               help="Reviewers' corrections (id, attribute, label; any manifest format) replace the data's labels. Repeatable.")
 @click.option("--id-column", default=D["id_column"], show_default=True, help="Labelled manifests' and corrections' product-id column.")
@@ -117,6 +120,7 @@ def retrain(storage_options: tuple[str, ...], **options) -> None:
     options["attributes"] = list(options["attributes"]) or None
     options["corrections"] = list(options["corrections"])
     options["applies_when"] = list(options["applies_when"])
+    options["text_columns"] = list(options["text_columns"])
     options["allow_hosts"] = split_hosts(options["allow_hosts"])
     config = RetrainConfig(**options, storage_options=parse_storage_options(storage_options))
     try:

@@ -194,3 +194,37 @@ def test_evaluate_by_input(text_bundle, demo, tmp_path):
     bad = CliRunner().invoke(cli, ["evaluate", "--model", text_bundle, "--data", str(demo.root), "--split", "all", "--workers", "0",
                                    "--no-plots", "--out", str(tmp_path / "eval2"), "--text-column", "blurb"])
     assert bad.exit_code == 2 and "--text-column blurb" in bad.output
+
+
+def test_retrain_trains_the_text_model_and_fusion_in_one_command(tmp_path):
+    """retrain --text-column productDisplayName on a Kaggle folder (one photo that does not decode): the bundle reads
+    titles, its image part is what retrain alone writes, and the fused test figures are recorded."""
+    import torch
+
+    from tagger.demo.drawn import make_demo_dataset
+    from tagger.model.bundle import load_bundle
+    from tagger.model.text import read_text_part
+    from tagger.training import RetrainConfig, retrain
+
+    demo = make_demo_dataset(tmp_path / "kaggle", n_train=150, n_catalog=0, n_bad=0, image_size=(48, 64))
+    lines = demo.styles_csv.read_text(encoding="utf-8").splitlines()
+    first = lines[1].split(",")
+    demo.styles_csv.write_text("\n".join(lines + [",".join(["900003", *first[1:10]])]) + "\n", encoding="utf-8")
+    (demo.images_dir / "900003.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = tmp_path / "bundle"
+        bundle = retrain(RetrainConfig(data=str(demo.root), out=str(out), backbone="test_efficientnet", pretrained=False, input_size=32,
+                                       batch_size=32, max_epochs=1, lr=5e-3, progress=False, threads=1, workers=0,
+                                       log_dir=str(tmp_path / "logs"), text_columns=["productDisplayName"]))
+    finally:
+        torch.set_num_threads(threads)
+    part = read_text_part(load_bundle(str(out)))
+    assert part is not None and part.fields == ("productDisplayName",)
+    assert bundle.model_version == load_bundle(str(out)).model_version
+    test = json.loads((out / "model.json").read_text())["text"]["metrics"]["test"]
+    assert set(test) == set(ATTRIBUTES) and test["baseColour"]["text"] > 0.8  # the generated titles name the colour
+    probs, _ = part.model.probabilities([part.model.featurizer.normalise("Acme Men Red Tshirts")])
+    labels = {a.name: a.labels for a in bundle.attributes}
+    assert labels["baseColour"][probs["baseColour"][0].argmax()] == "Red"

@@ -369,3 +369,17 @@ def text_section(model: TextModel, fusion: Any, weights: bytes, **facts: Any) ->
     section["text_version"] = _text_version(weights, section["featurisation"], section["fusion"])
     section.update(facts)
     return section
+
+
+def write_text_part(out: str, model: TextModel, fusion: Any, storage_options: Mapping[str, Any] | None = None, **facts: Any) -> str:
+    """Add ``model`` and ``fusion`` to the bundle at ``out``: ``text.safetensors`` first, then model.json with its
+    ``text`` section (every other field, and model.safetensors, as they were). Returns the text_version."""
+    from .. import storage
+
+    weights = model.to_bytes()
+    meta_url = storage.join(out, "model.json")
+    meta = json.loads(storage.read_bytes(meta_url, storage_options))
+    meta["text"] = text_section(model, fusion, weights, **facts)
+    storage.write_bytes(storage.join(out, TEXT_WEIGHTS_FILE), weights, storage_options)
+    storage.write_bytes(meta_url, json.dumps(meta, indent=2).encode(), storage_options)
+    return meta["text"]["text_version"]

@@ -36,6 +36,9 @@ class RetrainConfig:
     # ATTR:OTHER=VALUE[,VALUE]: ATTR applies only where OTHER (another attribute) is one of the values (tagger.model.scope);
     # out of it the tag is null. Its labelled rows out of the scope are not learnt; its threshold is fitted in it.
     applies_when: list[str] = field(default_factory=list)
+    # --text-column: train the bundle's text model (tagger.model.text) on these columns of --data (a Kaggle folder:
+    # productDisplayName) and its fusion with the photos on the val rows (tagger.training.fusion); () : photos only
+    text_columns: list[str] = field(default_factory=list)
     corrections: list[str] = field(default_factory=list)  # files of (product id, attribute, label) that override the data's labels
     id_column: str = "product_id"  # labelled manifests' and corrections' columns, as the tag job's --id-column ...
     image_column: str = "image"  # ... and --image-column

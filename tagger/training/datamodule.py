@@ -308,6 +308,13 @@ class FashionDataModule(pl.LightningDataModule):
         )
         self.split_reused = self._reuse_split(table["id"].to_list()) if config.split_from else None
         self.ids = np.asarray(table["id"].to_list(), dtype=np.str_)
+        text_columns = list(getattr(config, "text_columns", None) or [])
+        missing = [c for c in text_columns if c not in table.columns]
+        if missing:
+            raise ConfigError("text_columns", f"no column {', '.join(missing)} in --data (a Kaggle folder's title is "
+                                              f"productDisplayName; a labelled manifest's text columns are not read yet)")
+        # Per row, the text of each --text-column (the text model is fitted on the train rows' after the network).
+        self.texts = {c: table[c].to_list() for c in text_columns}
         self.urls = np.asarray(table["image"].to_list(), dtype=np.str_)
         # Shared memory so that DataLoader worker processes can flag images that fail to decode.
         self.failed = torch.zeros(len(self.ids), dtype=torch.bool)

@@ -95,3 +95,47 @@ def fit_fusion(photo: Mapping[str, np.ndarray], text: Mapping[str, np.ndarray], 
         facts[name] = fact
     return Fusion(tuple(specs)), {"target_precision": target_precision, "conflict_precision": conflict_precision,
                                   "weights_grid": list(WEIGHTS), "prior_weights_grid": list(PRIOR_WEIGHTS), "attributes": facts}
+
+
+def add_text_part(config: Any, dm: Any, bundle: Any, scores: Any) -> Any:
+    """retrain --text-column: the text model fitted on the train rows' text, the fusion on the val rows (whose photo
+    probabilities retrain just scored), both written into the bundle beside its untouched image model."""
+    import logging
+
+    from ..model.bundle import load_bundle
+    from ..model.text import TextFeaturizer, fit_text_model, write_text_part
+
+    log = logging.getLogger(__name__)
+    featurizer = TextFeaturizer(tuple(config.text_columns))
+    texts = featurizer.rows_text(dm.texts, len(dm.ids))
+    attributes = [(a.name, len(a.labels)) for a in bundle.attributes]
+    train = dm.rows("train")
+    model = fit_text_model([texts[i] for i in train], dm.targets[train], attributes, featurizer, seed=config.seed).stored()
+    # The val photos retrain scored: its val rows in loader order, less the photos that failed to decode.
+    failed = dm.failed.numpy()
+    val = np.asarray([i for i in dm.rows("val") if not failed[i]])
+    names = [name for name, _ in attributes]
+    if len(val) != len(scores.val_targets) or not np.array_equal(dm.targets[val], scores.val_targets):
+        raise RuntimeError("retrain --text-column: the scored val rows do not line up with the data's; no text model written")
+    text, present = model.probabilities([texts[i] for i in val])
+    priors = {name: label_prior(dm.targets[train, j], k) for j, (name, k) in enumerate(attributes)}
+    both = present
+    fusion, facts = fit_fusion({a: scores.val_probs[a][both] for a in names}, {a: text[a][both] for a in names},
+                               scores.val_targets[both], priors, target_precision=config.target_precision)
+    test = np.asarray([i for i in dm.rows("test") if not failed[i]])
+    metrics = {}
+    if len(test) == len(scores.test_targets):
+        test_text, test_present = model.probabilities([texts[i] for i in test])
+        fused = fusion.combine(scores.test_probs, np.ones(len(test), bool), test_text, test_present)
+        for j, name in enumerate(names):
+            known = scores.test_targets[:, j] >= 0
+            y = scores.test_targets[known, j]
+            metrics[name] = {"n": int(known.sum()), **{k: round(float((p[known].argmax(1) == y).mean()), 4) if len(y) else None
+                                                        for k, p in (("photos", scores.test_probs[name]),
+                                                                     ("text", np.nan_to_num(test_text[name], nan=-1.0)),
+                                                                     ("both", fused.probs[name]))}}
+    write_text_part(config.out, model, fusion, config.storage_options, fusion_training=facts, metrics={"test": metrics},
+                    made_by="tagger retrain --text-column " + " --text-column ".join(config.text_columns))
+    for name, m in metrics.items():
+        log.info("test %s: photos %s, text %s, both %s (%d rows)", name, m["photos"], m["text"], m["both"], m["n"])
+    return load_bundle(config.out, config.storage_options)

@@ -242,7 +242,12 @@ def retrain(config: RetrainConfig, *, budget: Budget | None = None) -> ModelBund
         prepared.phases_s["score"] = budget.clock() - started
         # The CPU seconds of the whole process (all its threads): on a shared machine the wall clock says little.
         prepared.phases_s["cpu"] = time.process_time() - cpu_started
-        return record(prepared, fitted, scores)
+        bundle = record(prepared, fitted, scores)
+        if config.text_columns:
+            from .fusion import add_text_part
+
+            bundle = add_text_part(prepared.config, prepared.datamodule, bundle, scores)
+        return bundle
 
 
 def prepare(config: RetrainConfig, budget: Budget) -> Prepared:
