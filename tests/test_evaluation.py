@@ -483,3 +483,13 @@ def test_evaluate_reads_a_labelled_manifest_of_cdn_urls_from_allowed_hosts_only(
             == pq.read_table(tmp_path / "local" / "metrics.parquet").select(same).to_pylist())
     widen = evaluate("--model", retrained, "--data", str(tmp_path / "cdn.csv"), "--split", "all", "--allow-plain-http")
     assert widen.exit_code == 2 and "which names no host" in widen.output
+
+
+def test_an_out_it_cannot_write_is_exit_2_before_the_model_runs(tiny_bundle, data, tmp_path, monkeypatch):
+    from tagger.model import scoring
+
+    monkeypatch.setattr(scoring, "run_model", lambda *a, **k: pytest.fail("the model ran before --out was checked"))
+    (tmp_path / "a-file").write_text("in the way")
+    result = evaluate("--model", tiny_bundle, "--data", str(data), "--split", "all", "--out", str(tmp_path / "a-file" / "report"))
+    assert result.exit_code == 2, result.output
+    assert "is a file, so no folder can be made under it" in result.output and "Traceback" not in result.output

@@ -171,6 +171,10 @@ def evaluate(config: EvaluateConfig) -> Evaluation:
     started = time.monotonic()
     options = config.storage_options
     bundle = load_bundle(config.model, options)
+    try:  # the report's folder, checked now rather than when the report is written after the model has run
+        storage.check_output_location(config.out or default_out(bundle.model_version, config.split), options)
+    except storage.OutputLocationError as exc:
+        raise EvaluationError(str(exc)) from None
     split_url = storage.join(config.split_from or config.model, SPLIT_FILE)
     split_map = _read_split(split_url, options) if storage.exists(split_url, options) else None
     if split_map is None and config.split != "all":
