@@ -33,34 +33,11 @@ from .bundle import ModelBundle
 from .check_images import trial_images
 from .engines import RuntimeChoice
 from .predictor import Predictor, precision_settings, resolve_device
-from .settings import DEVICES, PRECISIONS, RUNTIMES, RuntimeSettingError
+from .settings import InferenceSpec, RuntimeSettingError
 
 log = logging.getLogger(__name__)
 
 MEASURE = ("always", "checked", "never")
-
-
-@dataclass(frozen=True)
-class InferenceSpec:
-    """The options that decide what runs the model, as every command spells them (jobs/options.py)."""
-
-    device: str = "auto"
-    runtime: str = "auto"
-    precision: str = "auto"
-    threads: int = 0  # torch threads of the model on the CPU; 0: torch's default
-
-    def __post_init__(self) -> None:
-        problems = []
-        if self.device not in DEVICES and not (self.device.startswith("cuda:") and self.device[5:].isdigit()):
-            problems.append(f"device must be one of {', '.join(DEVICES)} or cuda:N, got {self.device!r}")
-        if self.runtime not in RUNTIMES:
-            problems.append(f"--runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
-        if self.precision not in PRECISIONS:
-            problems.append(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if self.threads < 0:
-            problems.append("threads must be >= 0 (0: automatic)")
-        if problems:
-            raise RuntimeSettingError("; ".join(problems))
 
 
 @dataclass

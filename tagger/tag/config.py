@@ -11,8 +11,7 @@ from typing import Any
 from .. import storage
 from ..data.decode import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_IMAGE_PIXELS
 from ..data.http import HttpPolicy, http_policy
-
-from ..model.settings import DEVICES, PRECISIONS, RUNTIMES
+from ..model.settings import spec_problems
 
 ENGINES = ("local", "ray")  # what tags the pending shards: this process and its DataLoader, or Ray Data (tagger.tag.ray)
 PROGRESS_MODES = ("auto", "bar", "log", "none", "ray")  # ray: Ray's own bars (--engine ray) instead of ours
@@ -94,8 +93,6 @@ class TagConfig:
                 datetime.strptime(self.run_date, "%Y-%m-%d")
             except ValueError:
                 problems.append(f"run_date {self.run_date!r} is not a calendar date")
-        if self.device not in DEVICES and not re.fullmatch(r"cuda:\d+", self.device):
-            problems.append(f"device must be one of {', '.join(DEVICES)} or cuda:N, got {self.device!r}")
         if self.batch_size < 1:
             problems.append("batch_size must be >= 1")
         if self.workers < 0:
@@ -121,12 +118,7 @@ class TagConfig:
             problems.append("plan_only (--plan-only) plans the whole date once; run it without --shard, then the --shard I/N tasks")
         if self.progress not in PROGRESS_MODES:
             problems.append(f"progress must be one of {', '.join(PROGRESS_MODES)}")
-        if self.precision not in PRECISIONS:
-            problems.append(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if self.runtime not in RUNTIMES:
-            problems.append(f"runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
-        if self.threads < 0:
-            problems.append("threads must be >= 0 (0: automatic)")
+        problems.extend(spec_problems(self.device, self.runtime, self.precision, self.threads))  # the one definition
         if self.max_image_pixels < 1:
             problems.append("max_image_pixels must be >= 1")
         if self.max_image_bytes < 1:
