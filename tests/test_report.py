@@ -433,3 +433,19 @@ def test_tag_report_on_a_night_that_failed_says_there_is_no_report(demo, tiny_bu
     assert result.exit_code == 3, result.output
     assert "tagger tag --report: no report: the run ended with exit 3" in result.output
     assert not (tmp_path / "out" / "_reports").exists()
+
+
+def test_a_night_committed_with_every_row_an_error_is_reported_against_the_catalogs_labels(tiny_bundle, tmp_path):
+    import csv
+
+    catalog = tmp_path / "labelled.csv"  # every photo missing, the catalog's labels present, the gate raised to commit
+    with open(catalog, "w", newline="") as handle:
+        csv.writer(handle).writerows([["product_id", "image", "gender"], *[[f"p{k}", f"nowhere/{k}.jpg", "Men"] for k in range(4)]])
+    out = tmp_path / "out"
+    result = tag("--catalog", str(catalog), "--model", tiny_bundle, "--out", str(out), "--run-date", "2026-11-27",
+                 "--max-error-rate", "1", "--report")
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output and "failed" not in result.output
+    body = report_json(out, "2026-11-27")
+    assert body["counts"]["tagged"] == 0 and body["counts"]["errors"] == 4
+    assert body["verdict"]["status"] == "broken" and "tagged rows" in [c["check"] for c in body["verdict"]["not_ok"]]

@@ -421,8 +421,9 @@ def iter_joined(night: Night, catalog_batches, columns: Mapping[str, str], attri
 
     pool = pa.default_memory_pool()
     if buckets == 1:
-        yield from _join(pa.Table.from_batches(list(catalog_stream()), catalog_schema),
-                         pa.Table.from_batches(list(night.iter_tags(wanted, batch_rows))))
+        tags = list(night.iter_tags(wanted, batch_rows))
+        if tags:  # none: a night committed with every row an error (under a raised --max-error-rate) joins nothing
+            yield from _join(pa.Table.from_batches(list(catalog_stream()), catalog_schema), pa.Table.from_batches(tags))
         return
     with tempfile.TemporaryDirectory(prefix="tagger-report-") as folder:
         catalog_files = _spill(catalog_stream(), buckets, os.path.join(folder, "catalog"))
