@@ -156,9 +156,15 @@ def _report(config: TagConfig, options: dict) -> None:
 
 @click.command("finalize")
 @common_output_options
-@click.option("--max-error-rate", type=FiniteFloatRange(0.0, 1.0), default=0.05, show_default=True)
+@click.option("--max-error-rate", type=FiniteFloatRange(0.0, 1.0), default=0.05, show_default=True,
+              help="Fail (exit 3, no _SUCCESS) when a larger share of the date's rows ended as errors, as in tag.")
 def finalize(out: str, run_date: str, storage_options: tuple[str, ...], max_error_rate: float) -> None:
-    """Commit a fanned-out run date once every shard is done: run summary, then _SUCCESS."""
+    """Commit a fanned-out run date once every shard is done: run summary, then _SUCCESS.
+
+    Exit codes: 0 committed (or already committed); 2 invalid input (no plan for the date, shards not done, a
+    committed part lost); 3 too many error rows; 4 storage unavailable (transient); 5 another run owns the date's
+    partition; 1 any other failure.
+    """
     config = TagConfig(catalog="", model="", out=out, run_date=run_date, max_error_rate=max_error_rate,
                        storage_options=parse_storage_options(storage_options))
     sys.exit(execute(config, finalize_only=True))

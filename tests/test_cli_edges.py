@@ -7,6 +7,7 @@ import logging
 import shutil
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -180,3 +181,11 @@ def test_tagger_help_lists_each_command_with_a_whole_sentence():
     for name, command in cli.commands.items():
         first = " ".join(command.help.split("\n\n")[0].split())
         assert " ".join(commands.split()).count(first.split(". ")[0].rstrip(".")) == 1, name
+
+
+def test_finalize_help_names_its_exit_codes_and_every_option():
+    from jobs.cli import cli as root
+
+    command = root.commands["finalize"]
+    assert "Exit codes: 0 committed" in command.help
+    assert [p.opts[0] for p in command.params if isinstance(p, click.Option) and not p.help] == []
