@@ -228,3 +228,40 @@ def test_retrain_trains_the_text_model_and_fusion_in_one_command(tmp_path):
     probs, _ = part.model.probabilities([part.model.featurizer.normalise("Acme Men Red Tshirts")])
     labels = {a.name: a.labels for a in bundle.attributes}
     assert labels["baseColour"][probs["baseColour"][0].argmax()] == "Red"
+
+
+@pytest.mark.slow
+def test_the_ray_engine_writes_the_local_engines_tables_with_text(text_bundle, titled_catalog, tmp_path):
+    """--engine ray --text-column: the same rows, inputs, conflicts and review lists as the local engine (scores within
+    the last bits of the batch an image falls in)."""
+    pytest.importorskip("ray", reason="the ray extra (pip install '.[ray]') is not installed")
+    import ray
+
+    catalog, _ = titled_catalog
+    folder = tmp_path / "bundle"
+    shutil.copytree(text_bundle, folder)
+    meta = json.loads((folder / "model.json").read_text())
+    for spec in meta["text"]["fusion"]:
+        spec["conflict"] = {"photos": 0.0, "text": 0.0}  # conflicts on many rows, to compare them too
+    (folder / "model.json").write_text(json.dumps(meta))
+    args = ("--catalog", str(catalog), "--model", str(folder), "--text-column", "title", "--shard-size", "20", "--batch-size", "8")
+    assert tag("--out", str(tmp_path / "local"), *args).exit_code == 0
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    try:
+        result = CliRunner().invoke(cli, ["tag", "--progress", "none", "--run-date", DATE, "--engine", "ray", "--out",
+                                          str(tmp_path / "ray"), *args], catch_exceptions=False)
+    finally:
+        ray.shutdown()
+    assert result.exit_code == 0, result.output
+    scores = [f"{a}_score" for a in ATTRIBUTES]
+    local, on_ray = (read(tmp_path / name, "tags").drop("run_id", "tagged_at", "conflict").sort("product_id") for name in ("local", "ray"))
+    assert on_ray.drop(scores).equals(local.drop(scores))
+    for column in scores:
+        assert np.allclose(on_ray[column].to_numpy(), local[column].to_numpy(), atol=1e-5), column
+    conflicts = [read(tmp_path / name, "tags").sort("product_id")["conflict"].to_list() for name in ("local", "ray")]
+    assert [[c["attribute"] for c in row] for row in conflicts[0]] == [[c["attribute"] for c in row] for row in conflicts[1]]
+    assert read(tmp_path / "ray", "errors")["product_id"].to_list() == read(tmp_path / "local", "errors")["product_id"].to_list()
+    assert json.loads((tmp_path / "ray" / "_runs" / f"run_date={DATE}" / "summary.json").read_text())["this_process"]["text"]["rows_by_inputs"] \
+        == json.loads((tmp_path / "local" / "_runs" / f"run_date={DATE}" / "summary.json").read_text())["this_process"]["text"]["rows_by_inputs"]

@@ -107,8 +107,6 @@ class TagConfig:
             problems.append(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if self.ray_address and self.engine != "ray":
             problems.append("ray_address (--ray-address) is for --engine ray")
-        if self.text_columns and self.engine == "ray":
-            problems.append("text_columns (--text-column) run on --engine local for now; the Ray engine tags from photos alone")
         if self.text_columns and self.since:
             problems.append("text_columns (--text-column) with --since: tags carried over from a night without text cannot say "
                             "which inputs they came from; run without --since")

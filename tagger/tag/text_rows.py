@@ -76,14 +76,11 @@ class TextFuser:
                 values[:n_good] = predictions.probabilities[spec.name]
             photo[spec.name] = values
         fused = self.part.fusion.combine(photo, photo_ok, text_probs, present)
+        # A row without text keeps the image model's probabilities, so its top label and score are the Predictor's own
+        # (softmax max and argmax of the same float32 vector), as without a text model; the Ray engine's fragments carry
+        # the same vectors.
         indices = {a: np.nan_to_num(fused.probs[a], nan=-1.0).argmax(axis=1)[order] for a in names}
         scores = {a: fused.probs[a].max(axis=1)[order].astype(np.float32) for a in names}
-        if n_good:
-            # A row without text keeps the image model's own top label and score (bit for bit, as without a text model).
-            photos_only = (fused.mode == "photos")[order]
-            for a in names:
-                indices[a] = np.where(photos_only, np.concatenate([predictions.indices[a], np.zeros(len(rows) - n_good, np.int64)])[order], indices[a])
-                scores[a] = np.where(photos_only, np.concatenate([predictions.scores[a], np.zeros(len(rows) - n_good, np.float32)])[order], scores[a])
         result = scope_predictions(self.bundle.attributes, Predictions(indices, scores, {a: fused.probs[a][order] for a in names}))
         modes = [str(m) for m in fused.mode[order]]
         conflict = [self._conflicts(fused, photo, text_probs, int(i)) for i in order]

@@ -85,7 +85,8 @@ def tag_shards(runner: Any, settings: Any, manifest: Manifest, bundle: ModelBund
     readable, reads = rows_to_read(manifest, plan, pending, partition, runner.options)
     runner.facts.device, runner.facts.runtime = str(settings.device), settings.describe()
     rows = ShardRows(partition, plan, manifest, bundle.attribute_names, bundle.model_version, runner.options,
-                     review_thresholds=bundle.review_thresholds, scoped=list(bundle.scopes), computed=computed_name(runner.facts.runtime))
+                     review_thresholds=bundle.review_thresholds, scoped=list(bundle.scopes), computed=computed_name(runner.facts.runtime),
+                     text=runner.text is not None)
     root = fragments_root(partition)
     # Fragments a killed run left: a whole run owns the date (the lease) and removes them all; a --shard I/N
     # task shares the partition with the other tasks and touches its own attempt's folder only.
@@ -100,10 +101,10 @@ def tag_shards(runner: Any, settings: Any, manifest: Manifest, bundle: ModelBund
     committer = FragmentCommitter(folder, shards, rows, {s: int(reads[s]) for s in pending}, readable, runner.options,
                                   progress, stop=runner.stop, photos=photos,
                                   photo_reads={s: int(photo_reads[s]) for s in pending}, separator=manifest.separator,
-                                  labels=bundle.attributes)
+                                  labels=bundle.attributes, text=runner.text)
     sink = ShardSink(folder, plan.shard_size, bundle.attribute_names, runner.options,
                      min_rows=min(plan.shard_size, max(config.batch_size, 1024)),
-                     probabilities=manifest.separator is not None)
+                     probabilities=manifest.separator is not None or runner.text is not None)
     sink.committer = committer
     try:
         committer.sweep()  # shards with nothing to read (all settled by the manifest check or --since) commit now
@@ -126,6 +127,8 @@ def tag_shards(runner: Any, settings: Any, manifest: Manifest, bundle: ModelBund
         runner.facts.images += committer.images
         runner.facts.engine["duplicate_rows_dropped"] = committer.duplicates
         runner.facts.shards = shards.committed
+        if runner.text is not None:
+            runner.facts.text = runner.text.facts()
         _remove_fragments(mine or folder, root, runner.options)
 
 
@@ -181,7 +184,7 @@ def _pipeline(data: Any, runner: Any, settings: Any, manifest: Manifest, bundle:
         num_cpus=actors["num_cpus"], num_gpus=actors["num_gpus"] or None,
         fn_constructor_kwargs={"bundle": shipped, "device": settings.device.type, "runtime": settings.runtime,
                                "precision": settings.precision, "threads": actors["threads"],
-                               "probabilities": manifest.separator is not None},
+                               "probabilities": manifest.separator is not None or runner.text is not None},
     )
     log.info("ray: %d row(s) to read: decode tasks (1 CPU each) -> %d-%d model actor(s) on %s (%s%s) -> shard sink",
              int(readable.sum()), actors["min_size"], actors["max_size"], settings.device.type, settings.runtime.name,

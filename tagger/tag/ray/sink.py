@@ -180,7 +180,9 @@ class FragmentCommitter:
     def __init__(self, folder: str, shards: ShardCommitter, rows: ShardRows, expected: dict[int, int],
                  readable: np.ndarray, options: dict[str, Any] | None, progress: Any = None, poll: float = 0.5,
                  stop: StopFlag | None = None, photos: np.ndarray | None = None,
-                 photo_reads: dict[int, int] | None = None, separator: str | None = None, labels: Any = None):
+                 photo_reads: dict[int, int] | None = None, separator: str | None = None, labels: Any = None,
+                 text: Any = None):
+        self.text = text  # --text-column: the run's tagger.tag.text_rows.TextFuser, applied as the local engine applies it
         self.folder, self.shards, self.rows, self.options = folder, shards, rows, dict(options or {})
         self.expected, self.readable, self.progress, self.poll = dict(expected), readable, progress, poll
         self.stop_flag = stop  # the run's SIGTERM/SIGINT handling, for the commits made on the main thread
@@ -309,6 +311,10 @@ class FragmentCommitter:
                 if self.separator is not None:
                     photos.append(kept)
                     continue
+                if self.text is not None:
+                    batch, predictions = photo_batch(kept, self.rows.attributes)
+                    self._write(cursor, batch, predictions, None, kept.column("tagged_at")[0].as_py())
+                    continue
                 batch, predictions, labels = fragment_batch(kept, self.rows.attributes)
                 self.rows.write_batch(cursor, batch, predictions, labels, kept.column("tagged_at")[0].as_py())
             if photos:
@@ -336,8 +342,15 @@ class FragmentCommitter:
         assembler = PhotoAssembler(SimpleNamespace(labels=self._labels, scoped=lambda p: scope_predictions(self.labels, p)),
                                    self.rows.attributes, self.separator)
         tagged_at = table.column("tagged_at")[0].as_py()
-        self.rows.write_batch(cursor, *assembler.feed(batch, predictions), tagged_at)
-        self.rows.write_batch(cursor, *assembler.flush(), tagged_at)
+        self._write(cursor, *assembler.feed(batch, predictions), tagged_at)
+        self._write(cursor, *assembler.flush(), tagged_at)
+
+    def _write(self, cursor: ShardCursor, batch: Batch, predictions: Any, labels: Any, tagged_at: Any) -> None:
+        """Rows (products) into the open shard; with text columns, fused with the text first (as the local engine)."""
+        text = None
+        if self.text is not None:
+            batch, predictions, labels, text = self.text(batch, predictions)
+        self.rows.write_batch(cursor, batch, predictions, labels, tagged_at, text)
 
     def _labels(self, predictions: Any) -> dict[str, np.ndarray]:
         """Label strings from the bundle's vocabularies (what the actors' Predictor.labels does)."""
