@@ -52,6 +52,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.cdn
 	$(BIN)/python -m bench.nightly_report
 	$(BIN)/python -m bench.bound
+	$(BIN)/python -m bench.text_cost
 
 clean:
 	rm -rf out site
