@@ -206,3 +206,11 @@ def test_one_column_named_as_both_id_and_image_is_exit_2_in_one_line(demo, tmp_p
     output = refused(tmp_path, catalog, "--id-column", "image", "--image-column", "image")
     assert "--id-column and --image-column both name 'image'" in output
     assert len(output.strip().splitlines()) == 1, output
+
+
+def test_a_semicolon_separated_csv_is_named_as_such(tmp_path):
+    path = tmp_path / "excel.csv"  # an Excel export in a locale whose list separator is ';'
+    path.write_text("product_id;image\n1;a.jpg\n")
+    output = refused(tmp_path, path)
+    assert "columns found: product_id;image" in output
+    assert "looks ';'-separated" in output and "export it with commas" in output and "--id-column" not in output

@@ -312,10 +312,14 @@ def _select(table: pa.Table, url: str, id_column: str, image_column: str,
     missing = [c for c in (id_column, image_column) if c not in table.column_names]
     if missing:
         found = ", ".join(table.column_names) or "none"
-        raise ManifestError(
-            f"{url}: missing column(s) {', '.join(missing)}; columns found: {found}. "
-            "Name them with --id-column / --image-column."
-        )
+        names = table.column_names
+        # A header read as one column holding another separator: an Excel export in a ';' locale, say. Renaming
+        # columns would not help, so the hint is the separator.
+        other = next((d for d in (";", "\t", "|") if len(names) == 1 and d in names[0]), None)
+        hint = (f"The header is one column holding {other!r}: the file looks {other!r}-separated, and a CSV manifest is "
+                "read comma-separated (tab-separated when named .tsv); export it with commas" if other
+                else "Name them with --id-column / --image-column")
+        raise ManifestError(f"{url}: missing column(s) {', '.join(missing)}; columns found: {found}. {hint}.")
     columns, clash = [], None
     for name in (id_column, image_column):
         column = table.column(name)
