@@ -80,3 +80,26 @@ def test_the_checker_names_a_stale_page(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(docs_reference, "REPO", tmp_path)
     assert docs_reference.main(["--check"]) == 1
     assert "options.md" in capsys.readouterr().err and stale.read_text() == "old"
+
+
+def test_every_relative_link_of_the_docs_lands_on_a_file_where_the_pages_are_read_as_they_are():
+    """`make docs` checks the site, where a hook serves pages from outside docs/; the pages are read as they
+    are too (GitHub, an editor), so each relative link must also land on a file of the repository."""
+    broken = []
+    for page in sorted((REPO / "docs").rglob("*.md")):
+        text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+        for target in LINK.findall(text):
+            path = target.partition("#")[0]
+            if "://" in target or target.startswith(("#", "mailto:")) or not path:
+                continue
+            if not (page.parent / path).resolve().exists():
+                broken.append(f"{page.relative_to(REPO)} -> {target}")
+    assert broken == []
+
+
+def test_the_site_hook_turns_a_link_to_the_model_card_into_its_site_page():
+    from tools.mkdocs_hooks import to_site
+
+    assert to_site("[card](../models/fashion-lite0/MODEL_CARD.md#data)", "real-data.md") == "[card](model-card.md#data)"
+    assert to_site("[card](../../models/fashion-lite0/MODEL_CARD.md)", "deploy/airflow.md") == "[card](../model-card.md)"
+    assert to_site("[other](train.md)", "real-data.md") == "[other](train.md)"
