@@ -202,3 +202,5 @@ def test_one_private_address_among_public_ones_refuses_the_host(monkeypatch):
     with pytest.raises(ImageError) as info:
         fetch_image("https://img.cdn.test/x.jpg", None, http=HttpPolicy(("*.cdn.test",), deadline=3.0))
     assert info.value.error_type == "invalid_location" and "169.254.169.254 is a link-local address" in info.value.message
+    # one sentence a person reads in the summary line: not "resolves to 169.254.169.254 is a link-local address"
+    assert "resolves to an address it may not reach: 169.254.169.254 is a link-local address; refused" in info.value.message

@@ -412,8 +412,8 @@ def _connection_classes(guarded: bool) -> tuple[type, type]:
             problem = address_refused(sockaddr[0])
             if problem:
                 # Every address checked, not only the first: a round-robin answer must not smuggle one in.
-                raise BlockedAddress(f"host {self.host!r} resolves to {problem}; refused (--allow-private-addresses "
-                                     "allows it for a server inside your network)")
+                raise BlockedAddress(f"host {self.host!r} resolves to an address it may not reach: {problem}; refused "
+                                     "(--allow-private-addresses allows it for a server inside your network)")
         last: Exception | None = None
         for *_, sockaddr in infos:
             try:
