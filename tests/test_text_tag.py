@@ -97,7 +97,7 @@ def titled_catalog(demo, tmp_path_factory) -> tuple[Path, list[dict]]:
 def test_tag_with_titles(text_bundle, titled_catalog, tmp_path):
     catalog, rows = titled_catalog
     plain, text = tmp_path / "plain", tmp_path / "text"
-    assert tag("--catalog", str(catalog), "--model", text_bundle, "--out", str(plain)).exit_code == 0
+    assert tag("--catalog", str(catalog), "--model", text_bundle, "--out", str(plain), "--max-error-rate", "1").exit_code == 0
     result = tag("--catalog", str(catalog), "--model", text_bundle, "--out", str(text), "--text-column", "title")
     assert result.exit_code == 0, result.output
 
@@ -265,3 +265,28 @@ def test_the_ray_engine_writes_the_local_engines_tables_with_text(text_bundle, t
     assert read(tmp_path / "ray", "errors")["product_id"].to_list() == read(tmp_path / "local", "errors")["product_id"].to_list()
     assert json.loads((tmp_path / "ray" / "_runs" / f"run_date={DATE}" / "summary.json").read_text())["this_process"]["text"]["rows_by_inputs"] \
         == json.loads((tmp_path / "local" / "_runs" / f"run_date={DATE}" / "summary.json").read_text())["this_process"]["text"]["rows_by_inputs"]
+
+
+def test_a_row_without_a_photo_but_with_a_title_is_tagged_from_it(text_bundle, demo, tmp_path):
+    """An empty image cell is an invalid_row without text; with a usable title it is tagged from the title."""
+    catalog = tmp_path / "catalog.csv"
+    with open(demo.catalog, newline="") as handle:
+        first = next(csv.DictReader(handle))
+    with open(catalog, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["product_id", "image", "title"])
+        writer.writerow([first["product_id"], str(Path(demo.catalog).parent / first["image"]), ""])
+        writer.writerow(["no-photo", "", "Acme Women Red Tops Casual Summer"])
+        writer.writerow(["nothing", "", ""])
+    out = tmp_path / "out"
+    result = tag("--catalog", str(catalog), "--model", text_bundle, "--out", str(out), "--text-column", "title", "--max-error-rate", "1")
+    assert result.exit_code == 0, result.output
+    tags = {r["product_id"]: r for r in read(out, "tags").iter_rows(named=True)}
+    assert tags["no-photo"]["inputs"] == "text" and tags["no-photo"]["baseColour"] == "Red" and tags["no-photo"]["images_used"] == 0
+    assert tags[first["product_id"]]["inputs"] == "photos"
+    errors = read(out, "errors")
+    assert errors["product_id"].to_list() == ["nothing"] and errors["error_type"].to_list() == ["invalid_row"]
+    # Without --text-column both rows without a photo are errors, as ever.
+    plain = tmp_path / "plain"
+    assert tag("--catalog", str(catalog), "--model", text_bundle, "--out", str(plain), "--max-error-rate", "1").exit_code == 0
+    assert sorted(read(plain, "errors")["product_id"].to_list()) == ["no-photo", "nothing"]

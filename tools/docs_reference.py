@@ -117,7 +117,7 @@ COLUMN_NOTES = {
         "needs_review": "the attributes whose score is under the bundle's review threshold (`model.json`, "
                         "`attributes[].threshold`), in the order above; empty when none is",
         "inputs": "only with `--text-column`: which inputs the tags came from: `photos` (empty text: the image model's own "
-                  "tags and review thresholds, as without text), `text` (the photos could not be read), `both`",
+                  "tags and review thresholds, as without text), `text` (no photo, or none could be read), `both`",
         "conflict": "only with `--text-column`: the attributes where the photos and the text were each confident (the "
                     "bundle's conflict levels, `model.json` `text.fusion[].conflict`) and named different labels, with both "
                     "labels and scores; each is in `needs_review` too; empty when none",

@@ -68,7 +68,7 @@ class LocalEngine:
         runner.facts.device, runner.facts.runtime = model.device, model.runtime
         rows = ShardRows(runner.partition, plan, manifest, bundle.attribute_names, bundle.model_version, runner.options,
                          review_thresholds=bundle.review_thresholds, scoped=list(bundle.scopes), computed=computed_name(model.runtime),
-                         text=runner.text is not None)
+                         text=runner.text is not None, fuser=runner.text)
         cursor = ShardCursor(pending, lambda s: rows.open(s, int(reads[s])), shards.commit)
         loader = ImageLoader(runner.config, manifest, readable, bundle.input_size, self.inference.device.type == "cuda", runner.stop)
         del readable

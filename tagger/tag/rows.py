@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
@@ -30,12 +30,14 @@ class ShardRows:
 
     def __init__(self, partition: Partition, plan: Plan, manifest: Manifest, attributes: list[str], model_version: str,
                  options: dict[str, Any] | None = None, *, review_thresholds: Mapping[str, float] | None = None,
-                 computed: str | None = None, scoped: list[str] | tuple[str, ...] = (), text: bool = False):
+                 computed: str | None = None, scoped: list[str] | tuple[str, ...] = (), text: bool = False,
+                 fuser: Any = None):
         self.partition, self.plan, self.manifest, self.options = partition, plan, manifest, options
         self.computed = computed  # "<runtime> <precision>" of the model, recorded in each shard's marker
         self.attributes, self.model_version = attributes, model_version
         self.thresholds = {name: float((review_thresholds or {}).get(name, 0.0)) for name in attributes}
         self.text = text  # --text-column: each row says which inputs its tags came from and where they conflict
+        self.fuser = fuser  # ... and a row without a photo (an empty image cell) is tagged from its text when it has one
         self.schema = writers.tags_schema(attributes, nullable=scoped, text=text)
 
     def open(self, shard: int, reads: int) -> ShardOutput:
@@ -52,6 +54,8 @@ class ShardRows:
         start, stop = shard * self.plan.shard_size, (shard + 1) * self.plan.shard_size
         rows = self.manifest.table.slice(start, stop - start)
         rejected = rows.filter(pc.not_equal(rows.column("status"), ""))
+        if rejected.num_rows and self.fuser is not None:
+            rejected = self._tag_from_text(output, rejected)
         if rejected.num_rows:
             output.errors.write(self._errors(rejected, rejected.column("status"), rejected.column("message")))
             types = rejected.column("status").to_pylist()
@@ -70,6 +74,25 @@ class ShardRows:
                                             writers.REVIEW_COLUMN: review}).select(self.schema.names))
                 output.reused = reused.num_rows
         return output
+
+    def _tag_from_text(self, output: ShardOutput, rejected: pa.Table) -> pa.Table:
+        """Rows the manifest check rejected for an empty image cell (an id, no photo) that have text: tagged from it.
+        Returns the rows that stay errors (no text, an empty id, a repeated id)."""
+        no_photo = pc.and_(pc.equal(rejected.column("status"), "invalid_row"),
+                           pc.and_(pc.equal(pc.utf8_trim_whitespace(rejected.column("image")), ""),
+                                   pc.not_equal(pc.utf8_trim_whitespace(rejected.column("product_id")), "")))
+        candidates = rejected.filter(no_photo)
+        if candidates.num_rows == 0:
+            return rejected
+        rows = candidates.column("row").to_numpy()
+        batch = Batch(rows=np.empty(0, np.int64), versions=[], images=None, error_rows=rows,
+                      error_types=candidates.column("status").to_pylist(), error_messages=candidates.column("message").to_pylist(),
+                      size=len(rows))
+        batch, predictions, labels, text = self.fuser(batch, None)
+        if text is None or len(batch.rows) == 0:
+            return rejected
+        self._write_tags(output, batch, np.ones(len(batch.rows), bool), predictions, labels, datetime.now(timezone.utc), text)
+        return rejected.filter(pc.invert(pc.is_in(rejected.column("row"), pa.array(batch.rows))))
 
     def write_batch(self, cursor: ShardCursor, batch: Batch, predictions: Any, labels: dict[str, np.ndarray] | None,
                     tagged_at: datetime, text: Any = None) -> None:

@@ -86,7 +86,7 @@ def tag_shards(runner: Any, settings: Any, manifest: Manifest, bundle: ModelBund
     runner.facts.device, runner.facts.runtime = str(settings.device), settings.describe()
     rows = ShardRows(partition, plan, manifest, bundle.attribute_names, bundle.model_version, runner.options,
                      review_thresholds=bundle.review_thresholds, scoped=list(bundle.scopes), computed=computed_name(runner.facts.runtime),
-                     text=runner.text is not None)
+                     text=runner.text is not None, fuser=runner.text)
     root = fragments_root(partition)
     # Fragments a killed run left: a whole run owns the date (the lease) and removes them all; a --shard I/N
     # task shares the partition with the other tasks and touches its own attempt's folder only.
