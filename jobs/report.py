@@ -33,8 +33,9 @@ def threshold_options(function, *, skip: tuple[str, ...] = ()):
     """The alerting options: a crossed one exits 6 (after everything is written)."""
     for name, kind, text in reversed([
         ("--max-drift", FiniteFloatRange(0.0, 1.0), "Crossed (report: exit 6) when an attribute's label mix moved further than this Jensen-Shannon "
-         "distance (0..1; 0.1 is visible)."),
-        ("--max-psi", FiniteFloatRange(0.0), "Exit 6 when an attribute's population stability index exceeds this (0.25: a real shift)."),
+         "distance (0..1) and past its noise floor."),
+        ("--max-psi", FiniteFloatRange(0.0), "Exit 6 when an attribute's population stability index exceeds this (0.25: a real shift) and "
+         "its noise floor."),
         ("--min-agreement", FiniteFloatRange(0.0, 1.0), "Exit 6 when an attribute agrees with the catalog's labels on a smaller "
          "share of its labelled rows."),
         ("--max-review-share", FiniteFloatRange(0.0, 1.0), "Exit 6 when a larger share of tonight's tags of an attribute score "

@@ -103,3 +103,12 @@ def test_the_site_hook_turns_a_link_to_the_model_card_into_its_site_page():
     assert to_site("[card](../models/fashion-lite0/MODEL_CARD.md#data)", "real-data.md") == "[card](model-card.md#data)"
     assert to_site("[card](../../models/fashion-lite0/MODEL_CARD.md)", "deploy/airflow.md") == "[card](../model-card.md)"
     assert to_site("[other](train.md)", "real-data.md") == "[other](train.md)"
+
+
+def test_the_drift_thresholds_help_says_they_cross_only_past_the_noise_floor():
+    # `report --max-drift 0.05` on two 30-row nights with a distance of 0.26 is quiet (below the floor of 0.44):
+    # the help must not promise exit 6 for any distance over the option.
+    for name in ("report", "tag"):
+        params = {p.opts[0]: p for p in cli.commands[name].params}
+        for option in ("--max-drift", "--max-psi"):
+            assert "noise floor" in params[option].help, f"{name} {option}"
