@@ -13,11 +13,12 @@ import click
 
 
 @click.command("demo-data")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("data/drawn"), show_default=True)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("data/drawn"), show_default=True,
+              help="Folder to write styles.csv, images/, catalog.csv, catalog_images/ and catalog_truth.csv into.")
 @click.option("--n-train", type=click.IntRange(min=18), default=1200, show_default=True, help="Labelled products in styles.csv.")
 @click.option("--n-catalog", type=click.IntRange(min=1), default=200, show_default=True, help="Held-back products in catalog.csv.")
 @click.option("--n-bad", type=click.IntRange(min=0), default=2, show_default=True, help="Deliberately bad catalog rows (missing, corrupt).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="The same seed draws the same products.")
 def demo_data(out: Path, n_train: int, n_catalog: int, n_bad: int, seed: int) -> None:
     """Draw synthetic products: styles.csv + images/ for retrain, catalog.csv (+ truth) for tag (tests, experiments)."""
     from tagger.demo.drawn import make_demo_dataset

@@ -40,7 +40,7 @@ EXIT_OK, EXIT_CRASH, EXIT_INVALID_INPUT, EXIT_STORAGE = 0, 1, 2, 4
               "(an external test set; needs no split.parquet).")
 @click.option("--out", default=None, show_default="out/evaluate/<model_version>-<split>",
               help="Report folder (metrics.parquet, per_class.parquet, report.md, plots/), local or s3://.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Images per model call.")
 @click.option("--workers", type=click.IntRange(min=0), default=default_workers, show_default="min(8, CPUs)",
               help="Image reading/decoding processes; 0 decodes in the main process.")
 @device_option

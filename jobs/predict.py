@@ -44,7 +44,7 @@ def _out_format(ctx: click.Context, param: click.Parameter, value: str) -> str:
 @runtime_option
 @max_image_bytes_option
 @max_image_pixels_option
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Images per model call.")
 @click.option("--workers", type=click.IntRange(min=0), default=None, show_default=f"0 under {AUTO_WORKERS_FROM} images, else min(8, CPUs)",
               help="Image reading/decoding processes.")
 @click.option("--thumb-size", type=click.IntRange(48, 512), default=160, show_default=True, help="Thumbnail side in pixels.")

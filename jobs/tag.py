@@ -70,7 +70,7 @@ def common_output_options(function):
               help="A catalog column of text (title, description) the bundle's text model reads beside the photos; repeatable, "
               "in the bundle's field order.")
 @device_option
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Images per model call.")
 @click.option("--workers", type=click.IntRange(min=0), default=default_workers, show_default="min(8, CPUs)",
               help="Image reading/decoding processes; 0 decodes in the main process.")
 @click.option("--worker-start-method", type=click.Choice(START_METHODS), default="auto", show_default=True,
