@@ -24,8 +24,12 @@ def parse_storage_options(values: tuple[str, ...]) -> dict[str, Any]:
             value: Any = json.loads(raw)
         except json.JSONDecodeError:
             value = raw
+        names = key.strip().split(".")
+        if not all(name.strip() for name in names):  # '=x', 'a..b=x': an empty key would be passed on, and ignored
+            raise click.BadParameter(f"expected KEY=VALUE with a KEY such as anon or client_kwargs.region_name, got {item!r}",
+                                     param_hint="--storage-option")
         target = options
-        *parents, leaf = key.strip().split(".")
+        *parents, leaf = names
         for parent in parents:
             target = target.setdefault(parent, {})
         target[leaf] = value

@@ -156,3 +156,10 @@ def test_report_on_an_out_with_a_file_in_its_path_is_exit_2_in_one_line(tmp_path
     assert result.exit_code == 2, result.output
     assert "is a file, so no folder can be made under it" in result.output and "Traceback" not in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("value", ["=x", " =x", "a..b=x", "client_kwargs.=x", ".anon=true"])
+def test_a_storage_option_without_a_key_is_refused(value):
+    result = CliRunner().invoke(cli, ["tag", "--catalog", "c.csv", "--model", "m", "--out", "o", "--storage-option", value])
+    assert result.exit_code == 2, result.output
+    assert "--storage-option" in result.output and "KEY=VALUE" in result.output
