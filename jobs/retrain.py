@@ -68,14 +68,19 @@ def _flag(option: str) -> str:
               help="Local weights to start from: a safetensors file or state dict for --backbone, or a tagger bundle "
                    "(its folder).")
 @click.option("--input-size", type=click.IntRange(16, 2048), default=None, show_default="the backbone's", help="Square input side in pixels.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=D["batch_size"], show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=D["batch_size"], show_default=True,
+              help="Photos per training step; a GPU takes 64-256, a CPU is fine at 32-64.")
 @click.option("--workers", type=click.IntRange(min=0), default=None, show_default="0 on CPU with cached images, else min(8, cores-1)",
               help="DataLoader worker processes.")
 @click.option("--lr", type=FiniteFloatRange(min=0, min_open=True), default=D["lr"], show_default=True, help="Peak AdamW learning rate.")
-@click.option("--weight-decay", type=FiniteFloatRange(min=0), default=D["weight_decay"], show_default=True)
-@click.option("--warmup-epochs", type=FiniteFloatRange(min=0), default=D["warmup_epochs"], show_default=True)
-@click.option("--label-smoothing", type=FiniteFloatRange(0, 1, max_open=True), default=D["label_smoothing"], show_default=True)
-@click.option("--max-epochs", type=click.IntRange(min=1), default=D["max_epochs"], show_default=True)
+@click.option("--weight-decay", type=FiniteFloatRange(min=0), default=D["weight_decay"], show_default=True,
+              help="AdamW weight decay.")
+@click.option("--warmup-epochs", type=FiniteFloatRange(min=0), default=D["warmup_epochs"], show_default=True,
+              help="Epochs of linear learning-rate warm-up before the cosine decay.")
+@click.option("--label-smoothing", type=FiniteFloatRange(0, 1, max_open=True), default=D["label_smoothing"], show_default=True,
+              help="Label smoothing of each head's cross-entropy.")
+@click.option("--max-epochs", type=click.IntRange(min=1), default=D["max_epochs"], show_default=True,
+              help="At most this many epochs (--patience and --max-minutes may stop it sooner).")
 @click.option("--max-minutes", type=FiniteFloatRange(min=0, min_open=True), default=None,
               help="Wall-clock limit up to the bundle written; said at once when it cannot hold, else ends with the best "
                    "model so far (see docs/train.md).")
@@ -92,17 +97,22 @@ def _flag(option: str) -> str:
               help="With --freeze-stages: keep trunk features in $TAGGER_CACHE/trunk-features up to this size, so a "
                    "re-run skips the pass on the same photos. 0: off.")
 @click.option("--grad-clip", type=FiniteFloatRange(min=0), default=D["grad_clip"], show_default=True, help="Max gradient norm; 0 = off.")
-@click.option("--seed", type=click.IntRange(min=0), default=D["seed"], show_default=True)
-@click.option("--val-fraction", type=FiniteFloatRange(0, 1, min_open=True, max_open=True), default=D["val_fraction"], show_default=True)
-@click.option("--test-fraction", type=FiniteFloatRange(0, 1, min_open=True, max_open=True), default=D["test_fraction"], show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=D["seed"], show_default=True,
+              help="Seed of the split, the initialisation, the shuffling and the augmentation.")
+@click.option("--val-fraction", type=FiniteFloatRange(0, 1, min_open=True, max_open=True), default=D["val_fraction"], show_default=True,
+              help="Share of rows held out for validation (early stopping, thresholds, the text fusion).")
+@click.option("--test-fraction", type=FiniteFloatRange(0, 1, min_open=True, max_open=True), default=D["test_fraction"], show_default=True,
+              help="Share of rows held out for the test figures, never trained or tuned on.")
 @click.option("--min-label-count", type=MinLabelCount(), default=D["min_label_count"], show_default=True,
               help="Labels with fewer rows are folded into 'Other'; auto = 500 x rows / 44,424, at least 5.")
 @click.option("--cache-images", type=click.Choice(CACHE_MODES), default=D["cache_images"], show_default=True,
               help="Decode every image once into memory; auto: when it fits in --cache-max-gb.")
-@click.option("--cache-max-gb", type=FiniteFloatRange(min=0, min_open=True), default=D["cache_max_gb"], show_default=True)
+@click.option("--cache-max-gb", type=FiniteFloatRange(min=0, min_open=True), default=D["cache_max_gb"], show_default=True,
+              help="Memory the decoded-image cache may take (see --cache-images).")
 @click.option("--target-precision", type=FiniteFloatRange(0, 1, min_open=True), default=D["target_precision"], show_default=True,
               help="Review thresholds keep the top-label precision of auto-accepted tags at this level (on val).")
-@click.option("--device", type=click.Choice(DEVICES), default=D["device"], show_default=True)
+@click.option("--device", type=click.Choice(DEVICES), default=D["device"], show_default=True,
+              help="auto: CUDA when a GPU is visible, else the CPU (said in the log); cuda without a GPU is an error.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, show_default="all cores",
               help="CPU threads for PyTorch; 1 is steadier on a machine shared with other jobs.")
 @click.option("--resume", type=click.Path(exists=True, dir_okay=False), default=None, help="Lightning checkpoint to continue from (e.g. .../checkpoints/last.ckpt).")

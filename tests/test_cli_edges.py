@@ -191,7 +191,7 @@ def test_finalize_help_names_its_exit_codes_and_every_option():
     assert [p.opts[0] for p in command.params if isinstance(p, click.Option) and not p.help] == []
 
 
-@pytest.mark.parametrize("name", ["tag", "finalize", "report", "evaluate", "predict", "demo-data", "demo-check"])
+@pytest.mark.parametrize("name", ["tag", "finalize", "report", "evaluate", "predict", "retrain", "demo-data", "demo-check"])
 def test_every_option_has_a_help_line(name):
     from jobs.cli import cli as root
 
