@@ -122,7 +122,12 @@ def _flag(option: str) -> str:
 @image_options
 @storage_option
 def retrain(storage_options: tuple[str, ...], **options) -> None:
-    """Train a tagger on Kaggle folders and/or labelled manifests and write a model bundle to --out."""
+    """Train a tagger on Kaggle folders and/or labelled manifests and write a model bundle to --out.
+
+    Exit codes: 0 the bundle is written (also when --max-minutes ended training early: the log and the summary say
+    so); 2 invalid input (the data, an option, a budget that cannot hold: nothing is written); 4 storage
+    unavailable (run it again later); 1 anything else, ImageNet weights that cannot be had included.
+    """
     from tagger.model.pretrained import InitWeightsError, PretrainedWeightsUnavailable
     from tagger.data.kaggle import DataError
 
