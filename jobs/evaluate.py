@@ -55,7 +55,8 @@ EXIT_OK, EXIT_CRASH, EXIT_INVALID_INPUT, EXIT_STORAGE = 0, 1, 2, 4
 @click.option("--plots/--no-plots", default=True, show_default=True, help="Write the PNG figures.")
 @http_options
 @click.option("--text-column", "text_columns", multiple=True, metavar="COLUMN",
-              help="Also score the bundle's text model and fusion on this column (a Kaggle folder: productDisplayName).")
+              help="Also score the bundle's text model and fusion on this column (Kaggle: productDisplayName; "
+                   "a manifest: any of its columns).")
 @click.option("--baseline", default=None,
               help="Another bundle scored on the same rows: per attribute the difference with its paired SE and the rows "
                    "that changed.")

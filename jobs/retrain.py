@@ -47,7 +47,8 @@ def _flag(option: str) -> str:
               help="ATTR is tagged only where OTHER's tag is one of the values, null elsewhere; e.g. "
                    "pattern:masterCategory=Apparel. Repeatable.")
 @click.option("--text-column", "text_columns", multiple=True, metavar="COLUMN",
-              help="Also train a text model on this column and its fusion with the photos (a Kaggle folder: productDisplayName).")
+              help="Also train a text model on this column and its fusion with the photos (Kaggle: productDisplayName; "
+                   "a manifest: any of its columns).")
 @click.option("--corrections", multiple=True,
               help="Reviewers' corrections (id, attribute, label; any manifest format) replace the data's labels. Repeatable.")
 @click.option("--id-column", default=D["id_column"], show_default=True, help="Labelled manifests' and corrections' product-id column.")

@@ -302,3 +302,48 @@ def test_retrain_reads_a_labelled_manifest_of_cdn_photos_from_allowed_hosts_only
     assert loaded.attribute_names == ATTRS and loaded.training["data"]["rows"]["used"] == len(rows)
     widen = run("retrain", *common, "--allow-plain-http", "--out", str(tmp_path / "widen"))
     assert widen.exit_code == 2 and "--allow-host" in widen.output and "which names no host" in widen.output, widen.output
+
+
+def test_retrain_and_evaluate_read_a_labelled_manifests_text_column(tmp_path):
+    """--text-column on a labelled manifest (a retailer's title column, one title empty): retrain trains the text model
+    and its fusion, evaluate gives photos / text / both on the test rows; a manifest without the column is exit 2
+    naming the column and the file, before any training."""
+    from tagger.demo.drawn import make_demo_dataset
+    from tagger.model.text import read_text_part
+
+    demo = make_demo_dataset(tmp_path / "titled", n_train=120, n_catalog=0, n_bad=0, image_size=(48, 64))
+    with open(demo.styles_csv, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    manifest = demo.root / "titled.csv"
+    with open(manifest, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["sku", "photo", "garment", "colour", "title"])
+        for i, r in enumerate(rows):
+            writer.writerow([f"sku-{r['id']}", f"images/{r['id']}.jpg", r["articleType"], r["baseColour"],
+                             "" if i == 0 else f"Acme {r['baseColour']} {r['articleType']}"])
+    columns = ["--id-column", "sku", "--image-column", "photo"]
+    attrs = ["--attribute", "garment", "--attribute", "colour"]
+    out = tmp_path / "bundle"
+    result = run("retrain", "--data", str(manifest), *attrs, *columns, "--text-column", "title", "--out", str(out),
+                 "--log-dir", str(tmp_path / "logs"), *COMMON)
+    assert result.exit_code == 0, result.output
+    part = read_text_part(load_bundle(str(out)))
+    assert part is not None and part.fields == ("title",)
+    test = json.loads((out / "model.json").read_text())["text"]["metrics"]["test"]
+    assert set(test) == set(ATTRS) and test["colour"]["text"] > 0.8  # the titles name the colour
+
+    result = run("evaluate", "--model", str(out), "--data", str(manifest), *columns, "--split", "test", "--workers", "0",
+                 "--no-plots", "--out", str(tmp_path / "eval"), "--text-column", "title")
+    assert result.exit_code == 0, result.output
+    assert "by input, same rows (text: title" in result.output
+    table = result.output.split("by input, same rows")[1].splitlines()
+    line = next(x for x in table if x.startswith("colour"))
+    photos, text, both = (float(v) for v in line.replace("%", "").split()[2:5])
+    assert text > 80 and both >= photos
+
+    for command in (["retrain", *attrs, "--out", str(tmp_path / "no"), "--log-dir", str(tmp_path / "logs2"), *COMMON],
+                    ["evaluate", "--model", str(out), "--split", "test", "--workers", "0", "--out", str(tmp_path / "eval2")]):
+        bad = CliRunner().invoke(cli, [*command, "--data", str(manifest), *columns, "--text-column", "blurb"])
+        assert bad.exit_code == 2, bad.output
+        assert "'blurb'" in bad.output and str(manifest) in bad.output
+    assert not (tmp_path / "no").exists() and not (tmp_path / "eval2").exists()

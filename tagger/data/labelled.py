@@ -61,13 +61,17 @@ def load_training_data(
     id_column: str = "product_id",
     image_column: str = "image",
     fmt: str | None = None,
+    text_columns: Sequence[str] = (),
 ) -> KaggleData:
     """Every source as one table: ``id``, ``image`` (where to read it) and one text column per attribute
-    (null = unknown), with the row accounting in the report (``report.sources``: what each source gave)."""
+    (null = unknown), with the row accounting in the report (``report.sources``: what each source gave).
+    ``text_columns`` (--text-column): kept as they are, beside the labels; every source must have them (a source
+    without one is a :class:`DataError` naming the column and the file, never a text model trained on part of the rows)."""
     sources = [sources] if isinstance(sources, str) else list(sources)
     if not sources:
         raise DataError("no training data given: --data must name a Kaggle folder or a labelled manifest")
     attributes = list(attributes)
+    text_columns = [c for c in text_columns if c not in attributes]
     folders = [s for s in sources if not is_manifest(s)]
     manifests = [s for s in sources if is_manifest(s)]
     if not manifests and not corrections:
@@ -85,14 +89,20 @@ def load_training_data(
     # Kaggle folders first, in one call (several folders are one data set, as on their own); then manifests in order.
     for source in sources:
         if source in manifests:
-            table, fingerprint = _read_labelled_manifest(source, attributes, storage_options, id_column, image_column, fmt, report)
+            table, fingerprint = _read_labelled_manifest(source, attributes, storage_options, id_column, image_column, fmt, report,
+                                                         text_columns)
             kind = "manifest"
             labels_where.append(source)
             images_where.append(f"the image column of {source}")
         elif source == folders[0]:
             data = load_kaggle(folders, storage_options, attributes=attributes, require_attributes=False)
             _merge_reports(report, data.report)
-            table, fingerprint, kind = data.table.select("id", "image", *attributes), data.fingerprint, "kaggle"
+            missing = [c for c in text_columns if c not in data.table.columns]
+            if missing:
+                raise DataError(f"{data.styles_url}: no column {', '.join(map(repr, missing))} for --text-column (a Kaggle "
+                                "folder's title is productDisplayName); every --data source needs the text columns")
+            table = data.table.select("id", "image", *attributes, *(pl.col(c).cast(pl.Utf8) for c in text_columns))
+            fingerprint, kind = data.fingerprint, "kaggle"
             labels_where.append(data.styles_url)
             images_where.append(data.images_url)
             source = ", ".join(folders)
@@ -102,7 +112,7 @@ def load_training_data(
         facts.append(_source_facts(source, kind, table, attributes))
         parts.append(table.with_columns(pl.lit(len(parts), dtype=pl.Int32).alias("_source")))
 
-    table = _merge(parts, attributes)
+    table = _merge(parts, attributes, text_columns)
     report.parsed = table.height
     for url in corrections:
         table, fingerprint, applied = _apply_corrections(table, url, attributes, storage_options, id_column, fmt)
@@ -124,12 +134,18 @@ def _in_retrains_words(message: str) -> str:
     return message.replace("--catalog-format", "--data-format")
 
 
-def _read_labelled_manifest(url, attributes, storage_options, id_column, image_column, fmt, report: DataReport):
+def _read_labelled_manifest(url, attributes, storage_options, id_column, image_column, fmt, report: DataReport,
+                            text_columns: Sequence[str] = ()):
     try:
         manifest = read_manifest(url, id_column=id_column, image_column=image_column, fmt=fmt,
-                                 storage_options=storage_options, extra_columns=tuple(attributes))
+                                 storage_options=storage_options, extra_columns=(*attributes, *text_columns))
     except ManifestError as exc:
         raise DataError(_in_retrains_words(str(exc))) from None
+    extra = manifest.extra
+    missing = [c for c in text_columns if extra is None or c not in extra.column_names]
+    if missing:
+        raise DataError(f"{url}: no column {', '.join(map(repr, missing))} for --text-column; name the manifest's "
+                        "title or description column (e.g. --text-column title)")
     if manifest.separator is not None:
         # A list of photos (the tag job's several photos per product) is no training row: one photo, one label set.
         raise DataError(f"{url}: column {image_column!r} holds lists of photos; a labelled manifest names one image per "
@@ -141,10 +157,11 @@ def _read_labelled_manifest(url, attributes, storage_options, id_column, image_c
     report.duplicate_id += sum(1 for s in status if s == "duplicate_id")
     columns = {"id": rows.column("product_id"), "image": manifest.locations()}
     frame = pl.DataFrame({k: pl.Series(k, v.to_pylist(), dtype=pl.Utf8) for k, v in columns.items()})
-    extra = manifest.extra
     labels = {a: _clean(extra.column(a).to_pylist()) if extra is not None and a in extra.column_names else [None] * rows.num_rows
               for a in attributes}
     frame = frame.with_columns(pl.Series(a, v, dtype=pl.Utf8) for a, v in labels.items())
+    # The text as written (the text model normalises it); an empty cell is a row without text, not an error.
+    frame = frame.with_columns(pl.Series(c, extra.column(c).to_pylist(), dtype=pl.Utf8) for c in text_columns)
     keep = pl.Series([s == "" for s in status])
     absent = [a for a in attributes if extra is None or a not in extra.column_names]
     if absent:
@@ -160,13 +177,13 @@ def _clean(values: list[str | None]) -> list[str | None]:
     return out
 
 
-def _merge(parts: list[pl.DataFrame], attributes: Sequence[str]) -> pl.DataFrame:
-    """One row per id: the first source's image, each label from the first source that has one."""
+def _merge(parts: list[pl.DataFrame], attributes: Sequence[str], text_columns: Sequence[str] = ()) -> pl.DataFrame:
+    """One row per id: the first source's image, each label (and text) from the first source that has one."""
     if len(parts) == 1:
         return parts[0].drop("_source")
     stacked = pl.concat(parts, how="diagonal_relaxed")
     merged = stacked.group_by("id", maintain_order=True).agg(
-        pl.col("image").drop_nulls().first(), *(pl.col(a).drop_nulls().first() for a in attributes)
+        pl.col("image").drop_nulls().first(), *(pl.col(a).drop_nulls().first() for a in (*attributes, *text_columns))
     )
     return merged.filter(pl.col("image").is_not_null())
 

@@ -186,7 +186,8 @@ def evaluate(config: EvaluateConfig) -> Evaluation:
 
     # The bundle's attributes are the label columns to read: whatever it was trained on, not the Kaggle seven.
     kaggle = load_training_data(config.data, bundle.attribute_names, options, corrections=config.corrections,
-                                id_column=config.id_column, image_column=config.image_column, fmt=config.data_format)
+                                id_column=config.id_column, image_column=config.image_column, fmt=config.data_format,
+                                text_columns=config.text_columns)
     table = kaggle.table
     notes: list[str] = []
     trained_on = (bundle.training.get("data") or {}).get("fingerprint") if isinstance(bundle.training.get("data"), Mapping) else None

@@ -238,6 +238,7 @@ class FashionDataModule(pl.LightningDataModule):
         kaggle = load_training_data(
             self.data, self.attributes, self.storage_options, corrections=tuple(config.corrections), id_column=config.id_column,
             image_column=config.image_column, fmt=config.data_format,
+            text_columns=tuple(getattr(config, "text_columns", None) or ()),
         )
         report: DataReport = kaggle.report
         _log_report(kaggle.styles_url, report)
@@ -312,7 +313,7 @@ class FashionDataModule(pl.LightningDataModule):
         missing = [c for c in text_columns if c not in table.columns]
         if missing:
             raise ConfigError("text_columns", f"no column {', '.join(missing)} in --data (a Kaggle folder's title is "
-                                              f"productDisplayName; a labelled manifest's text columns are not read yet)")
+                                              f"productDisplayName)")
         # Per row, the text of each --text-column (the text model is fitted on the train rows' after the network).
         self.texts = {c: table[c].to_list() for c in text_columns}
         self.urls = np.asarray(table["image"].to_list(), dtype=np.str_)
