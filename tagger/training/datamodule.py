@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..data.decode import ImageError
-from ..data.reader import ImageSettings, StorageUnavailable
+from ..data.reader import ImageSettings, StorageUnavailable, worker_context
 from .config import CACHE_MODES, ConfigError, RetrainConfig
 from .progress import Ticker
 from ..data.kaggle import DataError, DataReport
@@ -425,6 +425,12 @@ class FashionDataModule(pl.LightningDataModule):
             images=self.images,
         )
 
+    def _workers_read_a_store(self) -> bool:
+        """Whether DataLoader workers read images from an fsspec store (s3:// and the like, not http(s))."""
+        if self.cached:
+            return False
+        return any("://" in url and not url.lower().startswith(("http://", "https://")) for url in map(str, self.urls))
+
     def loader(self, split: str, *, augment: bool = False, shuffle: bool = False) -> DataLoader:
         dataset = self.dataset(split, augment=augment)
         batch_size = max(1, min(self.batch_size, len(dataset)))
@@ -436,6 +442,10 @@ class FashionDataModule(pl.LightningDataModule):
             # A last batch of one image breaks BatchNorm in training; dropping it costs < 1 batch/epoch.
             drop_last=shuffle and len(dataset) > batch_size,
             num_workers=self.workers,
+            # The tag job's rule (tagger.data.reader.worker_context): workers that read from S3 start from a
+            # forkserver, since a forked child must not reuse the parent's s3fs event loop (seen: a worker waiting
+            # for ever on an image of an s3:// Kaggle folder). Cached images are read by the parent: fork is fine.
+            multiprocessing_context=worker_context("auto", self._workers_read_a_store()) if self.workers else None,
             persistent_workers=self.workers > 0,
             pin_memory=self.pin_memory,
             collate_fn=Collate(self.input_size, len(self.vocab)),
