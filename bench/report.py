@@ -63,6 +63,18 @@ def throughput_markdown(r: dict) -> str:
                 f"{c['peak_rss_mib']['tagger']:.0f} / {c['peak_rss_mib']['baseline']:.0f} MiB | "
                 f"{c['peak_pss_mib']['tagger']:.0f} / {c['peak_pss_mib']['baseline']:.0f} MiB |"
             )
+    against = [c for c in r["comparisons"] if c.get("against")]
+    if against:
+        side = against[0]["against"]
+        lines += ["", f"`{side}` = the same job as it was at that revision (its own source, this venv), in the same rounds:", "",
+                  f"| catalog | tagger img/s (runs) | {side} img/s (runs) | tagger vs {side} per round | median | CPU ms/img tagger / {side} |",
+                  "|---|---|---|---|---|---|"]
+        for c in against:
+            runs = {v: ", ".join(f"{x['images_per_s']:.2f}" for x in rs) for v, rs in c["runs"].items()}
+            med, cpu = c["median_images_per_s"], c["median_cpu_ms_per_image"]
+            lines.append(f"| {c['catalog']} | {med['tagger']:.2f} ({runs['tagger']}) | {med[side]:.2f} ({runs[side]}) | "
+                         f"{', '.join(f'{x:.2f}x' for x in c['ratio_vs_against_per_round'])} | **{c['ratio_vs_against_median']:.2f}x** | "
+                         f"{cpu['tagger']:.0f} / {cpu[side]:.0f} |")
     return "\n".join(lines)
 
 

@@ -1,6 +1,6 @@
 """``make bench``: the tag job against the loop a user would otherwise write, on the same images.
 
-    python -m bench.run [--images 128] [--rounds 2] [--workers 2] [--batch-size 32] [--catalogs small,large]
+    python -m bench.run [--images 128] [--rounds 2] [--workers 2] [--batch-size 32] [--catalogs small,large] [--against REV]
                         [--levers] [--lever-images 96] [--no-write]
 
 Two catalogs are built from the real Kaggle sample (``$FASHION_SAMPLE_DIR``, default
@@ -12,6 +12,10 @@ in turn, order reversed every other round, each in a fresh process whose tree's 
 from /proc: same images, same model (efficientnet_b3 at 300 px, random init), same batch size and worker
 count. The ONNX export is made once per model_version and cached (tagger.model.export), so a first run of
 ``tagger`` includes it and later runs do not: run ``python -m bench.runtimes`` once before to warm it.
+
+``--against REV`` adds a fourth side, ``tagger@REV``: the same job from git revision REV's own source (``git archive``
+into bench/work/trees/, run with this venv), so a restructuring is measured against the code it replaced in the
+same rounds.
 
 ``--levers`` then measures each speed lever of the job on the large catalog against the job as shipped
 (order default, L1..Lk, then reversed, to cancel drift). Figures go to docs/benchmarks.md (between the
@@ -45,8 +49,13 @@ LEVERS: dict[str, dict] = {
 
 
 def measure(spec: dict, label: str) -> dict:
-    argv = [sys.executable, "-m", "bench.child", json.dumps(spec)]
-    code, out, err, memory, wall = procmem.run_measured(argv)
+    argv = [sys.executable, "-m", "bench.child", json.dumps({k: v for k, v in spec.items() if k != "tree"})]
+    env = None
+    if spec.get("tree"):  # another revision's tagger (and bench.child) first on the path: see --against
+        import os
+
+        env = {**os.environ, "PYTHONPATH": spec["tree"]}
+    code, out, err, memory, wall = procmem.run_measured(argv, env=env)
     lines = [line for line in out.splitlines() if line.startswith("BENCH-RESULT ")]
     if code != 0 or not lines:
         raise RuntimeError(f"{label} failed (exit {code}):\n{err[-3000:]}")
@@ -67,16 +76,45 @@ SIDES = {"tagger": {"variant": "tagger"}, "tagger-torch": {"variant": "tagger", 
          "baseline": {"variant": "baseline"}}
 
 
+def revision_tree(rev: str) -> tuple[str, Path]:
+    """``rev``'s files (``git archive``) under bench/work/trees/<commit>, once: the job as it was at ``rev``, run
+    from its own source with this checkout's venv (same packages, same model, same images)."""
+    import subprocess
+    import tarfile
+    import io
+
+    commit = subprocess.run(["git", "rev-parse", "--verify", f"{rev}^{{commit}}"], cwd=catalogs.ROOT, check=True,
+                            capture_output=True, text=True).stdout.strip()
+    tree = catalogs.WORK / "trees" / commit
+    if not (tree / "tagger").is_dir():
+        archive = subprocess.run(["git", "archive", commit, "tagger", "bench"], cwd=catalogs.ROOT, check=True, capture_output=True).stdout
+        tree.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+            tar.extractall(tree, filter="data")
+    return commit[:7], tree
+
+
 def ab(catalog: Path, model: Path, args, name: str) -> dict:
     base = {"catalog": str(catalog), "model": str(model), "batch_size": args.batch_size, "workers": args.workers}
-    runs: dict[str, list[dict]] = {side: [] for side in SIDES}
+    sides = dict(SIDES)
+    if args.against:
+        short, tree = revision_tree(args.against)
+        sides[f"tagger@{short}"] = {"variant": "tagger", "tree": str(tree)}
+    runs: dict[str, list[dict]] = {side: [] for side in sides}
     for r in range(args.rounds):
-        for side in list(SIDES) if r % 2 == 0 else list(reversed(SIDES)):
-            runs[side].append(measure({**base, **SIDES[side]}, f"{name} round {r + 1} {side}"))
+        for side in list(sides) if r % 2 == 0 else list(reversed(sides)):
+            runs[side].append(measure({**base, **sides[side]}, f"{name} round {r + 1} {side}"))
     ratios = [t["images_per_s"] / b["images_per_s"] for t, b in zip(runs["tagger"], runs["baseline"])]
     vs_torch = [t["images_per_s"] / b["images_per_s"] for t, b in zip(runs["tagger"], runs["tagger-torch"])]
     cpu = {v: statistics.median(x["cpu_ms_per_image"] for x in rs) for v, rs in runs.items()}
+    against = {}
+    if args.against:
+        side = next(s for s in runs if s.startswith("tagger@"))
+        per_round = [t["images_per_s"] / o["images_per_s"] for t, o in zip(runs["tagger"], runs[side])]
+        against = {"against": side, "ratio_vs_against_per_round": [round(x, 3) for x in per_round],
+                   "ratio_vs_against_median": round(statistics.median(per_round), 3)}
     return {
+        **against,
         "runtime": runs["tagger"][0].get("runtime"),
         "ratio_vs_torch_per_round": [round(x, 3) for x in vs_torch],
         "ratio_vs_torch_median": round(statistics.median(vs_torch), 3),
@@ -125,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lever-images", type=int, default=96)
     parser.add_argument("--lever-only", action="append", help="measure only this lever (repeatable)")
     parser.add_argument("--no-write", action="store_true", help="print, do not update docs/benchmarks.md")
+    parser.add_argument("--against", metavar="REV", help="also run the job as it was at git revision REV, side by side "
+                        "(e.g. the commit before a restructuring: is the job as fast as it was?)")
     args = parser.parse_args(argv)
     command = "python -m bench.run " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
 
