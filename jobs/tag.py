@@ -207,6 +207,11 @@ def _execute(config, stop, finalize_only: bool, command: str) -> int:
     from tagger.tag.ray import RayEngineError  # the exception only: ray itself is imported on the ray branch
 
     runner = TagRunner(config, stop)
+
+    def fail(code: int, message: str, command: str) -> int:
+        # A re-run that replaces a complete date says that date's output is still there (summary line of exit 3 too).
+        return _fail(code, message + runner.kept_note(), command)
+
     try:
         if finalize_only:
             from tagger.storage import check_output_location
@@ -221,33 +226,33 @@ def _execute(config, stop, finalize_only: bool, command: str) -> int:
         else:
             result = runner.run()
     except (ManifestError, BundleError, PlanMismatch, SinceError, OutputLocationError, StorageConfigError, RuntimeSettingError) as exc:
-        return _fail(EXIT_INVALID_INPUT, f"invalid input: {exc}", command)
+        return fail(EXIT_INVALID_INPUT, f"invalid input: {exc}", command)
     except LeaseHeld as exc:
-        return _fail(EXIT_PARTITION_BUSY, f"partition busy: {exc}", command)
+        return fail(EXIT_PARTITION_BUSY, f"partition busy: {exc}", command)
     except LeaseLost as exc:
-        return _fail(EXIT_PARTITION_BUSY, f"partition lost: {exc}. Committed shards are kept; no _SUCCESS written by this run", command)
+        return fail(EXIT_PARTITION_BUSY, f"partition lost: {exc}. Committed shards are kept; no _SUCCESS written by this run", command)
     except RayEngineError as exc:
-        return _fail(EXIT_CRASH, f"failed: {exc}", command)
+        return fail(EXIT_CRASH, f"failed: {exc}", command)
     except NonFiniteScores as exc:
-        return _fail(EXIT_CRASH, f"failed: {exc}", command)
+        return fail(EXIT_CRASH, f"failed: {exc}", command)
     except Interrupted as exc:
-        return _fail(EXIT_INTERRUPTED, f"interrupted: {exc}; committed shards are kept, the same command resumes, no _SUCCESS written", command)
+        return fail(EXIT_INTERRUPTED, f"interrupted: {exc}; committed shards are kept, the same command resumes, no _SUCCESS written", command)
     except StorageUnavailable as exc:
-        return _fail(EXIT_STORAGE, f"storage unavailable: {exc}", command)
+        return fail(EXIT_STORAGE, f"storage unavailable: {exc}", command)
     except WorkerFailure as exc:
-        return _fail(EXIT_CRASH, f"failed: {exc}", command)
+        return fail(EXIT_CRASH, f"failed: {exc}", command)
     except FileNotFoundError as exc:
-        return _fail(EXIT_CRASH, f"failed: {exc}", command)
+        return fail(EXIT_CRASH, f"failed: {exc}", command)
     except Exception as exc:
         if is_permanent(exc):  # a storage setting or name that no retry can fix: an input error, not an outage
             # One line: botocore's validation messages span several (and quote their regexes).
-            return _fail(EXIT_INVALID_INPUT, f"invalid input: storage configuration: {type(exc).__name__}: {' '.join(str(exc).split())}",
-                         command)
+            return fail(EXIT_INVALID_INPUT, f"invalid input: storage configuration: {type(exc).__name__}: {' '.join(str(exc).split())}",
+                        command)
         if is_unavailable(exc):  # e.g. the manifest, the bundle or an output file on a store that is down
-            return _fail(EXIT_STORAGE, f"storage unavailable: {describe_unavailable(exc)}. Committed shards are kept; "
-                                       "running the same command again resumes", command)
+            return fail(EXIT_STORAGE, f"storage unavailable: {describe_unavailable(exc)}. Committed shards are kept; "
+                                      "running the same command again resumes", command)
         log.exception("the run failed")
-        return _fail(EXIT_CRASH, f"failed: {type(exc).__name__}: {exc}", command)
+        return fail(EXIT_CRASH, f"failed: {type(exc).__name__}: {exc}", command)
     click.echo(result.summary_line, err=True)
     return result.exit_code
 

@@ -112,13 +112,32 @@ def test_read_complete_partition_takes_the_table_root_and_says_what_it_found(out
         read_complete_table(str(out / "tags"), run_dates=[PARTIAL])
 
 
-def test_a_night_being_replaced_leaves_the_index_at_once(demo, tiny_bundle, tmp_path):
+def test_a_night_being_replaced_stays_in_the_index_as_it_was_until_its_replacement_commits(demo, tiny_bundle, tmp_path):
+    import polars as pl
+
     out = tmp_path / "out"
     base = ("--catalog", str(demo.catalog), "--model", tiny_bundle, "--out", str(out))
     for date in COMPLETE[1:]:
         assert tag(*base, "--run-date", date).exit_code == 0
-    # The re-run of the latest night wipes it, then fails its error-rate gate: no _SUCCESS, so no index entry.
-    failed = tag(*base, "--run-date", COMPLETE[-1], "--max-error-rate", "0")
+
+    def latest() -> pl.DataFrame:  # the polars recipe, as written, for the latest night
+        names: dict = {}
+        exec(recipes()["polars"].replace("out/demo", str(out)), names)
+        return names["latest"].sort("product_id")
+
+    before, index_before = latest(), json.loads((out / "tags" / INDEX_FILE).read_text())
+    # The re-run of the latest night fails its error-rate gate: the night it was to replace is still the index's,
+    # with its own files, and the recipe reads the same rows (never the failed run's parts beside them).
+    failed = tag(*base, "--run-date", COMPLETE[-1], "--max-error-rate", "0", "--shard-size", "20")
     assert failed.exit_code == 3, failed.output
     index = json.loads((out / "tags" / INDEX_FILE).read_text())
-    assert index["run_dates"] == [COMPLETE[1]] and index["latest"] == COMPLETE[1]
+    assert index["run_dates"] == COMPLETE[1:] and index["latest"] == COMPLETE[-1]
+    assert index["partitions"] == index_before["partitions"] and latest().equals(before)
+    # Committed: the index names the new run's files only, and they are all the night has.
+    assert tag(*base, "--run-date", COMPLETE[-1], "--shard-size", "20").exit_code == 0
+    index = json.loads((out / "tags" / INDEX_FILE).read_text())
+    night = [p for p in index["partitions"] if p["run_date"] == COMPLETE[-1]][0]
+    assert night["run_id"] != index_before["partitions"][-1]["run_id"] and len(night["files"]) == 3
+    on_disk = sorted(f"run_date={COMPLETE[-1]}/{p.name}" for p in (out / "tags" / f"run_date={COMPLETE[-1]}").glob("*.parquet"))
+    assert sorted(night["files"]) == on_disk
+    assert latest().drop("run_id", "tagged_at").equals(before.drop("run_id", "tagged_at"))

@@ -9,6 +9,8 @@ from io import BytesIO
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 from PIL import Image
@@ -134,3 +136,98 @@ def test_the_cdn_header_names_are_part_of_the_plan_and_never_their_values(monkey
     key = reading_key(TagConfig(**config))
     assert key == {"allow_hosts": ["cdn.example.com"], "http_headers": ["authorization"]}
     assert "s3cr3t" not in json.dumps(key)
+
+
+# -- a re-run that replaces a complete night keeps it readable until it commits ----------------------------------
+def night(out: Path) -> dict:
+    """What readers of the date see: the rows the partition's _SUCCESS lists, the same through the documented index
+    (tags/_partitions.json), and the committed run's summary; each table's files with what _SUCCESS lists."""
+    from tagger.tag.partition import Partition
+
+    seen = {}
+    for table in ("tags", "errors"):
+        rows = read_complete_partition(f"{out}/{table}/run_date={DATE}").sort_by("product_id")
+        index = json.loads((out / table / "_partitions.json").read_text())
+        parts = [pq.ParquetFile(out / table / name).read() for name in index["files"]]
+        assert pa.concat_tables(parts).sort_by("product_id").equals(rows), "the index reads other rows than _SUCCESS"
+        success = json.loads((out / table / f"run_date={DATE}" / "_SUCCESS").read_text())
+        seen[table] = rows.to_pylist()
+        seen[f"{table} files"] = index["files"]
+        seen[f"{table} run"] = success["run_id"]
+    seen["summary"] = Partition(str(out), DATE).committed_state("summary.json")
+    return seen
+
+
+def report(out: Path) -> dict:
+    result = CliRunner().invoke(cli, ["report", "--out", str(out), "--run-date", DATE, "--gallery", "0"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    body = json.loads((out / "_reports" / f"run_date={DATE}" / "report.json").read_text())
+    return {"run_id": body["run_id"], "counts": body["counts"]}
+
+
+def files(out: Path, table: str) -> list[str]:
+    return sorted(p.name for p in (out / table / f"run_date={DATE}").iterdir())
+
+
+def without_run(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k not in ("run_id", "tagged_at")} for row in rows]
+
+
+def test_a_rerun_that_fails_keeps_the_complete_night_readable_and_one_that_commits_replaces_it(demo, tiny_bundle, tmp_path,
+                                                                                              monkeypatch):
+    out = tmp_path / "out"
+    args = ("--shard-size", "20")  # 50 rows, 3 shards
+    assert tag(demo.catalog, tiny_bundle, out, *args).exit_code == 0
+    # The layout every release before wrote (and a first run still writes): plain part names, no replace facts.
+    assert files(out, "tags") == ["_SUCCESS", "part-00000.parquet", "part-00001.parquet", "part-00002.parquet"]
+    plan = json.loads((out / "_runs" / f"run_date={DATE}" / "plan.json").read_text())
+    assert not {"replaces", "part_suffix"} & set(plan)
+    first, first_report = night(out), report(out)
+    kept = f"the previous complete output of {DATE} (run {plan['run_id']}) is kept until a run commits"
+
+    # Every photo refused (a --max-image-bytes far too small): exit 3, the night before is still there.
+    refused = tag(demo.catalog, tiny_bundle, out, *args, "--max-image-bytes", "100")
+    assert refused.exit_code == 3, refused.output
+    assert kept in refused.output.strip().splitlines()[-1], refused.output
+    assert night(out) == first and report(out) == first_report
+    failed = json.loads((out / "_runs" / f"run_date={DATE}" / "summary.json").read_text())
+    assert failed["status"] == "failed" and failed["replaces"] == plan["run_id"], "the failed run's own summary"
+
+    # Another setting again, and a crash after its first shard: still the first night, and the same command resumes.
+    from tagger.tag.shards import ShardCommitter
+
+    commit = ShardCommitter.commit
+
+    def crash_after_one(self, output):
+        if self.committed == 1:
+            raise RuntimeError("the machine went away")
+        commit(self, output)
+
+    monkeypatch.setattr(ShardCommitter, "commit", crash_after_one)
+    crashed = tag(demo.catalog, tiny_bundle, out, *args, "--max-image-bytes", "20000000")
+    assert crashed.exit_code == 1 and kept in crashed.output.strip().splitlines()[-1], crashed.output
+    assert night(out) == first and report(out) == first_report
+    monkeypatch.setattr(ShardCommitter, "commit", commit)
+    resumed = tag(demo.catalog, tiny_bundle, out, *args, "--max-image-bytes", "20000000")
+    assert resumed.exit_code == 0, resumed.output
+    second = night(out)
+    run = second["tags run"]
+    assert run != plan["run_id"] and second["errors run"] == run and second["summary"]["run_id"] == run
+    assert second["summary"]["this_process"]["shards_committed"] == 2, "the crashed run was resumed, not started over"
+    assert without_run(second["tags"]) == without_run(first["tags"]) and without_run(second["errors"]) == without_run(first["errors"])
+    assert {row["run_id"] for row in second["tags"] + second["errors"]} == {run}
+    # Only the new run's parts are left, under names of their own; the kept plan and summary are gone.
+    for table in ("tags", "errors"):
+        names = files(out, table)
+        success = json.loads((out / table / f"run_date={DATE}" / "_SUCCESS").read_text())
+        assert names == sorted(["_SUCCESS", *success["parts"]]) and len(success["parts"]) == 3, names
+        assert not {"part-00000.parquet", "part-00001.parquet", "part-00002.parquet"} & set(names)
+    assert not (out / "_runs" / f"run_date={DATE}" / "committed").exists()
+    assert report(out)["run_id"] == run
+
+    # A night written in the new layout is replaced the same way.
+    third = tag(demo.catalog, tiny_bundle, out, *args)
+    assert third.exit_code == 0, third.output
+    replaced = night(out)
+    assert replaced["tags run"] not in (run, plan["run_id"]) and without_run(replaced["tags"]) == without_run(first["tags"])
+    assert not set(second["tags files"]) & set(replaced["tags files"]) and len(files(out, "tags")) == 4

@@ -134,7 +134,11 @@ def test_rerunning_a_date_replaces_the_partition(demo, tiny_bundle, tmp_path):
     assert second["run_id"].n_unique() == 1 and second["run_id"][0] != first["run_id"][0]
     files = sorted(p.name for p in (out / "tags" / f"run_date={DATE}").iterdir())
     shards = -(-len(catalog_rows(demo)) // 7)
-    assert files == sorted([f"part-{i:05d}.parquet" for i in range(shards)] + ["_SUCCESS"])
+    # One part per shard and _SUCCESS, no part of the first run left. The re-run's parts have names of their own
+    # (part-NNNNN-<suffix>.parquet): the first run's stayed readable, listed by its _SUCCESS, until it committed.
+    listed = json.loads((out / "tags" / f"run_date={DATE}" / "_SUCCESS").read_text())["parts"]
+    assert files == sorted([*listed, "_SUCCESS"]) and len(listed) == shards
+    assert not set(files) & {f"part-{i:05d}.parquet" for i in range(shards)}
 
 
 def test_an_unfinished_run_resumes_from_the_first_unfinished_shard(demo, tiny_bundle, tmp_path):

@@ -168,7 +168,8 @@ def _schemas() -> dict[str, tuple[str, object]]:
     from tagger.tag.writers import ERRORS_SCHEMA, tags_schema
 
     return {
-        "tags": ("`OUT/tags/run_date=D/part-NNNNN.parquet` (`tagger tag`, one row per tagged product)",
+        "tags": ("`OUT/tags/run_date=D/part-NNNNN.parquet` (`tagger tag`, one row per tagged product; `part-NNNNN-<suffix>.parquet` "
+                 "when a re-run replaced a complete night: read the parts `_SUCCESS` lists)",
                  tags_schema(["<attribute>"], text=True)),
         "errors": ("`OUT/errors/run_date=D/part-NNNNN.parquet` (`tagger tag`, one row per manifest row that could not "
                    "be tagged)", ERRORS_SCHEMA),

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 from .. import storage
 from ..tag import writers
+from ..tag.partition import Partition
 from . import ReportError
 
 log = logging.getLogger("tagger.report")
@@ -135,12 +136,13 @@ def load_night(out: str, run_date: str, options: Mapping[str, Any]) -> Night | N
     tags_success = writers.read_success(writers.partition_url(out, "tags", run_date), options)
     if tags_success is None:
         return None
-    state = writers.partition_url(out, "_runs", run_date)
+    # The committed run's plan and summary: while a re-run replaces the date, the state folder's are that run's.
+    partition = Partition(out, run_date, options)
     return Night(
         out=out, run_date=run_date, tags_success=tags_success,
         errors_success=writers.read_success(writers.partition_url(out, "errors", run_date), options),
-        plan=_read_json(storage.join(state, "plan.json"), options),
-        summary=_read_json(storage.join(state, "summary.json"), options),
+        plan=partition.committed_state("plan.json", tags_success),
+        summary=partition.committed_state("summary.json", tags_success),
         options=options,
     )
 

@@ -162,7 +162,8 @@ def plan_reuse(
         log.info("--since %s: %s", previous.tags, facts["reason"])
         return facts
 
-    prev_plan = Partition(previous.out, previous.run_date, options).read_plan() or {}
+    # The plan of the run whose parts are reused (not that of a re-run of its date still in progress or failed).
+    prev_plan = Partition(previous.out, previous.run_date, options).committed_state("plan.json", previous.success) or {}
     prev_base = storage.parent(prev_plan["catalog"]) if prev_plan.get("catalog") else storage.parent(manifest.url)
     schema = writers.tags_schema(attributes, review=False, nullable=attributes)  # reading: a scoped attribute's nulls
     previous_tags = writers.read_complete_partition(previous.tags, options)

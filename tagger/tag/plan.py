@@ -11,10 +11,11 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 from .. import storage
+from . import writers
 from ..data.decode import DEFAULT_MAX_IMAGE_BYTES
 from ..data.manifest import Manifest
 from .config import TagConfig
-from .partition import Partition
+from .partition import Partition, committed_by
 
 if TYPE_CHECKING:  # the plan needs a bundle's version and attributes, not torch (Ray's write tasks import this)
     from ..model.bundle import ModelBundle
@@ -97,6 +98,10 @@ class Plan:
     attributes: list[str]
     created_at: str
     since: dict[str, Any] | None = None  # tagger.tag.incremental.plan_reuse's facts, for --since runs
+    # A run that replaces a complete date: the committed run it replaces (whose output stays readable until this
+    # run commits), and the suffix of this run's part names, which keeps them off the names that run's _SUCCESS lists.
+    replaces: str | None = None
+    part_suffix: str | None = None
 
     @classmethod
     def from_dict(cls, body: dict[str, Any]) -> Plan:
@@ -105,8 +110,9 @@ class Plan:
 
     def to_dict(self) -> dict[str, Any]:
         body = {f.name: getattr(self, f.name) for f in fields(self)}
-        if self.since is None:
-            del body["since"]
+        for name in ("since", "replaces", "part_suffix"):
+            if body[name] is None:
+                del body[name]
         return body
 
     @classmethod
@@ -122,6 +128,15 @@ class Plan:
         """Some rows carry their tags over from ``--since``'s partition (tagger.tag.incremental)."""
         return bool((self.since or {}).get("reused"))
 
+    def part_name(self, shard: int) -> str:
+        return writers.part_name(shard, self.part_suffix)
+
+    def kept_note(self, run_date: str) -> str:
+        """What a run that did not commit says of the output it was to replace ("" when it replaces none)."""
+        if not self.replaces:
+            return ""
+        return f"the previous complete output of {run_date} (run {self.replaces}) is kept until a run commits"
+
     def shard_of(self, row: int) -> int:
         return row // self.shard_size
 
@@ -132,6 +147,8 @@ class Plan:
     def facts(self) -> dict[str, Any]:
         """What the run summary says of the plan."""
         facts = {"run_id": self.run_id, "rows": self.rows, "num_shards": self.num_shards, "model_version": self.model_version}
+        if self.replaces:
+            facts["replaces"] = self.replaces
         if self.since:
             facts["since"] = self.since
         return facts
@@ -139,11 +156,14 @@ class Plan:
 
 def make_plan(config: TagConfig, partition: Partition, manifest: Manifest, bundle: ModelBundle) -> Plan:
     """The plan to run: the partition's own when it may be resumed (or, for ``--shard`` tasks, must be),
-    else a new one, for which the partition is wiped first."""
+    else a new one. For a new one the partition is wiped first, except a complete date's output: that stays
+    readable until the new run commits (:meth:`Partition.start_over`)."""
     options = config.storage_options
     key = plan_key(config, manifest, bundle)
     existing = Plan.read(partition)
-    complete = partition.is_complete()
+    success = partition.success()
+    # The open plan is done with once _SUCCESS names its run; a complete date's re-run is a new plan.
+    complete = success is not None and (existing is None or committed_by(success, existing.run_id))
     if config.fanout is not None and not config.plan_only:
         if existing is None or existing.key != key or complete:
             differs = f" (the plan's settings differ: {key_changes(existing.key, key)})" if existing and existing.key != key else ""
@@ -154,6 +174,8 @@ def make_plan(config: TagConfig, partition: Partition, manifest: Manifest, bundl
         return existing
     if existing is not None and existing.key == key and not complete and not config.plan_only:
         log.info("resuming run %s: the partition has an unfinished plan for this manifest and model", existing.run_id)
+        if existing.replaces:
+            log.info("%s", existing.kept_note(config.run_date).capitalize())
         return existing
     if existing is not None and existing.key != key and not complete:
         # Said, so that a re-run after a fix (another option) is seen to start over rather than resume.
@@ -165,9 +187,20 @@ def make_plan(config: TagConfig, partition: Partition, manifest: Manifest, bundl
 
         # Before the wipe: a --since that cannot be used must leave the date's partition as it was.
         previous = find_previous(config.since, config.run_date, options, current_out=config.out)
-    if existing is not None or complete or storage.exists(partition.tags, options):
-        log.info("replacing partition run_date=%s under %s", config.run_date, config.out)
-    partition.wipe()
+    replaces = suffix = None
+    if success is not None:
+        replaces = str(success.get("run_id") or "unknown")
+        listed = set(success.get("parts", {})) | set((writers.read_success(partition.errors, options) or {}).get("parts", {}))
+        suffix = uuid.uuid4().hex[:8]
+        while any(n.endswith(f"-{suffix}.parquet") for n in listed):  # never a name that _SUCCESS lists
+            suffix = uuid.uuid4().hex[:8]
+        log.info("replacing partition run_date=%s under %s: its complete output (run %s) stays readable until this run "
+                 "commits", config.run_date, config.out, replaces)
+        partition.start_over(success)
+    else:
+        if existing is not None or storage.exists(partition.tags, options):
+            log.info("replacing partition run_date=%s under %s", config.run_date, config.out)
+        partition.wipe()
     created_at, since = now_iso(), None
     if config.since:
         from .incremental import plan_reuse
@@ -187,6 +220,8 @@ def make_plan(config: TagConfig, partition: Partition, manifest: Manifest, bundl
         attributes=bundle.attribute_names,
         created_at=created_at,
         since=since,
+        replaces=replaces,
+        part_suffix=suffix,
     )
     plan.write(partition)
     return plan

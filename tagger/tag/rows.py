@@ -42,9 +42,10 @@ class ShardRows:
 
     def open(self, shard: int, reads: int) -> ShardOutput:
         """The shard's parts, ``reads`` rows still to come from the DataLoader."""
-        name = writers.part_name(shard)
+        name = self.plan.part_name(shard)
         output = ShardOutput(
             index=shard,
+            name=name,
             tags=writers.PartWriter(storage.join(self.partition.tags, name), self.schema, self.options),
             errors=writers.PartWriter(storage.join(self.partition.errors, name), writers.ERRORS_SCHEMA, self.options),
             remaining=reads,

@@ -58,6 +58,7 @@ class TagRunner:
         self.facts = ProcessFacts()
         self.engine = engine_for(self)  # what tags the pending shards: tagger.tag.local.ENGINES
         self.lease: Lease | None = None
+        self.plan: Plan | None = None  # once planned: what a run that fails says of the output it was to replace
         self.text = None  # --text-column: the bundle's text model and fusion over the catalog's text (tagger.tag.text_rows)
 
     def run(self) -> RunResult:
@@ -128,7 +129,7 @@ class TagRunner:
 
     def _run_owned(self, manifest: Manifest, bundle: ModelBundle, started: float) -> RunResult:
         config = self.config
-        plan = make_plan(config, self.partition, manifest, bundle)
+        plan = self.plan = make_plan(config, self.partition, manifest, bundle)
         if self.lease is not None:
             self.lease.annotate(plan.run_id)
         if config.plan_only:
@@ -153,7 +154,7 @@ class TagRunner:
 
     def finalize(self, plan: Plan | dict[str, Any], started: float) -> RunResult:
         """Commit a date whose shards are all done (``tagger finalize``); ``plan``: the partition's plan."""
-        plan = plan if isinstance(plan, Plan) else Plan.from_dict(plan)
+        plan = self.plan = plan if isinstance(plan, Plan) else Plan.from_dict(plan)
         return self._finalize(ShardCommitter(self.partition, plan, self.lease), started)
 
     def _finalize(self, shards: ShardCommitter, started: float) -> RunResult:
@@ -162,12 +163,19 @@ class TagRunner:
         summary = partition_counts(shards.plan, stats)
         failed = over_error_rate(summary, self.config.max_error_rate)
         if failed:
-            summary.update(status="failed", message=failed)
+            kept = shards.plan.kept_note(self.config.run_date)
+            summary.update(status="failed", message=f"{failed}; {kept}" if kept else failed)
             return self._result(EXIT_TOO_MANY_ERRORS, summary, started)
         summary["status"] = "succeeded"
         result = self._result(EXIT_OK, summary, started)
         shards.commit_partition(stats)
         return result
+
+    def kept_note(self) -> str:
+        """"; the previous complete output of D (run X) is kept until a run commits" for a run that replaces a
+        complete date and ended without committing ("" otherwise): what its last line adds."""
+        note = self.plan.kept_note(self.config.run_date) if self.plan is not None else ""
+        return f"; {note}" if note else ""
 
     def _result(self, code: int, facts: dict[str, Any], started: float) -> RunResult:
         return write_summary(self.partition, self.config, code, facts, started, self.facts)

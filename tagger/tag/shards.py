@@ -33,6 +33,7 @@ class ShardOutput:
     tags: writers.PartWriter
     errors: writers.PartWriter
     remaining: int  # rows still to come from the DataLoader
+    name: str = ""  # the parts' file name (both tables), :meth:`tagger.tag.plan.Plan.part_name`; "" the first run's
     started: float = field(default_factory=time.time)
     error_types: Counter = field(default_factory=Counter)
     # The first row of each error type, "product id: message": what the summary line and the log quote.
@@ -48,6 +49,7 @@ class ShardOutput:
     def stats(self, run_id: str) -> dict[str, Any]:
         """The done marker's body."""
         errors = sum(self.error_types.values())
+        name = self.name or writers.part_name(self.index)
         return {
             "shard": self.index,
             "run_id": run_id,
@@ -60,11 +62,9 @@ class ShardOutput:
             **({"photo_errors": dict(self.photo_errors), "photo_error_examples": self.photo_examples}
                if self.photo_errors is not None else {}),
             "needs_review": {"rows": self.review_rows, "attributes": {k: v for k, v in self.review.items() if v}},
-            "parts": {"tags": {writers.part_name(self.index): self.tags.rows},
-                      "errors": {writers.part_name(self.index): self.errors.rows}},
+            "parts": {"tags": {name: self.tags.rows}, "errors": {name: self.errors.rows}},
             # What resume and finalize check against a listing before they trust the marker (lost_parts).
-            "bytes": {"tags": {writers.part_name(self.index): self.tags.bytes},
-                      "errors": {writers.part_name(self.index): self.errors.bytes}},
+            "bytes": {"tags": {name: self.tags.bytes}, "errors": {name: self.errors.bytes}},
             # Fan-out tasks on different machines may compute in different arithmetic (`auto` and a bundle
             # checked in bf16: bf16 where the CPU has it natively): the partition's summary counts each.
             **({"computed": self.computed} if self.computed and self.tagged else {}),

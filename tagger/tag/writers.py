@@ -4,13 +4,18 @@ Layout under ``--out`` (local or ``s3://``)::
 
     tags/run_date=YYYY-MM-DD/part-00000.parquet ...  _SUCCESS
     errors/run_date=YYYY-MM-DD/part-00000.parquet ... _SUCCESS
-    _runs/run_date=YYYY-MM-DD/plan.json, shards/00000.json ..., summary.json
+    _runs/run_date=YYYY-MM-DD/plan.json, shards/00000.json ..., summary.json [, committed/plan.json, summary.json]
 
 Commit protocol (S3 has no atomic rename): every part file is written whole or not at all
 (:class:`tagger.storage.CommittedFile`); a shard's stats JSON is written after both of its parts, and is
 the shard's done marker; ``_SUCCESS`` is written last, after every shard of the partition is done, and
 lists the part files and their row counts. A partition without ``_SUCCESS`` is partial: readers must skip
 it (or read only the files its ``_SUCCESS`` lists, see :func:`read_complete_partition`).
+
+A run that replaces a complete partition (a re-run under other settings) leaves it readable until it commits:
+its parts are named ``part-00000-<suffix>.parquet`` beside the committed ones, the committed run's plan and
+summary are kept under ``_runs/run_date=.../committed/``, and the old parts are deleted only after the new
+``_SUCCESS`` and index (:class:`tagger.tag.partition.Partition`).
 """
 
 from __future__ import annotations
@@ -82,8 +87,15 @@ def partition_url(out: str, table: str, run_date: str) -> str:
     return storage.join(out, table, f"run_date={run_date}")
 
 
-def part_name(shard: int) -> str:
-    return f"part-{shard:05d}.parquet"
+def part_name(shard: int, suffix: str | None = None) -> str:
+    """``part-00000.parquet``; a run that replaces a complete partition names its parts ``part-00000-<suffix>.parquet``
+    (:attr:`tagger.tag.plan.Plan.part_suffix`), so that they never overwrite the parts its ``_SUCCESS`` still lists."""
+    return f"part-{shard:05d}.parquet" if not suffix else f"part-{shard:05d}-{suffix}.parquet"
+
+
+def is_part(name: str) -> bool:
+    """A part file's name (not a hidden temporary, not ``_SUCCESS`` or the index)."""
+    return name.startswith("part-") and name.endswith(".parquet")
 
 
 class PartWriter:
