@@ -28,10 +28,12 @@ IMAGES_USED_COLUMN = "images_used"
 LEADING_COLUMNS: tuple[str, ...] = ("product_id", "image")
 TRAILING_COLUMNS: tuple[str, ...] = (REVIEW_COLUMN, IMAGES_USED_COLUMN, "image_version", "model_version", "run_id",
                                      "tagged_at")
-# With --text-column, after REVIEW_COLUMN: which inputs a row's tags came from, and where photos and text disagreed.
+# With --text-column, after REVIEW_COLUMN: which inputs a row's tags came from, where photos and text disagreed, and
+# the text's own version (what --since compares for text, as image_version for the photos).
 INPUTS_COLUMN = "inputs"
 CONFLICT_COLUMN = "conflict"
-TEXT_COLUMNS: tuple[str, ...] = (INPUTS_COLUMN, CONFLICT_COLUMN)
+TEXT_VERSION_COLUMN = "text_version"
+TEXT_COLUMNS: tuple[str, ...] = (INPUTS_COLUMN, CONFLICT_COLUMN, TEXT_VERSION_COLUMN)
 # Beside them: the hive partition key readers add, and the manifest row and resolved location that --since
 # joins the night before's tags on.
 ADDED_COLUMNS: tuple[str, ...] = ("run_date", "row", "location")

@@ -169,6 +169,49 @@ def test_conflict_flags_a_borrowed_title(text_bundle, titled_catalog, tmp_path):
     assert "Photos and text disagree" in page and f"{conflicts['rows']:,} of the" in page
 
 
+def test_since_with_titles_reuses_a_row_only_when_its_photo_and_its_title_are_unchanged(text_bundle, titled_catalog, tmp_path):
+    """--since with --text-column: an unchanged product keeps last night's fused tags (and their review); a changed title is
+    tagged again; a night of photos alone never takes fused tags, nor the other way round."""
+    catalog, rows = titled_catalog
+    out = tmp_path / "out"
+    first = tag("--catalog", str(catalog), "--model", text_bundle, "--out", str(out), "--text-column", "title", "--since", str(out))
+    assert first.exit_code == 0, first.output
+    night1 = {r["product_id"]: r for r in read(out, "tags").iter_rows(named=True)}
+    assert all(len(r["text_version"]) == 16 for r in night1.values())
+
+    changed = [dict(r) for r in rows]
+    changed[5]["title"] = "Acme Women Red Tshirts Casual Summer"
+    tonight = Path(catalog).parent / "catalog_tonight.csv"  # beside it: the image cells are relative to the catalog
+    with open(tonight, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(changed[0]))
+        writer.writeheader()
+        writer.writerows(changed)
+    night2_date = "2026-01-03"
+    result = CliRunner().invoke(cli, ["tag", "--workers", "0", "--progress", "none", "--run-date", night2_date, "--catalog", str(tonight),
+                                      "--model", text_bundle, "--out", str(out), "--text-column", "title", "--since", str(out)],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    night2 = {r["product_id"]: r for r in pl.from_arrow(read_complete_partition(f"{out}/tags/run_date={night2_date}")).iter_rows(named=True)}
+    run1 = next(iter(night1.values()))["run_id"]
+    again = {i for i, r in night2.items() if r["run_id"] != run1}
+    # The changed title, and the product tagged from its title alone (no image_version to compare), are read again.
+    assert again == {changed[5]["product_id"], changed[-2]["product_id"]}
+    assert night2[changed[5]["product_id"]]["text_version"] != night1[changed[5]["product_id"]]["text_version"]
+    for i in set(night2) - again:  # carried over verbatim, review as the night that tagged them computed it
+        for column in ("baseColour", "baseColour_score", "inputs", "conflict", "needs_review", "text_version", "tagged_at"):
+            assert night2[i][column] == night1[i][column], (i, column)
+    summary = json.loads((out / "_runs" / f"run_date={night2_date}" / "summary.json").read_text())
+    assert summary["since"]["reused"] == len(night2) - 2
+
+    # Photos alone tonight: last night's fused tags are not theirs to keep.
+    third = CliRunner().invoke(cli, ["tag", "--workers", "0", "--progress", "none", "--run-date", "2026-01-04", "--catalog", str(tonight),
+                                     "--model", text_bundle, "--out", str(out), "--since", str(out), "--max-error-rate", "1"],
+                               catch_exceptions=False)
+    assert third.exit_code == 0, third.output
+    summary = json.loads((out / "_runs" / "run_date=2026-01-04" / "summary.json").read_text())
+    assert summary["since"]["reused"] == 0 and "photos alone" in summary["since"]["reason"]
+
+
 def test_text_column_refusals(text_bundle, tiny_bundle, titled_catalog, tmp_path):
     catalog, _ = titled_catalog
     result = tag("--catalog", str(catalog), "--model", tiny_bundle, "--out", str(tmp_path / "a"), "--text-column", "title")

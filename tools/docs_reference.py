@@ -121,6 +121,8 @@ COLUMN_NOTES = {
         "conflict": "only with `--text-column`: the attributes where the photos and the text were each confident (the "
                     "bundle's conflict levels, `model.json` `text.fusion[].conflict`) and named different labels, with both "
                     "labels and scores; each is in `needs_review` too; empty when none",
+        "text_version": "only with `--text-column`: a digest of the row's text columns (their names and values as the "
+                        "catalog has them); `--since` reuses a row only when it is unchanged, as `image_version` for the photos",
         "images_used": "how many of the product's photos its tags come from (1 for one photo per product; 0 for a product "
                        "tagged from its text alone)",
         "image_version": "`size-mtime_ns` (local), `size-ETag` (S3), `size-ETag` or `size-Last-Modified` (https): what "

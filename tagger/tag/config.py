@@ -107,9 +107,6 @@ class TagConfig:
             problems.append(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if self.ray_address and self.engine != "ray":
             problems.append("ray_address (--ray-address) is for --engine ray")
-        if self.text_columns and self.since:
-            problems.append("text_columns (--text-column) with --since: tags carried over from a night without text cannot say "
-                            "which inputs they came from; run without --since")
         if len(set(self.text_columns)) != len(self.text_columns) or any(not c for c in self.text_columns):
             problems.append(f"text_columns must be distinct non-empty column names, got {list(self.text_columns)!r}")
         if self.plan_only and self.fanout is not None:

@@ -133,9 +133,12 @@ def plan_reuse(
     shard_size: int,
     options: Mapping[str, Any] | None = None,
     http: HttpPolicy | None = None,
+    text_columns: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Decide which rows of ``manifest`` reuse the tags of ``previous`` (see :func:`find_previous`); write
-    them to the partition's state.
+    them to the partition's state. ``text_columns`` (``--text-column``): a row is reused only when the previous
+    night read the same text columns and the row's text is unchanged (its ``text_version``); tags fused with
+    text are never carried into a night without it, nor the other way round.
 
     Returns the facts the plan records: the previous partition, how many rows were candidates (same
     product at the same location), how many are reused, and what finding the versions cost.
@@ -165,8 +168,16 @@ def plan_reuse(
     # The plan of the run whose parts are reused (not that of a re-run of its date still in progress or failed).
     prev_plan = Partition(previous.out, previous.run_date, options).committed_state("plan.json", previous.success) or {}
     prev_base = storage.parent(prev_plan["catalog"]) if prev_plan.get("catalog") else storage.parent(manifest.url)
-    schema = writers.tags_schema(attributes, review=False, nullable=attributes)  # reading: a scoped attribute's nulls
+    # reading: a scoped attribute's nulls
+    schema = writers.tags_schema(attributes, review=False, nullable=attributes, text=bool(text_columns))
     previous_tags = writers.read_complete_partition(previous.tags, options)
+    mismatch = _text_mismatch(previous_tags.column_names, text_columns)
+    if mismatch:
+        facts.update(_catalog_changes(manifest, previous, previous_tags.column("product_id").combine_chunks(), options))
+        facts["changed"] = facts["in_previous"]
+        facts["reason"] = mismatch
+        log.warning("--since %s: %s", previous.tags, mismatch)
+        return facts
     if writers.IMAGES_USED_COLUMN not in previous_tags.column_names:  # written before several photos per product
         previous_tags = previous_tags.append_column(writers.IMAGES_USED_COLUMN, pa.array(np.ones(previous_tags.num_rows, np.int32)))
     old = pl.from_arrow(previous_tags.select(schema.names).cast(schema))
@@ -187,6 +198,11 @@ def plan_reuse(
         versions = current_versions(matched.get_column("location").to_arrow(), options, http=http, separator=separator)
         facts["version_lookup_s"] = round(time.time() - t, 3)
         keep = pc.fill_null(pc.equal(versions, matched.get_column("image_version").to_arrow()), False)
+        if text_columns:
+            from .text_rows import text_versions
+
+            texts = pa.array(text_versions(manifest, text_columns, matched.get_column("row").to_numpy()), pa.string())
+            keep = pc.and_(keep, pc.fill_null(pc.equal(texts, matched.get_column(writers.TEXT_VERSION_COLUMN).to_arrow()), False))
         matched = matched.filter(pl.Series(keep.to_numpy(zero_copy_only=False)))
     facts["reused"] = matched.height
     # Products read again although the night before tagged them: image changed or moved (or another model).
@@ -203,6 +219,20 @@ def plan_reuse(
         previous.tags, facts["reused"], manifest.num_rows, facts["candidates"], facts.get("version_lookup_s", 0.0),
     )
     return facts
+
+
+def _text_mismatch(previous_columns: list[str], text_columns: tuple[str, ...]) -> str | None:
+    """Why no row of a partition with ``previous_columns`` may be reused by a night reading ``text_columns``, or None."""
+    had_text = writers.INPUTS_COLUMN in previous_columns
+    if text_columns and not had_text:
+        return "the previous partition was tagged from the photos alone, this run reads --text-column too: every row is tagged"
+    if text_columns and writers.TEXT_VERSION_COLUMN not in previous_columns:
+        return ("the previous partition was tagged with text but has no text_version column (written before it existed): "
+                "every row is tagged")
+    if had_text and not text_columns:
+        return ("the previous partition's tags were fused with the catalog's text (--text-column), this run reads the photos "
+                "alone: every row is tagged")
+    return None
 
 
 def _catalog_changes(manifest, previous: Previous, tagged_ids, options: Mapping[str, Any] | None) -> dict[str, int]:

@@ -207,7 +207,7 @@ def make_plan(config: TagConfig, partition: Partition, manifest: Manifest, bundl
 
         # Decided once, stored beside the plan: resumed runs and --shard tasks reuse the same rows.
         since = plan_reuse(manifest, bundle.model_version, bundle.attribute_names, config.since, previous,
-                           partition, config.shard_size, options, http=config.http_policy())
+                           partition, config.shard_size, options, http=config.http_policy(), text_columns=config.text_columns)
     plan = Plan(
         key=key,
         run_id=config.run_id or f"{config.run_date}-{uuid.uuid4().hex[:8]}",

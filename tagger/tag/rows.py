@@ -70,7 +70,11 @@ class ShardRows:
             reused = read_reused(self.partition, start, stop, self.options)
             if reused.num_rows:
                 scores = {name: reused.column(f"{name}_score").to_numpy() for name in self.attributes}
-                review = self._review(output, scores)
+                if self.text:  # each row's review as the night that tagged it computed it: its input mode's thresholds
+                    review = self._review(output, scores, self.fuser.thresholds(reused.column(writers.INPUTS_COLUMN).to_pylist()),
+                                          reused.column(writers.CONFLICT_COLUMN).to_pylist())
+                else:
+                    review = self._review(output, scores)
                 output.tags.write(pa.table({**{c: reused.column(c) for c in reused.column_names if c != "row"},
                                             writers.REVIEW_COLUMN: review}).select(self.schema.names))
                 output.reused = reused.num_rows
@@ -134,6 +138,7 @@ class ShardRows:
             columns[writers.REVIEW_COLUMN] = self._review(output, scores, thresholds, conflict)
             columns[writers.INPUTS_COLUMN] = pa.array([text.inputs[i] for i in picked] if text is not None else ["photos"] * n, pa.string())
             columns[writers.CONFLICT_COLUMN] = pa.array(conflict, writers.CONFLICT_TYPE)
+            columns[writers.TEXT_VERSION_COLUMN] = pa.array(self.fuser.versions(rows), pa.string())
         else:
             columns[writers.REVIEW_COLUMN] = self._review(output, scores)
         used = batch.images_used[mask] if batch.images_used is not None else np.ones(n, np.int32)

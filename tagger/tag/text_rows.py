@@ -10,12 +10,16 @@ of its mode. The text's own CPU time is counted, so the run summary can say what
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from ..data.manifest import Manifest
 from ..data.reader import Batch
@@ -23,6 +27,19 @@ from ..model.bundle import ModelBundle
 from ..model.predictor import Predictions
 from ..model.scope import decode_labels, scope_predictions
 from ..model.text import TextPart
+
+
+def text_versions(manifest: Manifest, columns: Sequence[str], rows: np.ndarray) -> list[str]:
+    """Per manifest row, a digest of its text columns' names and raw values (a null and an empty cell differ): the
+    ``text_version`` a row is written with and what ``--since`` compares, so a changed title, another column, or
+    the same title under another column name makes the row be tagged again."""
+    taken = pa.array(np.asarray(rows, np.int64))
+    values = [manifest.extra.column(column).take(taken).to_pylist() for column in columns]
+    out = []
+    for row_values in zip(*values) if values else ([] for _ in range(len(rows))):
+        payload = json.dumps([[c, v] for c, v in zip(columns, row_values)], ensure_ascii=False, separators=(",", ":"))
+        out.append(hashlib.blake2b(payload.encode("utf-8"), digest_size=8).hexdigest())
+    return out
 
 
 @dataclass
@@ -44,6 +61,15 @@ class TextFuser:
     modes: Counter = field(default_factory=Counter)
     conflicts: Counter = field(default_factory=Counter)
     conflict_rows: int = 0
+
+    def thresholds(self, modes: Sequence[str]) -> dict[str, np.ndarray]:
+        """Per attribute, each row's review threshold: its input mode's (``photos``, ``text``, ``both``)."""
+        return {spec.name: np.array([self.part.fusion.threshold(spec.name, m, spec.threshold) for m in modes], np.float32)
+                for spec in self.bundle.attributes}
+
+    def versions(self, rows: np.ndarray) -> list[str]:
+        """Per row, :func:`text_version` of its text columns as the catalog has them."""
+        return text_versions(self.manifest, self.columns, rows)
 
     def texts(self, rows: np.ndarray) -> list[str]:
         extra = self.manifest.extra
@@ -84,9 +110,7 @@ class TextFuser:
         result = scope_predictions(self.bundle.attributes, Predictions(indices, scores, {a: fused.probs[a][order] for a in names}))
         modes = [str(m) for m in fused.mode[order]]
         conflict = [self._conflicts(fused, photo, text_probs, int(i)) for i in order]
-        thresholds = {}
-        for spec in self.bundle.attributes:
-            thresholds[spec.name] = np.array([self.part.fusion.threshold(spec.name, m, spec.threshold) for m in modes], np.float32)
+        thresholds = self.thresholds(modes)
         kept = ~rescued
         versions = list(batch.versions) + [""] * int(rescued.sum())
         used = batch.images_used if batch.images_used is not None else np.ones(n_good, np.int32)

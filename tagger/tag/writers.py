@@ -28,7 +28,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .. import storage
-from ..attributes import CONFLICT_COLUMN, IMAGES_USED_COLUMN, INPUTS_COLUMN, LEADING_COLUMNS, REVIEW_COLUMN, TRAILING_COLUMNS
+from ..attributes import (CONFLICT_COLUMN, IMAGES_USED_COLUMN, INPUTS_COLUMN, LEADING_COLUMNS, REVIEW_COLUMN, TEXT_VERSION_COLUMN,
+                          TRAILING_COLUMNS)
 
 SUCCESS_FILE = "_SUCCESS"
 
@@ -57,7 +58,8 @@ _FIXED_TYPES = {
 
 # With --text-column only: INPUTS_COLUMN, which inputs a row's tags came from (photos, text or both), and
 # CONFLICT_COLUMN, the attributes where photos and text were each confident and disagreed, with what each said
-# (they are in needs_review too). A run without text columns writes exactly the schema it always wrote.
+# (they are in needs_review too), and TEXT_VERSION_COLUMN, a digest of the row's text columns (names and values), so
+# that --since reuses a row only when its text is tonight's too. A run without text columns writes exactly the schema it always wrote.
 CONFLICT_TYPE = pa.list_(pa.struct([
     pa.field("attribute", pa.string(), nullable=False), pa.field("photos", pa.string(), nullable=False),
     pa.field("photos_score", pa.float32(), nullable=False), pa.field("text", pa.string(), nullable=False),
@@ -79,7 +81,8 @@ def tags_schema(attributes: Sequence[str], *, review: bool = True, nullable: Seq
         if review or name != REVIEW_COLUMN:
             fields.append(pa.field(name, _FIXED_TYPES[name], nullable=False))
         if text and name == REVIEW_COLUMN:
-            fields += [pa.field(INPUTS_COLUMN, pa.string(), nullable=False), pa.field(CONFLICT_COLUMN, CONFLICT_TYPE, nullable=False)]
+            fields += [pa.field(INPUTS_COLUMN, pa.string(), nullable=False), pa.field(CONFLICT_COLUMN, CONFLICT_TYPE, nullable=False),
+                       pa.field(TEXT_VERSION_COLUMN, pa.string(), nullable=False)]
     return pa.schema(fields)
 
 
