@@ -138,11 +138,14 @@ def _guarded(work, what: str):
     from tagger.data.reader import StorageUnavailable
     from tagger.evaluation import EvaluationError
     from tagger.model.bundle import BundleError
+    from tagger.model.scorer import NonFiniteScores
 
     try:
         return work(), None
     except (EvaluationError, BundleError, DataError) as exc:
         return None, _fail(EXIT_INVALID_INPUT, f"invalid input: {exc}")
+    except NonFiniteScores as exc:  # says which images and what to try: no traceback, as the tag job
+        return None, _fail(EXIT_CRASH, f"failed: {exc}")
     except Exception as exc:
         if isinstance(exc, StorageUnavailable) or storage.is_unavailable(exc):
             return None, _fail(EXIT_STORAGE, f"storage unavailable: {type(exc).__name__}: {exc}")

@@ -67,6 +67,7 @@ def predict(images: tuple[str, ...], model: str, out: str, top_k: int, device: s
     from tagger.model.scoring import progress_logger, run_model
     from tagger.data.reader import image_settings
     from tagger.model.inference import InferenceSpec, resolve
+    from tagger.model.scorer import NonFiniteScores
     from tagger import storage
 
     try:
@@ -91,6 +92,8 @@ def predict(images: tuple[str, ...], model: str, out: str, top_k: int, device: s
         written = write_outputs(bundle, results, out, thumb_size=thumb_size, per_page=per_page, table=table)
     except PermissionError as exc:  # a file system that refuses the write although the check passed (read-only mount)
         sys.exit(_fail(EXIT_INVALID_INPUT, f"invalid input: cannot write --out {out}: {exc}; choose another --out or fix its permissions"))
+    except NonFiniteScores as exc:  # says which images and what to try: no traceback, as the tag job
+        sys.exit(_fail(EXIT_CRASH, f"failed: {exc}"))
     except Exception as exc:
         log.exception("predict failed")
         sys.exit(_fail(EXIT_CRASH, f"failed: {type(exc).__name__}: {exc}"))

@@ -43,8 +43,8 @@ def snapshot(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def one_line(output: str) -> str:
-    lines = [line for line in output.splitlines() if line.startswith("tagger tag:")]
+def one_line(output: str, command: str = "tag") -> str:
+    lines = [line for line in output.splitlines() if line.startswith(f"tagger {command}:")]
     assert len(lines) == 1 and "Traceback" not in output, output
     return lines[0]
 
@@ -158,6 +158,65 @@ def test_nan_scores_fail_the_run_and_are_never_written(demo, tiny_bundle, tmp_pa
     assert "NaN or infinite scores for 1 image(s)" in line and "--precision fp32" in line
     assert not (out / "tags" / f"run_date={DATE}" / SUCCESS_FILE).exists()
     assert not list((out / "tags" / f"run_date={DATE}").glob("part-*.parquet")), "a NaN score reached a part file"
+
+
+@pytest.fixture
+def poisoned_last_image(monkeypatch):
+    """The Predictor scores the last image of each batch NaN (e.g. an fp16 overflow on a GPU)."""
+    from tagger.model.predictor import Predictor
+
+    real = Predictor.__call__
+
+    def poisoned(self, images, **kwargs):
+        predictions = real(self, images, **kwargs)
+        predictions.scores[next(iter(predictions.scores))][-1] = np.nan
+        return predictions
+
+    monkeypatch.setattr(Predictor, "__call__", poisoned)
+
+
+def test_evaluate_and_predict_refuse_a_nan_score_as_tag_does(demo, tiny_bundle, tmp_path, poisoned_last_image):
+    """The one NaN guard (tagger.model.scorer) for evaluate and predict too: exit 1 naming the image and the fix, no
+    report or sheet (before, evaluate scored the NaN row with the Predictor's argmax and said nothing)."""
+    images = sorted(demo.images_dir.glob("*.jpg"))[:3]
+    report = tmp_path / "eval"
+    result = CliRunner().invoke(cli, ["evaluate", "--model", tiny_bundle, "--data", str(demo.root), "--split", "all",
+                                      "--out", str(report), "--no-plots", "--workers", "0", "--batch-size", "500"])
+    line = one_line(result.output, "evaluate")
+    assert result.exit_code == 1, result.output
+    assert "NaN or infinite scores for 1 image(s)" in line and "nothing was written" in line and "--precision fp32" in line
+    assert not (report / "metrics.parquet").exists() and not (report / "predictions.parquet").exists()
+
+    sheet = tmp_path / "sheet.png"
+    result = CliRunner().invoke(cli, ["predict", *map(str, images), "--model", tiny_bundle, "--out", str(sheet), "--workers", "0"])
+    line = one_line(result.output, "predict")
+    assert result.exit_code == 1, result.output
+    assert f"NaN or infinite scores for 1 image(s) of a batch (images {images[-1]})" in line and "--precision fp32" in line
+    assert not sheet.exists() and not sheet.with_suffix(".parquet").exists()
+
+
+def test_retrains_scoring_refuses_a_nan_score(tiny_bundle, monkeypatch):
+    """retrain's val/test scoring goes through the same guard: a NaN score is no threshold to calibrate."""
+    import torch
+
+    from tagger.model.predictor import Predictor
+    from tagger.model.scoring import predict_batches
+    from tagger.model.scorer import NonFiniteScores
+
+    real = Predictor.__call__
+
+    def poisoned(self, images, **kwargs):  # the second batch's first image
+        predictions = real(self, images, **kwargs)
+        if len(images) == 3:
+            predictions.scores[next(iter(predictions.scores))][0] = np.inf
+        return predictions
+
+    monkeypatch.setattr(Predictor, "__call__", poisoned)
+    net = load_bundle(tiny_bundle).build_net()
+    images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
+    targets = torch.zeros((5, 2), dtype=torch.long)
+    with pytest.raises(NonFiniteScores, match=r"\(decoded images 3 of the split\); no bundle was written\. .*--lr"):
+        predict_batches(net, [(images[:2], targets[:2]), (images[2:], targets[2:])], "cpu", precision="fp32")
 
 
 # -- 6: stops from the first second; a FIFO is no manifest ---------------------------------------------

@@ -342,6 +342,7 @@ class Batch:
     # Several photos per product: (row, error_type, message) of every photo that could not be read, also of the
     # products tagged from their other photos (the run summary counts them; the errors table has products only).
     photo_errors: list[tuple[int, str, str]] | None = None
+    targets: np.ndarray | None = None  # labelled rows (retrain's val/test): per decoded image, its label indices
 
     def pin_memory(self) -> Batch:
         if self.images is not None:

@@ -24,7 +24,7 @@ from ..model.settings import DEVICES, PRECISIONS, RUNTIMES
 from ..data.labels import UNKNOWN_LABEL_POLICIES, LabelMapping, encode_labels
 from ..data.split import SPLIT_FILE
 from . import EvaluationError
-from ..model.scoring import ModelOutputs
+from ..model.sinks import ModelOutputs
 
 log = logging.getLogger(__name__)
 

@@ -1,11 +1,13 @@
-"""Images -> softmax probabilities per attribute, through the tag job's own corridor.
+"""Images -> softmax probabilities per attribute, through the tag job's own corridor: a source, the
+:class:`tagger.model.scorer.Scorer` and a sink, run by :func:`tagger.model.sinks.score_batches`.
 
 - :func:`run_model` (evaluate, predict): locations -> :class:`tagger.data.reader.ImageRows` (the tag job's
-  read, deadline, byte and pixel caps, decode, per-row errors) -> :class:`tagger.model.predictor.Predictor`
-  (its device, precision, channels-last) -> one result or one error per location, nothing dropped. The
+  read, deadline, byte and pixel caps, decode, per-row errors) -> the Scorer (the Predictor's device, precision,
+  channels-last; the NaN guard) -> :class:`~tagger.model.sinks.OutputArrays` (or, with thumbnails, predict's
+  :class:`~tagger.model.sinks.GalleryInput`): one result or one error per location, nothing dropped. The
   top label and score are the Predictor's own, so evaluate scores exactly what ``tagger tag`` writes.
 - :func:`predict_batches` (retrain's val/test scoring): decoded ``(images, targets)`` batches through
-  the same Predictor.
+  the same Scorer into :class:`~tagger.model.sinks.LabelledArrays`.
 """
 
 from __future__ import annotations
@@ -14,15 +16,16 @@ import functools
 import io
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
 from .bundle import ModelBundle
 from .inference import Inference
-from ..data.reader import ImageSettings
+from .scorer import Scorer
+from .sinks import GalleryInput, LabelledArrays, ModelOutputs, OutputArrays, score_batches
+from ..data.reader import Batch, ImageSettings
 
 log = logging.getLogger(__name__)
 
@@ -53,23 +56,6 @@ def thumbnail(data: bytes, size: int) -> np.ndarray | None:
     return np.asarray(image)
 
 
-@dataclass
-class ModelOutputs:
-    """Per input image, in input order. Rows of failed images: probabilities NaN, top index -1, score NaN."""
-
-    probs: dict[str, np.ndarray]
-    top_index: dict[str, np.ndarray]
-    top_score: dict[str, np.ndarray]
-    ok: np.ndarray  # (n,) bool: decoded and predicted
-    errors: dict[int, tuple[str, str]] = field(default_factory=dict)  # index -> (error_type, message)
-    thumbs: dict[int, np.ndarray] = field(default_factory=dict)
-    seconds: float = 0.0
-
-    def top(self, attr: str) -> tuple[np.ndarray, np.ndarray]:
-        """Top class index (-1 for failed images) and its score (NaN for failed images), as the tag job writes them."""
-        return self.top_index[attr], self.top_score[attr]
-
-
 def run_model(
     bundle: ModelBundle,
     locations: Sequence[str],
@@ -83,26 +69,25 @@ def run_model(
 ) -> ModelOutputs:
     """Decode and predict every location; a failed image becomes an entry in ``errors``, never a gap.
     ``inference``: what runs the model (:func:`tagger.model.inference.resolve` against ``bundle``); ``images``:
-    how each location is read (:class:`tagger.data.reader.ImageSettings`; default: the default caps, no http).
+    how each location is read (:class:`tagger.data.reader.ImageSettings`; default: the default caps, no http);
+    ``thumb_size``: also each image's thumbnail (predict's gallery).
 
     Raises :class:`tagger.data.reader.StorageUnavailable` when the store fails (after retries): numbers over
-    the images that happened to load would be numbers over an arbitrary subset.
+    the images that happened to load would be numbers over an arbitrary subset. Raises
+    :class:`tagger.model.scorer.NonFiniteScores`, naming the images, when the model scores one NaN or infinite.
     """
     from torch.utils.data import DataLoader
 
     from .. import storage
-    from ..data.reader import TRANSIENT, ImageRows, StorageUnavailable, collate, worker_context
+    from ..data.reader import ImageRows, collate, worker_context
 
     started = time.monotonic()
-    device = inference.device
     n = len(locations)
-    probs = {a.name: np.full((n, len(a.labels)), np.nan, dtype=np.float32) for a in bundle.attributes}
-    top_index = {a.name: np.full(n, -1, dtype=np.int64) for a in bundle.attributes}
-    top_score = {a.name: np.full(n, np.nan, dtype=np.float32) for a in bundle.attributes}
-    outputs = ModelOutputs(probs, top_index, top_score, np.zeros(n, dtype=bool))
+    sink = GalleryInput(bundle.attributes, n) if thumb_size else OutputArrays(bundle.attributes, n)
     if n == 0:
-        return outputs
-    predictor = inference.predictor()
+        return sink.close()
+    scorer = Scorer(inference.predictor(), probabilities=True, labels=False, kept="nothing was written",
+                    where=lambda rows: "images " + ", ".join(locations[int(r)] for r in rows))
     dataset = ImageRows.from_locations(
         locations, bundle.input_size, images, preview=functools.partial(thumbnail, size=thumb_size) if thumb_size else None,
     )
@@ -113,41 +98,41 @@ def run_model(
         shuffle=False,
         num_workers=workers,
         collate_fn=collate,
-        pin_memory=device.type == "cuda",
+        pin_memory=inference.device.type == "cuda",
         multiprocessing_context=worker_context("auto", remote) if workers else None,
         persistent_workers=False,
     )
     done = 0
-    for batch in loader:
-        for row, error_type, message in zip(batch.error_rows.tolist(), batch.error_types, batch.error_messages):
-            if error_type == TRANSIENT:
-                raise StorageUnavailable(f"{message}; run again when the store is back")
-            outputs.errors[row] = (error_type, message)
-        if batch.images is not None:
-            rows = batch.rows
-            predictions = predictor(batch.images, probabilities=True)
-            for attr in probs:
-                probs[attr][rows] = predictions.probabilities[attr]
-                top_index[attr][rows] = predictions.indices[attr]
-                top_score[attr][rows] = predictions.scores[attr]
-            outputs.ok[rows] = True
-            for row, thumb in zip(rows.tolist(), batch.previews or []):
-                if thumb is not None:
-                    outputs.thumbs[row] = thumb
+
+    def count(batch: Batch) -> None:
+        nonlocal done
         done += batch.size
         if on_batch is not None:
             on_batch(done, n)
+
+    outputs = score_batches(_stored(loader), scorer, sink, on_batch=count)
     outputs.seconds = time.monotonic() - started
     return outputs
+
+
+def _stored(batches: Iterable[Batch]) -> Iterator[Batch]:
+    """Batches whose reads the store answered: a read that failed for a reason retrying later may fix stops the command."""
+    from ..data.reader import TRANSIENT, StorageUnavailable
+
+    for batch in batches:
+        for error_type, message in zip(batch.error_types, batch.error_messages):
+            if error_type == TRANSIENT:
+                raise StorageUnavailable(f"{message}; run again when the store is back")
+        yield batch
 
 
 def predict_batches(
     model: Any, batches: Iterable[tuple[Any, Any]], device: Any, precision: str = "auto"
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Softmax probabilities per attribute ``{attr: (n, n_labels) float32}`` and the targets ``(n, n_attr)``
-    of retrain's ``(uint8 images, targets)`` batches, through the tag job's Predictor (the review thresholds
-    are calibrated on these scores). ``model``: a :class:`tagger.model.predictor.Predictor` made by the caller
-    (retrain: its unsaved bundle on the runtime and precision that tag picks at ``auto``), or a network,
+    of retrain's ``(uint8 images, targets)`` batches, through the tag job's Predictor and NaN guard (the review
+    thresholds are calibrated on these scores). ``model``: a :class:`tagger.model.predictor.Predictor` made by the
+    caller (retrain: its unsaved bundle on the runtime and precision that tag picks at ``auto``), or a network,
     run by PyTorch at ``precision`` and left in the mode it was in."""
     import torch
 
@@ -158,22 +143,25 @@ def predict_batches(
     else:
         net, was_training = model, model.training  # before the Predictor puts it in eval mode
         predictor = Predictor(net, torch.device(device), precision=precision)
-    probs: dict[str, list[np.ndarray]] = {}
-    targets: list[np.ndarray] = []
+    scorer = Scorer(predictor, probabilities=True, labels=False, kept="no bundle was written",
+                    where=lambda rows: "decoded images " + ", ".join(str(int(r) + 1) for r in rows) + " of the split",
+                    fix="The trained weights diverged, or overflow in the precision tag computes: retrain with a lower --lr or a --grad-clip.")
     try:
-        for images, batch_targets in batches:
-            if images.shape[0] == 0:
-                continue
-            predictions = predictor(images, probabilities=True)
-            for attr, values in predictions.probabilities.items():
-                probs.setdefault(attr, []).append(values)
-            targets.append(batch_targets.numpy())
+        return score_batches(_labelled(batches), scorer, LabelledArrays())
     finally:
         if net is not None:
             net.train(was_training)
-    if not targets:
-        raise ValueError("no image of this split could be decoded; nothing to evaluate")
-    return {attr: np.concatenate(v) for attr, v in probs.items()}, np.concatenate(targets)
+
+
+def _labelled(batches: Iterable[tuple[Any, Any]]) -> Iterator[Batch]:
+    """Retrain's ``(images, targets)`` batches (its collate leaves out what did not decode) as :class:`Batch`\ es,
+    their rows numbered in the split's order of decoded images."""
+    start = 0
+    for images, targets in batches:
+        n = int(images.shape[0])
+        yield Batch(rows=np.arange(start, start + n, dtype=np.int64), versions=[], images=images if n else None,
+                    error_rows=np.empty(0, np.int64), error_types=[], error_messages=[], size=n, targets=targets.numpy())
+        start += n
 
 
 def progress_logger(what: str, every_s: float = 15.0) -> Callable[[int, int], None]:

@@ -27,7 +27,7 @@ import numpy as np
 from ..model.bundle import ModelBundle
 from ..data.kaggle import IMAGE_EXTENSIONS
 from ..evaluation import EvaluationError
-from ..model.scoring import ModelOutputs
+from ..model.sinks import ModelOutputs
 
 
 @dataclass

@@ -10,7 +10,9 @@ parts (checks, lease, plan, shard commits, summary) and never asks which engine 
 - ``weights_proven_by_export``: whether a cached export that reproduces the bundle's reference outputs may stand
   in for building the network to check its weights (the local engine; Ray actors build their own network);
 - ``tag_shards(manifest, bundle, shards, pending)``: the same source (:class:`tagger.data.reader.ImageRows`),
-  scorer (:class:`tagger.model.scorer.Scorer`) and shard rows (:class:`tagger.tag.rows.ShardRows`), run here;
+  scorer (:class:`tagger.model.scorer.Scorer`) and shard rows (:class:`tagger.tag.rows.ShardRows`); here run by
+  the loop evaluate, predict and retrain share (:func:`tagger.model.sinks.score_batches`, into
+  :class:`tagger.tag.rows.ShardSink`);
 - ``close()``.
 
 :data:`ENGINES` names both; the Ray engine lives in :mod:`tagger.tag.ray.engine` and is imported only when asked for.
@@ -19,16 +21,18 @@ parts (checks, lease, plan, shard commits, summary) and never asks which engine 
 from __future__ import annotations
 
 import importlib
-from datetime import datetime, timezone
+from collections.abc import Iterator
 from typing import Any
 
 from .loader import ImageLoader, check_transient, loop_failure, progress_meter, rows_to_read
 from .model_part import BatchModel, inference_spec
-from .rows import ShardRows
+from .rows import ShardRows, ShardSink
 from .shards import ShardCommitter, ShardCursor
 from .summary import computed_name
 from ..data.manifest import Manifest
+from ..data.reader import Batch
 from ..model.bundle import ModelBundle
+from ..model.sinks import score_batches
 
 # --engine -> "module:class"; imported when chosen (the Ray engine needs the ray extra).
 ENGINES = {"local": "tagger.tag.local:LocalEngine", "ray": "tagger.tag.ray.engine:RayEngine"}
@@ -79,7 +83,8 @@ class LocalEngine:
             runner.facts.text = runner.text.facts()
 
     def _loop(self, loader: ImageLoader, cursor: ShardCursor, model: BatchModel, rows: ShardRows) -> None:
-        """Batches -> predictions -> the open shard's parts; a shard commits the moment its last row is in."""
+        """Batches -> the scorer -> the open shard's parts (:func:`tagger.model.sinks.score_batches`); a shard
+        commits the moment its last row is in."""
         runner = self.runner
         batches, progress = loader.batches(), progress_meter(runner.config, len(loader))
         photos = None
@@ -87,23 +92,15 @@ class LocalEngine:
             from .photos import PhotoAssembler
 
             photos = PhotoAssembler(model.predictor, rows.attributes, loader.manifest.separator)
+
+        def done(batch: Batch) -> None:
+            runner.facts.images += batch.size
+            progress.update(batch.size)
+
         try:
             cursor.advance()
-            for batch in batches:
-                runner.stop.check()
-                check_transient(batch)
-                predictions, labels = model(batch)
-                if photos is not None:
-                    self._write(rows, cursor, *photos.feed(batch, predictions))
-                else:
-                    self._write(rows, cursor, batch, predictions, labels)
-                runner.facts.images += batch.size
-                progress.update(batch.size)
-            if photos is not None:
-                self._write(rows, cursor, *photos.flush())
-            runner.stop.check()
-            if cursor.current is not None:
-                raise RuntimeError(f"shard {cursor.current.index} still expects {cursor.current.remaining} row(s) after the last batch")
+            score_batches(self._checked(batches), model.scorer, ShardSink(rows, cursor, photos=photos, text=runner.text),
+                          on_batch=done)
         except BaseException as exc:
             cursor.abort()
             failure = loop_failure(exc, runner.stop)
@@ -114,9 +111,10 @@ class LocalEngine:
             batches.close()  # stops the workers now, not whenever the garbage collector gets to them
             progress.close()
 
-    def _write(self, rows: ShardRows, cursor: ShardCursor, batch: Any, predictions: Any, labels: Any) -> None:
-        """Rows (products) into the open shard; with text columns, fused with the text first."""
-        text = None
-        if self.runner.text is not None:
-            batch, predictions, labels, text = self.runner.text(batch, predictions)
-        rows.write_batch(cursor, batch, predictions, labels, datetime.now(timezone.utc), text)
+    def _checked(self, batches: Iterator[Batch]) -> Iterator[Batch]:
+        """The loader's batches while no stop is asked for; a read the store did not answer stops the run."""
+        for batch in batches:
+            self.runner.stop.check()
+            check_transient(batch)
+            yield batch
+        self.runner.stop.check()

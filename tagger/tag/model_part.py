@@ -31,7 +31,8 @@ def inference_spec(config: TagConfig, *, threads: int | None = None) -> Inferenc
 
 
 class BatchModel:
-    """A batch -> predictions and label strings (None, None when none of its images decoded)."""
+    """The run's :class:`~tagger.model.scorer.Scorer` (refused rows named with their product ids) and the facts of
+    what computes (device, runtime, precision, why) for the summary."""
 
     def __init__(self, predictor: Any, manifest: Manifest, *, probabilities: bool = False):
         self.predictor, self.manifest = predictor, manifest
@@ -43,12 +44,6 @@ class BatchModel:
             self.runtime["measured_cpu_ms_per_image"] = predictor.runtime.measured
 
         self.scorer = Scorer(predictor, probabilities=probabilities, ids=lambda rows: product_ids(manifest, rows))
-
-    def __call__(self, batch: Batch) -> tuple[Any, dict[str, np.ndarray] | None]:
-        if batch.images is None:
-            return None, None
-        scored = self.scorer(batch.images, batch.rows)
-        return scored.predictions, scored.labels
 
 
 def product_ids(manifest: Manifest, rows: np.ndarray) -> list[Any]:

@@ -1,5 +1,6 @@
 """Rows into the open shard's parts: the rows the manifest check already judged and the ``--since`` rows
 carried over when a shard opens, then each batch's tags and errors, keyed by manifest row.
+:class:`ShardSink` is the tag job's :class:`tagger.model.sinks.Sink`: what the local engine's loop writes into.
 
 Columnar throughout (Arrow ``take`` by row, numpy masks): nothing here runs Python per row.
 """
@@ -20,6 +21,7 @@ from . import writers
 from ..data.manifest import Manifest
 from .partition import Partition
 from ..data.reader import Batch
+from ..model.scorer import Scored
 from .plan import Plan
 from .shards import ShardCursor, ShardOutput
 
@@ -187,6 +189,36 @@ class ShardRows:
             "message": messages,
             "run_id": pa.array([self.plan.run_id] * source.num_rows, pa.string()),
         })
+
+
+class ShardSink:
+    """Scored batches -> the open shard of ``cursor`` (:meth:`ShardRows.write_batch`): with ``photos`` (a
+    :class:`tagger.tag.photos.PhotoAssembler`) assembled into products first, with ``text`` (the run's
+    :class:`tagger.tag.text_rows.TextFuser`) fused with the catalog's text. A shard commits the moment its last
+    row is in; :meth:`close` writes the last product and checks that no shard still expects rows."""
+
+    def __init__(self, rows: ShardRows, cursor: ShardCursor, *, photos: Any = None, text: Any = None):
+        self.rows, self.cursor, self.photos, self.text = rows, cursor, photos, text
+
+    def write(self, batch: Batch, scored: Scored | None) -> None:
+        predictions, labels = (scored.predictions, scored.labels) if scored is not None else (None, None)
+        if self.photos is not None:
+            self._put(*self.photos.feed(batch, predictions))
+        else:
+            self._put(batch, predictions, labels)
+
+    def close(self) -> None:
+        """The last product; the shards it committed are the :class:`~tagger.tag.shards.ShardCommitter`'s."""
+        if self.photos is not None:
+            self._put(*self.photos.flush())
+        if self.cursor.current is not None:
+            raise RuntimeError(f"shard {self.cursor.current.index} still expects {self.cursor.current.remaining} row(s) after the last batch")
+
+    def _put(self, batch: Batch, predictions: Any, labels: Any) -> None:
+        text = None
+        if self.text is not None:
+            batch, predictions, labels, text = self.text(batch, predictions)
+        self.rows.write_batch(self.cursor, batch, predictions, labels, datetime.now(timezone.utc), text)
 
 
 def _examples(examples: dict[str, str], types: list[str], ids: Any, messages: list[str]) -> None:
