@@ -219,6 +219,35 @@ def test_an_unwritable_onnx_cache_leaves_the_previous_partition_as_it_was(demo, 
     unwritable_cache_keeps_the_partition(demo, tiny_bundle, tmp_path, monkeypatch, "--engine", "ray")
 
 
+def test_a_rerun_that_replaces_a_complete_night_keeps_it_until_the_ray_run_commits(demo, tiny_bundle, ray_address, tmp_path):
+    """The Ray driver writes a re-run's parts under their own names: a failed re-run leaves the night readable, a
+    committed one replaces it, and no part of either night is left beside the new one."""
+    out = tmp_path / "out"
+    args = ("--catalog", str(demo.catalog), "--model", tiny_bundle, "--out", str(out), "--shard-size", "20", "--batch-size", "8")
+    assert tag("--workers", "0", *args).exit_code == 0
+    first = comparable(out)
+    run = json.loads((out / "tags" / f"run_date={DATE}" / SUCCESS_FILE).read_text())["run_id"]
+    refused = ray_tag(*args, "--max-image-bytes", "100")  # every photo refused from its size
+    assert refused.exit_code == 3, refused.output
+    assert f"the previous complete output of {DATE} (run {run}) is kept until a run commits" in refused.output, refused.output
+    kept = comparable(out)
+    assert kept[0].equals(first[0]) and kept[1].equals(first[1])
+    assert json.loads((out / "tags" / f"run_date={DATE}" / SUCCESS_FILE).read_text())["run_id"] == run
+
+    fixed = ray_tag(*args, "--max-image-bytes", "20000000")
+    assert fixed.exit_code == 0, fixed.output
+    tags, errors = comparable(out)
+    assert_same_rows(tags, first[0])
+    assert errors.equals(first[1])
+    for table in ("tags", "errors"):
+        body = json.loads((out / table / f"run_date={DATE}" / SUCCESS_FILE).read_text())
+        names = sorted(p.name for p in (out / table / f"run_date={DATE}").iterdir())
+        assert body["run_id"] != run and names == sorted([SUCCESS_FILE, *body["parts"]]) and len(body["parts"]) == 3, names
+        assert "part-00000.parquet" not in names
+    state = out / "_runs" / f"run_date={DATE}"
+    assert sorted(p.name for p in state.iterdir()) == ["plan.json", "shards", "summary.json"], "fragments or kept state left"
+
+
 # -- exactly once under faults --------------------------------------------------------------------------
 def dying_actor(marker: Path):
     """The model actor, killed (os._exit) at its second batch, once: Ray restarts it and retries the batch."""

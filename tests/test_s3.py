@@ -63,3 +63,30 @@ def test_missing_s3_manifest_is_an_input_error(s3_bucket, tiny_bundle, tmp_path)
     bucket, _ = s3_bucket
     result = run("--catalog", f"s3://{bucket}/nope.csv", "--model", tiny_bundle, "--out", str(tmp_path / "o"))
     assert result.exit_code == 2 and f"s3://{bucket}/nope.csv: manifest not found" in result.output
+
+
+def test_a_rerun_on_s3_keeps_the_complete_night_until_it_commits(demo, tiny_bundle, s3_bucket):
+    """No rename on S3: the re-run's parts land beside the night's under names of their own, and the old ones go
+    only after the new _SUCCESS."""
+    from tagger.tag.partition import Partition
+
+    bucket, fs = s3_bucket
+    out = f"s3://{bucket}/tagged"
+    args = ("--catalog", str(demo.catalog), "--model", tiny_bundle, "--out", out, "--run-date", DATE, "--workers", "0",
+            "--shard-size", "25")
+    assert run(*args).exit_code == 0
+    first = read_complete_partition(f"{out}/tags/run_date={DATE}").sort_by("product_id")
+    summary = Partition(out, DATE).committed_state("summary.json")
+    refused = run(*args, "--max-image-bytes", "100")
+    assert refused.exit_code == 3 and f"(run {summary['run_id']}) is kept until a run commits" in refused.output, refused.output
+    assert read_complete_partition(f"{out}/tags/run_date={DATE}").sort_by("product_id").equals(first)
+    assert Partition(out, DATE).committed_state("summary.json") == summary
+    assert run(*args).exit_code == 0
+    fs.invalidate_cache()
+    for table in ("tags", "errors"):
+        listed = json.loads(fs.cat_file(f"{bucket}/tagged/{table}/run_date={DATE}/_SUCCESS"))["parts"]
+        names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"{bucket}/tagged/{table}/run_date={DATE}"))
+        assert names == sorted(["_SUCCESS", *listed]) and len(listed) == 2 and "part-00000.parquet" not in names, names
+    assert not fs.exists(f"{bucket}/tagged/_runs/run_date={DATE}/committed/summary.json")
+    again = read_complete_partition(f"{out}/tags/run_date={DATE}").sort_by("product_id")
+    assert again.drop(["run_id", "tagged_at"]).equals(first.drop(["run_id", "tagged_at"]))
