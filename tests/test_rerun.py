@@ -231,3 +231,21 @@ def test_a_rerun_that_fails_keeps_the_complete_night_readable_and_one_that_commi
     replaced = night(out)
     assert replaced["tags run"] not in (run, plan["run_id"]) and without_run(replaced["tags"]) == without_run(first["tags"])
     assert not set(second["tags files"]) & set(replaced["tags files"]) and len(files(out, "tags")) == 4
+
+
+def test_a_fanned_out_rerun_keeps_the_night_until_its_last_shard_task_commits(demo, tiny_bundle, tmp_path):
+    out = tmp_path / "out"
+    args = ("--shard-size", "20")
+    assert tag(demo.catalog, tiny_bundle, out, *args).exit_code == 0
+    first = night(out)
+    other = ("--max-image-bytes", "20000000")
+    assert tag(demo.catalog, tiny_bundle, out, *args, *other, "--plan-only").exit_code == 0
+    assert night(out) == first
+    task = tag(demo.catalog, tiny_bundle, out, *args, *other, "--shard", "0/2")
+    assert task.exit_code == 0 and "other shards still running" in task.output, task.output
+    assert night(out) == first, "a shard task of the re-run changes nothing readers see"
+    last = tag(demo.catalog, tiny_bundle, out, *args, *other, "--shard", "1/2")
+    assert last.exit_code == 0 and "succeeded" in last.output, last.output
+    replaced = night(out)
+    assert replaced["tags run"] != first["tags run"] and without_run(replaced["tags"]) == without_run(first["tags"])
+    assert files(out, "tags") == sorted(["_SUCCESS", *(f.split("/")[-1] for f in replaced["tags files"])])
