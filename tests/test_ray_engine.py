@@ -296,10 +296,10 @@ def failing_sink(marker: Path):
 
 def test_a_write_that_fails_after_its_file_landed_adds_no_row(catalog, tiny_bundle, baseline, ray_address, tmp_path,
                                                               monkeypatch):
-    from tagger.tag.ray import engine
+    from tagger.tag.ray import sink
 
     marker = tmp_path / "write-failed"
-    monkeypatch.setattr(engine, "ShardSink", failing_sink(marker))
+    monkeypatch.setattr(sink, "ShardSink", failing_sink(marker))  # tag_shards takes it from the sink module per run
     out = tmp_path / "out"
     result = ray_tag(*catalog_args(catalog, tiny_bundle, out))
     assert result.exit_code == 0, result.output
@@ -636,3 +636,34 @@ def test_at_default_options_both_engines_compute_the_same_on_one_machine(demo, t
         assert summary(out)["this_process"]["runtime"]["precision"] == "bf16", summary(out)["this_process"]["runtime"]
     assert summary(ray)["this_process"]["runtime"]["name"] == summary(local)["this_process"]["runtime"]["name"] == "torch"
     assert_exactly_once(ray, comparable(local), len(demo_images(demo)), shards=3)
+
+
+def test_on_one_machine_a_proven_export_spares_the_driver_building_the_network(demo, tiny_bundle, ray_address, tmp_path,
+                                                                                 monkeypatch):
+    """As for the local engine: a cached export that reproduces the bundle's reference outputs proves its weights,
+    and the actors of a Ray on this machine run that very file, so the driver neither imports timm nor builds the
+    network to check them (seconds of the run's start, on the cores Ray starts on); the tables are the same."""
+    from tagger.model import export
+    from tagger.model.bundle import ModelBundle
+
+    monkeypatch.setenv("TAGGER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    args = ("--catalog", str(demo.catalog), "--model", tiny_bundle, "--shard-size", "20", "--batch-size", "8",
+            "--runtime", "onnx")
+    first = ray_tag("--out", str(tmp_path / "first"), *args)  # exports (and builds the network to check the file)
+    assert first.exit_code == 0, first.output
+
+    built, build = [], ModelBundle._build
+
+    def counted(self):
+        built.append(self.model_version)
+        return build(self)
+
+    monkeypatch.setattr(ModelBundle, "_build", counted)  # the driver's class only: the actors' are their own
+    export._REFERENCE_CHECKED.clear()
+    second = ray_tag("--out", str(tmp_path / "second"), *args)
+    assert second.exit_code == 0, second.output
+    assert built == [], "the driver built the PyTorch network although the cached export proves the weights"
+    assert_exactly_once(tmp_path / "second", comparable(tmp_path / "first"), len(demo_images(demo)), shards=3)
+    # A PyTorch runtime's actors build the network from the bundle: the driver still checks it, before the lease.
+    assert ray_tag("--out", str(tmp_path / "torch"), *args[:-1], "torch").exit_code == 0 and built

@@ -8,7 +8,8 @@ parts (checks, lease, plan, shard commits, summary) and never asks which engine 
 - ``prepare(bundle)``: the one inference rule (:func:`tagger.model.inference.resolve`) against the bundle and the
   trial batch, before the lease: a runtime that cannot run is exit 2 with the partition untouched;
 - ``weights_proven_by_export``: whether a cached export that reproduces the bundle's reference outputs may stand
-  in for building the network to check its weights (the local engine; Ray actors build their own network);
+  in for building the network to check its weights (the local engine; the Ray engine on a Ray it starts on this
+  machine, whose actors run that file; its ``prepare`` checks them where its actors build a network after all);
 - ``tag_shards(manifest, bundle, shards, pending)``: the same source (:class:`tagger.data.reader.ImageRows`),
   scorer (:class:`tagger.model.scorer.Scorer`) and shard rows (:class:`tagger.tag.rows.ShardRows`); here run by
   the loop evaluate, predict and retrain share (:func:`tagger.model.sinks.score_batches`, into

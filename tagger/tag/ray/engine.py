@@ -10,11 +10,13 @@ Ray Data as Arrow blocks of ``(row, photo, location)``, one per photo of the row
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
+import threading
 import time
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -31,7 +33,9 @@ from ..shards import ShardCommitter
 from ..summary import computed_name
 from ..stop import Interrupted
 from . import RayEngineError
-from .sink import FragmentCommitter, ShardSink, fragments_root
+
+if TYPE_CHECKING:
+    from .sink import FragmentCommitter
 
 log = logging.getLogger("tagger.runner")  # the name the job's log lines have always shown
 
@@ -47,25 +51,40 @@ class RayEngine:
     tag job's one inference rule against the bundle, then the pending shards on Ray Data."""
 
     name = "ray"
-    weights_proven_by_export = False  # the actors build their network from the bundle: it is checked on the driver
     slow_start = True  # ray.init: seconds, overlapped with reading the inputs
 
     def __init__(self, runner: Any):
         self.runner = runner
         self.cluster: Any = None
         self.settings: Any = None
+        # A cached export that reproduces the bundle's reference outputs proves its weights, as for the local engine,
+        # where the actors will run that very file: on a Ray this process starts (this machine), not on a cluster
+        # named by --ray-address / RAY_ADDRESS, whose actors may export on other machines from the bundle. Decided
+        # from the options alone: the inputs are read while Ray starts. prepare() checks the rest.
+        self.weights_proven_by_export = not (runner.config.ray_address or os.environ.get("RAY_ADDRESS"))
 
     def start(self) -> None:
         from .cluster import RayModelSettings, connect
 
+        # Ray Data and the pipeline's modules (~1 s of imports on an idle core) load while ray.init waits for the
+        # processes it starts; imported by this module, they were start-up of their own before ray.init began.
+        imports = threading.Thread(target=_import_pipeline, name="tagger-ray-imports", daemon=True)
+        imports.start()
         t = time.time()
-        self.cluster = connect(self.runner.config.ray_address)
+        try:
+            self.cluster = connect(self.runner.config.ray_address)
+        finally:
+            imports.join()
         self.runner.facts.timed("ray_start_s", t)
         self.runner.facts.engine = {"name": "ray", **self.cluster.facts()}
         self.settings = RayModelSettings(self.runner.config, self.cluster)
 
     def prepare(self, bundle: ModelBundle) -> None:
         self.settings.prepare(bundle)
+        if self.settings.runtime.name == "torch" or not self.cluster.this_machine:
+            # The actors build their network from the bundle (PyTorch), or may export it elsewhere: its weights are
+            # checked here, before the lease, unless the inputs' reader did already (then this returns at once).
+            bundle.check_weights()
 
     def tag_shards(self, manifest: Manifest, bundle: ModelBundle, shards: ShardCommitter, pending: list[int]) -> None:
         tag_shards(self.runner, self.settings, manifest, bundle, shards, pending)
@@ -75,10 +94,21 @@ class RayEngine:
             self.cluster.close()
 
 
+def _import_pipeline() -> None:
+    """Ray Data, the stages and the sink, imported ahead of :func:`tag_shards` (on a thread, while Ray starts)."""
+    try:
+        for module in ("sink", "stages"):
+            importlib.import_module(f"{__package__}.{module}")
+    except Exception:  # pragma: no cover - raised again, with its own traceback, where tag_shards imports them
+        pass
+
+
 def tag_shards(runner: Any, settings: Any, manifest: Manifest, bundle: ModelBundle, shards: ShardCommitter,
                pending: list[int]) -> None:
     """Tag the rows of ``pending`` shards on Ray and commit each shard as its rows land."""
     import ray.data
+
+    from .sink import FragmentCommitter, ShardSink, fragments_root
 
     config, partition = runner.config, runner.partition
     plan = shards.plan
@@ -166,7 +196,9 @@ def _pipeline(data: Any, runner: Any, settings: Any, manifest: Manifest, bundle:
 
     # ONNX Runtime/OpenVINO: the export was made (or found cached) by settings.prepare, before the lease.
     actors = settings.actors()
-    dataset = data.from_arrow(_row_blocks(manifest, readable, max(config.batch_size, 64) * 4))
+    # from_blocks, not from_arrow: the blocks' metadata computed here, where the tables are, rather than by a remote
+    # task per block that the driver waits for (seconds on a Ray just started, its workers still importing).
+    dataset = data.from_blocks(_row_blocks(manifest, readable, max(config.batch_size, 64) * 4))
     # Decode tasks: 1 CPU each, as many at once as the cluster has CPUs free; each reserves the memory of its
     # worker (Ray, Ray Data and the reader, no torch: ~180 MiB RSS measured) and of its batch of decoded images.
     # (A reservation the actors do not have also keeps Ray from fusing decoding into the model actors, which it
