@@ -89,8 +89,11 @@ def _flag(option: str) -> str:
 @click.option("--freeze-backbone-epochs", type=click.IntRange(min=0), default=D["freeze_backbone_epochs"], show_default=True,
               help="Train only the heads for this many epochs first.")
 @click.option("--freeze-stages", type=click.IntRange(min=0), default=D["freeze_stages"], show_default=True,
-              help="Freeze the first N block stages (EfficientNet family) and cache their output once: far more epochs per "
-                   "CPU hour. 0: train all.")
+              help="Freeze the first N block stages (EfficientNet), their output cached once. 0: train all; 7 "
+                   "(lite0's all): the whole backbone, only heads train.")
+@click.option("--freeze-carried-heads/--train-carried-heads", default=D["freeze_carried_heads"], show_default=True,
+              help="With --init-weights BUNDLE: its carried-over heads are not trained (with the whole backbone frozen "
+                   "their tags stay the bundle's).")
 @click.option("--cache-mirror/--no-cache-mirror", default=D["cache_mirror"], show_default=True,
               help="With --freeze-stages: also cache each photo's mirror image (flip augmentation; twice the one-off pass).")
 @click.option("--feature-cache-gb", type=FiniteFloatRange(min=0), default=None,
@@ -125,9 +128,10 @@ def _flag(option: str) -> str:
 def retrain(storage_options: tuple[str, ...], **options) -> None:
     """Train a tagger on Kaggle folders and/or labelled manifests and write a model bundle to --out.
 
-    Exit codes: 0 the bundle is written (also when --max-minutes ended training early: the log and the summary say
-    so); 2 invalid input (the data, an option, a budget that cannot hold: nothing is written); 4 storage
-    unavailable (run it again later); 1 anything else, ImageNet weights that cannot be had included.
+    Exit codes: 0 the bundle is written (also when --max-minutes ended training early, or ran out during the
+    frozen-trunk pass: the heads are then trained on the photos it reached; the log and the summary say so); 2 invalid
+    input (the data, an option, a budget that cannot hold: nothing is written); 4 storage unavailable (run it again
+    later); 1 anything else, ImageNet weights that cannot be had included.
     """
     from tagger.model.pretrained import InitWeightsError, PretrainedWeightsUnavailable
     from tagger.data.kaggle import DataError

@@ -79,6 +79,40 @@ def test_a_budget_the_trunk_pass_cannot_hold_is_said_before_it_is_spent(kaggle, 
     assert facts["reused"] > 0 and facts["reused"] + facts["computed"] == 240 and sum(calls) == facts["computed"]
 
 
+def test_a_budget_that_slow_decoding_cannot_hold_is_said_after_the_first_photos(kaggle, tmp_path, monkeypatch):
+    """Decoding is part of the estimate: photos that take five "seconds" each (a slow store, 1800x2400 originals)
+    are refused within the first minute, before the trunk pass, with the decoding named."""
+    from tagger.data.reader import ImageSettings
+
+    clock, loads = FakeClock(), []
+    real = ImageSettings.load
+
+    def slow_load(self, url, size):
+        loads.append(url)
+        clock.now += 5.0
+        return real(self, url, size)
+
+    monkeypatch.setattr(ImageSettings, "load", slow_load)
+    trunk_calls = []
+    monkeypatch.setattr(TaggerNet, "trunk", lambda self, images, stages: trunk_calls.append(1))
+    out = tmp_path / "bundle"
+    with pytest.raises(ConfigError) as error:
+        retrain(config(kaggle, out, max_minutes=5), budget=Budget(5, clock=clock))
+    message = error.value.message
+    assert error.value.option == "max_minutes" and "decoding the photos is estimated at" in message
+    assert "photos in" in message and "Raise --max-minutes to at least" in message and "fewer photos" in message
+    assert clock.now < 60 and len(loads) < 120  # said within a minute, the remaining photos not decoded
+    assert not trunk_calls and not out.exists()
+
+
+def test_scoring_keeps_time_to_decode_val_and_test_again_without_the_image_cache():
+    from tagger.training.train import scoring_reserve
+
+    cached = scoring_reserve(0.01, 100)
+    assert scoring_reserve(0.01, 100, decode_s=0.5, workers=1) == pytest.approx(cached + 1.5 * 100 * 0.5)
+    assert scoring_reserve(0.01, 100, decode_s=0.5, workers=5) == pytest.approx(cached + 1.5 * 100 * 0.1)
+
+
 def test_a_budget_reached_mid_epoch_writes_the_best_model_so_far(kaggle, tmp_path, monkeypatch, caplog):
     from tagger.training.module import TaggerModule
 
@@ -106,6 +140,35 @@ def test_a_budget_reached_mid_epoch_writes_the_best_model_so_far(kaggle, tmp_pat
     epoch_lines = [line for line in logged.splitlines() if " train loss " in line]
     assert len(epoch_lines) == 2 and "stopped after 3 of 5 batches" in epoch_lines[1]
     assert all(f"{attr} " in epoch_lines[0] for attr in bundle.attribute_names)
+
+
+def test_a_trunk_pass_that_slows_after_a_passing_estimate_ends_with_a_bundle_on_the_photos_it_reached(kaggle, tmp_path, monkeypatch):
+    """The estimate holds on the first batches, then every batch takes 100 "seconds": the pass stops where only the
+    reserve (fitting's share and scoring) is left, the heads are trained on the photos it reached, and the bundle says so."""
+    from tagger.training.budget import FIT_SHARE
+    from tagger.training.summary import format_summary
+
+    clock, batches = FakeClock(), []
+    real = TaggerNet.trunk
+
+    def slowing_trunk(self, images, stages):
+        batches.append(len(images))
+        clock.now += 1.0 if len(batches) <= 4 else 100.0
+        return real(self, images, stages)
+
+    monkeypatch.setattr(TaggerNet, "trunk", slowing_trunk)
+    out = tmp_path / "bundle"
+    bundle = retrain(config(kaggle, out, max_epochs=2, max_minutes=10), budget=Budget(10, clock=clock))
+    t = bundle.training
+    cut, train = t["trunk_pass_cut"], t["split"]["sizes"]["train"]
+    assert t["stopped_by"] == "max_minutes" and cut["train_total"] == train
+    assert 0 < cut["train_photos"] < train and cut["val_photos"] == cut["val_total"]  # val first: the run validates
+    assert sum(batches) < 240  # the pass stopped; the test rows' and the rest of the train rows' features were not computed
+    assert clock.now <= 600 - FIT_SHARE * 600 + 100  # stopped at the reserve (give or take the batch that crossed it)
+    assert load_bundle(str(out)).model_version == bundle.model_version
+    assert t["metrics"]["test"]  # val and test scored on their photos
+    assert f"trained on {cut['train_photos']} of {train} train photos, the budget ran out during the trunk pass" in format_summary(bundle)
+    assert t["feature_cache"]["computed"] == sum(batches)  # what it computed is kept for the next run
 
 
 def test_trunk_features_are_kept_per_photo_and_a_changed_photo_is_recomputed(kaggle, tmp_path):
@@ -137,5 +200,5 @@ def test_the_feature_cache_stays_under_its_limit(tmp_path):
     assert store.computed == 20 and store.evicted > 0
     assert 0 < len(list((tmp_path / "cache" / "trunk-features").glob("*/*/*.npy"))) < 20
     off = FeatureStore.open("key", limit_gb=0)
-    features = trunk_features(pixels, trunk, off, views=1)
-    assert off.folder is None and off.computed == 10 and features.shape == (10, 1, 3, 4, 4)
+    features, have = trunk_features(pixels, trunk, off, views=1)
+    assert off.folder is None and off.computed == 10 and features.shape == (10, 1, 3, 4, 4) and have.all()

@@ -63,7 +63,7 @@ def test_a_differing_second_styles_file_keeps_the_first_row_of_an_id(two_folders
     assert data.table.filter(data.table["id"] == row[0])["gender"].item() == row[1]
 
 
-@pytest.mark.parametrize("stages", [0, 2, 4])
+@pytest.mark.parametrize("stages", [0, 2, 4, 5])  # 5: the whole backbone (its stage count)
 def test_trunk_then_tail_equals_the_whole_network(stages):
     net = create_tagger_net("test_efficientnet", {"a": 3, "b": 2}, resolve_data_config("test_efficientnet", 32)).eval()
     images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
@@ -113,11 +113,46 @@ def test_retrain_with_a_frozen_trunk_trains_only_the_tail(two_folders, tmp_path)
     assert (report / "metrics.parquet").is_file()
 
 
+@pytest.mark.slow
+def test_an_attribute_added_on_a_frozen_backbone_leaves_the_carried_heads_as_they_were(two_folders, tmp_path):
+    """--freeze-stages at the stage count and --freeze-carried-heads: the new bundle's carried attributes score exactly
+    as the starting bundle's (the recipe that adds an attribute without moving the others)."""
+    torch.set_num_threads(1)
+    first, second = two_folders
+    common = dict(data=[str(first), str(second)], backbone="test_efficientnet", pretrained=False, input_size=32,
+                  batch_size=16, progress=False, threads=1, seed=0, cache_mirror=False)
+    base = retrain(RetrainConfig(out=str(tmp_path / "base"), attributes=["gender", "masterCategory"], max_epochs=1,
+                                 lr=5e-3, freeze_stages=3, log_dir=str(tmp_path / "base-logs"), **common))
+    added = retrain(RetrainConfig(out=str(tmp_path / "added"), attributes=["gender", "masterCategory", "articleType"],
+                                  max_epochs=2, lr=5e-2, freeze_stages=5, freeze_carried_heads=True,
+                                  init_weights=str(tmp_path / "base"), keep_labels=True, split_from=str(tmp_path / "base"),
+                                  log_dir=str(tmp_path / "added-logs"), **common))
+    assert added.training["frozen_heads"] == ["gender", "masterCategory"]
+    assert added.training["heads_init"]["articleType"] == "new"
+    before, after = load_bundle(str(tmp_path / "base")).build_net(), load_bundle(str(tmp_path / "added")).build_net()
+    for name, value in before.backbone.state_dict().items():
+        assert torch.equal(value, after.backbone.state_dict()[name]), name  # weights and BatchNorm statistics alike
+    for attr in ("gender", "masterCategory"):
+        for name, value in before.heads[attr].state_dict().items():
+            assert torch.equal(value, after.heads[attr].state_dict()[name]), (attr, name)
+        assert added.training["metrics"]["test"][attr] == base.training["metrics"]["test"][attr]
+        assert added.review_thresholds[attr] == base.review_thresholds[attr]
+    from tagger.training.summary import format_summary
+
+    assert "kept as they were: --freeze-carried-heads" in format_summary(added)
+
+
+def test_freeze_carried_heads_needs_a_bundle_to_carry_from(tmp_path):
+    config = RetrainConfig(data=str(tmp_path), out=str(tmp_path / "b"), freeze_carried_heads=True)
+    with pytest.raises(ConfigError, match="--init-weights"):
+        config.validate()
+
+
 def test_freeze_stages_is_checked_against_the_backbone(two_folders, tmp_path):
     first, _ = two_folders
     config = RetrainConfig(data=str(first), out=str(tmp_path / "b"), backbone="test_efficientnet", pretrained=False,
-                           input_size=32, freeze_stages=5, progress=False)
-    with pytest.raises(ConfigError, match="0-4"):
+                           input_size=32, freeze_stages=6, progress=False)
+    with pytest.raises(ConfigError, match="0-5"):
         retrain(config)
 
 

@@ -64,6 +64,9 @@ class TaggerNet(nn.Module):
     # A frozen trunk (stem + the first ``stages`` block stages) computes the same features for an image
     # in every epoch; training can cache them once and run only the rest (``--freeze-stages``).
     # ``forward(x) == forward_from(trunk(x, k), k)`` for every k, so the bundle is one ordinary network.
+    # k == stage_count() freezes the whole backbone (conv_head and its BatchNorm too): the trunk's features are the
+    # pooled vector the heads read, and only the heads train. Carried-over heads then see exactly the features they
+    # were trained on: adding an attribute to a bundle leaves its other attributes' scores as they were.
 
     def stage_count(self) -> int:
         """Block stages that ``trunk``/``forward_from`` can split at; an error for other families."""
@@ -76,8 +79,13 @@ class TaggerNet(nn.Module):
             )
         return len(b.blocks)
 
+    def _whole(self, stages: int) -> bool:
+        return stages >= len(self.backbone.blocks)
+
     def trunk(self, images: torch.Tensor, stages: int) -> torch.Tensor:
         b = self.backbone
+        if self._whole(stages):
+            return b(self.normalise(images))
         x = b.bn1(b.conv_stem(self.normalise(images)))
         for block in b.blocks[:stages]:
             x = block(x)
@@ -85,20 +93,21 @@ class TaggerNet(nn.Module):
 
     def forward_from(self, features: torch.Tensor, stages: int) -> dict[str, torch.Tensor]:
         b = self.backbone
+        if self._whole(stages):
+            return self.classify(features)
         x = features
         for block in b.blocks[stages:]:
             x = block(x)
         return self.classify(b.forward_head(b.bn2(b.conv_head(x))))
 
     def trunk_parameters(self, stages: int):
-        b = self.backbone
-        yield from b.conv_stem.parameters()
-        yield from b.bn1.parameters()
-        for block in b.blocks[:stages]:
-            yield from block.parameters()
+        for module in self.trunk_modules(stages):
+            yield from module.parameters()
 
     def trunk_modules(self, stages: int) -> list[nn.Module]:
         b = self.backbone
+        if self._whole(stages):
+            return [b]
         return [b.conv_stem, b.bn1, *b.blocks[:stages]]
 
 

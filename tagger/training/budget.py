@@ -14,6 +14,10 @@ from collections.abc import Callable
 from .config import ConfigError
 
 
+# The share of --max-minutes kept for fitting while the trunk pass runs (Budget.reserve_for_fitting).
+FIT_SHARE = 0.2
+
+
 def minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
 
@@ -34,9 +38,10 @@ class Budget:
     def left(self) -> float | None:
         return None if self.limit_s is None else self.limit_s - self.spent()
 
-    def require(self, what: str, estimate_s: float, *, after_s: float = 0.0, basis: str = "", fix: str = "") -> None:
+    def require(self, what: str, estimate_s: float, *, after_s: float = 0.0, basis: str = "", fix: str = "",
+                after: str = "to score val/test and write the bundle") -> None:
         """Refuse (exit 2) when ``what``, estimated to take ``estimate_s`` more seconds, and ``after_s`` of work
-        after it cannot end within the limit."""
+        after it (``after`` says what it is for) cannot end within the limit."""
         if self.limit_s is None:
             return
         spent = self.spent()
@@ -47,10 +52,15 @@ class Budget:
             "max_minutes",
             f"--max-minutes {self.max_minutes:g} cannot hold: {what} is estimated at {minutes(estimate_s)} more"
             f"{f' ({basis})' if basis else ''}, after {minutes(spent)} already spent"
-            f"{f' and with {minutes(after_s)} needed after it to score val/test and write the bundle' if after_s else ''}: "
+            f"{f' and with {minutes(after_s)} needed after it {after}' if after_s else ''}: "
             f"about {need / 60:.1f} min in all. Raise --max-minutes to at least {need / 60 * 1.2:.0f}"
             f"{f', or {fix}' if fix else ''}.",
         )
+
+    def reserve_for_fitting(self) -> float:
+        """Seconds of the limit a pass before fitting (the frozen-trunk pass) leaves for the epochs: it stops when only
+        this and the scoring reserve are left, so that a pass slower than its estimate still ends in a bundle."""
+        return 0.0 if self.limit_s is None else FIT_SHARE * self.limit_s
 
     def for_fitting(self, reserve_s: float) -> float | None:
         """Seconds left to fit, keeping ``reserve_s`` for what follows it; None: no limit. Exit 2 when nothing is

@@ -62,7 +62,12 @@ class RetrainConfig:
     max_minutes: float | None = None  # wall-clock limit from the start of retrain() to the bundle written (tagger.training.budget)
     patience: int = 5  # epochs without a better val/score before early stopping
     freeze_backbone_epochs: int = 0  # train only the heads for this many epochs first
-    freeze_stages: int = 0  # keep stem + this many block stages frozen; their features are cached once (CPU recipe)
+    # keep stem + this many block stages frozen; their features are cached once (CPU recipe). The backbone's stage count
+    # (7 for lite0) freezes the whole backbone: only the heads train.
+    freeze_stages: int = 0
+    # With --init-weights BUNDLE: the heads carried over from it are not trained (with the whole backbone frozen, their
+    # attributes' scores stay the bundle's; an attribute is added without moving the others)
+    freeze_carried_heads: bool = False
     cache_mirror: bool = True  # with freeze_stages: also cache the mirror image's features (flip augmentation, 2x the pass)
     # With freeze_stages: the disk cache of trunk features (tagger.training.features), in GB; None: $TAGGER_FEATURE_CACHE_GB,
     # else 5. 0: no cache.
@@ -170,6 +175,9 @@ class RetrainConfig:
         need(_int(self.patience) and self.patience >= 1, "patience", f"patience must be >= 1, got {self.patience!r}")
         need(_int(self.freeze_backbone_epochs) and self.freeze_backbone_epochs >= 0, "freeze_backbone_epochs", f"freeze_backbone_epochs must be >= 0, got {self.freeze_backbone_epochs!r}")
         need(_int(self.freeze_stages) and self.freeze_stages >= 0, "freeze_stages", f"freeze_stages must be >= 0, got {self.freeze_stages!r}")
+        need(not self.freeze_carried_heads or self.init_weights is not None, "freeze_carried_heads",
+             "--freeze-carried-heads keeps the heads that --init-weights BUNDLE carries over: give --init-weights "
+             "(with --keep-labels), or leave the option out")
         need(not (self.freeze_stages and self.resume), "freeze_stages", "--freeze-stages cannot be combined with --resume (the cached features are not in the checkpoint)")
         if self.feature_cache_gb is None:
             env = os.environ.get("TAGGER_FEATURE_CACHE_GB", "").strip()

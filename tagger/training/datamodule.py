@@ -15,7 +15,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -158,26 +158,37 @@ class TrunkFeatures(Dataset):
         return self.features[row, view].float(), torch.from_numpy(self.targets[row])
 
 
+# The first images decoding is timed on before ``on_estimate`` checks the budget: a few seconds in, or this many
+# images, whichever comes first (as the trunk pass is, tagger.training.features).
+DECODE_ESTIMATE_AFTER_S = 10.0
+DECODE_ESTIMATE_AFTER_IMAGES = 64
+
+
 def decode_all(
-    urls: Sequence[str], size: int, *, threads: int, images: ImageSettings | None = None, errors: list[str] | None = None
+    urls: Sequence[str], size: int, *, threads: int, images: ImageSettings | None = None, errors: list[str] | None = None,
+    on_estimate: Callable[[Ticker], None] | None = None, clock: Callable[[], float] = time.monotonic,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Decode every image once: ``(pixels (n, size, size, 3) uint8, ok (n,) bool)``.
 
     Threads rather than processes: Pillow releases the GIL while decoding and resizing, and threads
-    write straight into one preallocated array.
+    write straight into one preallocated array. ``on_estimate(ticker)`` is called once, from this thread, after the
+    first images (``DECODE_ESTIMATE_AFTER_*``) to check the budget on ``clock``; what it raises stops the decoding
+    (the images not started are skipped) and is raised here.
     """
     images = images or ImageSettings()
     pixels = np.empty((len(urls), size, size, 3), dtype=np.uint8)
     ok = np.zeros(len(urls), dtype=bool)
-    ticker = Ticker("decoding", len(urls))  # the full data set takes minutes: a line every 30 s with rate and ETA
+    # The full data set takes minutes: a line every 30 s with rate and ETA.
+    ticker = Ticker("decoding", len(urls), clock=clock)
     lock = threading.Lock()
     done = [0]
 
     down: list[StorageUnavailable] = []
+    stop: list[BaseException] = []
 
     def work(i: int) -> None:
-        if down:
-            return  # the store is failing: the run stops at the first failure, not after every image's deadline
+        if down or stop:
+            return  # the store is failing, or the budget cannot hold: stop at once, not after every image's deadline
         try:
             pixels[i] = images.load(urls[i], size)
             ok[i] = True
@@ -191,8 +202,19 @@ def decode_all(
             done[0] += 1
             ticker.update(done[0])
 
+    estimated = on_estimate is None
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        list(pool.map(work, range(len(urls))))
+        for _ in pool.map(work, range(len(urls))):
+            if estimated or stop:
+                continue
+            if ticker.elapsed >= DECODE_ESTIMATE_AFTER_S or ticker.done >= min(DECODE_ESTIMATE_AFTER_IMAGES, len(urls)):
+                estimated = True
+                try:
+                    on_estimate(ticker)
+                except BaseException as exc:  # noqa: BLE001 - raised below, once the threads have stopped
+                    stop.append(exc)
+    if stop:
+        raise stop[0]
     if down:
         raise down[0]
     return pixels, ok
@@ -206,10 +228,12 @@ class FashionDataModule(pl.LightningDataModule):
     ``min_label_count``, ``fingerprint``, ``cached``.
     """
 
-    def __init__(self, config: RetrainConfig, *, input_size: int, pin_memory: bool = False, augment: bool = True):
+    def __init__(self, config: RetrainConfig, *, input_size: int, pin_memory: bool = False, augment: bool = True,
+                 on_decode_estimate: Callable[[Ticker], None] | None = None, clock: Callable[[], float] = time.monotonic):
         """``config``: the retrain settings this module reads (data, its columns and format, corrections, attributes,
         batch size, seed, split fractions and --split-from, label folding and --keep-labels, the image cache);
-        ``input_size``: the backbone's, resolved by the caller."""
+        ``input_size``: the backbone's, resolved by the caller; ``on_decode_estimate``, ``clock``: the budget's check
+        after the first images of :func:`decode_all`, and its clock."""
         super().__init__()
         if config.cache_images not in CACHE_MODES:
             raise ValueError(f"cache_images must be one of {', '.join(CACHE_MODES)}, got {config.cache_images!r}")
@@ -226,6 +250,7 @@ class FashionDataModule(pl.LightningDataModule):
         self.pin_memory = pin_memory
         self.augment = augment
         self.keep_labels, self.keep_labels_training = _kept_labels(config)
+        self.on_decode_estimate, self.clock = on_decode_estimate, clock
         self._ready = False
 
     # ------------------------------------------------------------------ preparation
@@ -252,7 +277,8 @@ class FashionDataModule(pl.LightningDataModule):
         if self.cached:
             threads = max(1, min(16, os.cpu_count() or 1))
             errors: list[str] = []
-            pixels, ok = decode_all(urls, size, threads=threads, images=self.images, errors=errors)
+            pixels, ok = decode_all(urls, size, threads=threads, images=self.images, errors=errors,
+                                    on_estimate=self.on_decode_estimate, clock=self.clock)
             if not ok.any():
                 raise DataError(
                     f"none of the {len(urls)} images in {kaggle.images_url} could be decoded; first error: "
@@ -465,9 +491,14 @@ class FashionDataModule(pl.LightningDataModule):
     # ------------------------------------------------------------------ frozen-trunk features
 
     trunk_features: torch.Tensor | None = None  # (n, views, C, H, W) float16, set by retrain (tagger.training.features)
+    # (n,) bool: the rows the trunk pass reached when --max-minutes stopped it; None: every row
+    trunk_have: np.ndarray | None = None
 
     def feature_loader(self, split: str, *, shuffle: bool = False) -> DataLoader:
-        dataset = TrunkFeatures(self.rows(split), self.trunk_features, self.targets, random_view=shuffle)
+        rows = self.rows(split)
+        if self.trunk_have is not None:
+            rows = rows[self.trunk_have[rows]]  # the photos the pass did not reach are not used
+        dataset = TrunkFeatures(rows, self.trunk_features, self.targets, random_view=shuffle)
         batch_size = max(1, min(self.batch_size, len(dataset)))
         generator = torch.Generator().manual_seed(self.seed) if shuffle else None
         return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=shuffle and len(dataset) > batch_size, generator=generator)

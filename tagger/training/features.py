@@ -21,7 +21,7 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -138,11 +138,15 @@ def trunk_features(
     batch_size: int = 8,
     on_estimate: Callable[[Ticker], None] | None = None,
     clock: Callable[[], float] = time.monotonic,
-) -> torch.Tensor:
-    """``(n, views, C, H, W)`` float16 features of ``pixels`` (n, H, W, 3 uint8) through ``trunk``: from ``store``
-    where it has them, else computed in batches of ``batch_size`` and stored as they come (a run stopped half way
-    keeps what it did). ``on_estimate(ticker)`` is called once, after the first batches, to check the budget;
-    ``clock``: the budget's.
+    order: Sequence[int] | None = None,
+    stop: Callable[[], bool] | None = None,
+) -> tuple[torch.Tensor, np.ndarray]:
+    """``(features, have)``: ``(n, views, C, H, W)`` float16 features of ``pixels`` (n, H, W, 3 uint8) through ``trunk``
+    (the whole backbone: ``(n, views, C)``), and ``have`` (n,) bool, the rows with every view. From ``store`` where it
+    has them, else computed in batches of ``batch_size``, rows in ``order`` (default: as given), and stored as they
+    come (a run stopped half way keeps what it did). ``on_estimate(ticker)`` is called once, after the first batches,
+    to check the budget; ``clock``: the budget's. ``stop()`` is asked after each batch: true ends the pass there (the
+    budget's reserve is reached), the rows not computed have ``have`` false.
 
     Small batches on purpose: at 224 px the early activations of a 64-image batch outgrow the CPU caches and the pass
     runs twice as slow (lite0 trunk on one core: 20 images/s at 8, 10 at 64).
@@ -152,7 +156,9 @@ def trunk_features(
     digests = pixel_hashes(pixels)
     features: torch.Tensor | None = None
     missing: list[tuple[int, int]] = []  # (row, view)
-    for row, digest in enumerate(digests):
+    have = np.ones(n, dtype=bool)
+    for row in range(n) if order is None else order:
+        digest = digests[row]
         for view in range(views):
             cached = store.get(digest, view)
             if cached is None:
@@ -187,9 +193,15 @@ def trunk_features(
         if not estimated and (ticker.elapsed >= ESTIMATE_AFTER_S or begin // batch_size + 1 >= ESTIMATE_AFTER_BATCHES):
             estimated = True
             on_estimate(ticker)
-    if missing:
-        ticker.finish()
+        if stop is not None and begin + len(chunk) < len(missing) and stop():
+            for row, _ in missing[begin + len(chunk):]:
+                have[row] = False
+            ticker.finish(f"; stopped there, {int((~have).sum())} of {n} photos without features")
+            break
+    else:
+        if missing:
+            ticker.finish()
     store.trim()
     log.info("frozen-trunk features %s (%.0f MB): %d photo view(s) reused from the cache, %d computed, in %.0fs",
              tuple(features.shape), features.numel() * 2 / 1e6, store.reused, store.computed, time.monotonic() - started)
-    return features
+    return features, have

@@ -80,6 +80,7 @@ class TaggerModule(pl.LightningModule):
         freeze_backbone_epochs: int = 0,
         freeze_stages: int = 0,
         time_budget_s: float | None = None,
+        frozen_heads: Sequence[str] = (),
     ):
         super().__init__()
         self.net = net
@@ -93,6 +94,8 @@ class TaggerModule(pl.LightningModule):
         # > 0: batches are cached features of the frozen trunk (stem + this many stages), not pixels.
         self.freeze_stages = freeze_stages
         self.time_budget_s = time_budget_s
+        # Heads carried over from a bundle and kept as they are (--freeze-carried-heads).
+        self.frozen_heads = list(frozen_heads)
         self._train_started: float | None = None
         # Plain values only: checkpoints are read back with torch.load(weights_only=True).
         self.save_hyperparameters(ignore=["net"])
@@ -122,6 +125,9 @@ class TaggerModule(pl.LightningModule):
                 p.requires_grad_(False)
             for module in self.net.trunk_modules(self.freeze_stages):
                 module.eval()
+        for name in self.frozen_heads:
+            for p in self.net.heads[name].parameters():
+                p.requires_grad_(False)
 
     def on_train_start(self) -> None:
         self._train_started = time.monotonic()  # where Lightning's max_time Timer starts counting too

@@ -33,6 +33,11 @@ def format_summary(bundle: ModelBundle) -> str:
         f"malformed {rows.get('malformed', 0)}, duplicate id {rows.get('duplicate_id', 0)})",
         "split    " + ", ".join(f"{k} {v}" for k, v in split.get("sizes", {}).items()),
     ]
+    cut = t.get("trunk_pass_cut")
+    if cut:
+        lines.append(f"budget   trained on {cut['train_photos']} of {cut['train_total']} train photos, the budget ran out during "
+                     f"the trunk pass (--max-minutes {t.get('max_minutes'):g}); the rest were not used, their features so far "
+                     "are cached")
     folded = data.get("folded") or {}
     if folded:
         into = data.get("folded_into", {})
@@ -56,6 +61,7 @@ def format_summary(bundle: ModelBundle) -> str:
     heads = t.get("heads_init") or {}
     if any(v == "bundle" for v in heads.values()):
         lines.append("heads    from --init-weights: " + ", ".join(a for a, v in heads.items() if v == "bundle")
+                     + (" (kept as they were: --freeze-carried-heads)" if t.get("frozen_heads") else "")
                      + "; new: " + (", ".join(a for a, v in heads.items() if v != "bundle") or "none"))
     lines.append(f"logs     {t.get('log_dir')}")
     lines.append("")

@@ -31,7 +31,7 @@ from ..model.scope import in_scope
 from ..model.scoring import predict_batches
 from ..metrics import calibrate_thresholds, coverage, majority_baseline, split_metrics
 from ..model.network import TaggerNet, create_backbone_with_source, resolve_data_config
-from .budget import Budget, minutes
+from .budget import FIT_SHARE, Budget, minutes
 from .config import ConfigError, RetrainConfig, check_data_exists
 from .datamodule import FashionDataModule
 from .features import FeatureStore, trunk_features, trunk_key
@@ -165,8 +165,14 @@ def scoring_predictor(net: TaggerNet, backbone: str, labels: dict[str, list[str]
     return inference.predictor()
 
 
-# Seconds per val/test image kept for scoring, beyond the measured forward pass: decoding, the export, the loader.
+# Seconds kept for scoring, beyond the measured forward pass and decoding: the export, the loader, the bundle.
 SCORING_OVERHEAD_S = 10.0
+
+
+def scoring_reserve(forward_s: float, images: int, *, decode_s: float = 0.0, workers: int = 0) -> float:
+    """What scoring ``images`` val/test photos and writing the bundle will take (x1.5): the measured forward pass, and,
+    where the photos are not in memory, decoding them again (``decode_s`` a photo, spread over the loader's workers)."""
+    return SCORING_OVERHEAD_S + 1.5 * images * (forward_s + decode_s / max(1, workers))
 
 
 @dataclass
@@ -182,7 +188,10 @@ class Prepared:
     net: TaggerNet
     heads_init: dict[str, str]
     forward_s: float  # measured seconds of one image through the whole network in eval mode
+    decode_s: float = 0.0  # measured seconds to decode one photo where scoring decodes them again (not cached)
     feature_cache: dict[str, Any] | None = None
+    # Set when --max-minutes ran out during the trunk pass: the train (and val) photos it reached, of how many.
+    trunk_cut: dict[str, int] | None = None
     phases_s: dict[str, float] = field(default_factory=dict)  # wall: prepare (of which trunk_pass), fit, score; cpu
 
     @property
@@ -190,9 +199,10 @@ class Prepared:
         return self.datamodule.vocab
 
     def scoring_reserve_s(self) -> float:
-        """What scoring val and test and writing the bundle will take, from the measured forward pass (x1.5)."""
+        """What scoring val and test and writing the bundle will take (:func:`scoring_reserve`)."""
         dm = self.datamodule
-        return SCORING_OVERHEAD_S + 1.5 * self.forward_s * (len(dm.rows("val")) + len(dm.rows("test")))
+        return scoring_reserve(self.forward_s, len(dm.rows("val")) + len(dm.rows("test")), decode_s=self.decode_s,
+                               workers=dm.workers)
 
 
 @dataclass
@@ -270,12 +280,26 @@ def prepare(config: RetrainConfig, budget: Budget) -> Prepared:
             stages = probe.stage_count()
         except ValueError as exc:
             raise ConfigError("freeze_stages", str(exc)) from None
-        if config.freeze_stages >= stages:
-            raise ConfigError("freeze_stages", f"{config.backbone} has {stages} block stages; --freeze-stages must leave at least one to train (0-{stages - 1})")
+        if config.freeze_stages > stages:
+            raise ConfigError("freeze_stages", f"{config.backbone} has {stages} block stages; --freeze-stages takes 0-{stages} "
+                              f"({stages}: the whole backbone frozen, only the heads train)")
 
-    datamodule = FashionDataModule(config, input_size=data_config.input_size, pin_memory=device == "cuda")
+
+    def check_decoding(ticker: Ticker) -> None:
+        # Decoding is timed on its first photos like the trunk pass: at 1800x2400 or from a slow store it can be most of
+        # the run. What follows is at least scoring val and test (the trunk pass is timed itself: its features may be cached).
+        budget.require(
+            "decoding the photos", ticker.eta(),
+            after_s=scoring_reserve(forward_s, round(ticker.total * (config.val_fraction + config.test_fraction))),
+            basis=f"{ticker.done} of {ticker.total} photos in {ticker.elapsed:.0f}s, {ticker.rate():.1f}/s",
+            fix="fewer photos, or photos that read faster (a local copy instead of s3:// or https://)",
+        )
+
+    datamodule = FashionDataModule(config, input_size=data_config.input_size, pin_memory=device == "cuda",
+                                   on_decode_estimate=check_decoding if budget.limit_s is not None else None, clock=budget.clock)
     datamodule.setup()
     datamodule.workers = resolve_workers(config.workers, device, datamodule.cached)
+    decode_s = 0.0 if datamodule.cached or budget.limit_s is None else time_decoding(datamodule, budget.clock)
     labels = datamodule.vocab
     log.info(
         "data: %d rows used (%s), labels per attribute %s",
@@ -292,14 +316,30 @@ def prepare(config: RetrainConfig, budget: Budget) -> Prepared:
         from ..model.pretrained import reuse_bundle_heads
 
         heads_init = reuse_bundle_heads(net, labels, config.init_weights)
+        if config.freeze_carried_heads and not any(v == "bundle" for v in heads_init.values()):
+            raise ConfigError("freeze_carried_heads", f"no head of {config.init_weights} carries over to this run's labels "
+                              "(its attributes' label lists differ: add --keep-labels), so there is nothing to keep")
         if any(v == "bundle" for v in heads_init.values()) and not config.split_from:
             log.warning("starting from the bundle %s without --split-from: rows it was trained on may land in this run's "
                         "val/test split and flatter its figures; pass --split-from %s when the data overlap",
                         config.init_weights, config.init_weights)
-    prepared = Prepared(config, budget, device, weights_source, data_config, datamodule, net, heads_init, forward_s)
+    prepared = Prepared(config, budget, device, weights_source, data_config, datamodule, net, heads_init, forward_s, decode_s)
     if config.freeze_stages:
         cache_trunk_features(prepared)
     return prepared
+
+
+def time_decoding(dm: FashionDataModule, clock, photos: int = 4) -> float:
+    """Seconds to decode one photo, on a few val photos: without the image cache, scoring decodes every val and test
+    photo again, which --max-minutes must keep time for."""
+    urls = [str(u) for u in dm.urls[dm.rows("val")[:photos]]]
+    started = clock()
+    for url in urls:
+        try:
+            dm.images.load(url, dm.input_size)
+        except Exception:  # noqa: BLE001 - an unreadable photo is dropped (and said) where it is scored; here it is timed
+            pass
+    return (clock() - started) / max(1, len(urls))
 
 
 def cache_trunk_features(prepared: Prepared) -> None:
@@ -311,27 +351,53 @@ def cache_trunk_features(prepared: Prepared) -> None:
     store = FeatureStore.open(trunk_key(config.backbone, net, config.freeze_stages), config.feature_cache_gb)
     views = 2 if config.cache_mirror else 1
 
+    budget = prepared.budget
+    # Fitting keeps a share of the budget while the pass runs: a pass slower than its estimate stops there, and the
+    # heads are trained on the photos it reached (val rows first, so that the run still validates; test rows last,
+    # as scoring reads their pixels, not their features).
+    reserve = prepared.scoring_reserve_s() + budget.reserve_for_fitting()
+
     def check_budget(ticker) -> None:
         fix = "fewer photos"
         if config.cache_mirror:
             fix = "--no-cache-mirror (half the pass), " + fix
-        prepared.budget.require(
-            "the frozen-trunk pass", ticker.eta(), after_s=prepared.scoring_reserve_s(),
+        budget.require(
+            "the frozen-trunk pass", ticker.eta(), after_s=reserve,
             basis=f"{ticker.done} of {ticker.total} photo views in {ticker.elapsed:.0f}s, {ticker.rate():.1f}/s; "
                   f"{store.reused} found in the cache",
             fix=fix + " (its features done so far are kept in the cache: a re-run skips them)",
+            after=f"to fit ({FIT_SHARE:.0%} of the budget), score val/test and write the bundle",
         )
 
     net.eval()
-    started = prepared.budget.clock()
-    dm.trunk_features = trunk_features(
+    started = budget.clock()
+    order = np.concatenate([dm.rows("val"), dm.rows("train"), dm.rows("test")])
+    limited = budget.limit_s is not None
+    dm.trunk_features, have = trunk_features(
         dm.cache, lambda images: net.trunk(images, config.freeze_stages), store, views=views,
-        on_estimate=check_budget if prepared.budget.limit_s is not None else None, clock=prepared.budget.clock,
+        on_estimate=check_budget if limited else None, clock=budget.clock, order=order,
+        stop=(lambda: budget.left() <= reserve) if limited else None,
     )
     net.train()
-    prepared.phases_s["trunk_pass"] = prepared.budget.clock() - started
+    prepared.phases_s["trunk_pass"] = budget.clock() - started
     prepared.feature_cache = {"folder": str(store.folder) if store.folder else None, "reused": store.reused,
                               "computed": store.computed, "limit_gb": config.feature_cache_gb}
+    if not have.all():
+        train_rows = dm.rows("train")
+        used = int(have[train_rows].sum())
+        if used == 0:
+            raise ConfigError(
+                "max_minutes",
+                f"--max-minutes {config.max_minutes:g} ran out during the frozen-trunk pass before any train photo was "
+                f"reached ({minutes(budget.spent())} spent); raise it. The features computed so far are kept in the cache: "
+                "a re-run skips them.",
+            )
+        dm.trunk_have = have
+        prepared.trunk_cut = {"train_photos": used, "train_total": int(len(train_rows)),
+                              "val_photos": int(have[dm.rows("val")].sum()), "val_total": int(len(dm.rows("val")))}
+        log.warning("--max-minutes %g ran out during the frozen-trunk pass (slower than its first batches said): the heads "
+                    "are trained on %d of %d train photos, the rest not used; their features so far are kept in the cache, "
+                    "so a re-run with a larger budget computes only the rest", config.max_minutes, used, len(train_rows))
 
 
 def fit(prepared: Prepared) -> Fitted:
@@ -356,6 +422,7 @@ def fit(prepared: Prepared) -> Fitted:
         freeze_backbone_epochs=config.freeze_backbone_epochs,
         freeze_stages=config.freeze_stages,
         time_budget_s=fit_s,
+        frozen_heads=[a for a, v in prepared.heads_init.items() if v == "bundle"] if config.freeze_carried_heads else (),
     )
     log_dir = resolve_log_dir(config)
     logger = TensorBoardLogger(save_dir=log_dir, name="", default_hp_metric=False)
@@ -386,8 +453,8 @@ def fit(prepared: Prepared) -> Fitted:
         num_sanity_val_steps=1,
     )
     if config.freeze_stages:
-        log.info("the frozen trunk (stem + %d stages) stays in eval mode on purpose: its BatchNorm statistics made the "
-                 "cached features", config.freeze_stages)
+        log.info("the frozen trunk (%s) stays in eval mode on purpose: its BatchNorm statistics made the cached features",
+                 "the whole backbone" if config.freeze_stages >= prepared.net.stage_count() else f"stem + {config.freeze_stages} stages")
     started = time.monotonic()
     with warnings.catch_warnings():
         # Workers are chosen on purpose (resolve_workers); Lightning's hint assumes a GPU to feed.
@@ -410,7 +477,9 @@ def fit(prepared: Prepared) -> Fitted:
     else:
         log.warning("no validation epoch finished; saving the last weights, not a validated best")
     stopped_by = "max_epochs"
-    if stopper.stopped_epoch > 0:
+    if prepared.trunk_cut is not None:
+        stopped_by = "max_minutes"  # during the trunk pass (training.trunk_pass_cut says how far it got)
+    elif stopper.stopped_epoch > 0:
         stopped_by = "early_stopping"
     elif budget_stop is not None and budget_stop.stopped:
         stopped_by = "max_minutes"
@@ -513,7 +582,9 @@ def record(prepared: Prepared, fitted: Fitted, scores: Scores) -> ModelBundle:
         "heads_init": prepared.heads_init,
         "freeze_stages": config.freeze_stages,
         "cache_mirror": config.cache_mirror if config.freeze_stages else None,
+        "frozen_heads": [a for a, v in prepared.heads_init.items() if v == "bundle"] if config.freeze_carried_heads else None,
         "feature_cache": prepared.feature_cache,
+        "trunk_pass_cut": prepared.trunk_cut,
         "input_size": prepared.data_config.input_size,
         "epochs": int(fitted.trainer.current_epoch),
         "best_epoch": fitted.best_epoch,
