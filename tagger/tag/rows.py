@@ -121,6 +121,15 @@ class ShardRows:
                 _examples(output.photo_examples, [t for _, t, _ in photos], ids, [m for _, _, m in photos])
             cursor.consumed(int(good.sum() + bad.sum()))
 
+    def write_fused(self, cursor: ShardCursor, batch: Batch, predictions: Any, labels: dict[str, np.ndarray] | None,
+                    tagged_at: datetime, fuser: Any = None) -> None:
+        """:meth:`write_batch` after ``fuser`` (--text-column: the run's :class:`tagger.tag.text_rows.TextFuser`)
+        fused the rows with the catalog's text: both engines' sinks write through here."""
+        text = None
+        if fuser is not None:
+            batch, predictions, labels, text = fuser(batch, predictions)
+        self.write_batch(cursor, batch, predictions, labels, tagged_at, text)
+
     def _write_tags(self, output: ShardOutput, batch: Batch, mask: np.ndarray, predictions: Any,
                     labels: dict[str, np.ndarray] | None, tagged_at: datetime, text: Any = None) -> None:
         if predictions is None or not mask.any():
@@ -215,10 +224,7 @@ class ShardSink:
             raise RuntimeError(f"shard {self.cursor.current.index} still expects {self.cursor.current.remaining} row(s) after the last batch")
 
     def _put(self, batch: Batch, predictions: Any, labels: Any) -> None:
-        text = None
-        if self.text is not None:
-            batch, predictions, labels, text = self.text(batch, predictions)
-        self.rows.write_batch(self.cursor, batch, predictions, labels, datetime.now(timezone.utc), text)
+        self.rows.write_fused(self.cursor, batch, predictions, labels, datetime.now(timezone.utc), self.text)
 
 
 def _examples(examples: dict[str, str], types: list[str], ids: Any, messages: list[str]) -> None:

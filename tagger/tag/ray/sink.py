@@ -347,10 +347,7 @@ class FragmentCommitter:
 
     def _write(self, cursor: ShardCursor, batch: Batch, predictions: Any, labels: Any, tagged_at: Any) -> None:
         """Rows (products) into the open shard; with text columns, fused with the text first (as the local engine)."""
-        text = None
-        if self.text is not None:
-            batch, predictions, labels, text = self.text(batch, predictions)
-        self.rows.write_batch(cursor, batch, predictions, labels, tagged_at, text)
+        self.rows.write_fused(cursor, batch, predictions, labels, tagged_at, self.text)
 
     def _labels(self, predictions: Any) -> dict[str, np.ndarray]:
         """Label strings from the bundle's vocabularies (what the actors' Predictor.labels does)."""
