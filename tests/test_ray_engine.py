@@ -667,3 +667,38 @@ def test_on_one_machine_a_proven_export_spares_the_driver_building_the_network(d
     assert_exactly_once(tmp_path / "second", comparable(tmp_path / "first"), len(demo_images(demo)), shards=3)
     # A PyTorch runtime's actors build the network from the bundle: the driver still checks it, before the lease.
     assert ray_tag("--out", str(tmp_path / "torch"), *args[:-1], "torch").exit_code == 0 and built
+
+
+def test_a_ray_the_job_started_stops_its_monitor_first_and_a_joined_one_is_left_alone(monkeypatch):
+    """ray.shutdown stops the autoscaler monitor after the GCS, and the monitor then waits on the dead GCS for its
+    whole grace period: a Ray this process started has its monitor killed before ray.shutdown; a cluster it joined
+    (--ray-address / RAY_ADDRESS) has no processes of this one, and nothing but ray.shutdown is called."""
+    import types
+
+    import ray
+
+    from tagger.tag.ray.cluster import Cluster
+
+    events = []
+
+    class Process:
+        def poll(self):
+            return None if "killed" not in events else -9
+
+        def kill(self):
+            events.append("killed")
+
+        def wait(self, timeout=None):
+            return -9
+
+    node = types.SimpleNamespace(all_processes={"monitor": [types.SimpleNamespace(process=Process())]})
+    monkeypatch.setattr(ray._private.worker, "_global_node", node)
+    monkeypatch.setattr(ray, "shutdown", lambda: events.append("shutdown"))
+    Cluster(address="local", owned=True, cpus=2, gpus=0, seconds=0, started=True).close()
+    assert events == ["killed", "shutdown"]
+    events.clear()
+    Cluster(address="head:6379", owned=True, cpus=2, gpus=0, seconds=0, started=False).close()
+    assert events == ["shutdown"]
+    monkeypatch.setattr(ray._private.worker, "_global_node", None)  # no handle where Ray kept it: shutdown as before
+    Cluster(address="local", owned=True, cpus=2, gpus=0, seconds=0, started=True).close()
+    assert events == ["shutdown", "shutdown"]
