@@ -99,6 +99,22 @@ max_image_pixels_option = click.option(
 )
 
 
+# How a command reads a catalog manifest (tag; predict --catalog): tagger.data.manifest.read_manifest's options.
+id_column_option = click.option("--id-column", default="product_id", show_default=True, help="Manifest column with the product id.")
+image_column_option = click.option(
+    "--image-column", default="image", show_default=True,
+    help="Manifest column with the image: a path relative to the manifest, an absolute path or an s3:// URL.",
+)
+catalog_format_option = click.option(
+    "--catalog-format", type=click.Choice(["csv", "parquet", "jsonl"]), default=None, help="Override the format guessed from the name.",
+)
+text_column_option = click.option(
+    "--text-column", "text_columns", multiple=True, metavar="COLUMN",
+    help="A catalog column of text (title, description) the bundle's text model reads beside the photos; repeatable, "
+    "in the bundle's field order.",
+)
+
+
 def image_options(command):
     """--max-image-bytes, --max-image-pixels and the http options: how a command reads its photos (evaluate,
     retrain; tag adds --draft-decode). The config they fill builds one tagger.data.reader.ImageSettings."""

@@ -5,12 +5,17 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from types import SimpleNamespace
 
 import click
 
 from tagger.tag.config import default_workers
 
 from .options import (
+    catalog_format_option,
+    id_column_option,
+    image_column_option,
+    text_column_option,
     device_option,
     max_image_bytes_option,
     max_image_pixels_option,
@@ -34,7 +39,14 @@ def _out_format(ctx: click.Context, param: click.Parameter, value: str) -> str:
 
 
 @click.command("predict")
-@click.argument("images", nargs=-1, required=True, type=click.Path())
+@click.argument("images", nargs=-1, type=click.Path())
+@click.option("--catalog", default=None, metavar="FILE",
+              help="Instead of IMAGES: a manifest, read as tag reads it, one card per row; with --text-column, the tags tag "
+              "writes (fused).")
+@id_column_option
+@image_column_option
+@catalog_format_option
+@text_column_option
 @click.option("--model", required=True, envvar="TAGGER_MODEL", help="Model bundle folder (model.json + model.safetensors), local or s3://.")
 @click.option("--out", required=True, callback=_out_format,
               help="sheet.png: a contact sheet (pages sheet-2.png, ... past --per-page); gallery.html: one self-contained page.")
@@ -52,11 +64,14 @@ def _out_format(ctx: click.Context, param: click.Parameter, value: str) -> str:
 @click.option("--table/--no-table", default=True, show_default=True,
               help="Also write the predictions as Parquet beside --out (sheet.png -> sheet.parquet).")
 @storage_option
-def predict(images: tuple[str, ...], model: str, out: str, top_k: int, device: str, precision: str, runtime: str, max_image_bytes: int,
+def predict(images: tuple[str, ...], catalog: str | None, id_column: str, image_column: str, catalog_format: str | None,
+            text_columns: tuple[str, ...], model: str, out: str, top_k: int, device: str, precision: str, runtime: str, max_image_bytes: int,
             max_image_pixels: int, batch_size: int, workers: int | None, thumb_size: int, per_page: int, table: bool,
             storage_options: tuple[str, ...]) -> None:
-    """Predict tags for IMAGES (files, or folders searched recursively for jpg/jpeg/png/webp/gif) and show
-    each image with its top labels and scores. Unreadable or missing images are listed with their error.
+    """Predict tags for IMAGES (files, or folders searched recursively for jpg/jpeg/png/webp/gif), or for the rows
+    of a --catalog, and show each image with its top labels and scores. Unreadable or missing images are listed
+    with their error. With --text-column the tags are fused from photo and text as `tagger tag --text-column`
+    writes them; a row whose photo cannot be read but whose text can is tagged from its text.
 
     Exit codes: 0 done (unreadable images included); 2 invalid input (bundle, paths, options, an --out it cannot
     write: checked before the model runs); 1 any other failure.
@@ -69,27 +84,48 @@ def predict(images: tuple[str, ...], model: str, out: str, top_k: int, device: s
     from tagger.model.inference import InferenceSpec, resolve
     from tagger.model.scorer import NonFiniteScores
     from tagger import storage
+    from tagger.data.manifest import ManifestError, read_manifest
+    from tagger.tag.text_rows import text_fuser
 
+    if bool(images) == bool(catalog):
+        sys.exit(_fail(EXIT_INVALID_INPUT, "invalid input: give IMAGES (files or folders) or --catalog FILE, not both"
+                       if images else "invalid input: missing IMAGES: give files or folders of images, or --catalog FILE"))
+    if text_columns and not catalog:
+        sys.exit(_fail(EXIT_INVALID_INPUT, "invalid input: --text-column reads a column of a catalog: give --catalog FILE "
+                       "instead of IMAGES"))
+    fuser = manifest = scored = None
     try:
-        check_out(out, parse_storage_options(storage_options))  # found now, not after the model has scored every image
-        bundle = load_bundle(model, parse_storage_options(storage_options))
-        paths = gallery.collect_images(images)
+        options = parse_storage_options(storage_options)
+        check_out(out, options)  # found now, not after the model has scored every image
+        bundle = load_bundle(model, options)
+        if catalog:
+            manifest = read_manifest(catalog, id_column=id_column, image_column=image_column, fmt=catalog_format,
+                                     storage_options=options, extra_columns=tuple(text_columns))
+            paths, scored = gallery.catalog_rows(manifest)
+            if text_columns:  # the tag job's checks and messages: the columns, the bundle's text model, their count
+                fuser = text_fuser(SimpleNamespace(catalog=catalog, text_columns=text_columns), manifest, bundle, options)
+        else:
+            paths = gallery.collect_images(images)
         try:  # a runtime not installed, fp16 on the CPU: said now, before any image is read
             inference = resolve(InferenceSpec(device, runtime, precision), bundle)
         except (RuntimeError, ValueError) as exc:
             raise EvaluationError(str(exc)) from None
-    except (BundleError, EvaluationError, storage.OutputLocationError) as exc:
+    except (BundleError, EvaluationError, ManifestError, storage.OutputLocationError) as exc:
         sys.exit(_fail(EXIT_INVALID_INPUT, f"invalid input: {exc}"))
     if workers is None:
         workers = 0 if len(paths) < AUTO_WORKERS_FROM else default_workers()
     try:
         outputs = run_model(
-            bundle, paths, inference=inference, batch_size=batch_size, workers=workers,
+            bundle, paths if scored is None else [paths[r] for r in scored], inference=inference, batch_size=batch_size, workers=workers,
             thumb_size=thumb_size, images=image_settings(max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels),
             on_batch=progress_logger("predict"),
         )
-        results = gallery.image_predictions(bundle, paths, outputs, top_k)
-        written = write_outputs(bundle, results, out, thumb_size=thumb_size, per_page=per_page, table=table)
+        if manifest is None:
+            results = gallery.image_predictions(bundle, paths, outputs, top_k)
+        else:
+            results = gallery.catalog_predictions(bundle, manifest, paths, scored, outputs, fuser, top_k)
+        written = write_outputs(bundle, results, out, thumb_size=thumb_size, per_page=per_page, table=table,
+                                catalog=manifest is not None, text=fuser is not None)
     except PermissionError as exc:  # a file system that refuses the write although the check passed (read-only mount)
         sys.exit(_fail(EXIT_INVALID_INPUT, f"invalid input: cannot write --out {out}: {exc}; choose another --out or fix its permissions"))
     except NonFiniteScores as exc:  # says which images and what to try: no traceback, as the tag job
@@ -98,7 +134,9 @@ def predict(images: tuple[str, ...], model: str, out: str, top_k: int, device: s
         log.exception("predict failed")
         sys.exit(_fail(EXIT_CRASH, f"failed: {type(exc).__name__}: {exc}"))
     bad = sum(not r.ok for r in results)
-    click.echo(f"{len(results)} image(s), {bad} unreadable -> {', '.join(written)}", err=True)
+    from_text = sum(r.inputs == "text" for r in results)
+    click.echo(f"{len(results)} image(s), {bad} unreadable" + (f", {from_text} tagged from text" if from_text else "")
+               + f" -> {', '.join(written)}", err=True)
 
 
 def check_out(out: str, options) -> None:
@@ -114,7 +152,8 @@ def check_out(out: str, options) -> None:
         raise storage.OutputLocationError(f"--out {out}: is an existing folder; name the file to write (sheet.png or gallery.html)")
 
 
-def write_outputs(bundle, results, out: str, *, thumb_size: int, per_page: int, table: bool) -> list[str]:
+def write_outputs(bundle, results, out: str, *, thumb_size: int, per_page: int, table: bool, catalog: bool = False,
+                  text: bool = False) -> list[str]:
     from tagger import storage
     from tagger.predict import gallery
 
@@ -133,7 +172,7 @@ def write_outputs(bundle, results, out: str, *, thumb_size: int, per_page: int, 
         import pyarrow.parquet as pq
 
         buffer = io.BytesIO()
-        pq.write_table(gallery.predictions_table(bundle, results), buffer)
+        pq.write_table(gallery.predictions_table(bundle, results, catalog=catalog, text=text), buffer)
         storage.write_bytes(gallery.table_path(out), buffer.getvalue())
         written.append(gallery.table_path(out))
     return written

@@ -10,8 +10,9 @@ import click
 from tagger.tag.config import ENGINES, PROGRESS_MODES, START_METHODS, TagConfig, default_workers, parse_shard, today_utc
 from tagger.data.http import split_hosts
 
-from .options import (FiniteFloatRange, device_option, http_options, max_image_bytes_option, max_image_pixels_option,
-                      parse_storage_options, precision_option, runtime_option, storage_option)
+from .options import (FiniteFloatRange, catalog_format_option, device_option, http_options, id_column_option, image_column_option,
+                      max_image_bytes_option, max_image_pixels_option, parse_storage_options, precision_option, runtime_option,
+                      storage_option, text_column_option)
 from .report import TAG_REPORT_OPTIONS, report_options
 
 log = logging.getLogger("tagger.tag")
@@ -59,16 +60,13 @@ def common_output_options(function):
               help="Manifest (CSV, Parquet or JSONL, optionally .gz), local path or s3:// URL.")
 @click.option("--model", required=True, envvar="TAGGER_MODEL", help="Model bundle folder (model.json + model.safetensors), local or s3://.")
 @common_output_options
-@click.option("--id-column", default="product_id", show_default=True, help="Manifest column with the product id.")
-@click.option("--image-column", default="image", show_default=True,
-              help="Manifest column with the image: a path relative to the manifest, an absolute path or an s3:// URL.")
+@id_column_option
+@image_column_option
 @click.option("--image-separator", default=None, metavar="SEP",
               help="CSV image cells hold several photos separated by SEP (e.g. ';'); the tags come from all of them. "
               "Default: one image per cell.")
-@click.option("--catalog-format", type=click.Choice(["csv", "parquet", "jsonl"]), default=None, help="Override the format guessed from the name.")
-@click.option("--text-column", "text_columns", multiple=True, metavar="COLUMN",
-              help="A catalog column of text (title, description) the bundle's text model reads beside the photos; repeatable, "
-              "in the bundle's field order.")
+@catalog_format_option
+@text_column_option
 @device_option
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Images per model call.")
 @click.option("--workers", type=click.IntRange(min=0), default=default_workers, show_default="min(8, CPUs)",

@@ -6,6 +6,10 @@
 - :func:`sheet_pngs`: a contact sheet (thumbnail left, tags and scores right), paged;
 - :func:`gallery_html`: one self-contained HTML file (thumbnails embedded as base64 JPEG);
 - :func:`predictions_table`: the same as an Arrow table (written beside the sheet as Parquet).
+- :func:`catalog_rows` and :func:`catalog_predictions` (``--catalog``): a manifest's rows, read as the tag job
+  reads them, and with ``--text-column`` their titles fused with the photos by the tag job's own
+  :class:`tagger.tag.text_rows.TextFuser`: the labels and scores shown are those the tag job writes, with each
+  row's ``inputs`` and ``conflict``.
 
 A top label scoring under its attribute's review threshold (the bundle's, calibrated on validation
 data) is shown in grey italics with a '?': the tag job would send it to review.
@@ -38,6 +42,13 @@ class ImagePrediction:
     thumb: np.ndarray | None = None  # (h, w, 3) uint8, the original picture scaled down
     error_type: str | None = None
     error: str | None = None
+    # --catalog only: the row's product id; with --text-column its text as the catalog has it, the inputs its
+    # tags came from (photos, text, both), its conflicts (the tag job's), and, tagged from text, why the photo was not.
+    product_id: str | None = None
+    text: str | None = None
+    inputs: str | None = None
+    conflict: list[dict[str, Any]] = field(default_factory=list)
+    photo_error: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -89,29 +100,111 @@ def image_predictions(bundle: ModelBundle, paths: Sequence[str], outputs: ModelO
             entry.error_type, entry.error = outputs.errors.get(i, ("unknown", f"{path}: no prediction"))
             results.append(entry)
             continue
-        for spec in bundle.attributes:
-            if outputs.top_index[spec.name][i] < 0:  # out of the attribute's scope (applies_when): no tag
-                entry.tags[spec.name], entry.review[spec.name] = [], False
-                continue
-            p = outputs.probs[spec.name][i]
-            order = np.argsort(-p, kind="stable")[: max(1, min(top_k, len(p)))]
-            entry.tags[spec.name] = [(spec.labels[j], float(p[j])) for j in order]
-            entry.review[spec.name] = bool(p[order[0]] < spec.threshold)
+        _set_tags(bundle, entry, {a: outputs.top_index[a][i] for a in bundle.attribute_names},
+                  {a: outputs.probs[a][i] for a in bundle.attribute_names}, {a.name: a.threshold for a in bundle.attributes}, top_k)
         results.append(entry)
     return results
 
 
-def predictions_table(bundle: ModelBundle, results: Sequence[ImagePrediction]):
+def _set_tags(bundle: ModelBundle, entry: ImagePrediction, top: dict[str, int], probs: dict[str, np.ndarray],
+              thresholds: dict[str, float], top_k: int) -> None:
+    for spec in bundle.attributes:
+        if top[spec.name] < 0:  # out of the attribute's scope (applies_when): no tag
+            entry.tags[spec.name], entry.review[spec.name] = [], False
+            continue
+        p = probs[spec.name]
+        order = np.argsort(-p, kind="stable")[: max(1, min(top_k, len(p)))]
+        entry.tags[spec.name] = [(spec.labels[j], float(p[j])) for j in order]
+        entry.review[spec.name] = bool(p[order[0]] < thresholds[spec.name])
+
+
+def catalog_rows(manifest: Any) -> tuple[list[str], np.ndarray]:
+    """A manifest's image locations, row for row, and the rows to score: those the tag job would read (not an
+    ``invalid_row`` or ``duplicate_id``, which :func:`catalog_predictions` lists with the tag job's message)."""
+    if manifest.separator is not None:
+        raise EvaluationError(f"{manifest.url}: several photos per product (--image-separator, or a list column): predict "
+                              "shows one photo per row; give a catalog with one image per row")
+    status = manifest.table.column("status").to_numpy(zero_copy_only=False)
+    return [str(x) for x in manifest.locations().to_pylist()], np.flatnonzero(status == "")
+
+
+def catalog_predictions(bundle: ModelBundle, manifest: Any, locations: Sequence[str], scored: np.ndarray, outputs: ModelOutputs,
+                        fuser: Any = None, top_k: int = 3) -> list[ImagePrediction]:
+    """One entry per manifest row, in order. ``outputs``: :func:`tagger.model.scoring.run_model`'s of the ``scored``
+    rows' locations. ``fuser`` (--text-column): the tag job's :class:`tagger.tag.text_rows.TextFuser`, which turns
+    the photos' predictions into the row's fused ones (a row without text keeps its photos' own; a row whose photo
+    failed but whose text is usable is tagged from its text)."""
+    from ..data.reader import Batch
+    from ..model.predictor import Predictions
+
+    table = manifest.table
+    ids, status, message = (table.column(c).to_pylist() for c in ("product_id", "status", "message"))
+    results = [ImagePrediction(path, product_id=ids[r]) for r, path in enumerate(locations)]
+    for r, entry in enumerate(results):
+        if status[r]:
+            entry.error_type, entry.error = status[r], message[r]
+    for k, r in enumerate(scored):
+        results[r].thumb = outputs.thumbs.get(k)
+    names = bundle.attribute_names
+    thresholds = {a.name: a.threshold for a in bundle.attributes}
+    if fuser is None:
+        for k, r in enumerate(scored):
+            if outputs.ok[k]:
+                _set_tags(bundle, results[r], {a: outputs.top_index[a][k] for a in names}, {a: outputs.probs[a][k] for a in names}, thresholds, top_k)
+            else:
+                results[r].error_type, results[r].error = outputs.errors.get(k, ("unknown", f"{locations[r]}: no prediction"))
+        return results
+
+    texts = [" · ".join(v for v in values if v and v.strip()) or None
+             for values in zip(*(manifest.extra.column(c).to_pylist() for c in fuser.columns))]
+    for r, entry in enumerate(results):
+        entry.text = texts[r]
+    good = np.asarray(scored[outputs.ok], np.int64)
+    failed = np.flatnonzero(~outputs.ok)
+    errors = [outputs.errors.get(int(k), ("unknown", f"{locations[scored[k]]}: no prediction")) for k in failed]
+    batch = Batch(rows=good, versions=[""] * len(good), images=None, error_rows=np.asarray(scored[failed], np.int64),
+                  error_types=[t for t, _ in errors], error_messages=[m for _, m in errors], size=len(scored))
+    photos = Predictions({a: outputs.top_index[a][outputs.ok] for a in names}, {a: outputs.top_score[a][outputs.ok] for a in names},
+                         {a: outputs.probs[a][outputs.ok] for a in names})
+    fused_batch, fused, _, columns = fuser(batch, photos)
+    for r, error_type, error in zip(fused_batch.error_rows, fused_batch.error_types, fused_batch.error_messages):
+        results[r].error_type, results[r].error = error_type, error
+    if columns is None:  # nothing tagged: every photo failed, and no row had text
+        return results
+    photo_errors = dict(zip(batch.error_rows.tolist(), errors))
+    for k, r in enumerate(fused_batch.rows):
+        entry = results[r]
+        _set_tags(bundle, entry, {a: fused.indices[a][k] for a in names}, {a: fused.probabilities[a][k] for a in names},
+                  {a: columns.thresholds[a][k] for a in names}, top_k)
+        entry.inputs, entry.conflict = columns.inputs[k], columns.conflict[k]
+        if int(r) in photo_errors:  # tagged from its text: the photo's error is said beside the tags
+            error_type, error = photo_errors[int(r)]
+            entry.photo_error = f"{error_type}: {error}"
+    return results
+
+
+def predictions_table(bundle: ModelBundle, results: Sequence[ImagePrediction], *, catalog: bool = False, text: bool = False):
     """One row per image: path, error_type, error, and per attribute the top label, its score, whether it
-    goes to review, and the top-k as a list of (label, score)."""
+    goes to review, and the top-k as a list of (label, score). ``catalog``: also the product_id (first);
+    ``text`` (--text-column): also the row's text and the tag job's ``inputs`` and ``conflict`` (null on error rows)."""
     import pyarrow as pa
 
+    from ..attributes import CONFLICT_COLUMN, INPUTS_COLUMN
+    from ..tag.writers import CONFLICT_TYPE
+
     top_type = pa.list_(pa.struct([("label", pa.string()), ("score", pa.float32())]))
-    columns: dict[str, pa.Array] = {
+    columns: dict[str, pa.Array] = {}
+    if catalog:
+        columns["product_id"] = pa.array([r.product_id for r in results], pa.string())
+    columns |= {
         "path": pa.array([r.path for r in results], pa.string()),
         "error_type": pa.array([r.error_type for r in results], pa.string()),
         "error": pa.array([r.error for r in results], pa.string()),
     }
+    if text:
+        columns["text"] = pa.array([r.text for r in results], pa.string())
+        columns[INPUTS_COLUMN] = pa.array([r.inputs if r.ok else None for r in results], pa.string())
+        columns[CONFLICT_COLUMN] = pa.array([r.conflict if r.ok else None for r in results], CONFLICT_TYPE)
     for spec in bundle.attributes:
         name = spec.name
         tagged = [r.ok and bool(r.tags[name]) for r in results]  # not: unreadable, or out of the attribute's scope
@@ -150,6 +243,33 @@ LEGEND = (
     "Top label and score first, then the next guesses. Grey italics with '?': the top score is under the "
     "attribute's review threshold, so the tag job would send it to human review."
 )
+TEXT_LEGEND = (
+    "Tags fused from the photo and the text as the tag job writes them; 'from' says which inputs a row was tagged from "
+    "(photos, text, both). A conflict: photos and text each confident and disagreeing (the tag job sends it to review)."
+)
+
+
+def _legend(results: Sequence[ImagePrediction]) -> str:
+    return LEGEND + (" " + TEXT_LEGEND if any(r.inputs is not None for r in results) else "")
+
+
+TEXT_SHOWN = 200  # characters of a row's text on its card (the table has it whole): a 60 kB description is not a caption
+
+
+def _card_notes(entry: ImagePrediction) -> list[str]:
+    """Under the file name (--catalog): the product id and text, what the tags came from, each conflict."""
+    notes = []
+    if entry.product_id is not None:
+        text = entry.text if not entry.text or len(entry.text) <= TEXT_SHOWN else entry.text[:TEXT_SHOWN] + "…"
+        notes.append(f"{entry.product_id}: {text}" if text else entry.product_id)
+    if entry.inputs is not None:
+        notes.append(f"from {entry.inputs}" + (f" (photo {entry.photo_error})" if entry.photo_error else ""))
+    notes += [_conflict_text(c) for c in entry.conflict]
+    return notes
+
+
+def _conflict_text(c: dict[str, Any]) -> str:
+    return f"conflict {c['attribute']}: photos {c['photos']} {c['photos_score']:.2f}, text {c['text']} {c['text_score']:.2f}"
 
 
 # ---------------------------------------------------------------------------------------------- PNG
@@ -209,7 +329,8 @@ def _sheet_page(bundle, page, everything, shown_names, *, number, pages, columns
     attr_width = max(probe.textlength(n, font=fonts["small"]) for n in names) + 10
     text_width = int(max(430, attr_width + 340))
     cell_w = pad + thumb_size + pad + text_width + pad
-    cell_h = pad + max(thumb_size, line * (1 + len(names)) + 4) + pad
+    notes = max((len(_card_notes(entry)) for entry in page), default=0)
+    cell_h = pad + max(thumb_size, line * (1 + len(names) + notes) + 4) + pad
     columns = max(1, min(columns, len(page) or 1))
     rows = max(1, math.ceil(len(page) / columns))
     width = max(cell_w * columns, 760)
@@ -218,7 +339,7 @@ def _sheet_page(bundle, page, everything, shown_names, *, number, pages, columns
         title += f" (page {number} of {pages})"
     header_lines = [(title, fonts["title"], INK)] + [
         (text, fonts["small"], GREY) for text in _wrap(probe, meta, fonts["small"], width - 2 * pad)
-    ] + [(text, fonts["small"], GREY) for text in _wrap(probe, LEGEND, fonts["small"], width - 2 * pad)]
+    ] + [(text, fonts["small"], GREY) for text in _wrap(probe, _legend(everything), fonts["small"], width - 2 * pad)]
     header_h = pad + sum(font_size + (10 if f is fonts["title"] else 5) for _, f, _ in header_lines) + pad
     sheet = Image.new("RGB", (width, header_h + rows * cell_h), "white")
     draw = ImageDraw.Draw(sheet)
@@ -239,6 +360,10 @@ def _sheet_page(bundle, page, everything, shown_names, *, number, pages, columns
         name = _ellipsis(probe, shown_names[entry.path], fonts["bold"], text_width)
         draw.text((tx, ty), name, font=fonts["bold"], fill=INK if entry.ok else ERROR_INK)
         ty += line + 2
+        for note in _card_notes(entry):
+            colour = ERROR_INK if note.startswith("conflict") else GREY
+            draw.text((tx, ty), _ellipsis(probe, note, fonts["small"], text_width), font=fonts["small"], fill=colour)
+            ty += line
         if not entry.ok:
             for text in _wrap(probe, f"unreadable ({entry.error_type}): {entry.error}", fonts["regular"], text_width)[:7]:
                 draw.text((tx, ty), text, font=fonts["regular"], fill=ERROR_INK)
@@ -340,6 +465,8 @@ td.file .dir { color: #8e8e93; font-size: 11px; }
 .low + .score { color: #8e8e93; }
 .alt { color: #8e8e93; font-size: 11.5px; margin-top: 2px; }
 tr.error td.err { color: #b22222; }
+td.file .note { color: #48484d; font-size: 11.5px; margin-top: 2px; word-break: normal; }
+td.file .conflict, .conflict { color: #b22222; font-size: 11.5px; margin-top: 2px; }
 div.noimg { width: THUMBpx; height: THUMBpx; line-height: THUMBpx; background: #fdecec; color: #b22222; border: 1px solid #b22222; }
 """
 
@@ -365,7 +492,7 @@ def gallery_html(bundle: ModelBundle, results: Sequence[ImagePrediction], *, thu
         "</head><body>",
         f"<h1>{e(title)}</h1>",
         f'<p class="meta">{e(meta)}</p>',
-        f'<p class="legend">{e(LEGEND)}</p>',
+        f'<p class="legend">{e(_legend(results))}</p>',
         "<table><thead><tr><th>image</th><th>file</th>" + "".join(f"<th>{e(n)}</th>" for n in names) + "</tr></thead><tbody>",
     ]
     shown_names = display_names([r.path for r in results])
@@ -373,7 +500,8 @@ def gallery_html(bundle: ModelBundle, results: Sequence[ImagePrediction], *, thu
     for entry in results:
         name = shown_names[entry.path]
         folder = os.path.dirname(os.path.abspath(entry.path))
-        file_cell = f'<td class="file">{e(name)}<div class="dir">{e(folder)}</div></td>'
+        notes = "".join(f'<div class="{"conflict" if n.startswith("conflict") else "note"}">{e(n)}</div>' for n in _card_notes(entry))
+        file_cell = f'<td class="file">{e(name)}<div class="dir">{e(folder)}</div>{notes}</td>'
         if entry.thumb is not None:
             thumb = f'<td class="thumb"><img alt="{e(name)}" src="{_thumb_data_uri(entry.thumb)}"></td>'
         else:
@@ -394,7 +522,8 @@ def gallery_html(bundle: ModelBundle, results: Sequence[ImagePrediction], *, thu
             top = (f'<span class="top low" title="under the review threshold ({spec_threshold[attr]:.2f})">{e(label)}?</span>' if low
                    else f'<span class="top">{e(label)}</span>')
             alt = "<br>".join(f"{e(l)} {s:.2f}" for l, s in rest)
-            cells.append(f'<td>{top} <span class="score">{score:.2f}</span>' + (f'<div class="alt">{alt}</div>' if alt else "") + "</td>")
+            clash = "".join(f'<div class="conflict">{e(_conflict_text(c))}</div>' for c in entry.conflict if c["attribute"] == attr)
+            cells.append(f'<td>{top} <span class="score">{score:.2f}</span>' + (f'<div class="alt">{alt}</div>' if alt else "") + clash + "</td>")
         out.append(f"<tr>{thumb}{file_cell}{''.join(cells)}</tr>")
     out += ["</tbody></table>", "</body></html>", ""]
     return "\n".join(out)
