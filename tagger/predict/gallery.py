@@ -39,6 +39,7 @@ class ImagePrediction:
     path: str
     tags: dict[str, list[tuple[str, float]]] = field(default_factory=dict)  # attr -> top-k (label, score), best first
     review: dict[str, bool] = field(default_factory=dict)  # attr -> top score under the review threshold
+    threshold: dict[str, float] = field(default_factory=dict)  # attr -> that threshold (with text: the row's input mode's)
     thumb: np.ndarray | None = None  # (h, w, 3) uint8, the original picture scaled down
     error_type: str | None = None
     error: str | None = None
@@ -116,6 +117,7 @@ def _set_tags(bundle: ModelBundle, entry: ImagePrediction, top: dict[str, int], 
         order = np.argsort(-p, kind="stable")[: max(1, min(top_k, len(p)))]
         entry.tags[spec.name] = [(spec.labels[j], float(p[j])) for j in order]
         entry.review[spec.name] = bool(p[order[0]] < thresholds[spec.name])
+        entry.threshold[spec.name] = float(thresholds[spec.name])
 
 
 def catalog_rows(manifest: Any) -> tuple[list[str], np.ndarray]:
@@ -496,7 +498,6 @@ def gallery_html(bundle: ModelBundle, results: Sequence[ImagePrediction], *, thu
         "<table><thead><tr><th>image</th><th>file</th>" + "".join(f"<th>{e(n)}</th>" for n in names) + "</tr></thead><tbody>",
     ]
     shown_names = display_names([r.path for r in results])
-    spec_threshold = {a.name: a.threshold for a in bundle.attributes}
     for entry in results:
         name = shown_names[entry.path]
         folder = os.path.dirname(os.path.abspath(entry.path))
@@ -519,7 +520,7 @@ def gallery_html(bundle: ModelBundle, results: Sequence[ImagePrediction], *, thu
                 continue
             (label, score), rest = entry.tags[attr][0], entry.tags[attr][1:]
             low = entry.review[attr]
-            top = (f'<span class="top low" title="under the review threshold ({spec_threshold[attr]:.2f})">{e(label)}?</span>' if low
+            top = (f'<span class="top low" title="under the review threshold ({entry.threshold[attr]:.2f})">{e(label)}?</span>' if low
                    else f'<span class="top">{e(label)}</span>')
             alt = "<br>".join(f"{e(l)} {s:.2f}" for l, s in rest)
             clash = "".join(f'<div class="conflict">{e(_conflict_text(c))}</div>' for c in entry.conflict if c["attribute"] == attr)
